@@ -1,0 +1,403 @@
+"""Backup sets, restores, approvals and verification runs (DESIGN.md)."""
+
+from django.conf import settings
+from django.db import models
+
+from shards.models import Cluster, Instance, Shard
+
+USER = settings.AUTH_USER_MODEL
+
+
+class BackupPolicy(models.Model):
+    """Per-cluster schedule, retention, encryption and drill settings."""
+
+    cluster = models.OneToOneField(Cluster, on_delete=models.CASCADE, related_name="policy")
+    compression_level = models.PositiveSmallIntegerField(default=1)
+    encrypt = models.BooleanField(default=False)
+    retention_days = models.PositiveIntegerField(default=30)
+    rpo_target_minutes = models.PositiveIntegerField(default=24 * 60)
+    # 0 = off. Continuous capture of incrementals every N minutes.
+    incremental_every_minutes = models.PositiveIntegerField(default=0)
+    verify_automatically = models.BooleanField(default=True)
+    drill_every_days = models.PositiveIntegerField(default=0)
+    webhook_url = models.URLField(blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"policy of {self.cluster_id}"
+
+
+class BackupSet(models.Model):
+    class Kind(models.TextChoices):
+        FULL = "full"
+        INCREMENTAL = "incremental"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+        EXPIRED = "expired"
+
+    class Consistency(models.TextChoices):
+        LOCKED = "locked"
+        LOCKFREE = "lockfree"
+
+    cluster = models.ForeignKey(Cluster, on_delete=models.PROTECT, related_name="backup_sets")
+    kind = models.CharField(max_length=12, choices=Kind.choices, default=Kind.FULL)
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
+    )
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.PENDING)
+    consistency = models.CharField(
+        max_length=10, choices=Consistency.choices, default=Consistency.LOCKED
+    )
+    compression_level = models.PositiveSmallIntegerField(default=1)
+    encrypted = models.BooleanField(default=False)
+    key_id = models.CharField(max_length=32, blank=True)
+    wrapped_key = models.TextField(blank=True)  # the set's data key, wrapped by the master key
+    storage_url = models.CharField(max_length=500)
+    object_prefix = models.CharField(max_length=500, blank=True)  # <prefix>/<cluster>/<set-id>
+    manifest_sha256 = models.CharField(max_length=64, blank=True)
+    triggered_by = models.ForeignKey(
+        USER, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    job_id = models.CharField(max_length=100, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # The instant the set restores to (the cut for locked; the latest shard snapshot for lockfree;
+    # the newest event for incrementals).
+    consistent_at = models.DateTimeField(null=True, blank=True)
+    rows = models.BigIntegerField(default=0)
+    raw_bytes = models.BigIntegerField(default=0)
+    stored_bytes = models.BigIntegerField(default=0)
+    lock_window_ms = models.FloatField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Progress for pages: totals and done-so-far, written at most about once a second.
+    rows_estimate = models.BigIntegerField(default=0)
+    rows_done = models.BigIntegerField(default=0)
+    bytes_done = models.BigIntegerField(default=0)
+    progress_text = models.CharField(max_length=300, blank=True)
+    # Latest verification summary (denormalised from VerificationRun for list pages).
+    q = models.FloatField(null=True, blank=True)
+    verified_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["cluster", "status", "-id"])]
+
+    def __str__(self) -> str:
+        return f"set {self.pk} ({self.kind}, {self.cluster_id})"
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+    @property
+    def compression_ratio(self) -> float | None:
+        return self.raw_bytes / self.stored_bytes if self.stored_bytes else None
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in (self.Status.PENDING, self.Status.RUNNING)
+
+
+class ShardBackup(models.Model):
+    """One shard's part of a set: its coordinates, counts and outcome."""
+
+    backup_set = models.ForeignKey(BackupSet, on_delete=models.CASCADE, related_name="shard_backups")
+    shard = models.ForeignKey(Shard, on_delete=models.PROTECT, related_name="+")
+    # Denormalised so a page can render without the topology (which may change later).
+    shard_name = models.CharField(max_length=63)
+    instance_name = models.CharField(max_length=63)
+    database = models.CharField(max_length=64)
+    status = models.CharField(max_length=12, choices=BackupSet.Status.choices, default="pending")
+    binlog_file = models.CharField(max_length=255, blank=True)
+    binlog_pos = models.BigIntegerField(null=True, blank=True)
+    gtid = models.TextField(blank=True)
+    # For incrementals: where this set's binlog ends.
+    end_binlog_file = models.CharField(max_length=255, blank=True)
+    end_binlog_pos = models.BigIntegerField(null=True, blank=True)
+    end_gtid = models.TextField(blank=True)
+    snapshot_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    rows = models.BigIntegerField(default=0)
+    raw_bytes = models.BigIntegerField(default=0)
+    stored_bytes = models.BigIntegerField(default=0)
+    rows_estimate = models.BigIntegerField(default=0)
+    rows_done = models.BigIntegerField(default=0)
+    bytes_done = models.BigIntegerField(default=0)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["backup_set", "shard_name"]
+        constraints = [
+            models.UniqueConstraint(fields=["backup_set", "shard"], name="shard_backup_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.shard_name} of set {self.backup_set_id}"
+
+
+class TableBackup(models.Model):
+    shard_backup = models.ForeignKey(ShardBackup, on_delete=models.CASCADE, related_name="tables")
+    database = models.CharField(max_length=64)
+    name = models.CharField(max_length=64)
+    engine = models.CharField(max_length=32, blank=True)
+    has_primary_key = models.BooleanField(default=True)
+    status = models.CharField(max_length=12, choices=BackupSet.Status.choices, default="pending")
+    rows = models.BigIntegerField(default=0)
+    rows_estimate = models.BigIntegerField(default=0)
+    raw_bytes = models.BigIntegerField(default=0)
+    stored_bytes = models.BigIntegerField(default=0)
+    chunk_count = models.PositiveIntegerField(default=0)
+    checksum = models.CharField(max_length=64, blank=True)
+    error = models.TextField(blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["shard_backup", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["shard_backup", "name"], name="table_backup_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.database}.{self.name}"
+
+
+class Chunk(models.Model):
+    table_backup = models.ForeignKey(TableBackup, on_delete=models.CASCADE, related_name="chunks")
+    index = models.PositiveIntegerField()
+    key = models.CharField(max_length=1000)
+    rows = models.BigIntegerField(default=0)
+    raw_bytes = models.BigIntegerField(default=0)
+    stored_bytes = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64)
+
+    class Meta:
+        ordering = ["table_backup", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["table_backup", "index"], name="chunk_unique_index"),
+        ]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class BinlogSegment(models.Model):
+    """A raw binlog byte range of one instance, captured by an incremental set."""
+
+    backup_set = models.ForeignKey(BackupSet, on_delete=models.CASCADE, related_name="segments")
+    instance = models.ForeignKey(Instance, on_delete=models.PROTECT, related_name="+")
+    instance_name = models.CharField(max_length=63)
+    index = models.PositiveIntegerField()
+    key = models.CharField(max_length=1000)
+    first_file = models.CharField(max_length=255)
+    first_pos = models.BigIntegerField()
+    last_file = models.CharField(max_length=255)
+    last_pos = models.BigIntegerField()
+    first_gtid = models.TextField(blank=True)
+    last_gtid = models.TextField(blank=True)
+    first_event_at = models.DateTimeField(null=True, blank=True)
+    last_event_at = models.DateTimeField(null=True, blank=True)
+    events = models.BigIntegerField(default=0)
+    raw_bytes = models.BigIntegerField(default=0)
+    stored_bytes = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64)
+    tables = models.JSONField(default=list, blank=True)  # ["db.table", ...] touched
+
+    class Meta:
+        ordering = ["backup_set", "instance_name", "index"]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class RestoreRequest(models.Model):
+    class State(models.TextChoices):
+        PENDING_APPROVAL = "pending_approval"
+        APPROVED = "approved"
+        REJECTED = "rejected"
+        EXPIRED = "expired"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    class Target(models.TextChoices):
+        SIDE = "side"
+        INSTANCE = "instance"
+        INPLACE = "inplace"
+
+    cluster = models.ForeignKey(Cluster, on_delete=models.PROTECT, related_name="restore_requests")
+    source_set = models.ForeignKey(
+        BackupSet, null=True, blank=True, on_delete=models.PROTECT, related_name="restore_requests"
+    )
+    at = models.DateTimeField(null=True, blank=True)  # point-in-time target, if any
+    # {"shards": [names], "tables": [logical or physical names]}; empty lists mean everything.
+    scope = models.JSONField(default=dict, blank=True)
+    target_kind = models.CharField(max_length=10, choices=Target.choices)
+    target_instance = models.ForeignKey(
+        Instance, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    reason = models.TextField()
+    requested_by = models.ForeignKey(USER, on_delete=models.PROTECT, related_name="+")
+    state = models.CharField(
+        max_length=20, choices=State.choices, default=State.PENDING_APPROVAL, db_index=True
+    )
+    approvals_required = models.PositiveSmallIntegerField(default=1)
+    plan = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    approved_at = models.DateTimeField(null=True, blank=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"restore request {self.pk} ({self.state})"
+
+    @property
+    def target_label(self) -> str:
+        if self.target_kind == self.Target.INSTANCE and self.target_instance_id:
+            return f"instance:{self.target_instance.name}"
+        return self.target_kind
+
+
+class Approval(models.Model):
+    class Decision(models.TextChoices):
+        APPROVE = "approve"
+        REJECT = "reject"
+
+    request = models.ForeignKey(RestoreRequest, on_delete=models.CASCADE, related_name="approvals")
+    approver = models.ForeignKey(USER, on_delete=models.PROTECT, related_name="+")
+    decision = models.CharField(max_length=8, choices=Decision.choices)
+    comment = models.TextField(blank=True)
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["request", "at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["request", "approver"], name="approval_once_per_user"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.decision} by {self.approver_id} on {self.request_id}"
+
+
+class RestoreRun(models.Model):
+    request = models.ForeignKey(RestoreRequest, on_delete=models.PROTECT, related_name="runs")
+    status = models.CharField(
+        max_length=12, choices=BackupSet.Status.choices, default=BackupSet.Status.PENDING
+    )
+    job_id = models.CharField(max_length=100, blank=True)
+    started_by = models.ForeignKey(
+        USER, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    rows_estimate = models.BigIntegerField(default=0)
+    rows_done = models.BigIntegerField(default=0)
+    bytes_done = models.BigIntegerField(default=0)
+    progress_text = models.CharField(max_length=300, blank=True)
+    t = models.FloatField(null=True, blank=True)
+    d = models.FloatField(null=True, blank=True)
+    a = models.FloatField(null=True, blank=True)
+    q = models.FloatField(null=True, blank=True)
+    # For point-in-time restores: the instant each shard was rolled forward to.
+    restored_to = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"restore run {self.pk} of request {self.request_id}"
+
+
+class RestoreTableResult(models.Model):
+    run = models.ForeignKey(RestoreRun, on_delete=models.CASCADE, related_name="results")
+    shard_name = models.CharField(max_length=63)
+    database = models.CharField(max_length=64)
+    table = models.CharField(max_length=64)
+    target_instance_name = models.CharField(max_length=63)
+    target_database = models.CharField(max_length=64)
+    target_table = models.CharField(max_length=64)
+    status = models.CharField(max_length=12, choices=BackupSet.Status.choices, default="pending")
+    rows_expected = models.BigIntegerField(default=0)
+    rows = models.BigIntegerField(default=0)
+    checksum_expected = models.CharField(max_length=64, blank=True)
+    checksum = models.CharField(max_length=64, blank=True)
+    checksum_ok = models.BooleanField(null=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["run", "shard_name", "table"]
+
+    def __str__(self) -> str:
+        return f"{self.target_database}.{self.target_table}"
+
+
+class LoadedChunk(models.Model):
+    """A chunk already loaded by a run or drill, skipped when it is retried."""
+
+    run = models.ForeignKey(
+        RestoreRun, null=True, blank=True, on_delete=models.CASCADE, related_name="loaded_chunks"
+    )
+    verification = models.ForeignKey(
+        "VerificationRun", null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    key = models.CharField(max_length=1000)
+    rows = models.BigIntegerField(default=0)
+    loaded_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["run", "key"])]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class VerificationRun(models.Model):
+    backup_set = models.ForeignKey(BackupSet, on_delete=models.CASCADE, related_name="verifications")
+    drill = models.BooleanField(default=False)
+    status = models.CharField(
+        max_length=12, choices=BackupSet.Status.choices, default=BackupSet.Status.PENDING
+    )
+    job_id = models.CharField(max_length=100, blank=True)
+    triggered_by = models.ForeignKey(
+        USER, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    progress_text = models.CharField(max_length=300, blank=True)
+    t = models.FloatField(null=True, blank=True)
+    d = models.FloatField(null=True, blank=True)
+    a = models.FloatField(null=True, blank=True)
+    q = models.FloatField(null=True, blank=True)
+    rto_seconds = models.FloatField(null=True, blank=True)  # drills only
+    drill_instance_name = models.CharField(max_length=63, blank=True)
+    # [{"object": key} or {"table": "db.t"}, "reason": "..."]
+    problems = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"verification {self.pk} of set {self.backup_set_id}"

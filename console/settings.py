@@ -1,0 +1,176 @@
+"""ShardVault settings: everything comes from the environment (DESIGN.md, "Environment")."""
+
+import base64
+import os
+import secrets
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("SHARDVAULT_VAR_DIR", BASE_DIR / "var"))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+env = environ.Env()
+
+DEBUG = env.bool("SHARDVAULT_DEBUG", default=False)
+
+
+def _development_secret(filename: str, make) -> str:
+    """Read a secret generated once into var/ (development only)."""
+    path = VAR_DIR / filename
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(make())
+    return path.read_text().strip()
+
+
+_secret = env.str("SHARDVAULT_SECRET_KEY", default="")
+if not _secret:
+    if not DEBUG and not env.bool("SHARDVAULT_ALLOW_DEV_SECRETS", default=True):
+        raise environ.ImproperlyConfigured("SHARDVAULT_SECRET_KEY is required when DEBUG is off")
+    _secret = _development_secret("secret_key", lambda: secrets.token_urlsafe(50))
+SECRET_KEY = _secret
+
+_data_key = env.str("SHARDVAULT_DATA_KEY", default="")
+if not _data_key:
+    _data_key = _development_secret(
+        "data_key", lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+    )
+SHARDVAULT_DATA_KEY = _data_key
+
+ALLOWED_HOSTS = env.list("SHARDVAULT_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("SHARDVAULT_CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "django_htmx",
+    "django_rq",
+    "template_partials",
+    "console",
+    "shards",
+    "backups",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "console.urls"
+WSGI_APPLICATION = "console.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "console.context_processors.navigation",
+            ],
+        },
+    }
+]
+
+DATABASES = {
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'console.sqlite3'}"),
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Several processes (web, workers) share the file: wait on locks instead of failing.
+    DATABASES["default"].setdefault("OPTIONS", {})
+    DATABASES["default"]["OPTIONS"].update(
+        {"timeout": 30, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+    )
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+RQ_QUEUES = {
+    name: {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 6 * 3600}
+    for name in ("default", "backups", "restores", "verify")
+}
+RQ_SHOW_ADMIN_LINK = False
+
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": env.str("SHARDVAULT_CACHE_PREFIX", default="shardvault"),
+    }
+}
+
+STORAGE_URL = env.str("STORAGE_URL", default=f"file://{VAR_DIR / 'backups'}")
+S3_ENDPOINT_URL = env.str("S3_ENDPOINT_URL", default="") or None
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+# Failed logins allowed per user and per address in LOGIN_THROTTLE_WINDOW seconds.
+LOGIN_THROTTLE_ATTEMPTS = env.int("SHARDVAULT_LOGIN_THROTTLE_ATTEMPTS", default=5)
+LOGIN_THROTTLE_WINDOW = env.int("SHARDVAULT_LOGIN_THROTTLE_WINDOW", default=60)
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+EMAIL_BACKEND = env.str(
+    "SHARDVAULT_EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend"
+)
+DEFAULT_FROM_EMAIL = env.str("SHARDVAULT_FROM_EMAIL", default="shardvault@localhost")
+
+# Restore approval rules (DESIGN.md, "Restores and approvals").
+RESTORE_REQUEST_TTL_HOURS = env.int("SHARDVAULT_RESTORE_REQUEST_TTL_HOURS", default=72)
+RESTORE_APPROVAL_TTL_HOURS = env.int("SHARDVAULT_RESTORE_APPROVAL_TTL_HOURS", default=24)
+
+# Engine tuning.
+BACKUP_COMPRESSION_LEVEL = env.int("SHARDVAULT_COMPRESSION_LEVEL", default=1)
+BACKUP_CHUNK_ROWS = env.int("SHARDVAULT_CHUNK_ROWS", default=200_000)
+BACKUP_LOCK_WAIT_TIMEOUT = env.int("SHARDVAULT_LOCK_WAIT_TIMEOUT", default=2)
+BACKUP_LOCK_RETRIES = env.int("SHARDVAULT_LOCK_RETRIES", default=5)
+# A running job writes a heartbeat at least this often; older means its worker died.
+JOB_HEARTBEAT_STALE_SECONDS = env.int("SHARDVAULT_HEARTBEAT_STALE_SECONDS", default=60)
+
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = False  # HTMX reads nothing from it; the token is put on <body>.
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+if not DEBUG:
+    SESSION_COOKIE_SECURE = env.bool("SHARDVAULT_SECURE_COOKIES", default=False)
+    CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+    SECURE_SSL_REDIRECT = env.bool("SHARDVAULT_SSL_REDIRECT", default=False)
+    SECURE_HSTS_SECONDS = env.int("SHARDVAULT_HSTS_SECONDS", default=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_SECONDS > 0
+    SECURE_HSTS_PRELOAD = SECURE_HSTS_SECONDS > 0
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": env.str("SHARDVAULT_LOG_LEVEL", default="INFO")},
+}

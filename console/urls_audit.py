@@ -1,0 +1,8 @@
+from django.urls import path
+
+from console import views_audit
+
+urlpatterns = [
+    path("audit/", views_audit.audit_log, name="audit_log"),
+    path("reports/", views_audit.reports, name="reports"),
+]

@@ -1,0 +1,141 @@
+"""Shared fixtures: real MariaDB instances, Redis, RQ workers, storage directories."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.servers import MotoServer, start_servers, stop_servers
+
+ROOT = Path(__file__).resolve().parent.parent
+# Playwright's sync API runs an event loop in the test thread; Django's ORM must still work.
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+
+def _worker_index() -> int:
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else 0
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings():
+    """A file-based SQLite test database, so worker subprocesses can see committed data."""
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    if db["ENGINE"].endswith("sqlite3"):
+        path = Path(settings.VAR_DIR) / f"test-{_worker_index()}-{os.getpid()}.sqlite3"
+        db.setdefault("TEST", {})["NAME"] = str(path)
+
+
+@pytest.fixture(scope="session")
+def mariadb_servers(tmp_path_factory):
+    """Three MariaDB instances (binlog ROW/FULL, distinct server_id), shared by the session."""
+    servers = start_servers(3, root=tmp_path_factory.mktemp("mariadb"))
+    yield servers
+    stop_servers(servers)
+
+
+@pytest.fixture
+def unique_name():
+    """A short unique suffix for database names, so tests never collide on shared servers."""
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A Redis database of its own per xdist worker, flushed at the start."""
+    import redis
+
+    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+    url = f"{base}/{8 + _worker_index()}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(settings, tmp_path, redis_url):
+    """Every test gets its own storage directory, Redis database and cache prefix."""
+    settings.STORAGE_URL = f"file://{tmp_path / 'backups'}"
+    for queue in settings.RQ_QUEUES.values():
+        queue["URL"] = redis_url
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": redis_url,
+            "KEY_PREFIX": f"test-{uuid.uuid4().hex[:8]}",
+        }
+    }
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    yield
+
+
+@pytest.fixture
+def run_jobs(redis_url):
+    """Run every queued job now, in this process, with a real RQ SimpleWorker on real Redis."""
+    import django_rq
+    from rq import SimpleWorker
+
+    def run(*queues: str) -> None:
+        names = queues or ("default", "backups", "restores", "verify")
+        qs = [django_rq.get_queue(name) for name in names]
+        SimpleWorker(qs, connection=qs[0].connection).work(burst=True)
+
+    return run
+
+
+@pytest.fixture
+def rq_worker_process(redis_url, settings, tmp_path):
+    """Start a real `manage.py rqworker` subprocess against the test database and Redis.
+
+    Tests using it must be `django_db(transaction=True)` so the worker sees committed rows.
+    Returns a function that starts the worker and returns its Popen.
+    """
+    from django.db import connection
+
+    started: list[subprocess.Popen] = []
+
+    def start(*queues: str) -> subprocess.Popen:
+        env = dict(os.environ)
+        env.update(
+            {
+                "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+                "REDIS_URL": redis_url,
+                "STORAGE_URL": settings.STORAGE_URL,
+                "SHARDVAULT_DATA_KEY": settings.SHARDVAULT_DATA_KEY,
+                "SHARDVAULT_SECRET_KEY": settings.SECRET_KEY,
+                "SHARDVAULT_EMAIL_BACKEND": "django.core.mail.backends.dummy.EmailBackend",
+            }
+        )
+        names = queues or ("backups", "restores", "verify", "default")
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), "rqworker", *names],
+            env=env,
+            cwd=ROOT,
+            stdout=open(tmp_path / f"worker-{len(started)}.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server over HTTP on a free loopback port."""
+    os.environ.setdefault("SHARDVAULT_PYTHON", sys.executable)
+    server = MotoServer()
+    server.start()
+    yield server
+    server.stop()
