@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import django, django_rq, pymysql, zstandard, playwright" 
+	$(PY) -c "import django, rq, pymysql, zstandard, playwright, boto3, yaml" 
 	touch $@
 
 install: $(VENV)/.installed
