@@ -26,10 +26,13 @@ def _development_secret(filename: str, make) -> str:
     return path.read_text().strip()
 
 
+# Without SHARDVAULT_SECRET_KEY / SHARDVAULT_DATA_KEY a development key is generated once
+# into var/. `manage.py check --deploy` reports an error for that when DEBUG is off
+# (console.checks), so production deployments must set both.
+SHARDVAULT_SECRET_KEY_FROM_ENV = bool(env.str("SHARDVAULT_SECRET_KEY", default=""))
+SHARDVAULT_DATA_KEY_FROM_ENV = bool(env.str("SHARDVAULT_DATA_KEY", default=""))
 _secret = env.str("SHARDVAULT_SECRET_KEY", default="")
 if not _secret:
-    if not DEBUG and not env.bool("SHARDVAULT_ALLOW_DEV_SECRETS", default=True):
-        raise environ.ImproperlyConfigured("SHARDVAULT_SECRET_KEY is required when DEBUG is off")
     _secret = _development_secret("secret_key", lambda: secrets.token_urlsafe(50))
 SECRET_KEY = _secret
 
