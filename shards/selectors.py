@@ -36,3 +36,179 @@ def instance_endpoint(instance: Instance) -> Endpoint:
         tls_ca=instance.tls_ca,
         tls_verify=instance.tls_verify,
     )
+
+
+# --- pages and exports -----------------------------------------------------------------
+
+SEVERITY_ORDER = {"ok": 0, "warning": 1, "error": 2}
+
+
+def cluster_list_with_stats():
+    """Clusters with shard and instance counts, total table bytes and worst finding (one query)."""
+    from django.db.models import Case, Count, IntegerField, OuterRef, Subquery, Sum, Value, When
+    from django.db.models.functions import Coalesce
+
+    from shards.models import Cluster, Finding, PhysicalTable, Shard
+
+    size = (
+        PhysicalTable.objects.filter(shard__cluster=OuterRef("pk"))
+        .values("shard__cluster")
+        .annotate(total=Sum("data_bytes") + Sum("index_bytes"))
+        .values("total")
+    )
+    worst = (
+        Finding.objects.filter(cluster=OuterRef("pk"))
+        .annotate(
+            rank=Case(
+                When(severity="error", then=Value(2)),
+                When(severity="warning", then=Value(1)),
+                default=Value(0),
+                output_field=IntegerField(),
+            )
+        )
+        .order_by("-rank")
+        .values("severity")[:1]
+    )
+    shard_count = (
+        Shard.objects.filter(cluster=OuterRef("pk"))
+        .values("cluster")
+        .annotate(n=Count("pk"))
+        .values("n")
+    )
+    instance_count = (
+        Instance.objects.filter(cluster=OuterRef("pk"))
+        .values("cluster")
+        .annotate(n=Count("pk"))
+        .values("n")
+    )
+    return Cluster.objects.annotate(
+        shard_count=Coalesce(Subquery(shard_count, output_field=IntegerField()), 0),
+        instance_count=Coalesce(Subquery(instance_count, output_field=IntegerField()), 0),
+        total_bytes=Coalesce(Subquery(size), 0),
+        worst_severity=Subquery(worst),
+    ).order_by("name")
+
+
+def cluster_by_name(name: str):
+    from django.shortcuts import get_object_or_404
+
+    from shards.models import Cluster
+
+    return get_object_or_404(Cluster, name=name)
+
+
+def cluster_topology(cluster) -> dict:
+    """Instances with their shards and each shard's tables, findings, latest discovery."""
+    from django.db.models import Prefetch
+
+    from shards.models import Finding, Shard
+
+    shards = Shard.objects.filter(cluster=cluster).prefetch_related("tables").order_by("name")
+    instances = list(
+        cluster.instances.prefetch_related(Prefetch("shards", queryset=shards)).order_by("name")
+    )
+    for instance in instances:
+        instance.shard_list = list(instance.shards.all())
+        for shard in instance.shard_list:
+            shard.table_list = list(shard.tables.all())
+            shard.total_bytes = sum(t.total_bytes for t in shard.table_list)
+    findings = list(
+        Finding.objects.filter(cluster=cluster).select_related("instance", "shard").order_by("id")
+    )
+    findings.sort(key=lambda f: -SEVERITY_ORDER.get(f.severity, 0))
+    return {
+        "instances": instances,
+        "findings": findings,
+        "logical_tables": list(cluster.logical_tables.all()),
+        "discovery": cluster.discoveries.order_by("-id").first(),
+    }
+
+
+def topology_export(*, cluster_name: str | None = None) -> str:
+    """The topology file for one or all clusters; passwords never appear, only `password_env`."""
+    from shards.models import Cluster
+    from shards.topology_file import dump_topology
+
+    clusters = Cluster.objects.order_by("name").prefetch_related(
+        "instances", "shards__instance", "logical_tables"
+    )
+    if cluster_name is not None:
+        clusters = clusters.filter(name=cluster_name)
+    documents = []
+    for cluster in clusters:
+        entry: dict = {"name": cluster.name}
+        if cluster.shard_key:
+            entry["shard_key"] = cluster.shard_key
+        if cluster.description:
+            entry["description"] = cluster.description
+        entry["instances"] = []
+        for instance in cluster.instances.all():
+            item = {
+                "name": instance.name,
+                "host": instance.host,
+                "port": instance.port,
+                "user": instance.user,
+            }
+            if instance.password_env:
+                item["password_env"] = instance.password_env
+            if instance.tls_ca:
+                item["tls_ca"] = instance.tls_ca
+            if instance.tls_verify:
+                item["tls_verify"] = True
+            if instance.max_connections != 4:
+                item["max_connections"] = instance.max_connections
+            entry["instances"].append(item)
+        entry["shards"] = [
+            {"name": s.name, "instance": s.instance.name, "database": s.database}
+            for s in cluster.shards.all()
+        ]
+        if cluster.logical_tables.exists():
+            entry["logical_tables"] = [
+                {"name": t.name, "pattern": t.pattern} for t in cluster.logical_tables.all()
+            ]
+        if cluster.drill_instance_id:
+            entry["drill_instance"] = cluster.drill_instance.name
+        documents.append(entry)
+    return dump_topology(documents)
+
+
+def discovery_report(cluster) -> dict:
+    """The `topology discover --json` object (DESIGN.md): shards with tables, and findings."""
+    from shards.models import Finding
+
+    shards = cluster.shards.select_related("instance").prefetch_related("tables").order_by("name")
+    return {
+        "cluster": cluster.name,
+        "shards": [
+            {
+                "name": shard.name,
+                "instance": shard.instance.name,
+                "database": shard.database,
+                "tables": [
+                    {
+                        "name": t.name,
+                        "engine": t.engine,
+                        "rows": t.rows_estimate,
+                        "has_primary_key": t.has_primary_key,
+                        "data_bytes": t.data_bytes,
+                        "index_bytes": t.index_bytes,
+                    }
+                    for t in shard.tables.all()
+                ],
+            }
+            for shard in shards
+        ],
+        "findings": [
+            {
+                "severity": f.severity,
+                "instance": f.instance.name if f.instance else None,
+                "shard": f.shard.name if f.shard else None,
+                "table": f.table or None,
+                "message": f.message,
+                "code": f.code,
+            }
+            for f in Finding.objects.filter(cluster=cluster)
+            .select_related("instance", "shard")
+            .order_by("id")
+        ],
+    }
