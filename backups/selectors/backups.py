@@ -1,0 +1,142 @@
+"""Read-side queries for backup sets: lists, detail, progress, and the JSON of the CLI contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db.models import Prefetch, QuerySet
+from django.utils import timezone
+
+from backups.models import BackupSet, ShardBackup, TableBackup
+from shards.models import Cluster
+
+LONG_SNAPSHOT_SECONDS = 600
+
+
+def backup_set_list(
+    *,
+    cluster: str | Cluster | None = None,
+    kind: str = "",
+    status: str = "",
+    limit: int = 200,
+) -> QuerySet[BackupSet]:
+    """Newest first, with the cluster and trigger joined (no query per row)."""
+    qs = BackupSet.objects.select_related("cluster", "triggered_by").order_by("-id")
+    if isinstance(cluster, Cluster):
+        qs = qs.filter(cluster=cluster)
+    elif cluster:
+        qs = qs.filter(cluster__name=cluster)
+    if kind:
+        qs = qs.filter(kind=kind)
+    if status:
+        qs = qs.filter(status=status)
+    return qs[:limit]
+
+
+def backup_set_detail(*, set_id: int) -> BackupSet:
+    """One set with its shards, their tables, all prefetched (raises DoesNotExist)."""
+    tables = TableBackup.objects.order_by("name")
+    shards = ShardBackup.objects.order_by("shard_name").prefetch_related(
+        Prefetch("tables", queryset=tables)
+    )
+    return (
+        BackupSet.objects.select_related("cluster", "triggered_by", "parent")
+        .prefetch_related(Prefetch("shard_backups", queryset=shards))
+        .get(pk=set_id)
+    )
+
+
+def backup_set_active_for_cluster(*, cluster: Cluster) -> BackupSet | None:
+    return (
+        BackupSet.objects.filter(
+            cluster=cluster, status__in=(BackupSet.Status.PENDING, BackupSet.Status.RUNNING)
+        )
+        .order_by("id")
+        .first()
+    )
+
+
+def backup_set_json(backup_set: BackupSet) -> dict:
+    """The object of `backup --json` and `backups list --json` (DESIGN.md; keys never removed)."""
+    return {
+        "id": backup_set.pk,
+        "cluster": backup_set.cluster.name,
+        "kind": backup_set.kind,
+        "consistency": backup_set.consistency,
+        "status": backup_set.status,
+        "rows": backup_set.rows,
+        "raw_bytes": backup_set.raw_bytes,
+        "stored_bytes": backup_set.stored_bytes,
+        "lock_window_ms": backup_set.lock_window_ms,
+        "error": backup_set.error,
+        "created_at": backup_set.created_at.isoformat() if backup_set.created_at else None,
+        "started_at": backup_set.started_at.isoformat() if backup_set.started_at else None,
+        "finished_at": backup_set.finished_at.isoformat() if backup_set.finished_at else None,
+        "consistent_at": (
+            backup_set.consistent_at.isoformat() if backup_set.consistent_at else None
+        ),
+        "encrypted": backup_set.encrypted,
+        "manifest_sha256": backup_set.manifest_sha256,
+        "q": backup_set.q,
+    }
+
+
+@dataclass
+class Progress:
+    percent: float | None  # None while the total is unknown
+    rows_done: int
+    rows_estimate: int
+    bytes_done: int
+    rows_per_second: float | None
+    eta_seconds: float | None
+    text: str
+    active: bool
+
+
+def progress_of(item, *, started_at=None, active: bool | None = None) -> Progress:
+    """Percent, rate and ETA from rows_done/rows_estimate of a set or a shard backup."""
+    started_at = started_at or getattr(item, "started_at", None)
+    if active is None:
+        active = item.status in (BackupSet.Status.PENDING, BackupSet.Status.RUNNING)
+    done, total = item.rows_done, item.rows_estimate
+    if item.status == BackupSet.Status.SUCCEEDED:
+        percent = 100.0
+    elif total:
+        percent = min(99.0 if active else 100.0, 100.0 * done / total)
+    else:
+        percent = None
+    rate = eta = None
+    if started_at and active and done:
+        elapsed = (timezone.now() - started_at).total_seconds()
+        if elapsed > 0:
+            rate = done / elapsed
+            if total > done and rate:
+                eta = (total - done) / rate
+    return Progress(
+        percent=percent,
+        rows_done=done,
+        rows_estimate=total,
+        bytes_done=item.bytes_done,
+        rows_per_second=rate,
+        eta_seconds=eta,
+        text=getattr(item, "progress_text", ""),
+        active=active,
+    )
+
+
+def snapshot_open_seconds(shard_backup: ShardBackup) -> float | None:
+    """How long the shard's snapshot transaction stayed open (snapshot to shard finish)."""
+    start = shard_backup.snapshot_at or shard_backup.started_at
+    if start and shard_backup.finished_at:
+        return (shard_backup.finished_at - start).total_seconds()
+    return None
+
+
+def long_snapshot_shards(backup_set: BackupSet) -> list[tuple[str, float]]:
+    """Shards whose snapshot stayed open long enough to grow the undo log noticeably."""
+    found = []
+    for sb in backup_set.shard_backups.all():
+        seconds = snapshot_open_seconds(sb)
+        if seconds is not None and seconds >= LONG_SNAPSHOT_SECONDS:
+            found.append((sb.shard_name, seconds))
+    return found
