@@ -1,0 +1,65 @@
+"""RQ job for restore runs (queue `restores`, job id `restore-<run id>`): thin, idempotent."""
+
+from __future__ import annotations
+
+import logging
+
+import django_rq
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from backups.models import RestoreRun
+
+QUEUE = "restores"
+JOB_TIMEOUT_SECONDS = 24 * 3600
+log = logging.getLogger(__name__)
+
+
+def restore_job_id(run_id: int) -> str:
+    return f"restore-{run_id}"
+
+
+def restore_run_job(run_id: int) -> str:
+    """Load the run and hand it to the executor, which re-checks the approval itself."""
+    from backups.services.restore_run import restore_run_execute
+    from backups.services.restores import RestoreError
+
+    run = RestoreRun.objects.get(pk=run_id)
+    try:
+        run = restore_run_execute(run=run)
+    except RestoreError as exc:
+        log.warning("restore run %s refused: %s", run_id, exc)
+        return f"refused: {exc}"
+    return run.status
+
+
+def restore_run_enqueue(*, run_id: int) -> Job | None:
+    """Enqueue the run's job unless one with its id is already waiting or running live."""
+    queue = django_rq.get_queue(QUEUE)
+    job_id = restore_job_id(run_id)
+    try:
+        existing = Job.fetch(job_id, connection=queue.connection)
+    except NoSuchJobError:
+        existing = None
+    if existing is not None and existing.get_status(refresh=True) == JobStatus.QUEUED:
+        return existing
+    return queue.enqueue(
+        restore_run_job,
+        run_id,
+        job_id=job_id,
+        job_timeout=JOB_TIMEOUT_SECONDS,
+        result_ttl=7 * 24 * 3600,
+    )
+
+
+def restore_run_dequeue(*, run_id: int) -> bool:
+    """Take a run's job off the queue if no worker has picked it up (to run it in-process)."""
+    queue = django_rq.get_queue(QUEUE)
+    job_id = restore_job_id(run_id)
+    try:
+        job = Job.fetch(job_id, connection=queue.connection)
+    except NoSuchJobError:
+        return False
+    if job.get_status(refresh=True) != JobStatus.QUEUED:
+        return False
+    return queue.remove(job_id) > 0

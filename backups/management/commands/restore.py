@@ -1,0 +1,237 @@
+"""`manage.py restore request|approve|reject|run|show` (DESIGN.md, "Command line")."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from backups.models import BackupSet, RestoreRequest, RestoreRun
+from backups.selectors.restores import restore_request_as_dict
+from backups.services.restores import (
+    RestoreError,
+    restore_request_approve,
+    restore_request_file,
+    restore_request_reject,
+    restore_run_start,
+)
+from console.roles import RoleDenied
+from shards.models import Cluster
+
+PICKUP_SECONDS = 3.0
+FINAL_RUN = (BackupSet.Status.SUCCEEDED, BackupSet.Status.FAILED, BackupSet.Status.CANCELLED)
+
+
+def parse_at(text: str) -> datetime:
+    """ISO 8601; without an offset it means UTC."""
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise CommandError(
+            f"--at {text!r} is not an ISO 8601 time (e.g. 2026-01-31T12:00:00Z)"
+        ) from exc
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _names(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+class Command(BaseCommand):
+    help = "File, decide, run and show approval-gated restores."
+
+    def add_arguments(self, parser):
+        sub = parser.add_subparsers(dest="action", required=True)
+
+        p = sub.add_parser("request", help="file a restore request (prints its id)")
+        p.add_argument("--cluster", required=True)
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--set", dest="set_id", type=int)
+        source.add_argument("--at")
+        p.add_argument("--shards", default="")
+        p.add_argument("--tables", default="")
+        p.add_argument("--target", required=True, help="side, inplace or instance:NAME")
+        p.add_argument("--reason", required=True)
+        p.add_argument("--as", dest="as_user", required=True)
+        p.add_argument("--json", action="store_true")
+
+        for name, comment_required in (("approve", False), ("reject", True)):
+            p = sub.add_parser(name, help=f"{name} a restore request")
+            p.add_argument("request_id", type=int)
+            p.add_argument("--as", dest="as_user", required=True)
+            p.add_argument("--comment", required=comment_required, default="")
+            p.add_argument("--json", action="store_true")
+
+        p = sub.add_parser("run", help="run an approved request (refused otherwise)")
+        p.add_argument("request_id", type=int)
+        p.add_argument("--wait", action="store_true")
+        p.add_argument("--as", dest="as_user", default=None)
+        p.add_argument("--json", action="store_true")
+
+        p = sub.add_parser("show", help="show a request, its approvals and results")
+        p.add_argument("request_id", type=int)
+        p.add_argument("--json", action="store_true")
+
+    def handle(self, *args, **options):
+        self.as_json = options.get("json", False)
+        self.request_obj: RestoreRequest | None = None
+        try:
+            getattr(self, f"do_{options['action']}")(options)
+        except (RestoreError, RoleDenied) as exc:
+            self._fail(str(exc))
+        except CommandError as exc:
+            self._fail(str(exc))
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _fail(self, message: str):
+        if self.as_json:
+            payload = (
+                restore_request_as_dict(request=RestoreRequest.objects.get(pk=self.request_obj.pk))
+                if self.request_obj is not None
+                else {
+                    "id": None,
+                    "state": None,
+                    "target": None,
+                    "requested_by": None,
+                    "approvals": [],
+                    "results": [],
+                    "q": None,
+                }
+            )
+            payload["error"] = message
+            self.stdout.write(json.dumps(payload))
+        raise CommandError(message)
+
+    def _user(self, username: str):
+        user = get_user_model().objects.filter(username=username, is_active=True).first()
+        if user is None:
+            raise CommandError(f"no active user named {username!r}")
+        return user
+
+    def _request(self, pk: int) -> RestoreRequest:
+        request = (
+            RestoreRequest.objects.select_related("cluster", "requested_by").filter(pk=pk).first()
+        )
+        if request is None:
+            raise CommandError(f"no restore request {pk}")
+        self.request_obj = request
+        return request
+
+    def _print(self, request: RestoreRequest, line: str) -> None:
+        request.refresh_from_db()
+        if self.as_json:
+            self.stdout.write(json.dumps(restore_request_as_dict(request=request)))
+        else:
+            self.stdout.write(line)
+
+    # -- actions ---------------------------------------------------------------------
+
+    def do_request(self, options):
+        user = self._user(options["as_user"])
+        cluster = Cluster.objects.filter(name=options["cluster"]).first()
+        if cluster is None:
+            raise CommandError(f"no cluster named {options['cluster']!r}")
+        source_set = at = None
+        if options.get("set_id") is not None:
+            source_set = BackupSet.objects.filter(pk=options["set_id"]).first()
+            if source_set is None:
+                raise CommandError(f"no backup set {options['set_id']}")
+        else:
+            at = parse_at(options["at"])
+        request = restore_request_file(
+            cluster=cluster,
+            requester=user,
+            source_set=source_set,
+            at=at,
+            shards=_names(options["shards"]),
+            tables=_names(options["tables"]),
+            target=options["target"],
+            reason=options["reason"],
+        )
+        self.request_obj = request
+        self._print(request, str(request.pk))
+
+    def do_approve(self, options):
+        user = self._user(options["as_user"])
+        request = restore_request_approve(
+            request=self._request(options["request_id"]), approver=user, comment=options["comment"]
+        )
+        self._print(request, f"restore {request.pk}: {request.state}")
+
+    def do_reject(self, options):
+        user = self._user(options["as_user"])
+        request = restore_request_reject(
+            request=self._request(options["request_id"]), approver=user, comment=options["comment"]
+        )
+        self._print(request, f"restore {request.pk}: {request.state}")
+
+    def do_show(self, options):
+        request = self._request(options["request_id"])
+        data = restore_request_as_dict(request=request)
+        if self.as_json:
+            self.stdout.write(json.dumps(data))
+            return
+        lines = [
+            f"restore {data['id']}: {data['state']} ({data['target']}, cluster {data['cluster']}, "
+            f"set {data['source_set']}), requested by {data['requested_by']}: {data['reason']}",
+        ]
+        for a in data["approvals"]:
+            lines.append(
+                f"  {a['decision']} by {a['by']} at {a['at']}"
+                + (f": {a['comment']}" if a["comment"] else "")
+            )
+        for r in data["results"]:
+            mark = "ok" if r["checksum_ok"] else "MISMATCH"
+            lines.append(
+                f"  {r['shard']} {r['database']}.{r['table']} -> {r['target_database']}.{r['target_table']}: "
+                f"{r['rows']} rows, checksum {mark}"
+            )
+        if data["q"] is not None:
+            lines.append(f"  Q = {data['q']:.4f}")
+        if data["error"]:
+            lines.append(f"  error: {data['error']}")
+        self.stdout.write("\n".join(lines))
+
+    def do_run(self, options):
+        from backups.jobs.restores import restore_run_dequeue
+        from backups.services.restore_run import restore_run_execute
+
+        actor = self._user(options["as_user"]) if options.get("as_user") else None
+        request = self._request(options["request_id"])
+        run = restore_run_start(request=request, actor=actor)
+        if options["wait"]:
+            deadline = time.monotonic() + PICKUP_SECONDS
+            while time.monotonic() < deadline and self._not_picked_up(run):
+                time.sleep(0.2)
+            if self._not_picked_up(run) and restore_run_dequeue(run_id=run.pk):
+                # No worker took it: run it here rather than leave the caller waiting.
+                restore_run_execute(run=run)
+            while (
+                RestoreRun.objects.filter(pk=run.pk).values_list("status", flat=True).first()
+                not in FINAL_RUN
+            ):
+                time.sleep(0.5)
+            run.refresh_from_db()
+            request.refresh_from_db()
+            if run.status != BackupSet.Status.SUCCEEDED:
+                q = f"{run.q:.4f}" if run.q is not None else "n/a"
+                self._fail(
+                    f"restore {request.pk} {run.status} (Q = {q}): {run.error or run.status}"
+                )
+            self._print(request, f"restore {request.pk}: {request.state}, Q = {run.q:.4f}")
+            return
+        self._print(request, f"restore {request.pk}: run {run.pk} queued as {run.job_id}")
+
+    @staticmethod
+    def _not_picked_up(run: RestoreRun) -> bool:
+        status, heartbeat = (
+            RestoreRun.objects.filter(pk=run.pk).values_list("status", "heartbeat_at").first()
+        )
+        if status == BackupSet.Status.PENDING:
+            return True
+        # A resumed run is RUNNING already; a worker has it once its heartbeat moves.
+        return status == BackupSet.Status.RUNNING and heartbeat == run.heartbeat_at

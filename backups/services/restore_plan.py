@@ -1,0 +1,365 @@
+"""What a restore will do, computed from the set's signed manifest and checked against storage.
+
+`restore_plan_build` is shown in the wizard before filing and to approvers before they
+decide; the executor follows the plan stored on the request. It refuses (RestoreError)
+unknown shards and tables, sets that are not restorable, missing or wrong-sized objects
+(naming them), unreachable targets, a target that is the source itself, and non-empty
+target tables unless the target is `inplace`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from django.db.models import F, Sum
+
+from backups.models import BackupSet, RestoreRun
+from backups.services.restores import RestoreError, Target
+from shards.models import Cluster, Instance, LogicalTable
+from shards.mysql import ConnectError, connect
+from shards.selectors import MissingPassword, instance_endpoint
+
+MAX_NAME = 64
+SIDE_SUFFIX = "__r{id}"
+SHADOW_SUFFIX = "__sv_new_{id}"
+OLD_SUFFIX = "__sv_old_{id}"
+
+
+# -- the set's manifest and storage ---------------------------------------------------
+
+
+def set_storage(backup_set: BackupSet):
+    from backups.storage import default_storage, storage_from_url
+
+    return storage_from_url(backup_set.storage_url) if backup_set.storage_url else default_storage()
+
+
+def set_prefix(backup_set: BackupSet) -> str:
+    return backup_set.object_prefix or f"{backup_set.cluster.name}/{backup_set.pk}"
+
+
+def set_manifest(backup_set: BackupSet, storage=None) -> dict:
+    """The set's manifest, its signature checked; RestoreError when it cannot be read."""
+    from backups.engine import manifest as manifest_module
+
+    storage = storage or set_storage(backup_set)
+    read = getattr(manifest_module, "manifest_read", None) or manifest_module.read_manifest
+    try:
+        return read(storage, set_prefix(backup_set), manifest_module.manifest_hmac_key())
+    except Exception as exc:  # noqa: BLE001 - any failure here means: cannot restore from it
+        raise RestoreError(
+            f"the manifest of backup set {backup_set.pk} cannot be read: {exc}"
+        ) from exc
+
+
+def manifest_shards(doc: dict) -> list[dict]:
+    shards = doc.get("shards", [])
+    if isinstance(shards, dict):
+        return [dict(value, name=value.get("name", name)) for name, value in shards.items()]
+    return list(shards)
+
+
+def manifest_tables(shard: dict) -> list[dict]:
+    tables = shard.get("tables", [])
+    if isinstance(tables, dict):
+        return [dict(value, name=value.get("name", name)) for name, value in tables.items()]
+    return list(tables)
+
+
+def chunk_size(chunk: dict) -> int:
+    return int(chunk.get("stored_bytes", chunk.get("size", 0)) or 0)
+
+
+def _object_size(storage, key: str) -> int | None:
+    """Size of a stored object, None when it is missing."""
+    try:
+        head = storage.head(key)
+    except (FileNotFoundError, KeyError, LookupError):
+        return None
+    except Exception as exc:  # noqa: BLE001 - backends raise their own "not found" types
+        if "not found" in str(exc).lower() or "nosuchkey" in str(exc).lower() or "404" in str(exc):
+            return None
+        raise RestoreError(f"storage check failed for {key}: {exc}") from exc
+    if head is None:
+        return None
+    if isinstance(head, int):
+        return head
+    if isinstance(head, dict):
+        return int(head.get("size", head.get("ContentLength", -1)))
+    return int(getattr(head, "size", -1))
+
+
+# -- names ---------------------------------------------------------------------------
+
+
+def _fit(name: str, suffix: str) -> str:
+    """`name + suffix`, shortening `name` so the result stays a legal identifier length."""
+    if len(name) + len(suffix) <= MAX_NAME:
+        return name + suffix
+    import hashlib
+
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    keep = MAX_NAME - len(suffix) - 7
+    return f"{name[:keep]}_{digest}{suffix}"
+
+
+def side_database(database: str, request_id: int | None) -> str:
+    return _fit(database, SIDE_SUFFIX.format(id=request_id if request_id else "<id>"))
+
+
+def shadow_table(table: str, request_id: int) -> str:
+    return _fit(table, SHADOW_SUFFIX.format(id=request_id))
+
+
+def old_table(table: str, request_id: int) -> str:
+    return _fit(table, OLD_SUFFIX.format(id=request_id))
+
+
+# -- scope ---------------------------------------------------------------------------
+
+
+def _scope_tables(
+    cluster: Cluster, doc: dict, shard_names: list[str], table_names: list[str]
+) -> Iterator[tuple[dict, dict]]:
+    shards = manifest_shards(doc)
+    known = {s["name"] for s in shards}
+    for name in shard_names:
+        if name not in known:
+            raise RestoreError(f"unknown shard {name!r}: the set holds {', '.join(sorted(known))}")
+    if shard_names:
+        shards = [s for s in shards if s["name"] in shard_names]
+    matchers: list[tuple[str, Any]] = []
+    logical = {lt.name: lt.pattern for lt in LogicalTable.objects.filter(cluster=cluster)}
+    physical = {t["name"] for s in shards for t in manifest_tables(s)}
+    for name in table_names:
+        if name in logical:
+            pattern = re.compile(logical[name])
+            matchers.append((name, lambda t, p=pattern: p.fullmatch(t) is not None))
+        elif name in physical:
+            matchers.append((name, lambda t, n=name: t == n))
+        else:
+            raise RestoreError(
+                f"unknown table {name!r}: neither a logical table of {cluster.name} nor a table in the chosen shards"
+            )
+    for shard in shards:
+        for table in manifest_tables(shard):
+            if not matchers or any(match(table["name"]) for _, match in matchers):
+                yield shard, table
+    for name, match in matchers:
+        if not any(match(t["name"]) for s in shards for t in manifest_tables(s)):
+            raise RestoreError(f"table {name!r} matches no table in the chosen shards")
+
+
+# -- targets ---------------------------------------------------------------------------
+
+
+def _instances_by_name(cluster: Cluster) -> dict[str, Instance]:
+    return {i.name: i for i in Instance.objects.filter(cluster=cluster)}
+
+
+def _target_instance(kind: str, shard: dict, instances: dict[str, Instance], target_instance):
+    if kind == Target.INSTANCE:
+        return target_instance
+    instance = instances.get(shard.get("instance", ""))
+    if instance is None:
+        raise RestoreError(
+            f"shard {shard['name']}: its instance {shard.get('instance')!r} is no longer registered; "
+            "restore it to another instance with instance:NAME"
+        )
+    return instance
+
+
+def _row_counts(instance: Instance, database: str, tables: list[str]) -> dict[str, int]:
+    """Rows in those of `tables` that exist on the target (COUNT(*) on up to one row)."""
+    from shards.mysql import quote_qualified
+
+    try:
+        conn = connect(instance_endpoint(instance), connect_timeout=5)
+    except (ConnectError, MissingPassword) as exc:
+        raise RestoreError(f"target instance {instance.name} is unreachable: {exc}") from exc
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s",
+                (database,),
+            )
+            existing = {row[0] for row in cur.fetchall()}
+            counts = {}
+            for table in tables:
+                if table in existing:
+                    cur.execute(f"SELECT EXISTS (SELECT 1 FROM {quote_qualified(database, table)})")  # noqa: S608
+                    counts[table] = int(cur.fetchone()[0])
+            return counts
+    finally:
+        conn.close()
+
+
+# -- the estimate ----------------------------------------------------------------------
+
+
+def measured_rows_per_second() -> float | None:
+    """Throughput of earlier succeeded runs, rows per second, or None without history."""
+    runs = RestoreRun.objects.filter(
+        status=BackupSet.Status.SUCCEEDED,
+        started_at__isnull=False,
+        finished_at__isnull=False,
+        rows_done__gt=0,
+    )
+    total = runs.aggregate(rows=Sum("rows_done"), seconds=Sum(F("finished_at") - F("started_at")))
+    if not total["rows"] or not total["seconds"]:
+        return None
+    seconds = total["seconds"].total_seconds()
+    return total["rows"] / seconds if seconds > 0 else None
+
+
+def estimate_text(rows: int, rate: float | None) -> tuple[float | None, str]:
+    if rate is None:
+        return None, "no history yet: no restore has finished on this console, so no estimate"
+    seconds = rows / rate
+    if seconds < 60:
+        human = f"{max(1, round(seconds))} s"
+    elif seconds < 3600:
+        human = f"{seconds / 60:.1f} min"
+    else:
+        human = f"{seconds / 3600:.1f} h"
+    return seconds, f"about {human} at {rate:,.0f} rows/s measured on earlier restores"
+
+
+# -- the plan --------------------------------------------------------------------------
+
+
+def restore_plan_build(
+    *,
+    cluster: Cluster,
+    source_set: BackupSet,
+    at: datetime | None = None,
+    shards=(),
+    tables=(),
+    target_kind: str,
+    target_instance: Instance | None = None,
+    request_id: int | None = None,
+    check_targets: bool = True,
+) -> dict:
+    """The plan as a JSON-able dict; raises RestoreError for anything that would refuse.
+
+    Without `request_id` (the wizard's preview) side databases are shown as `<db>__r<id>`
+    and side conflicts cannot be checked yet; they are checked again at filing.
+    """
+    if source_set.status != BackupSet.Status.SUCCEEDED:
+        raise RestoreError(
+            f"backup set {source_set.pk} is {source_set.status}; only succeeded sets can be restored"
+        )
+    storage = set_storage(source_set)
+    doc = set_manifest(source_set, storage)
+    instances = _instances_by_name(cluster)
+    entries = []
+    missing: list[str] = []
+    objects = rows = stored = raw = 0
+    by_target: dict[tuple[int, str], list[dict]] = {}
+    for shard, table in _scope_tables(cluster, doc, list(shards), list(tables)):
+        instance = _target_instance(target_kind, shard, instances, target_instance)
+        database = shard["database"]
+        if target_kind == Target.SIDE:
+            target_database = side_database(database, request_id)
+        else:
+            target_database = database
+        source = instances.get(shard.get("instance", ""))
+        if (
+            target_kind == Target.INSTANCE
+            and source is not None
+            and (
+                source.pk == instance.pk
+                or (source.host, source.port) == (instance.host, instance.port)
+            )
+        ):
+            raise RestoreError(
+                f"target instance {instance.name} holds the source database {database} of shard "
+                f"{shard['name']}; restore there with inplace or side instead"
+            )
+        chunks = table.get("chunks", [])
+        for chunk in chunks:
+            objects += 1
+            stored += chunk_size(chunk)
+            raw += int(chunk.get("raw_bytes", 0) or 0)
+            size = _object_size(storage, chunk["key"])
+            if size is None:
+                missing.append(f"{chunk['key']} (missing)")
+            elif size != chunk_size(chunk):
+                missing.append(f"{chunk['key']} ({size} bytes, expected {chunk_size(chunk)})")
+        rows += int(table.get("rows", 0) or 0)
+        entry = {
+            "shard": shard["name"],
+            "source_instance": shard.get("instance", ""),
+            "database": database,
+            "table": table["name"],
+            "rows": int(table.get("rows", 0) or 0),
+            "bytes": sum(chunk_size(c) for c in chunks),
+            "chunks": len(chunks),
+            "checksum": table.get("checksum", ""),
+            "target_instance": instance.name,
+            "target_instance_id": instance.pk,
+            "target_database": target_database,
+            "target_table": table["name"],
+        }
+        if target_kind == Target.INPLACE and request_id:
+            entry["shadow_table"] = shadow_table(table["name"], request_id)
+        entries.append(entry)
+        by_target.setdefault((instance.pk, target_database), []).append(entry)
+    if not entries:
+        raise RestoreError("the scope selects no table of the set")
+    if missing:
+        shown = ", ".join(missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
+        raise RestoreError(
+            f"backup set {source_set.pk} cannot be restored: objects not in storage as recorded: {shown}"
+        )
+
+    conflicts = []
+    if check_targets and (target_kind != Target.SIDE or request_id):
+        instance_objects = {
+            i.pk: i for i in Instance.objects.filter(pk__in={k[0] for k in by_target})
+        }
+        for (instance_pk, database), group in sorted(by_target.items()):
+            counts = _row_counts(
+                instance_objects[instance_pk], database, [e["target_table"] for e in group]
+            )
+            for entry in group:
+                if counts.get(entry["target_table"]):
+                    conflicts.append(
+                        {
+                            "target": f"{entry['target_instance']}:{database}.{entry['target_table']}",
+                            "message": "holds rows; inplace replaces it after verification"
+                            if target_kind == Target.INPLACE
+                            else "is not empty",
+                        }
+                    )
+        if target_kind != Target.INPLACE and conflicts:
+            names = ", ".join(c["target"] for c in conflicts[:10])
+            raise RestoreError(f"target tables are not empty (only inplace may overwrite): {names}")
+
+    seconds, text = estimate_text(rows, measured_rows_per_second())
+    needs_incrementals = bool(at and source_set.consistent_at and at > source_set.consistent_at)
+    return {
+        "source_set": source_set.pk,
+        "set_prefix": set_prefix(source_set),
+        "at": at.isoformat() if at else None,
+        "consistent_at": source_set.consistent_at.isoformat() if source_set.consistent_at else None,
+        "needs_incrementals": needs_incrementals,
+        "target_kind": target_kind,
+        "target_instance": target_instance.name if target_instance else "",
+        "objects": objects,
+        "rows": rows,
+        "bytes": stored,
+        "raw_bytes": raw,
+        "tables": entries,
+        "target_databases": sorted(
+            {f"{e['target_instance']}:{e['target_database']}" for e in entries}
+        ),
+        "conflicts": conflicts,
+        "estimate_seconds": seconds,
+        "estimate": text,
+    }

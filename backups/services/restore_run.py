@@ -1,0 +1,509 @@
+"""The restore executor: load, verify, (for inplace) swap, and record what was proven.
+
+Called by the thin RQ job. Shards run in parallel threads, chunks in parallel inside
+`load_table`. Every loaded chunk is recorded (`LoadedChunk`) as soon as it is committed,
+so a run whose worker died resumes and skips them. `inplace` loads into shadow tables,
+verifies every checksum, then swaps with one `RENAME TABLE` per database; a failure or a
+cancellation before the swap drops the shadows and leaves the live tables as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.db import close_old_connections, connections
+from django.utils import timezone
+
+from backups.engine.types import Cancelled, EngineError, IntegrityError, ProgressEvent, TableLoadJob
+from backups.models import BackupSet, LoadedChunk, RestoreRequest, RestoreRun, RestoreTableResult
+from backups.services.restore_plan import (
+    manifest_shards,
+    manifest_tables,
+    old_table,
+    set_manifest,
+    set_storage,
+)
+from backups.services.restores import (
+    RestoreError,
+    Target,
+    restore_run_begin,
+    restore_run_finish,
+)
+from shards.models import Instance
+from shards.mysql import ConnectError, Endpoint, connect, quote_ident, quote_qualified
+from shards.selectors import MissingPassword, instance_endpoint
+
+log = logging.getLogger(__name__)
+Status = BackupSet.Status
+PROGRESS_EVERY_SECONDS = 1.0
+SHARD_THREADS = 4
+CHUNK_PARALLEL = 2
+
+
+@dataclass
+class TableOutcome:
+    entry: dict
+    rows: int = 0
+    checksum: str = ""
+    checksum_ok: bool = False
+    loaded: bool = False
+    error: str = ""
+    bad_object: str = ""
+
+
+@dataclass
+class Tracker:
+    """Progress and cancellation shared by the shard threads; DB writes at most once a second."""
+
+    run_id: int
+    rows_estimate: int
+    rows_done: int = 0
+    bytes_done: int = 0
+    text: str = ""
+    cancelled: bool = False
+    rq_job: object = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_write: float = 0.0
+    last_cancel_check: float = 0.0
+
+    def progress(self, event: ProgressEvent) -> None:
+        with self.lock:
+            self.rows_done += max(0, event.rows_done)
+            self.bytes_done += max(0, event.bytes_done)
+            if event.table:
+                self.text = f"{event.stage or 'load'} {event.shard + ' ' if event.shard else ''}{event.table}"
+        self.flush()
+
+    def say(self, text: str) -> None:
+        with self.lock:
+            self.text = text
+        self.flush(force=True)
+
+    def flush(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if not force and now - self.last_write < PROGRESS_EVERY_SECONDS:
+                return
+            self.last_write = now
+            values = {
+                "rows_done": self.rows_done,
+                "bytes_done": self.bytes_done,
+                "progress_text": self.text[:300],
+                "heartbeat_at": timezone.now(),
+            }
+        RestoreRun.objects.filter(pk=self.run_id).update(**values)
+        if self.rq_job is not None:
+            try:
+                self.rq_job.meta.update(
+                    {"rows_done": values["rows_done"], "progress": values["progress_text"]}
+                )
+                self.rq_job.save_meta()
+            except Exception:  # noqa: BLE001 - RQ's dashboard is a convenience, never a failure
+                pass
+
+    def should_cancel(self) -> bool:
+        now = time.monotonic()
+        if self.cancelled:
+            return True
+        if now - self.last_cancel_check >= PROGRESS_EVERY_SECONDS:
+            self.last_cancel_check = now
+            self.cancelled = bool(
+                RestoreRun.objects.filter(pk=self.run_id)
+                .values_list("cancel_requested", flat=True)
+                .first()
+            )
+        return self.cancelled
+
+    def chunk_done(self, key: str, rows: int) -> None:
+        # Recorded synchronously: a chunk is skipped on retry only once this row exists.
+        LoadedChunk.objects.create(run_id=self.run_id, key=key, rows=rows)
+
+
+def _set_data_key(backup_set: BackupSet) -> bytes | None:
+    if not backup_set.encrypted:
+        return None
+    from backups import crypto
+
+    master = getattr(crypto, "master_key", None)
+    master_key = master() if callable(master) else settings.SHARDVAULT_DATA_KEY
+    try:
+        return crypto.unwrap_data_key(backup_set.wrapped_key, master_key)
+    except Exception as exc:  # noqa: BLE001
+        raise RestoreError(
+            f"the data key of backup set {backup_set.pk} cannot be unwrapped: {exc}"
+        ) from exc
+
+
+def _existing_tables(endpoint: Endpoint, database: str) -> set[str] | None:
+    """Base tables of `database`, or None when the database does not exist."""
+    conn = connect(endpoint)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (database,)
+            )
+            if cur.fetchone() is None:
+                return None
+            cur.execute(
+                "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s",
+                (database,),
+            )
+            return {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def _has_rows(endpoint: Endpoint, database: str, tables: list[str]) -> list[str]:
+    conn = connect(endpoint, database)
+    try:
+        with conn.cursor() as cur:
+            full = []
+            for table in tables:
+                cur.execute(f"SELECT EXISTS (SELECT 1 FROM {quote_qualified(database, table)})")  # noqa: S608
+                if cur.fetchone()[0]:
+                    full.append(table)
+            return full
+    finally:
+        conn.close()
+
+
+def _drop_tables(endpoint: Endpoint, database: str, tables: list[str]) -> None:
+    if not tables:
+        return
+    conn = connect(endpoint, database)
+    try:
+        with conn.cursor() as cur:
+            names = ", ".join(quote_qualified(database, t) for t in tables)
+            cur.execute(f"DROP TABLE IF EXISTS {names}")
+    finally:
+        conn.close()
+
+
+def _apply_incrementals(
+    run: RestoreRun, shard: dict, *, endpoint, target_database, table_names, tracker
+) -> None:
+    """Roll one shard forward to `request.at` with issue 5's binlog chain, when asked for."""
+    request = run.request
+    if not request.plan.get("needs_incrementals"):
+        return
+    try:
+        from backups.services.incrementals import pitr_apply
+    except ImportError as exc:
+        raise RestoreError(
+            "point-in-time restore needs incremental backups: none are captured after the full set"
+        ) from exc
+    pitr_apply(
+        run=run,
+        shard=shard,
+        target=endpoint,
+        target_database=target_database,
+        table_renames=table_names,
+        at=request.at,
+        progress=tracker.progress,
+        should_cancel=tracker.should_cancel,
+    )
+
+
+def _restore_shard(
+    *,
+    run: RestoreRun,
+    request: RestoreRequest,
+    shard_doc: dict,
+    entries: list[dict],
+    storage,
+    data_key: bytes | None,
+    tracker: Tracker,
+    done_keys: set[str],
+    resume: bool,
+) -> list[TableOutcome]:
+    from backups.engine.load import create_database_objects, load_table
+
+    close_old_connections()
+    outcomes = [TableOutcome(entry=e) for e in entries]
+    try:
+        inplace = request.target_kind == Target.INPLACE
+        instance = Instance.objects.get(pk=entries[0]["target_instance_id"])
+        try:
+            endpoint = instance_endpoint(instance)
+            existing = _existing_tables(endpoint, entries[0]["target_database"])
+        except (ConnectError, MissingPassword) as exc:
+            raise RestoreError(f"target instance {instance.name} is unreachable: {exc}") from exc
+        target_db = entries[0]["target_database"]
+        load_names = {
+            e["table"]: (e["shadow_table"] if inplace else e["target_table"]) for e in entries
+        }
+        present = existing or set()
+        if not resume:
+            if inplace:
+                # Leftover shadows of an earlier attempt of this same request are ours to drop.
+                _drop_tables(endpoint, target_db, [n for n in load_names.values() if n in present])
+                present = present - set(load_names.values())
+            else:
+                full = (
+                    _has_rows(endpoint, target_db, [n for n in load_names.values() if n in present])
+                    if existing is not None
+                    else []
+                )
+                if full:
+                    raise RestoreError(
+                        f"target tables on {instance.name} are not empty: "
+                        + ", ".join(f"{target_db}.{t}" for t in full)
+                    )
+        to_create = [t for t, name in load_names.items() if name not in present]
+        tables_by_name = {t["name"]: t for t in manifest_tables(shard_doc)}
+        for table in to_create:  # a table that must be created again starts from scratch
+            done_keys.difference_update(c["key"] for c in tables_by_name[table].get("chunks", []))
+        if to_create:
+            tracker.say(f"schema {shard_doc['name']}")
+            create_database_objects(
+                endpoint,
+                target_db,
+                shard_doc,
+                tables=to_create,
+                table_renames={t: load_names[t] for t in to_create if load_names[t] != t} or None,
+                create_database=existing is None,
+            )
+        for outcome in outcomes:
+            if tracker.should_cancel():
+                raise Cancelled("the restore was cancelled")
+            table = outcome.entry["table"]
+            job = TableLoadJob(
+                manifest_table=tables_by_name[table],
+                target=endpoint,
+                target_database=target_db,
+                target_table=load_names[table],
+                data_key=data_key,
+            )
+            try:
+                result = load_table(
+                    job,
+                    storage,
+                    progress=tracker.progress,
+                    should_cancel=tracker.should_cancel,
+                    is_chunk_done=lambda key: key in done_keys,
+                    on_chunk_done=tracker.chunk_done,
+                    parallel=CHUNK_PARALLEL,
+                )
+            except Cancelled:
+                raise
+            except IntegrityError as exc:
+                outcome.error = str(exc)
+                outcome.bad_object = exc.key
+                continue
+            except EngineError as exc:
+                outcome.error = str(exc)
+                continue
+            outcome.loaded = not result.error
+            outcome.rows = result.rows
+            outcome.checksum = result.checksum
+            outcome.checksum_ok = bool(result.checksum_ok) and not result.error
+            outcome.error = result.error or (
+                "" if outcome.checksum_ok else "checksum does not match the manifest"
+            )
+        _apply_incrementals(
+            run,
+            shard_doc,
+            endpoint=endpoint,
+            target_database=target_db,
+            table_names=load_names,
+            tracker=tracker,
+        )
+    except (RestoreError, EngineError, ConnectError) as exc:
+        if isinstance(exc, Cancelled):
+            raise
+        for outcome in outcomes:
+            if not outcome.error and not outcome.checksum_ok:
+                outcome.error = str(exc)
+    finally:
+        connections.close_all()
+    return outcomes
+
+
+def _swap_inplace(request: RestoreRequest, outcomes: list[TableOutcome], tracker: Tracker) -> None:
+    """One atomic RENAME TABLE per database, then drop the old tables."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for outcome in outcomes:
+        e = outcome.entry
+        groups.setdefault((e["target_instance_id"], e["target_database"]), []).append(e)
+    for (instance_pk, database), entries in sorted(groups.items()):
+        endpoint = instance_endpoint(Instance.objects.get(pk=instance_pk))
+        live = _existing_tables(endpoint, database) or set()
+        renames, old = [], []
+        for e in entries:
+            if e["target_table"] in live:
+                old_name = old_table(e["target_table"], request.pk)
+                renames.append(
+                    f"{quote_qualified(database, e['target_table'])} TO {quote_qualified(database, old_name)}"
+                )
+                old.append(old_name)
+            renames.append(
+                f"{quote_qualified(database, e['shadow_table'])} TO {quote_qualified(database, e['target_table'])}"
+            )
+        tracker.say(f"swapping {len(entries)} tables into {database}")
+        conn = connect(endpoint, database)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("RENAME TABLE " + ", ".join(renames))
+                if old:
+                    cur.execute("DROP TABLE " + ", ".join(quote_ident(t) for t in old))
+        finally:
+            conn.close()
+
+
+def _drop_shadows(outcomes: list[TableOutcome]) -> None:
+    for outcome in outcomes:
+        e = outcome.entry
+        try:
+            endpoint = instance_endpoint(Instance.objects.get(pk=e["target_instance_id"]))
+            _drop_tables(endpoint, e["target_database"], [e["shadow_table"]])
+        except Exception:  # noqa: BLE001 - best effort; the live table is untouched either way
+            log.exception(
+                "could not drop shadow table %s.%s", e["target_database"], e["shadow_table"]
+            )
+
+
+def _save_results(run: RestoreRun, outcomes: list[TableOutcome], *, applied: bool) -> None:
+    RestoreTableResult.objects.filter(run=run).delete()
+    RestoreTableResult.objects.bulk_create(
+        RestoreTableResult(
+            run=run,
+            shard_name=o.entry["shard"],
+            database=o.entry["database"],
+            table=o.entry["table"],
+            target_instance_name=o.entry["target_instance"],
+            target_database=o.entry["target_database"],
+            target_table=o.entry["target_table"],
+            status=Status.SUCCEEDED if (o.checksum_ok and applied) else Status.FAILED,
+            rows_expected=o.entry["rows"],
+            rows=o.rows,
+            checksum_expected=o.entry.get("checksum", "")[:64],
+            checksum=(o.checksum or "")[:64],
+            checksum_ok=o.checksum_ok if o.loaded or o.error else None,
+            error=o.error[:2000],
+        )
+        for o in outcomes
+    )
+
+
+def _factors(
+    plan: dict, outcomes: list[TableOutcome], *, applied: bool
+) -> tuple[float, float, float]:
+    rows_total = sum(o.entry["rows"] for o in outcomes)
+    rows_restored = sum(min(o.rows, o.entry["rows"]) for o in outcomes if o.checksum_ok and applied)
+    t = rows_restored / rows_total if rows_total else (1.0 if applied else 0.0)
+    d = sum(1 for o in outcomes if o.checksum_ok and applied) / len(outcomes) if outcomes else 0.0
+    objects = int(plan.get("objects", 0))
+    bad = len({o.bad_object for o in outcomes if o.bad_object})
+    a = (objects - bad) / objects if objects else 1.0
+    return t, d, a
+
+
+def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
+    """Run (or resume) an approved restore to its end. Refuses unapproved requests untouched."""
+    resume = restore_run_begin(run=run)  # RestoreError here: nothing has been touched
+    run.refresh_from_db()
+    request = RestoreRequest.objects.select_related("source_set", "source_set__cluster").get(
+        pk=run.request_id
+    )
+    plan = request.plan
+    inplace = request.target_kind == Target.INPLACE
+    try:
+        import rq
+
+        rq_job = rq.get_current_job()
+    except Exception:  # noqa: BLE001
+        rq_job = None
+    tracker = Tracker(run_id=run.pk, rows_estimate=int(plan.get("rows", 0)), rq_job=rq_job)
+    if resume:
+        tracker.rows_done = sum(LoadedChunk.objects.filter(run=run).values_list("rows", flat=True))
+    outcomes: list[TableOutcome] = []
+    try:
+        if plan.get("needs_incrementals"):
+            try:
+                import backups.services.incrementals  # noqa: F401
+            except ImportError as exc:
+                raise RestoreError(
+                    "point-in-time restore needs incremental backups: none are captured after the full set"
+                ) from exc
+        tracker.say("reading the manifest")
+        storage = set_storage(request.source_set)
+        doc = set_manifest(request.source_set, storage)
+        data_key = _set_data_key(request.source_set)
+        shard_docs = {s["name"]: s for s in manifest_shards(doc)}
+        groups: dict[str, list[dict]] = {}
+        for entry in plan["tables"]:
+            groups.setdefault(entry["shard"], []).append(entry)
+        done_keys = set(LoadedChunk.objects.filter(run=run).values_list("key", flat=True))
+        with ThreadPoolExecutor(max_workers=max(1, min(SHARD_THREADS, len(groups)))) as pool:
+            futures = [
+                pool.submit(
+                    _restore_shard,
+                    run=run,
+                    request=request,
+                    shard_doc=shard_docs[name],
+                    entries=entries,
+                    storage=storage,
+                    data_key=data_key,
+                    tracker=tracker,
+                    done_keys=set(done_keys),
+                    resume=resume,
+                )
+                for name, entries in sorted(groups.items())
+            ]
+            errors = []
+            for future in futures:
+                try:
+                    outcomes.extend(future.result())
+                except Cancelled as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+        all_ok = bool(outcomes) and all(o.checksum_ok for o in outcomes)
+        applied = not inplace
+        if inplace:
+            if all_ok:
+                _swap_inplace(request, outcomes, tracker)
+                applied = True
+            else:
+                tracker.say("verification failed: dropping shadow tables, live tables untouched")
+                _drop_shadows(outcomes)
+        tracker.flush(force=True)
+        _save_results(run, outcomes, applied=applied)
+        t, d, a = _factors(plan, outcomes, applied=applied)
+        if all_ok:
+            return restore_run_finish(run=run, status=Status.SUCCEEDED, t=t, d=d, a=a)
+        failed = [o for o in outcomes if not o.checksum_ok]
+        first = failed[0]
+        error = (
+            f"{len(failed)} of {len(outcomes)} tables did not verify; first: "
+            f"{first.entry['shard']} {first.entry['database']}.{first.entry['table']}: {first.error or 'checksum mismatch'}"
+        )
+        if inplace:
+            error += "; the live tables were left untouched"
+        return restore_run_finish(run=run, status=Status.FAILED, error=error, t=t, d=d, a=a)
+    except Cancelled:
+        if inplace:
+            _drop_shadows([TableOutcome(entry=e) for e in plan["tables"]])
+        tracker.flush(force=True)
+        _save_results(run, outcomes, applied=False)
+        return restore_run_finish(
+            run=run,
+            status=Status.CANCELLED,
+            error="cancelled" + ("; the live tables were left untouched" if inplace else ""),
+        )
+    except Exception as exc:  # noqa: BLE001 - the run must end with its reason, whatever broke
+        if not isinstance(exc, (RestoreError, EngineError, ConnectError, MissingPassword)):
+            log.exception("restore run %s failed", run.pk)
+        if inplace:
+            _drop_shadows([TableOutcome(entry=e) for e in plan["tables"]])
+        _save_results(run, outcomes, applied=False)
+        t, d, a = _factors(plan, outcomes, applied=False) if outcomes else (0.0, 0.0, None)
+        message = str(exc) or exc.__class__.__name__
+        if inplace:
+            message += "; the live tables were left untouched"
+        return restore_run_finish(run=run, status=Status.FAILED, error=message, t=t, d=d, a=a)
