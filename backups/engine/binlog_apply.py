@@ -1,0 +1,430 @@
+"""Apply captured binlog segments to one restored database, up to a point in time.
+
+Plain Python (no Django). The server's own decoder does the row work:
+
+    segment (decoded bytes) -> [Python: keep whole transactions of the source
+    database that are after the applied position and committed at or before
+    `until`] -> mariadb-binlog --database=SRC --rewrite-db=SRC->DST -
+    -> [Python: record the position inside each transaction] -> mariadb
+
+* Transaction-aware: a transaction is kept or dropped whole, judged by the time
+  of its commit event (binlog time is whole seconds, so `until` is floored to
+  its second and every transaction committed in that second is applied).
+* Idempotent: the last applied (file, pos) is kept in `__shardvault_applied`
+  in the target database, written inside each applied transaction, so a crash
+  at any point and a rerun converge to the same rows. (A DDL statement commits
+  by itself; its position is written right after it.)
+* DDL in the window (ALTER TABLE ... ADD COLUMN) is applied in order; statements
+  run with the source database as default database are rewritten to the target.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pymysql
+
+from backups.engine.binlog import (
+    BINLOG_MAGIC,
+    FL_STANDALONE,
+    FORMAT_DESCRIPTION_EVENT,
+    GTID_EVENT,
+    HEADER_LEN,
+    QUERY_EVENT,
+    TABLE_MAP_EVENT,
+    XID_EVENT,
+    coordinate_key,
+    gtid_of,
+    parse_header,
+    query_of,
+    table_map_names,
+)
+from backups.engine.types import CancelFn, Cancelled, EngineError, ProgressEvent, ProgressFn
+from shards.mysql import Endpoint, connect, quote_ident, quote_qualified
+
+APPLIED_TABLE = "__shardvault_applied"
+SPOOL_BYTES = 64 << 20  # a transaction larger than this spills to a temporary file
+
+
+@dataclass
+class SegmentSource:
+    """One captured segment: its manifest entry and how to read its decoded bytes."""
+
+    entry: dict
+    open: Callable[[], Iterable[bytes]]
+
+
+@dataclass
+class ApplyResult:
+    transactions: int = 0
+    events: int = 0
+    skipped_applied: int = 0
+    last_file: str = ""
+    last_pos: int = 0
+    last_event_at: datetime | None = None
+    reached_until: bool = False
+
+
+def tools_available() -> bool:
+    return bool(shutil.which("mariadb-binlog") and shutil.which("mariadb"))
+
+
+def applied_position(endpoint: Endpoint, database: str, stream: str) -> tuple[str, int] | None:
+    """The (file, pos) last applied to `database` from `stream`, or None."""
+    conn = connect(endpoint, database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"CREATE TABLE IF NOT EXISTS {quote_ident(APPLIED_TABLE)} ("
+                " stream VARCHAR(191) NOT NULL PRIMARY KEY,"
+                " binlog_file VARCHAR(255) NOT NULL, binlog_pos BIGINT NOT NULL,"
+                " event_at BIGINT NOT NULL DEFAULT 0) ENGINE=InnoDB"
+            )
+            cur.execute(
+                f"SELECT binlog_file, binlog_pos FROM {quote_ident(APPLIED_TABLE)} WHERE stream = %s",
+                (stream,),
+            )
+            row = cur.fetchone()
+            return (row[0], int(row[1])) if row else None
+    finally:
+        conn.close()
+
+
+def applied_marker_drop(endpoint: Endpoint, database: str) -> None:
+    """Drop the position table once a restore is finished and verified."""
+    conn = connect(endpoint, database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {quote_ident(APPLIED_TABLE)}")
+    finally:
+        conn.close()
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class _Transactions:
+    """Group a segment's events into transactions; yields (events, end_pos, commit_ts, dbs)."""
+
+    def __init__(self, blocks: Iterable[bytes]):
+        self.blocks = iter(blocks)
+        self.buffer = bytearray()
+        self.fde: bytes | None = None
+        self.table_map_post = 8
+
+    def _events(self) -> Iterator[bytes]:
+        buffer = self.buffer
+        offset = 0
+        magic_checked = False
+        for block in self.blocks:
+            buffer += block
+            if not magic_checked:
+                if len(buffer) < 4:
+                    continue
+                if bytes(buffer[:4]) != BINLOG_MAGIC:
+                    raise EngineError("a binlog segment does not start with the binlog magic")
+                offset = 4
+                magic_checked = True
+            while len(buffer) - offset >= HEADER_LEN:
+                size = int.from_bytes(buffer[offset + 9 : offset + 13], "little")
+                if len(buffer) - offset < size:
+                    break
+                yield bytes(buffer[offset : offset + size])
+                offset += size
+            del buffer[:offset]
+            offset = 0
+        if len(buffer) - offset:
+            raise EngineError("a binlog segment ends in the middle of an event")
+
+    def __iter__(self):
+        group: list[bytes] = []
+        dbs: set[str] = set()
+        in_trx = False
+        standalone = False
+        for event in self._events():
+            header = parse_header(event)
+            if header.type == FORMAT_DESCRIPTION_EVENT:
+                self.fde = event
+                post = HEADER_LEN + 2 + 50 + 4 + 1 + TABLE_MAP_EVENT - 1
+                self.table_map_post = event[post]
+                continue
+            if header.type == GTID_EVENT:
+                _gtid, flags = gtid_of(event, header.server_id)
+                group, dbs, in_trx = [event], set(), True
+                standalone = bool(flags & FL_STANDALONE)
+                continue
+            if not in_trx:
+                continue  # rotate, checkpoint, gtid list: nothing to apply
+            group.append(event)
+            if header.type == TABLE_MAP_EVENT:
+                dbs.add(table_map_names(event, self.table_map_post)[0])
+            elif header.type == QUERY_EVENT:
+                database, statement = query_of(event)
+                head = statement[:8].upper()
+                if head.startswith(b"COMMIT") or head.startswith(b"ROLLBACK"):
+                    in_trx = False
+                    yield group, header.next_pos, header.timestamp, dbs, False
+                    continue
+                if not head.startswith(b"BEGIN"):
+                    dbs.add(database or "*")
+                if standalone:
+                    in_trx = False
+                    yield group, header.next_pos, header.timestamp, dbs, True
+            elif header.type == XID_EVENT:
+                in_trx = False
+                yield group, header.next_pos, header.timestamp, dbs, False
+
+
+def apply_segments(
+    *,
+    target: Endpoint,
+    source_database: str,
+    target_database: str,
+    stream: str,
+    segments: list[SegmentSource],
+    start_file: str,
+    start_pos: int,
+    until: datetime | None,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    crash_after_transactions: int | None = None,
+) -> ApplyResult:
+    """Apply every transaction of `source_database` after (start_file, start_pos) up to `until`.
+
+    `stream` names the source (the instance) in the position table. Segments must be
+    in binlog order. `crash_after_transactions` exists for tests: the apply is cut
+    off (mariadb killed mid-stream) after that many transactions were sent.
+    Returns what was applied; raises `EngineError` with mariadb's message on failure.
+    """
+    if not tools_available():
+        raise EngineError(
+            "mariadb-binlog and mariadb must be installed on the worker to apply binlogs"
+        )
+    result = ApplyResult()
+    until_ts = int(until.timestamp()) if until else None
+    applied = applied_position(target, target_database, stream)
+    resume = coordinate_key(start_file, start_pos)
+    if applied and coordinate_key(*applied) > resume:
+        resume = coordinate_key(*applied)
+    sent = 0
+    for source in segments:
+        entry = source.entry
+        file = entry["first_file"]
+        if coordinate_key(file, int(entry["last_pos"])) <= resume:
+            result.skipped_applied += 1
+            continue
+        if should_cancel and should_cancel():
+            raise Cancelled("cancelled while applying binlogs")
+        outcome = _apply_one(
+            target=target,
+            source_database=source_database,
+            target_database=target_database,
+            stream=stream,
+            file=file,
+            blocks=source.open(),
+            resume=resume,
+            until_ts=until_ts,
+            result=result,
+            crash_after=(crash_after_transactions - sent) if crash_after_transactions else None,
+        )
+        sent += outcome
+        if progress:
+            progress(
+                ProgressEvent(
+                    stage="binlog",
+                    shard=stream,
+                    message=f"applied {file} up to {result.last_pos}",
+                )
+            )
+        if result.reached_until:
+            break
+    return result
+
+
+def _apply_one(
+    *,
+    target: Endpoint,
+    source_database: str,
+    target_database: str,
+    stream: str,
+    file: str,
+    blocks: Iterable[bytes],
+    resume: tuple,
+    until_ts: int | None,
+    result: ApplyResult,
+    crash_after: int | None,
+) -> int:
+    """Apply one segment; returns the number of transactions sent to the server."""
+    transactions = _Transactions(blocks)
+    positions_commit: set[int] = set()
+    positions_standalone: set[int] = set()
+
+    with tempfile.TemporaryDirectory(prefix="shardvault-apply-") as tmp:
+        defaults = os.path.join(tmp, "client.cnf")
+        with open(os.open(defaults, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
+            handle.write(
+                "[client]\n"
+                f"host={target.host}\nport={int(target.port)}\nuser={target.user}\n"
+                f'password="{(target.password or "").replace(chr(34), "")}"\n'
+            )
+            if target.tls_ca:
+                handle.write(f"ssl-ca={target.tls_ca}\n")
+        decoder = subprocess.Popen(
+            [
+                "mariadb-binlog",
+                "--no-defaults",
+                f"--database={source_database}",
+                f"--rewrite-db={source_database}->{target_database}",
+                "--skip-annotate-row-events",
+                "-",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        client_err = open(os.path.join(tmp, "client.err"), "w+b")
+        client = subprocess.Popen(
+            [
+                "mariadb",
+                f"--defaults-extra-file={defaults}",
+                "--binary-mode",
+                "--batch",
+                "--silent",
+                target_database,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=client_err,
+        )
+        state = {"sent": 0, "error": None}
+
+        def feed() -> None:
+            try:
+                out = decoder.stdin
+                header_written = False
+                for group, end_pos, commit_ts, dbs, standalone in transactions:
+                    if not header_written:
+                        out.write(BINLOG_MAGIC)
+                        out.write(transactions.fde or b"")
+                        header_written = True
+                    if coordinate_key(file, end_pos) <= resume:
+                        result.skipped_applied += 1
+                        continue
+                    if until_ts is not None and commit_ts > until_ts:
+                        result.reached_until = True
+                        break
+                    if source_database not in dbs and "*" not in dbs:
+                        continue
+                    if crash_after is not None and state["sent"] >= crash_after:
+                        # Test hook: send half of the next transaction, then stop.
+                        for event in group[: max(1, len(group) // 2)]:
+                            out.write(event)
+                        state["crashed"] = True
+                        break
+                    (positions_standalone if standalone else positions_commit).add(end_pos)
+                    for event in group:
+                        out.write(event)
+                    state["sent"] += 1
+                    result.transactions += 1
+                    result.events += len(group)
+                    result.last_file, result.last_pos = file, end_pos
+                    result.last_event_at = datetime.fromtimestamp(commit_ts, UTC)
+                if not header_written and transactions.fde:
+                    out.write(BINLOG_MAGIC + transactions.fde)
+            except BrokenPipeError:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                state["error"] = exc
+            finally:
+                try:
+                    decoder.stdin.close()
+                except BrokenPipeError:
+                    pass
+
+        feeder = threading.Thread(target=feed, name="binlog-feed", daemon=True)
+        feeder.start()
+        table = quote_qualified(target_database, APPLIED_TABLE)
+        stream_sql = _sql_string(stream)
+        file_sql = _sql_string(file)
+
+        def marker(pos: int) -> bytes:
+            return (
+                f"INSERT INTO {table} (stream, binlog_file, binlog_pos) VALUES "
+                f"({stream_sql}, {file_sql}, {pos}) ON DUPLICATE KEY UPDATE "
+                "binlog_file = VALUES(binlog_file), binlog_pos = VALUES(binlog_pos)/*!*/;\n"
+            ).encode()
+
+        last_pos = 0
+        pending_standalone = False
+        sink = client.stdin
+        try:
+            for line in decoder.stdout:
+                if line.startswith(b"#") and b" end_log_pos " in line:
+                    last_pos = int(line.split(b" end_log_pos ", 1)[1].split(b" ", 1)[0])
+                    pending_standalone = last_pos in positions_standalone
+                elif line.startswith(b"/*M!100001 SET @@session.") and (
+                    b"gtid_seq_no" in line or b"gtid_domain_id" in line or b"server_id" in line
+                ):
+                    # Never replay the source's GTIDs or server id into the target's binlog.
+                    continue
+                elif line.startswith(b"COMMIT/*!*/;") and last_pos in positions_commit:
+                    sink.write(marker(last_pos))
+                elif pending_standalone and line.rstrip(b"\r\n") == b"/*!*/;":
+                    sink.write(line)
+                    sink.write(marker(last_pos))
+                    pending_standalone = False
+                    continue
+                elif line.startswith(b"ROLLBACK /* added by mysqlbinlog */") and state.get(
+                    "crashed"
+                ):
+                    # Test hook: the connection ends with half a transaction sent, as in a crash.
+                    break
+                sink.write(line)
+        except BrokenPipeError:
+            pass
+        finally:
+            try:
+                sink.close()
+            except BrokenPipeError:
+                pass
+        feeder.join()
+        decoder_err = decoder.stderr.read().decode("utf-8", "replace").strip()
+        decoder.wait()
+        client.wait()
+        client_err.seek(0)
+        message = client_err.read().decode("utf-8", "replace").strip()
+        client_err.close()
+        if state["error"] is not None:
+            raise state["error"]
+        if state.get("crashed"):
+            raise EngineError("apply cut off (test hook)")
+        if client.returncode != 0:
+            raise EngineError(
+                f"applying {file} to {target_database} failed: {message.splitlines()[-1] if message else 'mariadb exited with ' + str(client.returncode)}"
+            )
+        if decoder.returncode != 0:
+            raise EngineError(f"mariadb-binlog could not decode {file}: {decoder_err[:300]}")
+        return state["sent"]
+
+
+def checksum_rows(endpoint: Endpoint, database: str, table: str) -> tuple[int, str]:
+    """(rows, order-independent checksum) via CHECKSUM TABLE, for tests and benchmarks."""
+    conn = connect(endpoint, database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT COUNT(*) FROM {quote_qualified(database, table)}")
+            rows = cur.fetchone()[0]
+            cur.execute(f"CHECKSUM TABLE {quote_qualified(database, table)} EXTENDED")
+            return rows, str(cur.fetchone()[1])
+    except pymysql.MySQLError as exc:
+        raise EngineError(str(exc)) from exc
+    finally:
+        conn.close()
