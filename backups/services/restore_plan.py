@@ -32,13 +32,28 @@ OLD_SUFFIX = "__sv_old_{id}"
 
 
 def set_storage(backup_set: BackupSet):
+    from django.conf import settings
+
     from backups.storage import default_storage, storage_from_url
 
-    return storage_from_url(backup_set.storage_url) if backup_set.storage_url else default_storage()
+    if not backup_set.storage_url:
+        return default_storage()
+    return storage_from_url(backup_set.storage_url, endpoint_url=settings.S3_ENDPOINT_URL)
 
 
 def set_prefix(backup_set: BackupSet) -> str:
     return backup_set.object_prefix or f"{backup_set.cluster.name}/{backup_set.pk}"
+
+
+def _hmac_key() -> bytes:
+    from django.conf import settings
+
+    from backups.engine import manifest
+
+    try:
+        return manifest.manifest_hmac_key()
+    except TypeError:
+        return manifest.manifest_hmac_key(settings.SHARDVAULT_DATA_KEY)
 
 
 def set_manifest(backup_set: BackupSet, storage=None) -> dict:
@@ -48,7 +63,7 @@ def set_manifest(backup_set: BackupSet, storage=None) -> dict:
     storage = storage or set_storage(backup_set)
     read = getattr(manifest_module, "manifest_read", None) or manifest_module.read_manifest
     try:
-        return read(storage, set_prefix(backup_set), manifest_module.manifest_hmac_key())
+        return read(storage, set_prefix(backup_set), _hmac_key())
     except Exception as exc:  # noqa: BLE001 - any failure here means: cannot restore from it
         raise RestoreError(
             f"the manifest of backup set {backup_set.pk} cannot be read: {exc}"

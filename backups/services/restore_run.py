@@ -129,10 +129,8 @@ def _set_data_key(backup_set: BackupSet) -> bytes | None:
         return None
     from backups import crypto
 
-    master = getattr(crypto, "master_key", None)
-    master_key = master() if callable(master) else settings.SHARDVAULT_DATA_KEY
     try:
-        return crypto.unwrap_data_key(backup_set.wrapped_key, master_key)
+        return crypto.unwrap_data_key(backup_set.wrapped_key, settings.SHARDVAULT_DATA_KEY)
     except Exception as exc:  # noqa: BLE001
         raise RestoreError(
             f"the data key of backup set {backup_set.pk} cannot be unwrapped: {exc}"

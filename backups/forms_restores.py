@@ -1,0 +1,61 @@
+"""The restore wizard's form: cluster, source (set or time), scope, target, reason."""
+
+from __future__ import annotations
+
+from django import forms
+
+from backups.models import BackupSet
+from shards.models import Cluster
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in (text or "").replace("\n", ",").split(",") if part.strip()]
+
+
+class RestoreRequestForm(forms.Form):
+    cluster = forms.ModelChoiceField(queryset=Cluster.objects.all(), to_field_name="name")
+    source_set = forms.ModelChoiceField(
+        queryset=BackupSet.objects.none(), required=False, label="Backup set"
+    )
+    at = forms.DateTimeField(
+        required=False,
+        label="Or a point in time (UTC)",
+        help_text="ISO 8601, e.g. 2026-01-31 12:00:00; without an offset it means UTC.",
+    )
+    shards = forms.MultipleChoiceField(
+        required=False, widget=forms.CheckboxSelectMultiple, help_text="None chosen: every shard."
+    )
+    tables = forms.CharField(
+        required=False,
+        help_text="Logical or physical table names, comma-separated. Empty: every table.",
+    )
+    target = forms.ChoiceField(choices=())
+    reason = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 3}))
+
+    def __init__(self, *args, cluster: Cluster | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cluster_obj = cluster
+        targets = [("side", "side: new databases <db>__r<id> on the same instances")]
+        if cluster is not None:
+            self.fields["source_set"].queryset = BackupSet.objects.filter(
+                cluster=cluster, kind=BackupSet.Kind.FULL, status=BackupSet.Status.SUCCEEDED
+            ).order_by("-id")
+            self.fields["shards"].choices = [
+                (s.name, f"{s.name} ({s.database} on {s.instance.name})")
+                for s in cluster.shards.select_related("instance")
+            ]
+            targets += [
+                (f"instance:{i.name}", f"instance:{i.name} (same database names on {i.name})")
+                for i in cluster.instances.all()
+            ]
+        targets.append(("inplace", "inplace: replace the live tables (needs two approvals)"))
+        self.fields["target"].choices = targets
+
+    def clean(self):
+        data = super().clean()
+        if data.get("source_set") and data.get("at"):
+            raise forms.ValidationError("Choose a backup set or a point in time, not both.")
+        if not data.get("source_set") and not data.get("at"):
+            raise forms.ValidationError("Choose a backup set or a point in time.")
+        data["table_names"] = _names(data.get("tables", ""))
+        return data
