@@ -41,6 +41,10 @@ class LoginView(auth_views.LoginView):
 @require_GET
 @role_required()
 def dashboard(request):
-    from console.selectors import dashboard_clusters
+    """Each cluster's health at a glance; the running-jobs table refreshes by HTMX polling."""
+    from console.selectors import dashboard_clusters, flagged_sets, running_jobs
 
-    return render(request, "console/dashboard.html", {"clusters": dashboard_clusters()})
+    context = {"clusters": dashboard_clusters(), "flagged": flagged_sets(), "jobs": running_jobs()}
+    if request.headers.get("HX-Request") and request.GET.get("part") == "jobs":
+        return render(request, "console/dashboard.html#jobs", context)
+    return render(request, "console/dashboard.html", context)

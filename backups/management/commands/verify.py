@@ -1,0 +1,72 @@
+"""`manage.py verify SET_ID [--drill] [--json]`: prove a set restorable and print Q."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from backups.models import BackupSet
+from backups.services.verification import (
+    VerificationError,
+    verification_run_now,
+    verification_summary,
+)
+from console.roles import RoleDenied
+
+
+class Command(BaseCommand):
+    help = "Verify a backup set (storage check; --drill also restores it) and print Q. Exit 1 when Q < 1."
+
+    def add_arguments(self, parser):
+        parser.add_argument("set_id", type=int)
+        parser.add_argument(
+            "--drill", action="store_true", help="also restore into scratch databases"
+        )
+        parser.add_argument("--json", action="store_true", dest="as_json")
+        parser.add_argument("--as", dest="as_user", default="", help="run as this user (operator)")
+
+    def handle(self, *args, set_id: int, drill: bool, as_json: bool, as_user: str, **options):
+        user = None
+        if as_user:
+            user = get_user_model().objects.filter(username=as_user).first()
+            if user is None:
+                raise CommandError(f"no user named '{as_user}'")
+        backup_set = BackupSet.objects.select_related("cluster").filter(pk=set_id).first()
+        if backup_set is None:
+            raise CommandError(f"backup set {set_id} does not exist")
+        try:
+            run = verification_run_now(backup_set=backup_set, user=user, drill=drill)
+        except (VerificationError, RoleDenied) as exc:
+            raise CommandError(str(exc)) from None
+        summary = verification_summary(run)
+        if as_json:
+            self.stdout.write(json.dumps(summary))
+        else:
+            self._print(summary)
+        if run.error:
+            self.stderr.write(f"verification of set {set_id} failed: {run.error}")
+            sys.exit(1)
+        if run.q is None or run.q < 1.0:
+            if not as_json:
+                self.stderr.write(f"set {set_id} has Q = {run.q} < 1")
+            sys.exit(1)
+
+    def _print(self, s: dict) -> None:
+        kind = "drill" if s["drill"] else "storage check"
+
+        def f(x):
+            return "-" if x is None else f"{x:.4f}"
+
+        self.stdout.write(
+            f"set {s['set']} ({kind}): Q={f(s['q'])} T={f(s['t'])} D={f(s['d'])} A={f(s['a'])}"
+        )
+        if s["rto_seconds"] is not None:
+            self.stdout.write(f"measured RTO: {s['rto_seconds']:.1f} s")
+        for w in s["warnings"]:
+            self.stdout.write(w)
+        for p in s["problems"]:
+            what = p.get("object") or p.get("table")
+            self.stdout.write(f"  problem: {what}: {p.get('reason')}")

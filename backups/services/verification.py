@@ -1,0 +1,361 @@
+"""Verification runs: storage checks and restore drills, and the quality score they give.
+
+State changes here lock their rows, write an audit event in the same transaction and
+defer side effects (enqueueing, alerts) to `transaction.on_commit` (STYLE.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from backups.engine import verify as engine
+from backups.engine.types import ProgressEvent
+from backups.models import BackupPolicy, BackupSet, VerificationRun
+from console.audit import audit_record
+from console.roles import ADMIN, OPERATOR, require_role
+
+QUEUE = "verify"
+ACTIVE = (BackupSet.Status.PENDING, BackupSet.Status.RUNNING)
+
+
+class VerificationError(Exception):
+    """A verification cannot start or run; the message is one sentence for a person."""
+
+
+def verification_job_id(verification: VerificationRun) -> str:
+    return f"verify-{verification.pk}"
+
+
+def _actor_label(user: Any) -> Any:
+    return user if user is not None else "system"
+
+
+def verification_start(
+    *, backup_set: BackupSet, user: Any = None, drill: bool = False, enqueue: bool = True
+) -> VerificationRun:
+    """File a verification of a succeeded set and queue it on `verify`.
+
+    `user` must be an operator (or admin); `None` means the console itself (automatic
+    verification after a backup, scheduled drills). Refuses sets that did not succeed and a
+    second verification while one is pending or running.
+    """
+    if user is not None and not isinstance(user, str):
+        require_role(user, OPERATOR, ADMIN, action="start a verification")
+    with transaction.atomic():
+        locked = BackupSet.objects.select_for_update().get(pk=backup_set.pk)
+        if locked.status != BackupSet.Status.SUCCEEDED:
+            raise VerificationError(
+                f"set {locked.pk} is {locked.status}: only succeeded sets can be verified"
+            )
+        if VerificationRun.objects.filter(backup_set=locked, status__in=ACTIVE).exists():
+            raise VerificationError(f"set {locked.pk} is already being verified")
+        run = VerificationRun.objects.create(
+            backup_set=locked,
+            drill=drill,
+            triggered_by=user if user is not None and not isinstance(user, str) else None,
+        )
+        run.job_id = verification_job_id(run)
+        run.save(update_fields=["job_id"])
+        audit_record(
+            actor=_actor_label(user),
+            action="verification.request",
+            obj=run,
+            details={"set": locked.pk, "drill": drill},
+        )
+        if enqueue:
+            transaction.on_commit(lambda: _enqueue(run.pk))
+    return run
+
+
+def _enqueue(verification_id: int) -> None:
+    import django_rq
+
+    from backups.jobs.verification import verification_job
+
+    django_rq.get_queue(QUEUE).enqueue(
+        verification_job, verification_id, job_id=f"verify-{verification_id}"
+    )
+
+
+def verification_after_backup(backup_set: BackupSet) -> VerificationRun | None:
+    """Called by the backup service when a set succeeds: queue its storage check per policy."""
+    policy = BackupPolicy.objects.filter(cluster_id=backup_set.cluster_id).first()
+    if policy is not None and not policy.verify_automatically:
+        return None
+    try:
+        return verification_start(backup_set=backup_set, user=None, drill=False)
+    except VerificationError:
+        return None
+
+
+def verification_drills_schedule() -> list[VerificationRun]:
+    """Queue a drill of the newest set of every cluster whose drill is due (housekeeping)."""
+    from backups.selectors.verification import drills_due
+
+    started = []
+    for backup_set in drills_due():
+        try:
+            started.append(verification_start(backup_set=backup_set, user=None, drill=True))
+        except VerificationError:
+            continue
+    return started
+
+
+def _storage_for(backup_set: BackupSet):
+    from backups import storage as storage_module
+
+    for_url = getattr(storage_module, "storage_for_url", None)
+    if for_url is not None and backup_set.storage_url:
+        return for_url(backup_set.storage_url)
+    return storage_module.default_storage()
+
+
+def _set_prefix(backup_set: BackupSet) -> str:
+    return f"{backup_set.cluster.name}/{backup_set.pk}"
+
+
+def _data_key(backup_set: BackupSet) -> bytes | None:
+    if not backup_set.encrypted or not backup_set.wrapped_key:
+        return None
+    from backups.crypto import unwrap_data_key
+
+    return unwrap_data_key(backup_set.wrapped_key, settings.SHARDVAULT_DATA_KEY)
+
+
+def _hmac_key() -> bytes:
+    from backups.engine.manifest import manifest_hmac_key
+
+    return manifest_hmac_key()
+
+
+def _drill_targets(backup_set: BackupSet, doc: dict) -> tuple[dict, str, str]:
+    """Shard name -> endpoint; the drill instance's name; a warning when there is none."""
+    from shards.models import Shard
+    from shards.selectors import instance_endpoint
+
+    cluster = backup_set.cluster
+    names = [s.get("name", "") for s in engine.manifest_shards(doc)]
+    if cluster.drill_instance_id:
+        endpoint = instance_endpoint(cluster.drill_instance)
+        return {name: endpoint for name in names}, cluster.drill_instance.name, ""
+    shards = {
+        s.name: s
+        for s in Shard.objects.filter(cluster=cluster, name__in=names).select_related("instance")
+    }
+    missing = [n for n in names if n not in shards]
+    if missing:
+        raise VerificationError(
+            f"cluster {cluster.name} has no drill instance and no longer has shard(s) "
+            f"{', '.join(missing)}: set a drill instance"
+        )
+    targets = {name: instance_endpoint(shards[name].instance) for name in names}
+    warning = (
+        f"warning: cluster {cluster.name} has no drill instance: scratch databases "
+        f"{engine.DRILL_PREFIX}{{id}}_<db> were created on each shard's own (production) instance"
+    )
+    return targets, "", warning
+
+
+class _Progress:
+    """Write progress to the run at most once a second."""
+
+    def __init__(self, run_id: int):
+        self.run_id = run_id
+        self.last = 0.0
+        self.objects = 0
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.stage == "verify":
+            self.objects += 1
+        now = time.monotonic()
+        if now - self.last < 1.0:
+            return
+        self.last = now
+        text = event.message or f"{event.stage}: {self.objects} objects checked"
+        VerificationRun.objects.filter(pk=self.run_id).update(
+            progress_text=text[:300], heartbeat_at=timezone.now()
+        )
+
+
+def _storage_factors(check: engine.StorageCheck) -> tuple[float, float]:
+    """Without a drill: T and D over the tables whose every object is whole."""
+    doc = check.manifest
+    if doc is None:
+        return 0.0, 0.0
+    broken = {p["object"] for p in check.problems if "object" in p}
+    from backups.engine.manifest import manifest_objects
+
+    table_bad: dict[tuple, bool] = defaultdict(bool)
+    for obj in manifest_objects(doc):
+        ident = (obj.get("shard"), obj.get("database"), obj.get("table"))
+        if obj.get("table"):
+            table_bad[ident] |= obj["key"] in broken
+    rows_total = rows_ok = tables_total = tables_ok = 0
+    for shard in engine.manifest_shards(doc):
+        for table in shard.get("tables") or []:
+            rows = int(table.get("rows") or 0)
+            ident = (shard.get("name"), shard.get("database"), table.get("name"))
+            tables_total += 1
+            rows_total += rows
+            if not table_bad.get(ident, False):
+                tables_ok += 1
+                rows_ok += rows
+    t = rows_ok / rows_total if rows_total else 1.0
+    d = tables_ok / tables_total if tables_total else 1.0
+    return t, d
+
+
+def verification_execute(*, verification_id: int) -> VerificationRun:
+    """Run a filed verification now, in this process (the job and the command call this).
+
+    Idempotent: a run that is no longer pending is returned as it is. Results go to the
+    run (t, d, a, q, problems, rto_seconds) and onto the set (q, verified_at).
+    """
+    with transaction.atomic():
+        run = (
+            VerificationRun.objects.select_for_update()
+            .select_related("backup_set__cluster")
+            .get(pk=verification_id)
+        )
+        if run.status != BackupSet.Status.PENDING:
+            return run
+        run.status = BackupSet.Status.RUNNING
+        run.started_at = run.heartbeat_at = timezone.now()
+        run.progress_text = (
+            "drill: restoring into scratch databases" if run.drill else "checking storage"
+        )
+        run.save(update_fields=["status", "started_at", "heartbeat_at", "progress_text"])
+        audit_record(
+            actor="worker", action="verification.start", obj=run, details={"drill": run.drill}
+        )
+
+    backup_set = run.backup_set
+    progress = _Progress(run.pk)
+    warning = ""
+    try:
+        storage = _storage_for(backup_set)
+        data_key = _data_key(backup_set)
+        check = engine.storage_check(
+            storage,
+            _set_prefix(backup_set),
+            hmac_key=_hmac_key(),
+            data_key=data_key,
+            progress=progress,
+        )
+        problems = list(check.problems)
+        a = check.a
+        rto = None
+        if run.drill and check.manifest is not None:
+            targets, drill_name, warning = _drill_targets(backup_set, check.manifest)
+            outcome = engine.drill_run(
+                check.manifest,
+                storage,
+                verification_id=run.pk,
+                targets=targets,
+                data_key=data_key,
+                progress=progress,
+            )
+            problems.extend(outcome.problems)
+            t, d, rto = outcome.t, outcome.d, outcome.rto_seconds
+            run.drill_instance_name = drill_name
+        elif run.drill:
+            t, d = 0.0, 0.0
+        else:
+            t, d = _storage_factors(check)
+    except Exception as exc:  # the run fails and says why; the set keeps its previous Q
+        return _verification_fail(run, str(exc) or exc.__class__.__name__)
+    return _verification_finish(run, t=t, d=d, a=a, rto=rto, problems=problems, warning=warning)
+
+
+def _verification_finish(run, *, t, d, a, rto, problems, warning) -> VerificationRun:
+    q = engine.quality(t, d, a)
+    now = timezone.now()
+    with transaction.atomic():
+        backup_set = BackupSet.objects.select_for_update().get(pk=run.backup_set_id)
+        run = VerificationRun.objects.select_for_update().get(pk=run.pk)
+        run.t, run.d, run.a, run.q = round(t, 6), round(d, 6), round(a, 6), q
+        run.rto_seconds = rto
+        run.problems = problems
+        run.status = BackupSet.Status.SUCCEEDED
+        run.finished_at = run.heartbeat_at = now
+        run.progress_text = (warning or f"Q = {q:.4f}")[:300]
+        run.save()
+        previous_q = backup_set.q
+        backup_set.q = q
+        backup_set.verified_at = now
+        backup_set.save(update_fields=["q", "verified_at"])
+        audit_record(
+            actor="worker",
+            action="verification.finish",
+            obj=run,
+            details={
+                "set": backup_set.pk,
+                "drill": run.drill,
+                "q": q,
+                "t": run.t,
+                "d": run.d,
+                "a": run.a,
+                "rto_seconds": rto,
+                "problems": problems[:50],
+                "warning": warning,
+            },
+        )
+        if q < 1.0:
+            run_id = run.pk
+            transaction.on_commit(lambda: _alert_quality(run_id, previous_q))
+    return run
+
+
+def _verification_fail(run, error: str) -> VerificationRun:
+    with transaction.atomic():
+        run = VerificationRun.objects.select_for_update().get(pk=run.pk)
+        run.status = BackupSet.Status.FAILED
+        run.error = error[:2000]
+        run.finished_at = timezone.now()
+        run.progress_text = f"failed: {error}"[:300]
+        run.save()
+        audit_record(actor="worker", action="verification.fail", obj=run, details={"error": error})
+        run_id = run.pk
+        transaction.on_commit(lambda: _alert_quality(run_id, None))
+    return run
+
+
+def _alert_quality(run_id: int, previous_q: float | None) -> None:
+    from console.alerts import alert_quality_dropped
+
+    alert_quality_dropped(
+        VerificationRun.objects.select_related("backup_set__cluster").get(pk=run_id)
+    )
+
+
+def verification_run_now(
+    *, backup_set: BackupSet, user: Any = None, drill: bool = False
+) -> VerificationRun:
+    """File and run a verification in this process (the `verify` command: no worker needed)."""
+    run = verification_start(backup_set=backup_set, user=user, drill=drill, enqueue=False)
+    return verification_execute(verification_id=run.pk)
+
+
+def verification_summary(run: VerificationRun) -> dict:
+    """The `verify --json` object (DESIGN.md's command-line contract)."""
+    return {
+        "set": run.backup_set_id,
+        "verification": run.pk,
+        "status": run.status,
+        "q": run.q,
+        "t": run.t,
+        "d": run.d,
+        "a": run.a,
+        "drill": run.drill,
+        "rto_seconds": run.rto_seconds,
+        "drill_instance": run.drill_instance_name,
+        "problems": list(run.problems or []),
+        "warnings": [run.progress_text] if run.progress_text.startswith("warning: ") else [],
+        "error": run.error,
+    }
