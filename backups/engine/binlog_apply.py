@@ -25,11 +25,10 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-
-import pymysql
 
 from backups.engine.binlog import (
     BINLOG_MAGIC,
@@ -88,7 +87,7 @@ def applied_position(endpoint: Endpoint, database: str, stream: str) -> tuple[st
                 " event_at BIGINT NOT NULL DEFAULT 0) ENGINE=InnoDB"
             )
             cur.execute(
-                f"SELECT binlog_file, binlog_pos FROM {quote_ident(APPLIED_TABLE)} WHERE stream = %s",
+                f"SELECT binlog_file, binlog_pos FROM {quote_ident(APPLIED_TABLE)} WHERE stream = %s",  # noqa: S608 - quoted identifier
                 (stream,),
             )
             row = cur.fetchone()
@@ -109,6 +108,11 @@ def applied_marker_drop(endpoint: Endpoint, database: str) -> None:
 
 def _sql_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _has_crc(fde: bytes) -> bool:
+    """Whether events carry a CRC32: the format description's checksum algorithm byte."""
+    return len(fde) > 5 and fde[-5] == 1
 
 
 class _Transactions:
@@ -183,6 +187,125 @@ class _Transactions:
                 yield group, header.next_pos, header.timestamp, dbs, False
 
 
+ROWS_EVENTS = frozenset({23, 24, 25, 30, 31, 32, 166, 167, 168, 169, 170, 171})
+ANNOTATE_ROWS_EVENT = 160
+STMT_END_F = 1
+
+
+class ScopeError(EngineError):
+    """A transaction mixes tables in and out of the restore's scope in one statement."""
+
+
+def _with_crc(body: bytes, checksum: bool) -> bytes:
+    """Fix the event size (and CRC32, when the binlog has checksums) after a rewrite."""
+    total = len(body) + (4 if checksum else 0)
+    body = body[:9] + total.to_bytes(4, "little") + body[13:]
+    if checksum:
+        body += zlib.crc32(body).to_bytes(4, "little")
+    return body
+
+
+def _rewrite_table_map(event: bytes, post: int, database: str, table: str, checksum: bool) -> bytes:
+    offset = HEADER_LEN + post
+    db_len = event[offset]
+    table_len = event[offset + 1 + db_len + 1]
+    rest = offset + 1 + db_len + 1 + 1 + table_len + 1
+    db_raw, table_raw = database.encode(), table.encode()
+    end = len(event) - (4 if checksum else 0)
+    body = (
+        event[:offset]
+        + bytes([len(db_raw)])
+        + db_raw
+        + b"\x00"
+        + bytes([len(table_raw)])
+        + table_raw
+        + b"\x00"
+        + event[rest:end]
+    )
+    return _with_crc(body, checksum)
+
+
+class _Scope:
+    """Which source tables are restored, and under which target names."""
+
+    def __init__(self, source_database: str, target_database: str, tables: dict[str, str] | None):
+        self.source = source_database
+        self.target = target_database
+        self.tables = tables  # source table -> target table; None: every table of the database
+
+    def wants(self, database: str, table: str) -> bool:
+        return database == self.source and (self.tables is None or table in self.tables)
+
+    def target_table(self, table: str) -> str:
+        return self.tables.get(table, table) if self.tables else table
+
+    def renames(self) -> bool:
+        return bool(self.tables) and any(k != v for k, v in self.tables.items())
+
+    def statement_touches(self, statement: bytes) -> bool:
+        if self.tables is None:
+            return True
+        text = statement.decode("utf-8", "replace").lower()
+        return any(name.lower() in text for name in self.tables)
+
+
+def _scoped(group: list[bytes], scope: _Scope, post: int, checksum: bool) -> list[bytes]:
+    """The transaction's events for the scope: table maps renamed, other tables' statements dropped.
+
+    Returns [] when nothing of the scope is in the transaction.
+    """
+    kept: list[bytes] = [group[0]]  # the GTID event
+    statement: list[bytes] = []
+    statement_tables: list[bool] = []
+    useful = False
+    for event in group[1:]:
+        kind = event[4]
+        if kind == ANNOTATE_ROWS_EVENT:
+            statement.append(event)
+            continue
+        if kind == TABLE_MAP_EVENT:
+            database, table = table_map_names(event, post)
+            wanted = scope.wants(database, table)
+            statement_tables.append(wanted)
+            if wanted:
+                event = _rewrite_table_map(
+                    event, post, scope.target, scope.target_table(table), checksum
+                )
+            statement.append(event)
+            continue
+        if kind in ROWS_EVENTS:
+            statement.append(event)
+            flags = int.from_bytes(event[HEADER_LEN + 6 : HEADER_LEN + 8], "little")
+            if flags & STMT_END_F:
+                if all(statement_tables):
+                    kept.extend(statement)
+                    useful = True
+                elif any(statement_tables):
+                    raise ScopeError(
+                        "a statement in the binlog changes tables inside and outside the "
+                        "restore's scope together; restore all of them"
+                    )
+                statement, statement_tables = [], []
+            continue
+        if kind in (QUERY_EVENT, 165):
+            database, statement_text = query_of(event)
+            head = statement_text[:8].upper()
+            if head.startswith((b"BEGIN", b"COMMIT", b"ROLLBACK")) or kind == 165:
+                kept.append(event)
+                continue
+            if database == scope.source and scope.statement_touches(statement_text):
+                if scope.renames():
+                    raise ScopeError(
+                        "a DDL statement in the window cannot be applied to renamed (in-place "
+                        "shadow) tables; restore to a side database instead"
+                    )
+                kept.append(event)
+                useful = True
+            continue
+        kept.append(event)  # XID and anything else that closes or annotates the transaction
+    return kept if useful else []
+
+
 def apply_segments(
     *,
     target: Endpoint,
@@ -193,13 +316,15 @@ def apply_segments(
     start_file: str,
     start_pos: int,
     until: datetime | None,
+    tables: dict[str, str] | None = None,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     crash_after_transactions: int | None = None,
 ) -> ApplyResult:
     """Apply every transaction of `source_database` after (start_file, start_pos) up to `until`.
 
-    `stream` names the source (the instance) in the position table. Segments must be
+    `tables` maps the restored source tables to their target names (None: every table of
+    the database, same names). `stream` names the source (the instance) in the position table. Segments must be
     in binlog order. `crash_after_transactions` exists for tests: the apply is cut
     off (mariadb killed mid-stream) after that many transactions were sent.
     Returns what was applied; raises `EngineError` with mariadb's message on failure.
@@ -225,8 +350,7 @@ def apply_segments(
             raise Cancelled("cancelled while applying binlogs")
         outcome = _apply_one(
             target=target,
-            source_database=source_database,
-            target_database=target_database,
+            scope=_Scope(source_database, target_database, tables),
             stream=stream,
             file=file,
             blocks=source.open(),
@@ -252,8 +376,7 @@ def apply_segments(
 def _apply_one(
     *,
     target: Endpoint,
-    source_database: str,
-    target_database: str,
+    scope: _Scope,
     stream: str,
     file: str,
     blocks: Iterable[bytes],
@@ -263,6 +386,7 @@ def _apply_one(
     crash_after: int | None,
 ) -> int:
     """Apply one segment; returns the number of transactions sent to the server."""
+    source_database, target_database = scope.source, scope.target
     transactions = _Transactions(blocks)
     positions_commit: set[int] = set()
     positions_standalone: set[int] = set()
@@ -281,8 +405,11 @@ def _apply_one(
             [
                 "mariadb-binlog",
                 "--no-defaults",
-                f"--database={source_database}",
-                f"--rewrite-db={source_database}->{target_database}",
+                *(
+                    [f"--rewrite-db={source_database}->{target_database}"]
+                    if source_database != target_database
+                    else []
+                ),
                 "--skip-annotate-row-events",
                 "-",
             ],
@@ -321,7 +448,11 @@ def _apply_one(
                     if until_ts is not None and commit_ts > until_ts:
                         result.reached_until = True
                         break
-                    if source_database not in dbs and "*" not in dbs:
+                    if source_database not in dbs:
+                        continue
+                    fde = transactions.fde or b""
+                    group = _scoped(group, scope, transactions.table_map_post, _has_crc(fde))
+                    if not group:
                         continue
                     if crash_after is not None and state["sent"] >= crash_after:
                         # Test hook: send half of the next transaction, then stop.
@@ -357,7 +488,7 @@ def _apply_one(
 
         def marker(pos: int) -> bytes:
             return (
-                f"INSERT INTO {table} (stream, binlog_file, binlog_pos) VALUES "
+                f"INSERT INTO {table} (stream, binlog_file, binlog_pos) VALUES "  # noqa: S608 - quoted identifier, escaped literals
                 f"({stream_sql}, {file_sql}, {pos}) ON DUPLICATE KEY UPDATE "
                 "binlog_file = VALUES(binlog_file), binlog_pos = VALUES(binlog_pos)/*!*/;\n"
             ).encode()
@@ -413,18 +544,3 @@ def _apply_one(
         if decoder.returncode != 0:
             raise EngineError(f"mariadb-binlog could not decode {file}: {decoder_err[:300]}")
         return state["sent"]
-
-
-def checksum_rows(endpoint: Endpoint, database: str, table: str) -> tuple[int, str]:
-    """(rows, order-independent checksum) via CHECKSUM TABLE, for tests and benchmarks."""
-    conn = connect(endpoint, database)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"SELECT COUNT(*) FROM {quote_qualified(database, table)}")
-            rows = cur.fetchone()[0]
-            cur.execute(f"CHECKSUM TABLE {quote_qualified(database, table)} EXTENDED")
-            return rows, str(cur.fetchone()[1])
-    except pymysql.MySQLError as exc:
-        raise EngineError(str(exc)) from exc
-    finally:
-        conn.close()
