@@ -182,7 +182,7 @@ def connection_check(endpoint: Endpoint, databases: list[str] | None = None) -> 
 
 def _variables(cur, names: list[str]) -> dict[str, str]:
     cur.execute(
-        "SELECT VARIABLE_NAME, VARIABLE_VALUE FROM information_schema.GLOBAL_VARIABLES "
+        "SELECT VARIABLE_NAME, VARIABLE_VALUE FROM information_schema.GLOBAL_VARIABLES "  # noqa: S608
         "WHERE VARIABLE_NAME IN (" + ", ".join(["%s"] * len(names)) + ")",
         [n.upper() for n in names],
     )

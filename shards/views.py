@@ -1,11 +1,324 @@
-from django.shortcuts import render
-from django.views.decorators.http import require_GET
+"""Topology pages: thin views that parse, authorise, call one service or selector, render."""
 
-from console.roles import role_required
-from shards.models import Cluster
+from __future__ import annotations
+
+from django.contrib import messages
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
+
+from console.keys import KeyError_
+from console.roles import OPERATOR, has_role, role_required
+from shards.forms import ClusterForm, ImportForm, InstanceForm, ShardForm
+from shards.models import DiscoveryRun, Instance
+from shards.mysql import Endpoint
+from shards.selectors import (
+    MissingPassword,
+    cluster_by_name,
+    cluster_list_with_stats,
+    cluster_topology,
+    instance_endpoint,
+    topology_export,
+)
+from shards.services import (
+    TopologyError,
+    cluster_create,
+    cluster_update,
+    discovery_request,
+    instance_connection_test,
+    instance_create,
+    instance_update,
+    shard_create,
+    shard_update,
+    topology_import,
+)
+from shards.topology_file import TopologyFileError, parse_topology
+
+FORM_TEMPLATE = "shards/object_form.html"
+
+
+def _done(request, url: str):
+    """After a successful write: HTMX asks the browser to navigate, plain forms redirect."""
+    if request.htmx:
+        return HttpResponseClientRedirect(url)
+    return redirect(url)
+
+
+def _form_page(request, context: dict):
+    """The whole page, or only its form partial when HTMX re-renders it after an error."""
+    template = f"{FORM_TEMPLATE}#form" if request.htmx else FORM_TEMPLATE
+    return render(request, template, context)
 
 
 @require_GET
 @role_required()
 def cluster_list(request):
-    return render(request, "shards/cluster_list.html", {"clusters": Cluster.objects.all()})
+    return render(request, "shards/cluster_list.html", {"clusters": cluster_list_with_stats()})
+
+
+@require_GET
+@role_required()
+def cluster_detail(request, cluster: str):
+    target = cluster_by_name(cluster)
+    context = {
+        "cluster": target,
+        "can_edit": has_role(request.user, OPERATOR),
+        **cluster_topology(target),
+    }
+    return render(request, "shards/cluster_detail.html", context)
+
+
+@role_required(OPERATOR)
+@require_http_methods(["GET", "POST"])
+def cluster_create_view(request):
+    form = ClusterForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            created = cluster_create(actor=request.user, **form.cleaned_data)
+        except TopologyError as exc:
+            form.add_error("name", str(exc))
+        else:
+            messages.success(request, f"Cluster {created.name} created.")
+            return _done(request, reverse("shards:cluster_detail", args=[created.name]))
+    return _form_page(request, {"form": form, "title": "New cluster", "action": request.path})
+
+
+@role_required(OPERATOR)
+@require_http_methods(["GET", "POST"])
+def cluster_edit(request, cluster: str):
+    target = cluster_by_name(cluster)
+    initial = {"shard_key": target.shard_key, "description": target.description}
+    form = ClusterForm(request.POST or None, initial=initial, editing=True)
+    if request.method == "POST" and form.is_valid():
+        cluster_update(actor=request.user, cluster=target, **form.cleaned_data)
+        messages.success(request, f"Cluster {target.name} saved.")
+        return _done(request, reverse("shards:cluster_detail", args=[target.name]))
+    context = {
+        "form": form,
+        "cluster": target,
+        "title": f"Edit cluster {target.name}",
+        "action": request.path,
+    }
+    return _form_page(request, context)
+
+
+def _instance_context(request, cluster, form, instance=None, **extra) -> dict:
+    title = f"Edit instance {instance.name}" if instance else f"New instance in {cluster.name}"
+    return {
+        "form": form,
+        "cluster": cluster,
+        "instance": instance,
+        "title": title,
+        "action": request.path,
+        "test_url": reverse("shards:instance_test", args=[cluster.name]),
+        **extra,
+    }
+
+
+@role_required(OPERATOR)
+@require_http_methods(["GET", "POST"])
+def instance_create_view(request, cluster: str):
+    target = cluster_by_name(cluster)
+    form = InstanceForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            instance_create(actor=request.user, cluster=target, **form.cleaned_data)
+        except TopologyError as exc:
+            form.add_error("name" if "instance named" in str(exc) else None, str(exc))
+        else:
+            messages.success(request, f"Instance {form.cleaned_data['name']} added.")
+            return _done(request, reverse("shards:cluster_detail", args=[target.name]))
+    return _form_page(request, _instance_context(request, target, form))
+
+
+@role_required(OPERATOR)
+@require_http_methods(["GET", "POST"])
+def instance_edit(request, cluster: str, instance: str):
+    target = cluster_by_name(cluster)
+    obj = get_object_or_404(Instance, cluster=target, name=instance)
+    form = InstanceForm(request.POST or None, initial=InstanceForm.initial_for(obj), editing=True)
+    if request.method == "POST" and form.is_valid():
+        data = dict(form.cleaned_data)
+        data["password"] = data["password"] or None  # blank keeps the stored password
+        try:
+            instance_update(actor=request.user, instance=obj, **data)
+        except TopologyError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"Instance {obj.name} saved.")
+            return _done(request, reverse("shards:cluster_detail", args=[target.name]))
+    return _form_page(request, _instance_context(request, target, form, obj))
+
+
+@role_required(OPERATOR)
+@require_POST
+def instance_test(request, cluster: str):
+    """Try the connection described by the instance form (or a stored instance); answer with a partial."""
+    target = cluster_by_name(cluster)
+    stored = None
+    if request.POST.get("instance"):
+        stored = get_object_or_404(Instance, cluster=target, name=request.POST["instance"])
+    form = InstanceForm(request.POST, editing=stored is not None)
+    if stored is not None and not any(k in request.POST for k in ("host", "port", "user")):
+        form = None  # the "Test" button beside a stored instance
+    ok, message = False, ""
+    if form is not None and not form.is_valid():
+        message = "Fix the form first: " + " ".join(
+            f"{'' if field == '__all__' else field + ': '}{' '.join(errors)}"
+            for field, errors in form.errors.items()
+        )
+    else:
+        try:
+            endpoint = _endpoint_for_test(stored, form)
+        except (MissingPassword, KeyError_) as exc:
+            message = str(exc)
+        else:
+            ok, message = instance_connection_test(actor=request.user, endpoint=endpoint)
+    context = {"ok": ok, "message": message}
+    if request.htmx:
+        return render(request, "shards/_connection_result.html", context)
+    back = reverse("shards:cluster_detail", args=[target.name])
+    return render(
+        request, "shards/connection_result.html", {**context, "cluster": target, "back": back}
+    )
+
+
+def _endpoint_for_test(stored, form) -> Endpoint:
+    base = (
+        instance_endpoint(stored)
+        if stored is not None and not (form and form.cleaned_data.get("password_env"))
+        else None
+    )
+    if form is None:
+        return base
+    data = form.cleaned_data
+    if data.get("password_env"):
+        probe = Instance(
+            name=stored.name if stored else data.get("name", ""), password_env=data["password_env"]
+        )
+        password = instance_endpoint(probe).password
+    elif data.get("password"):
+        password = data["password"]
+    else:
+        password = base.password if base is not None else ""
+    return Endpoint(
+        name=stored.name if stored else data.get("name", "new instance"),
+        host=data["host"],
+        port=data["port"],
+        user=data["user"],
+        password=password,
+        tls_ca=data.get("tls_ca", ""),
+        tls_verify=data.get("tls_verify", False),
+    )
+
+
+@role_required(OPERATOR)
+@require_http_methods(["GET", "POST"])
+def shard_create_view(request, cluster: str):
+    target = cluster_by_name(cluster)
+    form = ShardForm(request.POST or None, cluster=target)
+    if request.method == "POST" and form.is_valid():
+        try:
+            shard_create(actor=request.user, cluster=target, **form.cleaned_data)
+        except TopologyError as exc:
+            form.add_error("name" if "shard named" in str(exc) else "database", str(exc))
+        else:
+            messages.success(request, f"Shard {form.cleaned_data['name']} added.")
+            return _done(request, reverse("shards:cluster_detail", args=[target.name]))
+    context = {
+        "form": form,
+        "cluster": target,
+        "title": f"New shard in {target.name}",
+        "action": request.path,
+    }
+    return _form_page(request, context)
+
+
+@role_required(OPERATOR)
+@require_http_methods(["GET", "POST"])
+def shard_edit(request, cluster: str, shard: str):
+    target = cluster_by_name(cluster)
+    obj = get_object_or_404(target.shards.select_related("instance"), name=shard)
+    initial = {"instance": obj.instance.name, "database": obj.database}
+    form = ShardForm(request.POST or None, cluster=target, initial=initial, editing=True)
+    if request.method == "POST" and form.is_valid():
+        try:
+            shard_update(actor=request.user, shard=obj, **form.cleaned_data)
+        except TopologyError as exc:
+            form.add_error("database", str(exc))
+        else:
+            messages.success(request, f"Shard {obj.name} saved.")
+            return _done(request, reverse("shards:cluster_detail", args=[target.name]))
+    context = {
+        "form": form,
+        "cluster": target,
+        "title": f"Edit shard {obj.name}",
+        "action": request.path,
+    }
+    return _form_page(request, context)
+
+
+@role_required(OPERATOR)
+@require_POST
+def discovery_start(request, cluster: str):
+    target = cluster_by_name(cluster)
+    run = discovery_request(cluster=target, actor=request.user)
+    if request.htmx:
+        return render(
+            request, "shards/_discovery_status.html", {"cluster": target, "discovery": run}
+        )
+    messages.info(request, "Discovery queued; this page shows the results when it finishes.")
+    return redirect("shards:cluster_detail", cluster=target.name)
+
+
+@require_GET
+@role_required()
+def discovery_progress(request, cluster: str, run: int):
+    """The progress partial while a discovery runs; when it ends, stop polling and refresh the grid."""
+    target = cluster_by_name(cluster)
+    discovery = get_object_or_404(DiscoveryRun, cluster=target, pk=run)
+    if not request.htmx:
+        return redirect("shards:cluster_detail", cluster=target.name)
+    active = discovery.status in (DiscoveryRun.Status.PENDING, DiscoveryRun.Status.RUNNING)
+    context = {"cluster": target, "discovery": discovery}
+    if active:
+        return render(request, "shards/_discovery_status.html", context)
+    context.update(
+        cluster_topology(target), refresh=True, can_edit=has_role(request.user, OPERATOR)
+    )
+    response = render(request, "shards/_discovery_status.html", context)
+    return HttpResponseStopPolling(response.content)
+
+
+@role_required(OPERATOR)
+@require_http_methods(["GET", "POST"])
+def topology_import_view(request):
+    form = ImportForm(request.POST or None, request.FILES or None)
+    if request.method == "POST" and form.is_valid():
+        upload = form.cleaned_data["file"]
+        try:
+            text = upload.read().decode("utf-8")
+            summary = topology_import(actor=request.user, document=parse_topology(text))
+        except UnicodeDecodeError:
+            form.add_error("file", "The file is not UTF-8 text.")
+        except (TopologyFileError, TopologyError) as exc:
+            form.add_error("file", f"{upload.name}: {exc}")
+        else:
+            messages.success(request, f"Imported {upload.name}: {summary.as_text()}.")
+            return redirect("shards:cluster_list")
+    return render(request, "shards/import.html", {"form": form})
+
+
+@require_GET
+@role_required()
+def topology_export_view(request):
+    cluster = request.GET.get("cluster") or None
+    if cluster is not None:
+        cluster_by_name(cluster)  # 404 for an unknown cluster
+    response = HttpResponse(
+        topology_export(cluster_name=cluster), content_type="application/yaml; charset=utf-8"
+    )
+    response["Content-Disposition"] = f'attachment; filename="topology-{cluster or "all"}.yaml"'
+    return response

@@ -111,13 +111,13 @@ class Command(BaseCommand):
                             "created_at DATETIME(6) NOT NULL) ENGINE=InnoDB"
                         )
                         cur.execute(
-                            f"INSERT IGNORE INTO {users} (id, name, email, created_at) "
+                            f"INSERT IGNORE INTO {users} (id, name, email, created_at) "  # noqa: S608
                             "SELECT seq, CONCAT('user ', seq), CONCAT('u', seq, '@example.test'), "
                             "TIMESTAMP('2026-01-01') + INTERVAL seq MINUTE FROM seq_1_to_%s",
                             (ROWS_PER_TABLE,),
                         )
                         cur.execute(
-                            f"INSERT IGNORE INTO {orders} (id, user_id, amount, status, created_at) "
+                            f"INSERT IGNORE INTO {orders} (id, user_id, amount, status, created_at) "  # noqa: S608
                             "SELECT seq, 1 + seq %% %s, (seq * 37 %% 10000) / 100, "
                             "ELT(1 + seq %% 3, 'new', 'paid', 'shipped'), "
                             "TIMESTAMP('2026-01-01') + INTERVAL seq SECOND FROM seq_1_to_%s",
