@@ -1,0 +1,51 @@
+"""Backup storage: where chunks, schema files and manifests live.
+
+`storage_from_url("file:///abs/path")` or `storage_from_url("s3://bucket/prefix?sse=AES256")`
+builds a backend; `default_storage()` builds the one configured by STORAGE_URL (the only
+function here that reads Django settings). See `base.Storage` for the interface.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+from backups.storage.base import ObjectInfo, Storage, StorageError, StoredObject
+
+__all__ = [
+    "ObjectInfo",
+    "Storage",
+    "StorageError",
+    "StoredObject",
+    "default_storage",
+    "storage_from_url",
+]
+
+
+def storage_from_url(url: str, *, endpoint_url: str | None = None) -> Storage:
+    """The backend for `file:///abs/path` or `s3://bucket/prefix[?options]`."""
+    parts = urlsplit(url or "")
+    if parts.scheme == "file":
+        from backups.storage.local import LocalStorage
+
+        if parts.netloc not in ("", "localhost"):
+            raise StorageError(f"storage URL {url} must be file:///absolute/path")
+        path = unquote(parts.path)
+        if not path.startswith("/"):
+            raise StorageError(f"storage URL {url} must be file:///absolute/path")
+        return LocalStorage(path)
+    if parts.scheme == "s3":
+        from backups.storage.s3 import S3Storage
+
+        return S3Storage.from_url(url, endpoint_url=endpoint_url)
+    raise StorageError(
+        f"storage URL {url!r} is not supported (use file:///absolute/path or s3://bucket/prefix)"
+    )
+
+
+def default_storage() -> Storage:
+    """The storage configured by settings.STORAGE_URL (and S3_ENDPOINT_URL)."""
+    from django.conf import settings
+
+    return storage_from_url(
+        settings.STORAGE_URL, endpoint_url=getattr(settings, "S3_ENDPOINT_URL", None)
+    )

@@ -1,0 +1,199 @@
+"""The signed, self-describing manifest of a backup set (`<set_prefix>/manifest.json`).
+
+A restore must work from storage alone, so the manifest lists every stored object with its
+size and sha256, and is signed with HMAC-SHA256 under a key derived from the master key.
+The signature covers the canonical JSON of the document without its "signature" member:
+`json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)` in UTF-8.
+
+Format 1 (written by the dump engine):
+
+    {"format": 1, "cluster", "set_id", "kind", "parent", "consistency", "created_at",
+     "consistent_at", "lock_window_ms", "topology", "compression": {"algorithm", "level"},
+     "encryption": null | {"algorithm": "aes-256-gcm", "key_id", "wrapped_key"},
+     "checksum_algorithm",
+     "shards": [{"name", "instance", "database", "binlog_file", "binlog_pos", "gtid",
+                 "snapshot_at", "views", "triggers", "routines", "events",
+                 "tables": [{"name", "engine", "has_primary_key", "primary_key", "columns",
+                             "ddl", "schema_key", "schema_sha256", "schema_stored_bytes",
+                             "rows", "raw_bytes", "stored_bytes", "checksum",
+                             "chunks": [{"index", "key", "rows", "raw_bytes",
+                                         "stored_bytes", "sha256"}]}]}],
+     "binlog": [{"key", "sha256", "stored_bytes", "instance", ...}],
+     "totals": {...}, "signature": {"algorithm": "hmac-sha256", "value": hex}}
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import json
+from collections.abc import Iterator
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from backups.engine.types import EngineError
+from backups.storage.base import Storage, StoredObject
+
+FORMAT = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_ALGORITHM = "hmac-sha256"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    raise TypeError(f"a manifest cannot hold a {type(value).__name__} value")
+
+
+def _normalise(doc: dict) -> dict:
+    """The document as it will read back from JSON (datetimes as ISO text, tuples as lists)."""
+    try:
+        return json.loads(json.dumps(doc, default=_json_default, ensure_ascii=False))
+    except (TypeError, ValueError) as exc:
+        raise EngineError(f"the manifest cannot be written as JSON: {exc}") from exc
+
+
+def canonical_json(doc: dict) -> bytes:
+    """The bytes the signature covers: `doc` without "signature", sorted and compact."""
+    body = {name: value for name, value in doc.items() if name != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _mac(doc: dict, hmac_key: bytes) -> str:
+    return hmac.new(hmac_key, canonical_json(doc), hashlib.sha256).hexdigest()
+
+
+def manifest_key(set_prefix: str) -> str:
+    return f"{set_prefix.strip('/')}/{MANIFEST_NAME}"
+
+
+def manifest_sign(doc: dict, hmac_key: bytes) -> dict:
+    """A copy of `doc` (normalised to JSON types) with its "signature" member set."""
+    if not hmac_key:
+        raise EngineError("cannot sign the manifest: no signing key was given")
+    signed = _normalise(doc)
+    signed.pop("signature", None)
+    signed["signature"] = {"algorithm": SIGNATURE_ALGORITHM, "value": _mac(signed, hmac_key)}
+    return signed
+
+
+def manifest_verify(doc: dict, hmac_key: bytes) -> None:
+    """Raise EngineError unless `doc` carries a valid signature under `hmac_key`."""
+    signature = doc.get("signature") if isinstance(doc, dict) else None
+    if not isinstance(signature, dict) or not signature.get("value"):
+        raise EngineError("manifest signature is missing: the manifest cannot be trusted")
+    if signature.get("algorithm") != SIGNATURE_ALGORITHM:
+        raise EngineError(
+            f"manifest signature uses an unknown algorithm {signature.get('algorithm')!r}"
+        )
+    expected = _mac(doc, hmac_key)
+    if not hmac.compare_digest(expected, str(signature["value"])):
+        raise EngineError(
+            "manifest signature does not match: the manifest was altered or signed with "
+            "another SHARDVAULT_DATA_KEY"
+        )
+
+
+def manifest_write(storage: Storage, set_prefix: str, doc: dict, hmac_key: bytes) -> StoredObject:
+    """Sign `doc` and store it as `<set_prefix>/manifest.json`; returns its size and sha256."""
+    signed = manifest_sign(doc, hmac_key)
+    data = json.dumps(signed, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
+    return storage.put_bytes(manifest_key(set_prefix), data)
+
+
+def manifest_read(
+    storage: Storage,
+    set_prefix: str,
+    hmac_key: bytes,
+    *,
+    expect_sha256: str | None = None,
+) -> dict:
+    """Read, parse and verify `<set_prefix>/manifest.json`.
+
+    Raises IntegrityError when it is missing or its sha256 differs from `expect_sha256`, and
+    EngineError when it is not valid JSON, of an unknown format, or its signature fails.
+    """
+    key = manifest_key(set_prefix)
+    data = storage.get_bytes(key, expect_sha256=expect_sha256)
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise EngineError(f"manifest {key} is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise EngineError(f"manifest {key} is not a JSON object")
+    manifest_verify(doc, hmac_key)
+    if doc.get("format") != FORMAT:
+        raise EngineError(
+            f"manifest {key} has format {doc.get('format')!r}; this version reads format {FORMAT}"
+        )
+    return doc
+
+
+# The name used in backups.engine.types' docstring.
+read_manifest = manifest_read
+
+
+def manifest_objects(doc: dict) -> Iterator[dict]:
+    """Every stored object the manifest lists (schema files, chunks, binlog segments).
+
+    Each item: {"key", "sha256", "stored_bytes", "kind": "schema"|"chunk"|"binlog", "shard",
+    "instance", "database", "table"}, plus "index", "rows" and "raw_bytes" for chunks.
+    """
+    for shard in doc.get("shards") or []:
+        base = {
+            "shard": shard.get("name", ""),
+            "instance": shard.get("instance", ""),
+            "database": shard.get("database", ""),
+        }
+        for table in shard.get("tables") or []:
+            if table.get("schema_key"):
+                yield {
+                    "key": table["schema_key"],
+                    "sha256": table.get("schema_sha256", ""),
+                    "stored_bytes": table.get("schema_stored_bytes"),
+                    "kind": "schema",
+                    **base,
+                    "table": table.get("name", ""),
+                }
+            for chunk in table.get("chunks") or []:
+                yield {
+                    "key": chunk["key"],
+                    "sha256": chunk.get("sha256", ""),
+                    "stored_bytes": chunk.get("stored_bytes"),
+                    "kind": "chunk",
+                    **base,
+                    "table": table.get("name", ""),
+                    "index": chunk.get("index"),
+                    "rows": chunk.get("rows"),
+                    "raw_bytes": chunk.get("raw_bytes"),
+                }
+    for segment in doc.get("binlog") or []:
+        item = copy.deepcopy(segment)
+        item.update(
+            {
+                "key": segment["key"],
+                "sha256": segment.get("sha256", ""),
+                "stored_bytes": segment.get("stored_bytes"),
+                "kind": "binlog",
+                "shard": segment.get("shard", ""),
+                "instance": segment.get("instance", ""),
+                "database": segment.get("database", ""),
+                "table": segment.get("table", ""),
+            }
+        )
+        yield item
+
+
+def manifest_hmac_key() -> bytes:
+    """The manifest signing key derived from settings.SHARDVAULT_DATA_KEY (read lazily)."""
+    from django.conf import settings
+
+    from console.keys import derive_key
+
+    return derive_key(settings.SHARDVAULT_DATA_KEY, "manifest-hmac")
