@@ -5,4 +5,8 @@ from backups.views import sets
 app_name = "backups"
 urlpatterns = [
     path("", sets.set_list, name="set_list"),
+    path("start/", sets.set_start, name="set_start"),
+    path("<int:pk>/", sets.set_detail, name="set_detail"),
+    path("<int:pk>/progress/", sets.set_progress, name="set_progress"),
+    path("<int:pk>/cancel/", sets.set_cancel, name="set_cancel"),
 ]

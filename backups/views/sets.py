@@ -1,11 +1,164 @@
-from django.shortcuts import render
-from django.views.decorators.http import require_GET
+"""Backup set pages: list (with "Back up now"), detail, live progress, cancel."""
 
+from __future__ import annotations
+
+from django.contrib import messages
+from django.core.cache import cache
+from django.http import Http404
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
+from django_htmx.http import HttpResponseStopPolling
+
+from backups.forms import BackupFilterForm, BackupStartForm
 from backups.models import BackupSet
-from console.roles import role_required
+from backups.selectors.backups import (
+    backup_set_detail,
+    backup_set_list,
+    long_snapshot_shards,
+    progress_of,
+)
+from backups.services.backups import (
+    BackupError,
+    BackupRefused,
+    backup_cancel,
+    backup_start,
+    backups_reap_stale,
+)
+from console.roles import ADMIN, OPERATOR, has_role, role_required
+
+REAP_EVERY_SECONDS = 10
+
+
+def _reap_lightly() -> None:
+    """Fail sets whose worker died, at most every few seconds across all page views."""
+    if cache.add("backups:reaped-recently", 1, timeout=REAP_EVERY_SECONDS):
+        backups_reap_stale()
 
 
 @require_GET
 @role_required()
 def set_list(request):
-    return render(request, "backups/set_list.html", {"sets": BackupSet.objects.all()[:100]})
+    _reap_lightly()
+    filters = BackupFilterForm(request.GET or None)
+    criteria = filters.cleaned_data if filters.is_valid() else {}
+    sets = list(
+        backup_set_list(
+            cluster=criteria.get("cluster"),
+            kind=criteria.get("kind", ""),
+            status=criteria.get("status", ""),
+        )
+    )
+    for backup_set in sets:
+        backup_set.live = progress_of(backup_set) if backup_set.is_active else None
+    can_run = has_role(request.user, OPERATOR, ADMIN)
+    initial = {}
+    if criteria.get("cluster"):
+        initial["cluster"] = criteria["cluster"]
+    context = {
+        "sets": sets,
+        "filters": filters,
+        "start_form": BackupStartForm(initial=initial) if can_run else None,
+        "can_run": can_run,
+    }
+    return render(request, "backups/set_list.html", context)
+
+
+@require_POST
+@role_required(OPERATOR, ADMIN)
+def set_start(request):
+    form = BackupStartForm(request.POST)
+    if not form.is_valid():
+        errors = "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items())
+        messages.error(request, f"The backup was not started: {errors}")
+        return redirect("backups:set_list")
+    data = form.cleaned_data
+    try:
+        backup_set = backup_start(
+            cluster=data["cluster"],
+            actor=request.user,
+            kind=data["kind"],
+            consistency=data["consistency"],
+            compression_level=data["compression_level"],
+            encrypt=data["encrypt"],
+        )
+    except BackupRefused as exc:
+        messages.error(request, f"{exc}.")
+        return redirect("backups:set_detail", pk=exc.backup_set.pk)
+    except BackupError as exc:
+        messages.error(request, f"The backup was not started: {exc}.")
+        return redirect("backups:set_list")
+    messages.success(request, f"Backup set {backup_set.pk} of {data['cluster'].name} queued.")
+    return redirect("backups:set_detail", pk=backup_set.pk)
+
+
+def _get_set(pk: int) -> BackupSet:
+    try:
+        return backup_set_detail(set_id=pk)
+    except BackupSet.DoesNotExist:
+        raise Http404("no such backup set") from None
+
+
+@require_GET
+@role_required()
+def set_detail(request, pk: int):
+    _reap_lightly()
+    backup_set = _get_set(pk)
+    shard_backups = list(backup_set.shard_backups.all())
+    for sb in shard_backups:
+        sb.live = progress_of(sb, started_at=sb.started_at, active=backup_set.is_active)
+    context = {
+        "set": backup_set,
+        "shard_backups": shard_backups,
+        "progress": progress_of(backup_set),
+        "long_snapshots": long_snapshot_shards(backup_set),
+        "can_run": has_role(request.user, OPERATOR, ADMIN),
+    }
+    return render(request, "backups/set_detail.html", context)
+
+
+@require_GET
+@role_required()
+def set_progress(request, pk: int):
+    """The `_set_progress` fragment, polled by HTMX; 286 (stop polling) once the set ended.
+
+    Without HTMX (a plain link), it sends the reader to the set's page.
+    """
+    if not request.htmx:
+        return redirect("backups:set_detail", pk=pk)
+    _reap_lightly()
+    backup_set = BackupSet.objects.select_related("cluster").filter(pk=pk).first()
+    if backup_set is None:
+        raise Http404("no such backup set")
+    compact = request.GET.get("compact") == "1"
+    context = {
+        "set": backup_set,
+        "progress": progress_of(backup_set),
+        "compact": compact,
+        "can_run": has_role(request.user, OPERATOR, ADMIN),
+    }
+    response = render(request, "backups/_set_progress.html", context)
+    if backup_set.is_active:
+        return response
+    stopped = HttpResponseStopPolling(response.content)
+    # The set ended: reload once so the per-shard and per-table figures are final too.
+    stopped["HX-Refresh"] = "true"
+    return stopped
+
+
+@require_POST
+@role_required(OPERATOR, ADMIN)
+def set_cancel(request, pk: int):
+    backup_set = BackupSet.objects.filter(pk=pk).first()
+    if backup_set is None:
+        raise Http404("no such backup set")
+    try:
+        backup_set = backup_cancel(backup_set=backup_set, actor=request.user)
+    except BackupError as exc:
+        messages.error(request, f"Not cancelled: {exc}.")
+    else:
+        if backup_set.status == BackupSet.Status.CANCELLED:
+            messages.success(request, f"Backup set {pk} cancelled.")
+        else:
+            messages.success(request, f"Cancelling backup set {pk}; it stops within seconds.")
+    return redirect(reverse("backups:set_detail", kwargs={"pk": pk}))

@@ -13,3 +13,166 @@ def test_factory_cluster_has_real_rows_on_every_server(mariadb_servers, unique_n
         server = by_port[shard.instance.port]
         assert server.execute("SELECT COUNT(*) FROM t_order", database=shard.database)[0][0] == 20
     assert make_user("operator").groups.filter(name="operator").exists()
+
+
+# --------------------------------------------------------------------------- start / refuse
+
+import time  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+import django_rq  # noqa: E402
+from django.utils import timezone  # noqa: E402
+from rq.job import Job  # noqa: E402
+
+from backups.models import BackupSet  # noqa: E402
+from backups.services.backups import (  # noqa: E402
+    BackupError,
+    BackupRefused,
+    backup_cancel,
+    backup_start,
+    backups_reap_stale,
+)
+from backups.services.connection_slots import ConnectionSlots, slots_in_use  # noqa: E402
+from console.models import AuditEvent  # noqa: E402
+from console.roles import RoleDenied  # noqa: E402
+
+
+@pytest.fixture
+def cluster(db, mariadb_servers, unique_name):
+    return make_cluster(mariadb_servers[:2], name=f"svc{unique_name}")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_backup_start_records_a_pending_set_and_queues_its_job(cluster):
+    operator = make_user("operator")
+    backup_set = backup_start(cluster=cluster, actor=operator, consistency="lockfree")
+    assert backup_set.status == "pending"
+    assert backup_set.object_prefix == f"{cluster.name}/{backup_set.pk}"
+    assert backup_set.job_id == f"backup-{backup_set.pk}"
+    assert sorted(backup_set.shard_backups.values_list("shard_name", flat=True)) == ["s00", "s01"]
+    job = Job.fetch(backup_set.job_id, connection=django_rq.get_connection("backups"))
+    assert job.origin == "backups" and job.args == (backup_set.pk,)
+    assert AuditEvent.objects.filter(action="backup.start", object_id=str(backup_set.pk)).exists()
+
+
+@pytest.mark.django_db
+def test_auditor_and_approver_cannot_start_a_backup(cluster):
+    for role in ("auditor", "approver", None):
+        with pytest.raises(RoleDenied):
+            backup_start(cluster=cluster, actor=make_user(role))
+    assert not BackupSet.objects.exists()
+
+
+@pytest.mark.django_db
+def test_bad_options_are_refused_with_one_sentence(cluster):
+    with pytest.raises(BackupError, match="consistency"):
+        backup_start(cluster=cluster, actor="cli", consistency="sloppy")
+    with pytest.raises(BackupError, match="compression level"):
+        backup_start(cluster=cluster, actor="cli", compression_level=40)
+    assert not BackupSet.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_second_backup_of_a_busy_cluster_is_recorded_failed_and_names_the_first(cluster):
+    first = backup_start(cluster=cluster, actor="cli")
+    with pytest.raises(BackupRefused, match="already being backed up") as refused:
+        backup_start(cluster=cluster, actor="cli")
+    second = refused.value.backup_set
+    second.refresh_from_db()
+    assert second.status == "failed"
+    assert f"set {first.pk}" in second.error
+    first.refresh_from_db()
+    assert first.status == "pending"
+    assert AuditEvent.objects.filter(action="backup.refused", object_id=str(second.pk)).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_starts_let_exactly_one_through(cluster):
+    import threading
+
+    from django.db import connection
+
+    outcomes = []
+
+    def start():
+        try:
+            outcomes.append(backup_start(cluster=cluster, actor="cli").status)
+        except BackupRefused as exc:
+            outcomes.append(exc.backup_set.status)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["failed", "failed", "failed", "pending"]
+    assert BackupSet.objects.filter(cluster=cluster, status="pending").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancelling_a_pending_set_cancels_it_at_once_and_drops_its_job(cluster):
+    operator = make_user("operator")
+    backup_set = backup_start(cluster=cluster, actor=operator)
+    backup_set = backup_cancel(backup_set=backup_set, actor=operator)
+    assert backup_set.status == "cancelled"
+    job = Job.fetch(backup_set.job_id, connection=django_rq.get_connection("backups"))
+    assert job.get_status() == "canceled"
+    with pytest.raises(BackupError, match="already ended"):
+        backup_cancel(backup_set=backup_set, actor=operator)
+    with pytest.raises(RoleDenied):
+        backup_cancel(backup_set=backup_set, actor=make_user("auditor"))
+
+
+@pytest.mark.django_db
+def test_reaper_fails_a_running_set_without_heartbeat_and_leaves_live_ones(cluster, settings):
+    settings.JOB_HEARTBEAT_STALE_SECONDS = 5
+    now = timezone.now()
+    dead = BackupSet.objects.create(
+        cluster=cluster,
+        status="running",
+        storage_url=settings.STORAGE_URL,
+        object_prefix=f"{cluster.name}/dead",
+        started_at=now - timedelta(minutes=5),
+        heartbeat_at=now - timedelta(seconds=30),
+    )
+    alive = BackupSet.objects.create(
+        cluster=cluster,
+        status="running",
+        storage_url=settings.STORAGE_URL,
+        object_prefix=f"{cluster.name}/alive",
+        started_at=now - timedelta(minutes=5),
+        heartbeat_at=now - timedelta(seconds=1),
+    )
+    reaped = backups_reap_stale(now=now)
+    assert [s.pk for s in reaped] == [dead.pk]
+    dead.refresh_from_db()
+    alive.refresh_from_db()
+    assert dead.status == "failed"
+    assert "worker running this backup stopped (killed or crashed)" in dead.error
+    assert alive.status == "running"
+
+
+# --------------------------------------------------------------------------- connection caps
+
+
+def test_connection_slots_never_exceed_an_instance_cap(redis_url):
+    import redis
+
+    conn = redis.Redis.from_url(redis_url)
+    caps = {"127.0.0.1:59999": 3, "127.0.0.1:59998": 5}
+    first = ConnectionSlots(conn, caps, want=2, holder="job-a")
+    second = ConnectionSlots(conn, caps, want=2, holder="job-b")
+    third = ConnectionSlots(conn, caps, want=2, holder="job-c", ttl=1)
+    assert first.try_acquire() == 2
+    assert second.try_acquire() == 1  # only one slot left on the instance capped at 3
+    assert third.try_acquire() == 0  # all or nothing: nothing taken anywhere
+    assert slots_in_use(conn, "127.0.0.1", 59999) == 3
+    assert slots_in_use(conn, "127.0.0.1", 59998) == 3
+    first.release()
+    assert third.try_acquire() == 2
+    time.sleep(1.2)  # a holder that stops refreshing (killed worker) loses its slots
+    assert slots_in_use(conn, "127.0.0.1", 59999) == 1
+    second.release()
+    assert slots_in_use(conn, "127.0.0.1", 59999) == 0
