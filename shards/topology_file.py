@@ -100,6 +100,12 @@ def _mapping(node, what: str, known: set[str], required: tuple[str, ...]) -> dic
     if not isinstance(node, yaml.MappingNode):
         _fail(node, f"{what} must be a mapping of keys to values")
     values: dict = {}
+    # Name the entry ("instance 'a'") when it has a name, so errors point at it.
+    for key_node, value_node in node.value:
+        if getattr(key_node, "value", None) == "name" and isinstance(value_node, yaml.ScalarNode):
+            kind = what.split(" ", 1)[1] if what.startswith(("a ", "an ")) else what
+            kind, _, context = kind.partition(" of ")
+            what = f"{kind} '{value_node.value}'" + (f" of {context}" if context else "")
     for key_node, value_node in node.value:
         if not isinstance(key_node, yaml.ScalarNode):
             _fail(key_node, f"{what} has a key that is not a plain name")
