@@ -295,15 +295,18 @@ def restore_plan_build(
                 f"{shard['name']}; restore there with inplace or side instead"
             )
         chunks = table.get("chunks", [])
-        for chunk in chunks:
+        recorded = [(c["key"], chunk_size(c)) for c in chunks]
+        if table.get("schema_key"):
+            recorded.append((table["schema_key"], int(table.get("schema_stored_bytes", 0) or 0)))
+        raw += sum(int(c.get("raw_bytes", 0) or 0) for c in chunks)
+        for key, expected_size in recorded:
             objects += 1
-            stored += chunk_size(chunk)
-            raw += int(chunk.get("raw_bytes", 0) or 0)
-            size = _object_size(storage, chunk["key"])
+            stored += expected_size
+            size = _object_size(storage, key)
             if size is None:
-                missing.append(f"{chunk['key']} (missing)")
-            elif size != chunk_size(chunk):
-                missing.append(f"{chunk['key']} ({size} bytes, expected {chunk_size(chunk)})")
+                missing.append(f"{key} (missing)")
+            elif size != expected_size:
+                missing.append(f"{key} ({size} bytes, expected {expected_size})")
         rows += int(table.get("rows", 0) or 0)
         entry = {
             "shard": shard["name"],
@@ -313,6 +316,7 @@ def restore_plan_build(
             "rows": int(table.get("rows", 0) or 0),
             "bytes": sum(chunk_size(c) for c in chunks),
             "chunks": len(chunks),
+            "objects": len(recorded),
             "checksum": table.get("checksum", ""),
             "target_instance": instance.name,
             "target_instance_id": instance.pk,

@@ -182,6 +182,54 @@ def _drop_tables(endpoint: Endpoint, database: str, tables: list[str]) -> None:
         conn.close()
 
 
+def _reconcile_partial_table(
+    endpoint: Endpoint, database: str, table: str, manifest_table: dict, done_keys: set[str]
+) -> None:
+    """Make a resumed table agree with the recorded chunks before skipping them.
+
+    A worker can die between a chunk's commit and its record. Then the table holds more
+    rows than the recorded chunks; loading that chunk again would duplicate it, so the
+    table is emptied and reloaded whole instead.
+    """
+    recorded = sum(
+        int(c["rows"]) for c in manifest_table.get("chunks", []) if c["key"] in done_keys
+    )
+    conn = connect(endpoint, database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT COUNT(*) FROM {quote_qualified(database, table)}")  # noqa: S608
+            actual = int(cur.fetchone()[0])
+            if actual != recorded:
+                cur.execute(f"TRUNCATE TABLE {quote_qualified(database, table)}")
+                done_keys.difference_update(c["key"] for c in manifest_table.get("chunks", []))
+    finally:
+        conn.close()
+
+
+def _preflight_targets(request: RestoreRequest, entries: list[dict]) -> None:
+    """Before any shard starts: every target reachable, no side/instance target table non-empty."""
+    groups: dict[tuple[int, str], list[str]] = {}
+    for e in entries:
+        groups.setdefault((e["target_instance_id"], e["target_database"]), []).append(
+            e["target_table"]
+        )
+    for (instance_pk, database), tables in sorted(groups.items()):
+        instance = Instance.objects.get(pk=instance_pk)
+        try:
+            endpoint = instance_endpoint(instance)
+            existing = _existing_tables(endpoint, database)
+            if request.target_kind == Target.INPLACE or not existing:
+                continue
+            full = _has_rows(endpoint, database, [t for t in tables if t in existing])
+        except (ConnectError, MissingPassword) as exc:
+            raise RestoreError(f"target instance {instance.name} is unreachable: {exc}") from exc
+        if full:
+            raise RestoreError(
+                f"target tables on {instance.name} are not empty (only inplace may overwrite): "
+                + ", ".join(f"{database}.{t}" for t in full)
+            )
+
+
 def _apply_incrementals(
     run: RestoreRun, shard: dict, *, endpoint, target_database, table_names, tracker
 ) -> None:
@@ -236,36 +284,29 @@ def _restore_shard(
             e["table"]: (e["shadow_table"] if inplace else e["target_table"]) for e in entries
         }
         present = existing or set()
-        if not resume:
-            if inplace:
-                # Leftover shadows of an earlier attempt of this same request are ours to drop.
-                _drop_tables(endpoint, target_db, [n for n in load_names.values() if n in present])
-                present = present - set(load_names.values())
-            else:
-                full = (
-                    _has_rows(endpoint, target_db, [n for n in load_names.values() if n in present])
-                    if existing is not None
-                    else []
-                )
-                if full:
-                    raise RestoreError(
-                        f"target tables on {instance.name} are not empty: "
-                        + ", ".join(f"{target_db}.{t}" for t in full)
-                    )
-        to_create = [t for t, name in load_names.items() if name not in present]
         tables_by_name = {t["name"]: t for t in manifest_tables(shard_doc)}
-        for table in to_create:  # a table that must be created again starts from scratch
-            done_keys.difference_update(c["key"] for c in tables_by_name[table].get("chunks", []))
-        if to_create:
-            tracker.say(f"schema {shard_doc['name']}")
-            create_database_objects(
-                endpoint,
-                target_db,
-                shard_doc,
-                tables=to_create,
-                table_renames={t: load_names[t] for t in to_create if load_names[t] != t} or None,
-                create_database=existing is None,
-            )
+        if inplace and not resume:
+            # Leftover shadows of an earlier attempt of this same request are ours to drop.
+            _drop_tables(endpoint, target_db, [n for n in load_names.values() if n in present])
+            present = present - set(load_names.values())
+        for table, name in load_names.items():
+            keys = {c["key"] for c in tables_by_name[table].get("chunks", [])}
+            if name not in present:
+                done_keys.difference_update(keys)  # created again: load it from scratch
+            elif resume and keys & done_keys:
+                _reconcile_partial_table(
+                    endpoint, target_db, name, tables_by_name[table], done_keys
+                )
+        tracker.say(f"schema {shard_doc['name']}")
+        create_database_objects(
+            endpoint,
+            target_db,
+            shard_doc,
+            tables=list(load_names),
+            table_renames={t: n for t, n in load_names.items() if n != t} or None,
+            create_database=True,
+            resume=resume,
+        )
         for outcome in outcomes:
             if tracker.should_cancel():
                 raise Cancelled("the restore was cancelled")
@@ -296,7 +337,7 @@ def _restore_shard(
             except EngineError as exc:
                 outcome.error = str(exc)
                 continue
-            outcome.loaded = not result.error
+            outcome.loaded = True
             outcome.rows = result.rows
             outcome.checksum = result.checksum
             outcome.checksum_ok = bool(result.checksum_ok) and not result.error
@@ -428,6 +469,8 @@ def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
                 raise RestoreError(
                     "point-in-time restore needs incremental backups: none are captured after the full set"
                 ) from exc
+        if not resume:
+            _preflight_targets(request, plan["tables"])
         tracker.say("reading the manifest")
         storage = set_storage(request.source_set)
         doc = set_manifest(request.source_set, storage)

@@ -1,0 +1,335 @@
+"""The approval rules of restores (DESIGN.md "Restores and approvals"), on real servers.
+
+Every request here is filed against a real backup set (made by the backup service and
+run by a real RQ worker), so plans are computed from real manifests and storage.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.core import mail
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun
+from backups.services.restores import (
+    RestoreError,
+    restore_request_approve,
+    restore_request_file,
+    restore_request_reject,
+    restore_requests_expire,
+    restore_run_start,
+)
+from console.models import AuditEvent
+from shards.models import Instance
+from shards.mysql import quote_ident
+from tests.factories import make_cluster, make_user
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+# -- helpers shared with the other restore test modules ---------------------------------
+
+
+def make_backup(cluster, run_jobs) -> BackupSet:
+    """A real full backup of `cluster`, run to its end by a real RQ worker."""
+    from backups.services.backups import backup_start
+
+    backup_set = backup_start(cluster=cluster, actor=make_user("operator"))
+    run_jobs("backups")
+    backup_set.refresh_from_db()
+    assert backup_set.status == "succeeded", backup_set.error
+    return backup_set
+
+
+def server_for(servers, instance: Instance):
+    return next(s for s in servers if s.endpoint.port == instance.port)
+
+
+def file_request(cluster, backup_set, *, requester=None, target="side", **kw) -> RestoreRequest:
+    return restore_request_file(
+        cluster=cluster,
+        requester=requester or make_user("operator"),
+        source_set=backup_set,
+        target=target,
+        reason=kw.pop("reason", "test restore"),
+        **kw,
+    )
+
+
+@pytest.fixture
+def cluster(mariadb_servers, unique_name):
+    return make_cluster(mariadb_servers[:2], name=f"rr{unique_name}")
+
+
+@pytest.fixture
+def backup_set(cluster, run_jobs):
+    return make_backup(cluster, run_jobs)
+
+
+# -- self-approval ------------------------------------------------------------------------
+
+
+def test_requester_cannot_approve_own_request_even_as_admin(cluster, backup_set):
+    admin = make_user("admin")
+    admin.is_superuser = True
+    admin.save()
+    request = file_request(cluster, backup_set, requester=admin)
+    with pytest.raises(RestoreError, match="someone else must approve"):
+        restore_request_approve(request=request, approver=admin)
+    request.refresh_from_db()
+    assert request.state == "pending_approval"
+    assert not Approval.objects.filter(request=request).exists()
+
+
+def test_requester_cannot_approve_own_request_on_the_page(client, cluster, backup_set):
+    admin = make_user("admin")
+    request = file_request(cluster, backup_set, requester=admin)
+    client.force_login(admin)
+    page = client.get(f"/restores/{request.pk}/")
+    assert b'id="approve"' not in page.content  # no button offered...
+    response = client.post(f"/restores/{request.pk}/approve/", {"comment": "lgtm"})
+    assert response.status_code == 403  # ...and the server refuses the POST anyway
+    assert "someone else must approve" in response.content.decode()
+    request.refresh_from_db()
+    assert request.state == "pending_approval"
+    assert not Approval.objects.filter(request=request).exists()
+
+
+def test_requester_cannot_approve_own_request_by_command(cluster, backup_set):
+    admin = make_user("admin")
+    request = file_request(cluster, backup_set, requester=admin)
+    with pytest.raises(CommandError, match="someone else must approve"):
+        call_command("restore", "approve", str(request.pk), "--as", admin.username)
+    request.refresh_from_db()
+    assert request.state == "pending_approval"
+
+
+def test_only_approvers_decide(client, cluster, backup_set):
+    request = file_request(cluster, backup_set)
+    for role in ("operator", "auditor"):
+        with pytest.raises(RestoreError, match="approvers only"):
+            restore_request_approve(request=request, approver=make_user(role))
+    auditor = make_user("auditor")
+    client.force_login(auditor)
+    assert client.post(f"/restores/{request.pk}/approve/").status_code == 403
+    assert client.get(f"/restores/{request.pk}/").status_code == 200  # auditors read
+    assert client.get("/restores/new/").status_code == 403  # but do not file
+    request.refresh_from_db()
+    assert request.state == "pending_approval"
+
+
+# -- approvals required -------------------------------------------------------------------
+
+
+def test_side_needs_one_approval(cluster, backup_set):
+    request = file_request(cluster, backup_set, target="side")
+    assert request.approvals_required == 1
+    restore_request_approve(request=request, approver=make_user("approver"), comment="ok")
+    request.refresh_from_db()
+    assert request.state == "approved"
+
+
+def test_inplace_needs_two_distinct_approvers(cluster, backup_set):
+    request = file_request(cluster, backup_set, target="inplace")
+    assert request.approvals_required == 2
+    first = make_user("approver")
+    restore_request_approve(request=request, approver=first)
+    request.refresh_from_db()
+    assert request.state == "pending_approval"
+    with pytest.raises(RestoreError, match="already decided"):
+        restore_request_approve(request=request, approver=first)
+    with pytest.raises(RestoreError, match="only approved requests can run"):
+        restore_run_start(request=request, actor=make_user("operator"))
+    restore_request_approve(request=request, approver=make_user("approver"))
+    request.refresh_from_db()
+    assert request.state == "approved"
+    assert request.approvals.count() == 2
+
+
+def test_cluster_setting_raises_required_approvals_at_filing_time(cluster, backup_set):
+    cluster.approvals_required_side = 2
+    cluster.save()
+    request = file_request(cluster, backup_set, target="side")
+    cluster.approvals_required_side = 1  # later changes do not touch a filed request
+    cluster.save()
+    restore_request_approve(request=request, approver=make_user("approver"))
+    request.refresh_from_db()
+    assert request.state == "pending_approval"
+    restore_request_approve(request=request, approver=make_user("approver"))
+    request.refresh_from_db()
+    assert request.state == "approved"
+
+
+# -- expiry -------------------------------------------------------------------------------
+
+
+def test_pending_request_expires_and_cannot_be_approved(cluster, backup_set, settings):
+    request = file_request(cluster, backup_set)
+    assert request.expires_at - request.created_at >= timedelta(
+        hours=settings.RESTORE_REQUEST_TTL_HOURS - 1
+    )
+    assert restore_requests_expire(now=timezone.now() + timedelta(hours=1)) == 0
+    later = timezone.now() + timedelta(hours=settings.RESTORE_REQUEST_TTL_HOURS + 1)
+    assert restore_requests_expire(now=later) == 1
+    request.refresh_from_db()
+    assert request.state == "expired"
+    with pytest.raises(RestoreError, match="expired"):
+        restore_request_approve(request=request, approver=make_user("approver"))
+
+
+def test_past_deadline_request_expires_when_someone_tries_to_approve(cluster, backup_set, settings):
+    settings.RESTORE_REQUEST_TTL_HOURS = 0  # the deadline is already past at filing
+    request = file_request(cluster, backup_set)
+    with pytest.raises(RestoreError, match="expired"):
+        restore_request_approve(request=request, approver=make_user("approver"))
+    request.refresh_from_db()
+    assert request.state == "expired"
+    assert not request.approvals.exists()
+
+
+def test_approval_expires_without_a_run(cluster, backup_set, settings):
+    request = file_request(cluster, backup_set)
+    restore_request_approve(request=request, approver=make_user("approver"))
+    later = timezone.now() + timedelta(hours=settings.RESTORE_APPROVAL_TTL_HOURS + 1)
+    assert restore_requests_expire(now=later) == 1
+    request.refresh_from_db()
+    assert request.state == "expired"
+    with pytest.raises(RestoreError, match="only approved requests can run"):
+        restore_run_start(request=request, actor=make_user("operator"))
+    assert not RestoreRun.objects.filter(request=request).exists()
+
+
+# -- rejection ----------------------------------------------------------------------------
+
+
+def test_rejection_needs_a_comment_and_is_final(cluster, backup_set):
+    request = file_request(cluster, backup_set)
+    approver = make_user("approver")
+    with pytest.raises(RestoreError, match="needs a comment"):
+        restore_request_reject(request=request, approver=approver, comment="  ")
+    restore_request_reject(request=request, approver=approver, comment="wrong set")
+    request.refresh_from_db()
+    assert request.state == "rejected"
+    with pytest.raises(RestoreError, match="rejected; it cannot be approved"):
+        restore_request_approve(request=request, approver=make_user("approver"))
+    with pytest.raises(RestoreError, match="only approved requests can run"):
+        restore_run_start(request=request, actor=make_user("operator"))
+    with pytest.raises(CommandError, match="only approved requests can run"):
+        call_command("restore", "run", str(request.pk))
+    assert Approval.objects.get(request=request).comment == "wrong set"
+
+
+# -- the job re-checks ----------------------------------------------------------------------
+
+
+def test_job_enqueued_by_hand_refuses_an_unapproved_request(
+    cluster, backup_set, run_jobs, mariadb_servers
+):
+    from backups.jobs.restores import restore_run_enqueue
+
+    request = file_request(cluster, backup_set)
+    run = RestoreRun.objects.create(request=request)  # bypassing restore_run_start on purpose
+    restore_run_enqueue(run_id=run.pk)
+    run_jobs("restores")
+    run.refresh_from_db()
+    request.refresh_from_db()
+    assert (request.state, run.status, run.started_at) == ("pending_approval", "pending", None)
+    for shard in cluster.shards.select_related("instance"):
+        server = server_for(mariadb_servers, shard.instance)
+        side = f"{shard.database}__r{request.pk}"
+        assert not server.execute("SHOW DATABASES LIKE %s" % f"'{side}'")
+
+
+# -- the request itself ---------------------------------------------------------------------
+
+
+def test_filing_records_plan_audit_and_tells_approvers(cluster, backup_set):
+    approver = make_user("approver")
+    approver.email = "approver@example.test"
+    approver.save()
+    requester = make_user("operator")
+    requester.email = "op@example.test"
+    requester.save()
+    request = file_request(cluster, backup_set, requester=requester, tables=["t_order"])
+    plan = request.plan
+    assert plan["rows"] == 40  # t_order, 20 rows on each of two shards
+    assert {t["table"] for t in plan["tables"]} == {"t_order"}
+    assert plan["objects"] >= 2 and plan["bytes"] > 0
+    assert sorted(plan["target_databases"]) == sorted(
+        f"{s.instance.name}:{s.database}__r{request.pk}"
+        for s in cluster.shards.select_related("instance")
+    )
+    assert "no history yet" in plan["estimate"]
+    assert AuditEvent.objects.filter(action="restore.requested", object_id=str(request.pk)).exists()
+    assert [m.to for m in mail.outbox] == [["approver@example.test"]]
+    assert f"restore {request.pk}" in mail.outbox[0].subject
+    restore_request_approve(request=request, approver=approver, comment="go")
+    assert mail.outbox[-1].to == ["op@example.test"]
+    assert "approved" in mail.outbox[-1].subject and "go" in mail.outbox[-1].body
+
+
+def test_unknown_scope_and_bad_targets_are_refused_clearly(cluster, backup_set, mariadb_servers):
+    with pytest.raises(RestoreError, match="unknown shard 'nope'"):
+        file_request(cluster, backup_set, shards=["nope"])
+    with pytest.raises(RestoreError, match="unknown table 't_missing'"):
+        file_request(cluster, backup_set, tables=["t_missing"])
+    with pytest.raises(RestoreError, match="no registered instance named 'ghost'"):
+        file_request(cluster, backup_set, target="instance:ghost")
+    with pytest.raises(RestoreError, match="unknown target"):
+        file_request(cluster, backup_set, target="elsewhere")
+    source_instance = cluster.shards.get(name="s00").instance
+    with pytest.raises(RestoreError, match="holds the source database"):
+        file_request(cluster, backup_set, shards=["s00"], target=f"instance:{source_instance.name}")
+    assert not RestoreRequest.objects.exists()  # nothing half-filed
+
+
+def test_non_empty_instance_target_is_refused(cluster, backup_set, mariadb_servers):
+    spare = mariadb_servers[2]
+    Instance.objects.create(
+        cluster=cluster, name="spare", host="127.0.0.1", port=spare.endpoint.port, user="root"
+    )
+    database = cluster.shards.get(name="s00").database
+    spare.execute(
+        f"DROP DATABASE IF EXISTS {quote_ident(database)}",
+        f"CREATE DATABASE {quote_ident(database)}",
+        f"CREATE TABLE {quote_ident(database)}.t_order (id INT PRIMARY KEY)",
+        f"INSERT INTO {quote_ident(database)}.t_order VALUES (1)",
+    )
+    try:
+        with pytest.raises(RestoreError, match=r"not empty.*t_order"):
+            file_request(cluster, backup_set, shards=["s00"], target="instance:spare")
+    finally:
+        spare.execute(f"DROP DATABASE IF EXISTS {quote_ident(database)}")
+
+
+def test_unreachable_target_instance_is_refused(cluster, backup_set):
+    from tests.servers import free_port
+
+    Instance.objects.create(
+        cluster=cluster, name="down", host="127.0.0.1", port=free_port(), user="root"
+    )
+    with pytest.raises(RestoreError, match="target instance down is unreachable"):
+        file_request(cluster, backup_set, shards=["s00"], target="instance:down")
+
+
+def test_sets_that_cannot_restore_are_refused(cluster, backup_set, settings):
+    from backups.storage import storage_from_url
+
+    failed = BackupSet.objects.create(
+        cluster=cluster, status="failed", storage_url=settings.STORAGE_URL
+    )
+    with pytest.raises(RestoreError, match="is failed; only succeeded sets"):
+        file_request(cluster, failed)
+    storage = storage_from_url(backup_set.storage_url)
+    victim = next(
+        info.key for info in storage.list(backup_set.object_prefix) if "chunk-" in info.key
+    )
+    storage.delete(victim)
+    with pytest.raises(
+        RestoreError, match=f"objects not in storage as recorded: {victim} \\(missing\\)"
+    ):
+        file_request(cluster, backup_set)
+    assert not RestoreRequest.objects.exists()
