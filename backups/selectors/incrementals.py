@@ -1,0 +1,98 @@
+"""Read-side queries for incremental chains and the recoverable window (issue 5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.utils import timezone
+
+from backups.models import BackupSet
+from shards.models import Cluster
+
+
+def chain_after(full_set: BackupSet) -> list[BackupSet]:
+    """The succeeded incrementals that follow `full_set`, parent to child, up to the first gap."""
+    chain: list[BackupSet] = []
+    current = full_set
+    while True:
+        child = (
+            BackupSet.objects.filter(
+                parent=current,
+                kind=BackupSet.Kind.INCREMENTAL,
+                status=BackupSet.Status.SUCCEEDED,
+            )
+            .order_by("id")
+            .first()
+        )
+        if child is None:
+            return chain
+        chain.append(child)
+        current = child
+
+
+def recoverable_window(cluster: Cluster) -> tuple[datetime | None, datetime | None]:
+    """(earliest, latest) instants a point-in-time restore of `cluster` can reach.
+
+    Earliest: the oldest succeeded full set's consistent point. Latest: the newest point
+    any full set's unbroken incremental chain reaches (to the second).
+    """
+    fulls = list(
+        BackupSet.objects.filter(
+            cluster=cluster, kind=BackupSet.Kind.FULL, status=BackupSet.Status.SUCCEEDED
+        )
+        .exclude(consistent_at=None)
+        .order_by("consistent_at")
+    )
+    if not fulls:
+        return None, None
+    latest = None
+    for full in fulls:
+        chain = chain_after(full)
+        point = chain[-1].consistent_at if chain else full.consistent_at
+        if point and (latest is None or point > latest):
+            latest = point
+    return fulls[0].consistent_at, latest
+
+
+@dataclass
+class ChainLink:
+    backup_set: BackupSet
+    depth: int
+
+
+def cluster_chains(cluster: Cluster, *, limit: int = 10) -> list[list[BackupSet]]:
+    """The newest `limit` full sets of `cluster`, each followed by its incremental chain."""
+    fulls = BackupSet.objects.filter(cluster=cluster, kind=BackupSet.Kind.FULL).order_by("-id")[
+        :limit
+    ]
+    chains = []
+    for full in fulls:
+        links = [full]
+        current = full
+        while True:
+            child = BackupSet.objects.filter(parent=current).order_by("id").first()
+            if child is None:
+                break
+            links.append(child)
+            current = child
+        chains.append(links)
+    return chains
+
+
+@dataclass
+class RecoveryPoint:
+    cluster: Cluster
+    earliest: datetime | None
+    latest: datetime | None
+
+    @property
+    def age_seconds(self) -> float | None:
+        if self.latest is None:
+            return None
+        return max(0.0, (timezone.now() - self.latest).total_seconds())
+
+
+def recovery_points() -> list[RecoveryPoint]:
+    """Per cluster: the recoverable window and the age of its newest point (dashboard)."""
+    return [RecoveryPoint(c, *recoverable_window(c)) for c in Cluster.objects.order_by("name")]

@@ -1,0 +1,687 @@
+"""Incremental (binlog) backup sets, chains and point-in-time restores (issue 5).
+
+* `incremental_start(*, cluster, actor)` records an incremental set whose parent is the
+  newest succeeded set of the cluster and queues `backup-<id>` on `backups`.
+* `incremental_execute(*, backup_set)` (the job) copies each instance's binlog from the
+  parent's end coordinates to the coordinates read when it starts, writes `BinlogSegment`
+  rows and a signed manifest (`kind: "incremental"`, `parent`, `binlog: [...]`).
+* `pitr_resolve(*, cluster, at)` -> (full set, [incrementals in order]) for a restore `--at`.
+* `pitr_apply(...)` rolls one restored shard forward to `at` (called by the restore run).
+* `backup_set_delete_check(*, backup_set)` refuses deleting/expiring a set others depend on.
+* `continuous_capture_schedule(*, cluster)` keeps an incremental every N minutes queued.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from backups.models import BackupPolicy, BackupSet, BinlogSegment, ShardBackup
+from backups.services.backups import (
+    ACTIVE,
+    BackupError,
+    BackupRefused,
+    _authorise,
+    _storage_for,
+    _unwrap_data_key,
+    _wrap_new_data_key,
+    job_id_for,
+)
+from console.audit import audit_record
+from shards.models import Cluster, Instance
+from shards.selectors import instance_endpoint
+
+log = logging.getLogger(__name__)
+
+QUEUE = "backups"
+SCHEDULE_QUEUE = "default"
+# Replica server ids used for capture: far from any real server's id.
+CAPTURE_SERVER_ID_BASE = 3_900_000_000
+
+
+class ChainError(BackupError):
+    """The chain of sets cannot serve this request; the message says what to do."""
+
+
+def _actor_user(actor):
+    return actor if hasattr(actor, "pk") else None
+
+
+# ------------------------------------------------------------------------------ start
+
+
+def _chain_end_coordinates(parent: BackupSet) -> dict[int, tuple[str, int, str]]:
+    """shard id -> (file, pos, gtid) where `parent` ends; ChainError when it cannot continue."""
+    ends: dict[int, tuple[str, int, str]] = {}
+    for sb in parent.shard_backups.all():
+        if parent.kind == BackupSet.Kind.FULL:
+            file, pos, gtid = sb.binlog_file, sb.binlog_pos, sb.gtid
+        else:
+            file, pos, gtid = sb.end_binlog_file, sb.end_binlog_pos, sb.end_gtid
+        if not file or pos is None:
+            raise ChainError(
+                f"set {parent.pk} has no binlog coordinates for shard {sb.shard_name}; "
+                "the chain is broken, so a new full backup is needed"
+            )
+        ends[sb.shard_id] = (file, int(pos), gtid or "")
+    return ends
+
+
+def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> BackupSet:
+    """Record an incremental set of `cluster` after its newest succeeded set, and queue it.
+
+    Refuses (ChainError, nothing recorded) when the cluster has no succeeded full backup
+    to build on. When another backup of the cluster is pending or running, records this
+    request as a `failed` set saying so and raises BackupRefused carrying it.
+    """
+    _authorise(actor)
+    user = _actor_user(actor)
+    refused = ""
+    with transaction.atomic():
+        cluster = Cluster.objects.select_for_update().get(pk=cluster.pk)
+        shards = list(cluster.shards.select_related("instance").order_by("name"))
+        parent = (
+            BackupSet.objects.filter(cluster=cluster, status=BackupSet.Status.SUCCEEDED)
+            .order_by("-id")
+            .first()
+        )
+        if (
+            parent is None
+            or not BackupSet.objects.filter(
+                cluster=cluster, kind=BackupSet.Kind.FULL, status=BackupSet.Status.SUCCEEDED
+            ).exists()
+        ):
+            raise ChainError(
+                f"cluster {cluster.name} has no succeeded full backup; "
+                "run a full backup before incrementals"
+            )
+        ends = _chain_end_coordinates(parent)
+        missing = [s.name for s in shards if s.pk not in ends]
+        if missing:
+            raise ChainError(
+                f"shard(s) {', '.join(missing)} are not in set {parent.pk}; "
+                "the topology changed, so a new full backup is needed"
+            )
+        active = BackupSet.objects.filter(cluster=cluster, status__in=ACTIVE).order_by("id").first()
+        if active is not None:
+            refused = (
+                f"cluster {cluster.name} is already being backed up "
+                f"(set {active.pk} is {active.status}); wait for it to finish or cancel it"
+            )
+        policy = BackupPolicy.objects.filter(cluster=cluster).first()
+        backup_set = BackupSet.objects.create(
+            cluster=cluster,
+            kind=BackupSet.Kind.INCREMENTAL,
+            parent=parent,
+            consistency=parent.consistency,
+            compression_level=policy.compression_level if policy else parent.compression_level,
+            encrypted=bool(policy.encrypt) if policy else parent.encrypted,
+            storage_url=settings.STORAGE_URL,
+            triggered_by=user,
+            status=BackupSet.Status.FAILED if refused else BackupSet.Status.PENDING,
+            error=refused,
+        )
+        backup_set.object_prefix = f"{cluster.name}/{backup_set.pk}"
+        backup_set.job_id = "" if refused else job_id_for(backup_set.pk)
+        if refused:
+            backup_set.finished_at = timezone.now()
+        elif backup_set.encrypted:
+            _wrap_new_data_key(backup_set)
+        backup_set.save()
+        ShardBackup.objects.bulk_create(
+            ShardBackup(
+                backup_set=backup_set,
+                shard=shard,
+                shard_name=shard.name,
+                instance_name=shard.instance.name,
+                database=shard.database,
+                status=backup_set.status,
+                binlog_file=ends[shard.pk][0],
+                binlog_pos=ends[shard.pk][1],
+                gtid=ends[shard.pk][2],
+            )
+            for shard in shards
+        )
+        audit_record(
+            actor=actor,
+            action="backup.refused" if refused else "backup.start",
+            obj=backup_set,
+            details={
+                "cluster": cluster.name,
+                "kind": "incremental",
+                "parent": parent.pk,
+                **({"error": refused} if refused else {}),
+            },
+        )
+        if not refused and enqueue:
+            set_id = backup_set.pk
+            transaction.on_commit(lambda: _enqueue(set_id))
+    if refused:
+        raise BackupRefused(refused, backup_set)
+    return backup_set
+
+
+def _enqueue(set_id: int) -> None:
+    import django_rq
+    from rq import Callback
+
+    from backups.jobs.backups import run_backup_job_failed
+    from backups.jobs.incrementals import run_incremental_job
+
+    django_rq.get_queue(QUEUE).enqueue(
+        run_incremental_job,
+        set_id,
+        job_id=job_id_for(set_id),
+        description=f"incremental backup set {set_id}",
+        on_failure=Callback(run_backup_job_failed),
+        result_ttl=7 * 24 * 3600,
+        failure_ttl=30 * 24 * 3600,
+    )
+
+
+# ---------------------------------------------------------------------------- execute
+
+
+def _counting(chunks: Iterable[bytes], counter: list[int]) -> Iterator[bytes]:
+    for chunk in chunks:
+        counter[0] += len(chunk)
+        yield chunk
+
+
+def _segment_store(storage, *, level: int, data_key: bytes | None):
+    from backups.engine import codec
+    from backups.engine.binlog import StoredObject
+
+    def store(key: str, chunks: Iterable[bytes]) -> StoredObject:
+        raw = [0]
+        encoded = codec.encode(
+            _counting(chunks, raw), level=level, data_key=data_key, aad=key.encode()
+        )
+        stored = storage.put_stream(key, encoded)
+        return StoredObject(
+            key=key, raw_bytes=raw[0], stored_bytes=stored.size, sha256=stored.sha256
+        )
+
+    return store
+
+
+def _begin(backup_set: BackupSet) -> bool:
+    with transaction.atomic():
+        locked = BackupSet.objects.select_for_update().get(pk=backup_set.pk)
+        if locked.status != BackupSet.Status.PENDING:
+            return False
+        now = timezone.now()
+        locked.status = BackupSet.Status.RUNNING
+        locked.started_at = now
+        locked.heartbeat_at = now
+        locked.save(update_fields=["status", "started_at", "heartbeat_at"])
+        locked.shard_backups.update(status=BackupSet.Status.RUNNING, started_at=now)
+        audit_record(
+            actor="worker", action="backup.running", obj=locked, details={"kind": "incremental"}
+        )
+    return True
+
+
+def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
+    """Capture the set's binlog ranges; the set ends `succeeded` or `failed` with the reason.
+
+    Runs only a `pending` set (a duplicate job returns the set unchanged). A parent that
+    is no longer succeeded, or start coordinates purged from a server, fail the set with
+    a message saying a new full backup is needed; no event is ever skipped.
+    """
+    from backups.engine.binlog import capture_instance, master_status
+    from backups.engine.types import EngineError
+
+    if not _begin(backup_set):
+        return BackupSet.objects.get(pk=backup_set.pk)
+    backup_set = BackupSet.objects.select_related("cluster", "parent").get(pk=backup_set.pk)
+    shard_backups = list(backup_set.shard_backups.select_related("shard__instance"))
+    storage = None
+    try:
+        parent = backup_set.parent
+        if parent is None or parent.status != BackupSet.Status.SUCCEEDED:
+            raise ChainError(
+                f"the parent set {backup_set.parent_id} is no longer usable; "
+                "the chain is broken, so a new full backup is needed"
+            )
+        storage = _storage_for(backup_set)
+        data_key = _unwrap_data_key(backup_set)
+        store = _segment_store(storage, level=backup_set.compression_level, data_key=data_key)
+        by_instance: dict[int, list[ShardBackup]] = {}
+        for sb in shard_backups:
+            by_instance.setdefault(sb.shard.instance_id, []).append(sb)
+        instances = {i.pk: i for i in Instance.objects.filter(pk__in=by_instance)}
+        endpoints = {pk: instance_endpoint(instances[pk]) for pk in by_instance}
+        # Read every instance's end first, so the set covers one moment across the cluster.
+        ends = {pk: master_status(endpoints[pk]) for pk in by_instance}
+        captures = []
+        for index, (pk, sbs) in enumerate(sorted(by_instance.items())):
+            from backups.engine.binlog import coordinate_key
+
+            start = min(
+                ((sb.binlog_file, sb.binlog_pos) for sb in sbs), key=lambda c: coordinate_key(*c)
+            )
+            end_file, end_pos, end_gtid = ends[pk]
+            capture = capture_instance(
+                endpoint=endpoints[pk],
+                instance=instances[pk].name,
+                start_file=start[0],
+                start_pos=int(start[1]),
+                end_file=end_file,
+                end_pos=end_pos,
+                end_gtid=end_gtid,
+                set_prefix=backup_set.object_prefix,
+                store=store,
+                server_id=CAPTURE_SERVER_ID_BASE + (backup_set.pk % 10_000_000) * 10 + index % 10,
+                encrypted=data_key is not None,
+            )
+            captures.append((instances[pk], sbs, capture))
+        doc = _manifest(backup_set, captures)
+        manifest_sha = _write_manifest(storage, backup_set, doc)
+    except (EngineError, BackupError, Exception) as exc:  # noqa: BLE001 - recorded on the set
+        if not isinstance(exc, (EngineError, BackupError)):
+            log.exception("incremental set %s failed", backup_set.pk)
+        message = str(exc) or exc.__class__.__name__
+        if storage is not None:
+            try:
+                storage.delete_prefix(backup_set.object_prefix)
+            except Exception:  # noqa: BLE001 - the failure itself is what matters
+                log.exception("cleaning up set %s failed", backup_set.pk)
+        return _finish(backup_set, error=message)
+    return _finish(backup_set, captures=captures, manifest_sha256=manifest_sha)
+
+
+def _manifest(backup_set: BackupSet, captures) -> dict:
+    segments = [seg.manifest_entry() for _i, _s, cap in captures for seg in cap.segments]
+    newest = max((cap.last_event_at for _i, _s, cap in captures if cap.last_event_at), default=None)
+    consistent_at = newest or backup_set.parent.consistent_at
+    encryption = None
+    if backup_set.encrypted:
+        encryption = {
+            "algorithm": "aes-256-gcm",
+            "key_id": backup_set.key_id,
+            "wrapped_key": backup_set.wrapped_key,
+        }
+    return {
+        "format": 1,
+        "cluster": backup_set.cluster.name,
+        "set_id": backup_set.pk,
+        "kind": "incremental",
+        "parent": backup_set.parent_id,
+        "consistency": backup_set.consistency,
+        "created_at": backup_set.created_at.isoformat(),
+        "consistent_at": consistent_at.isoformat() if consistent_at else None,
+        "compression": {"algorithm": "zstd", "level": backup_set.compression_level},
+        "encryption": encryption,
+        "shards": [
+            {
+                "name": sb.shard_name,
+                "instance": instance.name,
+                "database": sb.database,
+                "binlog_file": sb.binlog_file,
+                "binlog_pos": sb.binlog_pos,
+                "end_binlog_file": cap.end_file,
+                "end_binlog_pos": cap.end_pos,
+                "end_gtid": cap.end_gtid,
+                "tables": [],
+            }
+            for instance, sbs, cap in captures
+            for sb in sbs
+        ],
+        "instances": [
+            {
+                "name": instance.name,
+                "start_file": cap.start_file,
+                "start_pos": cap.start_pos,
+                "end_file": cap.end_file,
+                "end_pos": cap.end_pos,
+                "end_gtid": cap.end_gtid,
+            }
+            for instance, _sbs, cap in captures
+        ],
+        "binlog": segments,
+        "totals": {
+            "events": sum(cap.events for _i, _s, cap in captures),
+            "raw_bytes": sum(cap.raw_bytes for _i, _s, cap in captures),
+            "stored_bytes": sum(cap.stored_bytes for _i, _s, cap in captures),
+            "objects": len(segments),
+        },
+    }
+
+
+def _write_manifest(storage, backup_set: BackupSet, doc: dict) -> str:
+    from backups.engine import manifest as manifest_engine
+    from backups.services.backups import _manifest_hmac_key
+
+    stored = manifest_engine.manifest_write(
+        storage, backup_set.object_prefix, doc, _manifest_hmac_key()
+    )
+    return getattr(stored, "sha256", "") or ""
+
+
+def _finish(
+    backup_set: BackupSet, *, error: str = "", captures=None, manifest_sha256: str = ""
+) -> BackupSet:
+    now = timezone.now()
+    with transaction.atomic():
+        locked = BackupSet.objects.select_for_update().get(pk=backup_set.pk)
+        locked.finished_at = now
+        if error:
+            locked.status = BackupSet.Status.FAILED
+            locked.error = error
+            locked.save(update_fields=["status", "error", "finished_at"])
+            locked.shard_backups.update(
+                status=BackupSet.Status.FAILED, error=error[:2000], finished_at=now
+            )
+            audit_record(
+                actor="worker",
+                action="backup.failed",
+                obj=locked,
+                details={"kind": "incremental", "error": error},
+            )
+            return locked
+        newest = None
+        raw = stored = 0
+        for instance, sbs, cap in captures:
+            for seg in cap.segments:
+                BinlogSegment.objects.create(
+                    backup_set=locked,
+                    instance=instance,
+                    instance_name=instance.name,
+                    index=seg.index,
+                    key=seg.key,
+                    first_file=seg.first_file,
+                    first_pos=seg.first_pos,
+                    last_file=seg.last_file,
+                    last_pos=seg.last_pos,
+                    first_gtid=seg.first_gtid,
+                    last_gtid=seg.last_gtid,
+                    first_event_at=seg.first_event_at,
+                    last_event_at=seg.last_event_at,
+                    events=seg.events,
+                    raw_bytes=seg.raw_bytes,
+                    stored_bytes=seg.stored_bytes,
+                    sha256=seg.sha256,
+                    tables=seg.tables,
+                )
+            if cap.last_event_at and (newest is None or cap.last_event_at > newest):
+                newest = cap.last_event_at
+            raw += cap.raw_bytes
+            stored += cap.stored_bytes
+            for sb in sbs:
+                sb.end_binlog_file = cap.end_file
+                sb.end_binlog_pos = cap.end_pos
+                sb.end_gtid = cap.end_gtid
+                sb.status = BackupSet.Status.SUCCEEDED
+                sb.finished_at = now
+                sb.raw_bytes = sum(s.raw_bytes for s in cap.segments)
+                sb.stored_bytes = sum(s.stored_bytes for s in cap.segments)
+                sb.save(
+                    update_fields=[
+                        "end_binlog_file",
+                        "end_binlog_pos",
+                        "end_gtid",
+                        "status",
+                        "finished_at",
+                        "raw_bytes",
+                        "stored_bytes",
+                    ]
+                )
+        locked.status = BackupSet.Status.SUCCEEDED
+        locked.consistent_at = newest or (locked.parent.consistent_at if locked.parent_id else None)
+        locked.raw_bytes = raw
+        locked.stored_bytes = stored
+        locked.manifest_sha256 = manifest_sha256
+        locked.progress_text = f"{sum(c.events for _i, _s, c in captures)} binlog events"
+        locked.save()
+        audit_record(
+            actor="worker",
+            action="backup.succeeded",
+            obj=locked,
+            details={
+                "kind": "incremental",
+                "raw_bytes": raw,
+                "stored_bytes": stored,
+                "consistent_at": locked.consistent_at,
+            },
+        )
+        cluster_id = locked.cluster_id
+        transaction.on_commit(lambda: _reschedule_quietly(cluster_id))
+    return locked
+
+
+def _reschedule_quietly(cluster_id: int) -> None:
+    try:
+        continuous_capture_schedule(cluster=Cluster.objects.get(pk=cluster_id))
+    except Exception:  # noqa: BLE001 - scheduling must never fail a finished backup
+        log.exception("scheduling continuous capture of cluster %s failed", cluster_id)
+
+
+# ------------------------------------------------------------------------------ chains
+
+
+def backup_set_delete_check(*, backup_set: BackupSet) -> None:
+    """Raise ChainError when a later set depends on `backup_set` (delete and expiry call this)."""
+    child = (
+        BackupSet.objects.filter(parent=backup_set)
+        .exclude(
+            status__in=[
+                BackupSet.Status.FAILED,
+                BackupSet.Status.CANCELLED,
+                BackupSet.Status.EXPIRED,
+            ]
+        )
+        .order_by("id")
+        .first()
+    )
+    if child is not None:
+        raise ChainError(
+            f"set {backup_set.pk} cannot be removed: incremental set {child.pk} depends on it; "
+            "remove the later sets of the chain first"
+        )
+
+
+def pitr_resolve(*, cluster: Cluster, at: datetime) -> tuple[BackupSet, list[BackupSet]]:
+    """The newest succeeded full set at or before `at` and the unbroken incrementals up to `at`.
+
+    ChainError when no full set precedes `at` or the chain does not reach it (the
+    message names the newest recoverable point).
+    """
+    from backups.selectors.incrementals import chain_after
+
+    if timezone.is_naive(at):
+        at = timezone.make_aware(at, timezone.utc)
+    fulls = BackupSet.objects.filter(
+        cluster=cluster,
+        kind=BackupSet.Kind.FULL,
+        status=BackupSet.Status.SUCCEEDED,
+        consistent_at__lte=at,
+    ).order_by("-consistent_at", "-id")
+    newest_point = None
+    for full in fulls:
+        chain = chain_after(full)
+        needed: list[BackupSet] = []
+        if full.consistent_at and full.consistent_at >= at:
+            return full, []
+        for incremental in chain:
+            needed.append(incremental)
+            if incremental.consistent_at and incremental.consistent_at >= at:
+                return full, needed
+        point = chain[-1].consistent_at if chain else full.consistent_at
+        if point and (newest_point is None or point > newest_point):
+            newest_point = point
+        break  # only the newest full set before `at` counts; older chains end before it
+    if newest_point is None:
+        raise ChainError(
+            f"no succeeded full backup of {cluster.name} at or before {at.isoformat()}"
+        )
+    raise ChainError(
+        f"the backups of {cluster.name} do not reach {at.isoformat()}: "
+        f"the newest recoverable point is {newest_point.isoformat()}"
+    )
+
+
+def _segment_sources(chain: list[BackupSet], instance_name: str, storage_for):
+    from backups.engine import codec
+    from backups.engine.binlog_apply import SegmentSource
+
+    sources = []
+    for incremental in chain:
+        storage = storage_for(incremental)
+        data_key = _unwrap_data_key(incremental)
+        for seg in incremental.segments.filter(instance_name=instance_name).order_by("index"):
+            entry = {
+                "key": seg.key,
+                "first_file": seg.first_file,
+                "first_pos": seg.first_pos,
+                "last_file": seg.last_file,
+                "last_pos": seg.last_pos,
+                "tables": seg.tables,
+            }
+
+            def open_segment(seg=seg, storage=storage, data_key=data_key):
+                stored = storage.get_stream(
+                    seg.key, expect_sha256=seg.sha256, expect_size=seg.stored_bytes
+                )
+                return codec.decode(
+                    stored, data_key=data_key, aad=seg.key.encode(), object_key=seg.key
+                )
+
+            sources.append(SegmentSource(entry=entry, open=open_segment))
+    return sources
+
+
+def pitr_apply(
+    *,
+    run=None,
+    shard: dict,
+    target,
+    target_database: str,
+    at: datetime,
+    table_renames: dict[str, str] | None = None,
+    full_set: BackupSet | None = None,
+    progress=None,
+    should_cancel=None,
+):
+    """Roll one restored shard forward from its full set's coordinates to `at`.
+
+    `shard` is the full set's manifest entry for the shard (name, instance, database,
+    binlog_file, binlog_pos); `table_renames` maps source tables to the names they were
+    loaded under (None: every table, same names). Applies whole transactions committed
+    at or before `at` (to the second), idempotently; returns the engine's ApplyResult
+    and records the instant on `run.restored_to`.
+    """
+    from backups.engine.binlog_apply import apply_segments
+
+    if full_set is None:
+        full_set = run.request.source_set
+    if timezone.is_naive(at):
+        at = timezone.make_aware(at, timezone.utc)
+    chain = _cut_chain(_chain_from(full_set), at)
+    sources = _segment_sources(chain, shard["instance"], _storage_for)
+    result = apply_segments(
+        target=target,
+        source_database=shard["database"],
+        target_database=target_database,
+        stream=shard["instance"],
+        segments=sources,
+        start_file=shard["binlog_file"],
+        start_pos=int(shard["binlog_pos"]),
+        until=at,
+        tables=table_renames,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
+    if run is not None:
+        type(run).objects.filter(pk=run.pk).update(restored_to=at.replace(microsecond=0))
+    return result
+
+
+def _chain_from(full_set: BackupSet) -> list[BackupSet]:
+    from backups.selectors.incrementals import chain_after
+
+    return chain_after(full_set)
+
+
+def _cut_chain(chain: list[BackupSet], at: datetime) -> list[BackupSet]:
+    needed = []
+    for incremental in chain:
+        needed.append(incremental)
+        if incremental.consistent_at and incremental.consistent_at >= at:
+            return needed
+    newest = chain[-1].consistent_at if chain else None
+    raise ChainError(
+        f"the chain does not reach {at.isoformat()}: the newest recoverable point is "
+        f"{newest.isoformat() if newest else 'the full set itself'}"
+    )
+
+
+def aligned_instant(*, full_set: BackupSet) -> datetime | None:
+    """For a lockfree set: the instant every shard can be rolled forward to (latest snapshot).
+
+    Alignment is to the second and across independent server clocks (DESIGN.md).
+    """
+    times = [sb.snapshot_at for sb in full_set.shard_backups.all() if sb.snapshot_at]
+    if not times:
+        return full_set.consistent_at
+    latest = max(times)
+    return latest.replace(microsecond=0) + (
+        timedelta(seconds=1) if latest.microsecond else timedelta(0)
+    )
+
+
+# ---------------------------------------------------------------------- continuous capture
+
+
+def schedule_job_id(cluster_id: int) -> str:
+    return f"incremental-schedule-{cluster_id}"
+
+
+def continuous_capture_schedule(*, cluster: Cluster) -> bool:
+    """Queue the next incremental of `cluster` in N minutes (BackupPolicy), unless one is queued.
+
+    Returns whether a capture is scheduled. Uses RQ's scheduler (`enqueue_in`; workers run
+    with --with-scheduler); at most one scheduled capture per cluster exists at a time.
+    """
+    import django_rq
+
+    policy = BackupPolicy.objects.filter(cluster=cluster).first()
+    minutes = policy.incremental_every_minutes if policy else 0
+    if minutes <= 0:
+        return False
+    queue = django_rq.get_queue(SCHEDULE_QUEUE)
+    prefix = schedule_job_id(cluster.pk) + "-"
+    if any(job_id.startswith(prefix) for job_id in queue.scheduled_job_registry.get_job_ids()):
+        return True
+    from backups.jobs.incrementals import continuous_capture_job
+
+    due = timezone.now() + timedelta(minutes=minutes)
+    queue.enqueue_at(
+        due,
+        continuous_capture_job,
+        cluster.pk,
+        job_id=f"{prefix}{int(due.timestamp())}",
+        description=f"continuous capture of {cluster.name} every {minutes} min",
+        result_ttl=3600,
+    )
+    return True
+
+
+def continuous_capture_tick(*, cluster: Cluster) -> BackupSet | None:
+    """Start an incremental now if the policy still asks for one; then schedule the next."""
+    policy = BackupPolicy.objects.filter(cluster=cluster).first()
+    if not policy or policy.incremental_every_minutes <= 0:
+        return None
+    backup_set = None
+    try:
+        backup_set = incremental_start(cluster=cluster, actor="scheduler")
+    except BackupRefused as exc:
+        backup_set = exc.backup_set
+    except BackupError as exc:
+        log.warning("continuous capture of %s skipped: %s", cluster.name, exc)
+    return backup_set
