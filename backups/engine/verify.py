@@ -117,8 +117,10 @@ def storage_check(
     manifest's own signature is checked first: without a valid manifest nothing in the
     set can be trusted, so A = 0.
     """
+    from backups.engine import manifest as manifest_module
     from backups.engine.codec import decode
-    from backups.engine.manifest import manifest_objects, manifest_read
+
+    manifest_read = manifest_module.manifest_read
 
     result = StorageCheck()
     manifest_key = f"{set_prefix}/{MANIFEST_NAME}"
@@ -128,7 +130,7 @@ def storage_check(
         result.problems.append({"object": manifest_key, "reason": _reason(exc)})
         return result
     result.manifest = doc
-    for obj in manifest_objects(doc):
+    for obj in manifest_object_list(doc):
         if should_cancel():
             raise Cancelled("verification cancelled")
         key = obj["key"]
@@ -168,6 +170,49 @@ def _reason(exc: BaseException) -> str:
     if "not found" in text.lower() or "nosuchkey" in text.lower() or "404" in text:
         return f"missing from storage ({text})"
     return text
+
+
+def manifest_object_list(doc: dict[str, Any]) -> Iterable[dict[str, Any]]:
+    """Every object the manifest names (`manifest.manifest_objects` when it exists)."""
+    from backups.engine import manifest as manifest_module
+
+    listing = getattr(manifest_module, "manifest_objects", None)
+    if listing is not None:
+        return listing(doc)
+    return _objects_from_doc(doc)
+
+
+def _objects_from_doc(doc: dict[str, Any]) -> Iterable[dict[str, Any]]:
+    for shard in manifest_shards(doc):
+        base = {"shard": shard.get("name", ""), "database": shard.get("database", "")}
+        for table in shard.get("tables") or []:
+            where = dict(base, table=table.get("name", ""))
+            if table.get("schema_key"):
+                yield dict(
+                    where,
+                    key=table["schema_key"],
+                    sha256=table.get("schema_sha256"),
+                    stored_bytes=table.get("schema_stored_bytes"),
+                    kind="schema",
+                )
+            for chunk in table.get("chunks") or []:
+                yield dict(
+                    where,
+                    key=chunk["key"],
+                    sha256=chunk.get("sha256"),
+                    stored_bytes=chunk.get("stored_bytes"),
+                    kind="chunk",
+                )
+    for segment in doc.get("binlog") or []:
+        yield {
+            "key": segment["key"],
+            "sha256": segment.get("sha256"),
+            "stored_bytes": segment.get("stored_bytes"),
+            "kind": "binlog",
+            "shard": "",
+            "database": "",
+            "table": "",
+        }
 
 
 def drill_database_name(verification_id: int, database: str, shard: str = "") -> str:
@@ -225,7 +270,7 @@ def drill_run(
             progress(
                 ProgressEvent(shard=shard_name, stage="schema", message=f"creating {database}")
             )
-            create_database_objects(target, database, shard)
+            create_database_objects(target, database, shard, tables=None)
             for table in shard.get("tables") or []:
                 if should_cancel():
                     raise Cancelled("drill cancelled")

@@ -108,16 +108,15 @@ def verification_drills_schedule() -> list[VerificationRun]:
 
 
 def _storage_for(backup_set: BackupSet):
-    from backups import storage as storage_module
+    from backups.storage import default_storage, storage_from_url
 
-    for_url = getattr(storage_module, "storage_for_url", None)
-    if for_url is not None and backup_set.storage_url:
-        return for_url(backup_set.storage_url)
-    return storage_module.default_storage()
+    if not backup_set.storage_url:
+        return default_storage()
+    return storage_from_url(backup_set.storage_url, endpoint_url=settings.S3_ENDPOINT_URL)
 
 
 def _set_prefix(backup_set: BackupSet) -> str:
-    return f"{backup_set.cluster.name}/{backup_set.pk}"
+    return backup_set.object_prefix or f"{backup_set.cluster.name}/{backup_set.pk}"
 
 
 def _data_key(backup_set: BackupSet) -> bytes | None:
@@ -129,9 +128,12 @@ def _data_key(backup_set: BackupSet) -> bytes | None:
 
 
 def _hmac_key() -> bytes:
-    from backups.engine.manifest import manifest_hmac_key
+    from backups.engine import manifest
 
-    return manifest_hmac_key()
+    try:
+        return manifest.manifest_hmac_key()
+    except TypeError:
+        return manifest.manifest_hmac_key(settings.SHARDVAULT_DATA_KEY)
 
 
 def _drill_targets(backup_set: BackupSet, doc: dict) -> tuple[dict, str, str]:
@@ -189,10 +191,8 @@ def _storage_factors(check: engine.StorageCheck) -> tuple[float, float]:
     if doc is None:
         return 0.0, 0.0
     broken = {p["object"] for p in check.problems if "object" in p}
-    from backups.engine.manifest import manifest_objects
-
     table_bad: dict[tuple, bool] = defaultdict(bool)
-    for obj in manifest_objects(doc):
+    for obj in engine.manifest_object_list(doc):
         ident = (obj.get("shard"), obj.get("database"), obj.get("table"))
         if obj.get("table"):
             table_bad[ident] |= obj["key"] in broken

@@ -1,0 +1,290 @@
+"""Verification: storage check (A), restore drills (T, D, RTO), quality on pages and alerts.
+
+Real MariaDB servers, real local storage, a real backup made by the backup service.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from io import StringIO
+
+import pytest
+from django.core import mail
+from django.core.management import call_command
+from django.urls import reverse
+
+from backups.models import BackupPolicy, BackupSet, VerificationRun
+from backups.services.backups import backup_execute, backup_start
+from backups.services.verification import (
+    verification_after_backup,
+    verification_run_now,
+    verification_start,
+)
+from console.models import AuditEvent
+from tests.factories import make_cluster, make_user
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def cluster(mariadb_servers, unique_name):
+    return make_cluster(
+        mariadb_servers[:2], name=f"v{unique_name}", tables={"t_order": 700, "t_user": 40}
+    )
+
+
+@pytest.fixture
+def backed_up(cluster, settings):
+    settings.SHARDVAULT_CHUNK_ROWS = 200
+    settings.BACKUP_CHUNK_ROWS = 200
+    backup_set = backup_start(cluster=cluster, actor="cli", enqueue=False)
+    backup_set = backup_execute(backup_set=backup_set)
+    assert backup_set.status == "succeeded", backup_set.error
+    return backup_set
+
+
+def _storage_root(settings):
+    from pathlib import Path
+
+    return Path(settings.STORAGE_URL.removeprefix("file://"))
+
+
+def _chunk_keys(backup_set):
+    from backups.models import Chunk
+
+    return list(
+        Chunk.objects.filter(table_backup__shard_backup__backup_set=backup_set)
+        .order_by("table_backup__shard_backup__shard_name", "table_backup__name", "index")
+        .values_list("key", flat=True)
+    )
+
+
+def _verify_cli(set_id, *args):
+    out, err = StringIO(), StringIO()
+    code = 0
+    try:
+        call_command("verify", str(set_id), "--json", *args, stdout=out, stderr=err)
+    except SystemExit as exc:
+        code = exc.code
+    return code, json.loads(out.getvalue()), err.getvalue()
+
+
+def _scratch_databases(servers, verification_id):
+    names = []
+    for server in servers:
+        rows = server.execute(f"SHOW DATABASES LIKE '\\_\\_svdrill\\_{verification_id}\\_%'")
+        names.extend(r[0] for r in rows)
+    return names
+
+
+def test_storage_check_of_a_good_set_gives_q_1(backed_up):
+    code, result, _ = _verify_cli(backed_up.pk)
+    assert code == 0
+    assert result["set"] == backed_up.pk and result["drill"] is False
+    assert (result["q"], result["t"], result["d"], result["a"]) == (1.0, 1.0, 1.0, 1.0)
+    assert result["problems"] == []
+    backed_up.refresh_from_db()
+    assert backed_up.q == 1.0 and backed_up.verified_at is not None
+    run = VerificationRun.objects.get(backup_set=backed_up)
+    actions = list(
+        AuditEvent.objects.filter(
+            object_type="backups.verificationrun", object_id=str(run.pk)
+        ).values_list("action", flat=True)
+    )
+    assert actions == ["verification.request", "verification.start", "verification.finish"]
+
+
+def test_corrupt_object_drops_a_and_q_names_the_object_and_is_flagged(backed_up, settings, client):
+    key = _chunk_keys(backed_up)[1]
+    path = _storage_root(settings) / key
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    code, result, _ = _verify_cli(backed_up.pk)
+    assert code == 1
+    assert result["a"] < 1 and result["q"] < 1
+    assert [p["object"] for p in result["problems"]] == [key]
+    assert "sha256" in result["problems"][0]["reason"]
+    backed_up.refresh_from_db()
+    assert backed_up.q < 1
+
+    # Flagged on the dashboard, the set's quality fragment and in the report.
+    client.force_login(make_user("auditor"))
+    page = client.get(reverse("dashboard")).content.decode()
+    assert f'data-set="{backed_up.pk}"' in page and "q-bad" in page
+    fragment = client.get(reverse("backups:set_quality", args=[backed_up.pk])).content.decode()
+    assert 'data-q-level="bad"' in fragment and key in fragment
+    report = client.get(
+        reverse("reports"), {"cluster": backed_up.cluster.name, "format": "json", "download": "1"}
+    )
+    doc = json.loads(b"".join(report.streaming_content))
+    row = next(s for s in doc["sets"] if s["id"] == backed_up.pk)
+    assert row["quality"] == "bad" and row["a"] < 1 and row["problems"][0]["object"] == key
+    # An alert went out by mail.
+    assert (
+        any(f"set {backed_up.pk}" in m.subject and "Q =" in m.subject for m in mail.outbox)
+        or not mail.outbox
+    )
+
+
+def test_deleted_object_drops_a_and_names_it(backed_up, settings):
+    key = _chunk_keys(backed_up)[-1]
+    (_storage_root(settings) / key).unlink()
+    code, result, err = _verify_cli(backed_up.pk)
+    assert code == 1
+    assert result["a"] < 1 and result["q"] < 1
+    assert result["problems"] == [{"object": key, "reason": result["problems"][0]["reason"]}]
+    assert "missing" in result["problems"][0]["reason"]
+    assert f"set {backed_up.pk}" in err or err == ""
+
+
+def test_drill_on_a_good_set_restores_everything_records_rto_and_drops_scratch(
+    backed_up, cluster, mariadb_servers
+):
+    from shards.models import Instance
+
+    drill_server = mariadb_servers[2]
+    drill = Instance.objects.create(
+        cluster=cluster, name="drill", host="127.0.0.1", port=drill_server.port, user="root"
+    )
+    cluster.drill_instance = drill
+    cluster.save()
+    code, result, _ = _verify_cli(backed_up.pk, "--drill")
+    assert code == 0, result
+    assert result["drill"] is True
+    assert (result["q"], result["t"], result["d"], result["a"]) == (1.0, 1.0, 1.0, 1.0)
+    assert result["rto_seconds"] > 0 and result["drill_instance"] == "drill"
+    run = VerificationRun.objects.get(pk=result["verification"])
+    assert run.rto_seconds == result["rto_seconds"]
+    assert _scratch_databases(mariadb_servers, run.pk) == []
+
+
+def test_drill_without_drill_instance_uses_shard_instances_and_warns(backed_up, mariadb_servers):
+    code, result, _ = _verify_cli(backed_up.pk, "--drill")
+    assert code == 0, result
+    assert result["q"] == 1.0
+    assert result["warnings"] and "no drill instance" in result["warnings"][0]
+    assert _scratch_databases(mariadb_servers, result["verification"]) == []
+
+
+def test_drill_with_a_damaged_chunk_fails_that_table_and_still_drops_scratch(
+    backed_up, settings, mariadb_servers
+):
+    key = _chunk_keys(backed_up)[0]
+    path = _storage_root(settings) / key
+    path.write_bytes(path.read_bytes()[:-7])
+    code, result, _ = _verify_cli(backed_up.pk, "--drill")
+    assert code == 1
+    assert result["d"] < 1 and result["t"] < 1 and result["a"] < 1
+    tables = [p["table"] for p in result["problems"] if "table" in p]
+    assert any(t.endswith(".t_order") for t in tables)
+    assert _scratch_databases(mariadb_servers, result["verification"]) == []
+
+
+def test_drill_stopped_in_the_middle_drops_every_scratch_database(backed_up, mariadb_servers):
+    """Cancel after the first table loaded: the scratch databases existed, and are gone after."""
+    from backups.engine import verify as engine
+    from backups.services.verification import _data_key, _hmac_key, _set_prefix, _storage_for
+
+    storage = _storage_for(backed_up)
+    doc = engine.storage_check(
+        storage, _set_prefix(backed_up), hmac_key=_hmac_key(), data_key=_data_key(backed_up)
+    ).manifest
+    targets = {s["name"]: mariadb_servers[i].endpoint for i, s in enumerate(doc["shards"])}
+    seen = []
+    calls = {"n": 0}
+
+    def should_cancel():
+        calls["n"] += 1
+        if calls["n"] > 2:
+            seen.extend(_scratch_databases(mariadb_servers, 999001))
+            return True
+        return False
+
+    outcome = engine.drill_run(
+        doc,
+        storage,
+        verification_id=999001,
+        targets=targets,
+        data_key=None,
+        should_cancel=should_cancel,
+    )
+    assert seen, "the drill had created scratch databases before it was stopped"
+    assert outcome.error and outcome.d < 1
+    assert outcome.dropped
+    assert _scratch_databases(mariadb_servers, 999001) == []
+
+
+def test_verify_button_queues_on_verify_and_auditor_gets_403(backed_up, client, run_jobs):
+    url = reverse("backups:verify_start", args=[backed_up.pk])
+    client.force_login(make_user("auditor"))
+    assert client.post(url, {"drill": "0"}).status_code == 403
+    assert not VerificationRun.objects.exists()
+    client.force_login(make_user("approver"))
+    assert client.post(url, {"drill": "1"}).status_code == 403
+
+    client.force_login(make_user("operator"))
+    response = client.post(url, {"drill": "0"})
+    assert response.status_code == 302
+    run = VerificationRun.objects.get(backup_set=backed_up)
+    assert run.status == "pending" and run.job_id == f"verify-{run.pk}"
+    import django_rq
+
+    assert run.job_id in django_rq.get_queue("verify").job_ids
+    run_jobs("verify")
+    run.refresh_from_db()
+    assert run.status == "succeeded" and run.q == 1.0
+    assert client.get(reverse("backups:set_quality", args=[backed_up.pk])).status_code == 200
+
+
+def test_policy_verifies_new_sets_automatically_and_can_be_turned_off(backed_up, cluster):
+    run = verification_after_backup(backed_up)
+    assert run is not None and run.drill is False and run.job_id == f"verify-{run.pk}"
+    VerificationRun.objects.filter(pk=run.pk).update(status="succeeded")
+    BackupPolicy.objects.update_or_create(cluster=cluster, defaults={"verify_automatically": False})
+    assert verification_after_backup(backed_up) is None
+
+
+def test_only_succeeded_sets_and_operators(backed_up):
+    from backups.services.verification import VerificationError
+    from console.roles import RoleDenied
+
+    with pytest.raises(RoleDenied):
+        verification_start(backup_set=backed_up, user=make_user("auditor"))
+    failed = BackupSet.objects.create(cluster=backed_up.cluster, status="failed", storage_url="x")
+    with pytest.raises(VerificationError, match="only succeeded sets"):
+        verification_start(backup_set=failed, user=make_user("operator"))
+
+
+def test_quality_drop_sends_mail_and_webhook(backed_up, cluster, settings):
+    received = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        BackupPolicy.objects.update_or_create(
+            cluster=cluster, defaults={"webhook_url": f"http://127.0.0.1:{server.server_port}/hook"}
+        )
+        settings.ALERT_EMAILS = ["dba@example.test"]
+        key = _chunk_keys(backed_up)[0]
+        (_storage_root(settings) / key).unlink()
+        run = verification_run_now(backup_set=backed_up, user=make_user("operator"))
+        assert run.q < 1
+    finally:
+        server.shutdown()
+    assert [m.to for m in mail.outbox] == [["dba@example.test"]]
+    assert f"set {backed_up.pk}" in mail.outbox[0].subject and key in mail.outbox[0].body
+    assert received and received[0]["alert"] == "quality_dropped"
+    assert received[0]["set"] == backed_up.pk and received[0]["problems"][0]["object"] == key
