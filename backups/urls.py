@@ -1,6 +1,6 @@
 from django.urls import path
 
-from backups.views import sets
+from backups.views import sets, verify
 
 app_name = "backups"
 urlpatterns = [
@@ -9,4 +9,6 @@ urlpatterns = [
     path("<int:pk>/", sets.set_detail, name="set_detail"),
     path("<int:pk>/progress/", sets.set_progress, name="set_progress"),
     path("<int:pk>/cancel/", sets.set_cancel, name="set_cancel"),
+    path("<int:set_id>/verify/", verify.verify_start, name="verify_start"),
+    path("<int:set_id>/quality/", verify.set_quality_view, name="set_quality"),
 ]
