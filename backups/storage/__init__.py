@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
-from backups.storage.base import ObjectInfo, Storage, StorageError, StoredObject
+from backups.storage.base import ObjectInfo, Storage, StorageError, StoredObject, key_part
 
 __all__ = [
     "ObjectInfo",
@@ -17,6 +17,7 @@ __all__ = [
     "StorageError",
     "StoredObject",
     "default_storage",
+    "key_part",
     "storage_from_url",
 ]
 

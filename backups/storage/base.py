@@ -52,6 +52,27 @@ def check_key(key: str) -> str:
     return key
 
 
+def key_part(name: str) -> str:
+    """One path segment for a key built from a name (database, table, binlog file).
+
+    MySQL allows almost any character in quoted identifiers; "/", "\\", "%" and control
+    characters are percent-encoded and "." / ".." are escaped, so a name always stays one
+    segment and maps back with `urllib.parse.unquote`.
+    """
+    if not name:
+        raise StorageError("a key segment cannot be built from an empty name")
+    out = []
+    for char in name:
+        if char in "/\\%" or ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append("".join(f"%{byte:02X}" for byte in char.encode()))
+        else:
+            out.append(char)
+    part = "".join(out)
+    if part in (".", ".."):
+        part = part.replace(".", "%2E")
+    return part
+
+
 def check_prefix(prefix: str) -> str:
     """A listing prefix: empty (everything) or a key-like string, possibly ending in '/'."""
     if prefix:
@@ -135,6 +156,8 @@ class Storage(ABC):
             raise IntegrityError(
                 key, f"stored object has {size} bytes, the manifest records {expect_size}"
             )
+        if expect_sha256 is not None and not expect_sha256:
+            raise IntegrityError(key, "the manifest records no sha256 to check it against")
         if expect_sha256 is not None and digest.hexdigest() != expect_sha256.lower():
             raise IntegrityError(
                 key,

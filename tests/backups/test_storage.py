@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from backups.engine.types import IntegrityError
-from backups.storage import default_storage, storage_from_url
+from backups.storage import default_storage, key_part, storage_from_url
 from backups.storage.base import StorageError
 from backups.storage.local import LocalStorage
 from backups.storage.s3 import MIN_PART_SIZE, S3Storage
@@ -274,3 +274,24 @@ def test_put_stream_memory_stays_bounded(tmp_path):
     assert stored.size == total
     peak = max(peak, process.memory_info().rss)
     assert peak - baseline < 40 * MIB
+
+
+def test_names_with_slashes_stay_one_key_segment(storage):
+    from urllib.parse import unquote
+
+    names = ["t_order_0", "we/ird", "..", "50%", "tab\tle", "订单"]
+    for name in names:
+        part = key_part(name)
+        assert "/" not in part and unquote(part) == name
+        storage.put_bytes(f"c/1/db/{part}/schema.sql", name.encode())
+    assert sorted(o.key.split("/")[3] for o in storage.list("c/1/db/")) == sorted(
+        key_part(name) for name in names
+    )
+    with pytest.raises(StorageError):
+        key_part("")
+
+
+def test_missing_recorded_hash_is_not_silently_accepted(storage):
+    storage.put_bytes("c/1/x", b"abc")
+    with pytest.raises(IntegrityError, match="records no sha256"):
+        storage.get_bytes("c/1/x", expect_sha256="")
