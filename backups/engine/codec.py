@@ -15,8 +15,8 @@ backup set; at 1 MiB per frame the NIST bound of 2**32 random nonces per key is 
 Both directions stream with bounded memory (about two frames), reuse compressor contexts
 and produce 1 MiB pieces.
 
-Truncation of an *unencrypted* object is caught by the storage layer (size and sha256 from
-the manifest are checked on every read); zstd's own frame checksum catches altered bytes.
+Truncation of an unencrypted object is caught by following the zstd block headers (besides
+the storage layer's size and sha256 checks); zstd's own frame checksum catches altered bytes.
 """
 
 from __future__ import annotations
@@ -141,14 +141,118 @@ def encode(
 # -- decoding --------------------------------------------------------------------------------
 
 
+class _FrameTracker:
+    """Follows zstd frame and block headers as bytes pass, to tell a whole stream from a cut one.
+
+    python-zstandard's streaming reader ends quietly when its input stops mid-frame; this
+    walks only the 3-byte block headers (one per <=128 KiB block), so it costs next to nothing.
+    """
+
+    _FCS_BYTES = (0, 2, 4, 8)
+    _DICT_BYTES = (0, 1, 2, 4)
+
+    def __init__(self) -> None:
+        self.state = "magic"
+        self.need = 4
+        self.header = bytearray()
+        self.skip = 0
+        self.frames = 0
+        self.invalid = ""
+        self._last = False
+        self._checksum = False
+
+    @property
+    def complete(self) -> bool:
+        return (
+            not self.invalid
+            and self.frames > 0
+            and self.state == "magic"
+            and not self.header
+            and not self.skip
+        )
+
+    def feed(self, data: bytes) -> None:
+        position, size = 0, len(data)
+        while position < size and not self.invalid:
+            if self.skip:
+                take = min(self.skip, size - position)
+                self.skip -= take
+                position += take
+                if not self.skip:
+                    self._after_content()
+                continue
+            take = min(self.need - len(self.header), size - position)
+            self.header += data[position : position + take]
+            position += take
+            if len(self.header) == self.need:
+                header = bytes(self.header)
+                self.header.clear()
+                self._on_header(header)
+
+    def _expect(self, state: str, need: int) -> None:
+        self.state, self.need = state, need
+        if need == 0:
+            self._on_header(b"")
+
+    def _on_header(self, header: bytes) -> None:
+        if self.state == "magic":
+            if header == ZSTD_MAGIC:
+                self._expect("descriptor", 1)
+            elif header[1:] == b"\x2a\x4d\x18" and header[0] & 0xF0 == 0x50:
+                self._expect("skippable", 4)
+            else:
+                self.invalid = "not zstd data"
+        elif self.state == "descriptor":
+            descriptor = header[0]
+            single_segment = bool(descriptor & 0x20)
+            self._checksum = bool(descriptor & 0x04)
+            fcs = self._FCS_BYTES[descriptor >> 6] or (1 if single_segment else 0)
+            rest = (0 if single_segment else 1) + self._DICT_BYTES[descriptor & 0x03] + fcs
+            self._expect("frame header", rest)
+        elif self.state == "frame header":
+            self._expect("block", 3)
+        elif self.state == "block":
+            word = int.from_bytes(header, "little")
+            self._last = bool(word & 1)
+            block_type = (word >> 1) & 3
+            if block_type == 3:
+                self.invalid = "reserved block type"
+                return
+            self.skip = 1 if block_type == 1 else word >> 3
+            if not self.skip:
+                self._after_content()
+        elif self.state == "skippable":
+            self.skip = int.from_bytes(header, "little")
+            self.state = "skippable content"
+            if not self.skip:
+                self._after_content()
+        elif self.state == "checksum":
+            self._frame_done()
+
+    def _after_content(self) -> None:
+        if self.state == "skippable content":
+            self._expect("magic", 4)
+        elif not self._last:
+            self._expect("block", 3)
+        elif self._checksum:
+            self._expect("checksum", 4)
+        else:
+            self._frame_done()
+
+    def _frame_done(self) -> None:
+        self.frames += 1
+        self._expect("magic", 4)
+
+
 class _Reader:
     """A file-like `read(n)` over an iterator of byte strings, without copying whole chunks."""
 
-    def __init__(self, chunks: Iterable[bytes]):
+    def __init__(self, chunks: Iterable[bytes], tracker: _FrameTracker | None = None):
         self._chunks = iter(chunks)
         self._buffer = b""
         self._position = 0
         self.total = 0
+        self.tracker = tracker
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
@@ -164,6 +268,8 @@ class _Reader:
                     break
                 self._position = 0
                 self.total += len(self._buffer)
+                if self.tracker is not None:
+                    self.tracker.feed(self._buffer)
                 continue
             take = min(need, available)
             if self._position == 0 and take == len(self._buffer):
@@ -229,6 +335,10 @@ def _decompress(source: _Reader, key: str) -> Iterator[bytes]:
         raise CodecError(f"decompression failed: corrupted data ({exc})", key) from None
     if source.total == 0:
         raise CodecError("decompression failed: the object is empty", key)
+    tracker = source.tracker
+    if tracker is not None and not tracker.complete:
+        reason = tracker.invalid or "the compressed data is truncated"
+        raise CodecError(f"decompression failed: {reason}", key)
 
 
 def decode(
@@ -243,12 +353,13 @@ def decode(
     Raises CodecError (an IntegrityError) when the key is wrong or the data was altered,
     reordered or cut short; `object_key` only names the object in that message.
     """
-    reader = _Reader(stored_chunks)
     if data_key is None:
+        reader = _Reader(stored_chunks, _FrameTracker())
         return _decode_plain(reader, object_key)
     if len(data_key) != 32:
         raise EngineError("an AES-256-GCM data key must be 32 bytes")
-    return _decompress(_Reader(_decrypt(reader, data_key, aad, object_key)), object_key)
+    plaintext = _decrypt(_Reader(stored_chunks), data_key, aad, object_key)
+    return _decompress(_Reader(plaintext, _FrameTracker()), object_key)
 
 
 def _decode_plain(reader: _Reader, key: str) -> Iterator[bytes]:

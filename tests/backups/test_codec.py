@@ -182,6 +182,22 @@ def test_corrupted_plain_zstd_fails():
         b"".join(decode([bytes(stored)], data_key=None))
 
 
+@pytest.mark.parametrize("cut", [1, 4, 5, 1000])
+def test_truncated_plain_zstd_fails(cut):
+    """A plain zstd object cut short is refused even without a recorded size to compare."""
+    data = os.urandom(MIB) + b"".join(b"%d\tname-%d\n" % (i, i) for i in range(100_000))
+    stored = b"".join(encode(_pieces(data, 100_000), level=1, data_key=None))
+    with pytest.raises(CodecError, match="decompression failed: the compressed data is truncated"):
+        b"".join(decode(_pieces(stored[:-cut], 65_536), data_key=None))
+
+
+def test_concatenated_zstd_frames_decode():
+    """Like `zstd -d`, several frames back to back decode to their concatenation."""
+    first = b"".join(encode([b"1\ta\n"], level=1, data_key=None))
+    second = b"".join(encode([b"2\tb\n" * 50_000], level=1, data_key=None))
+    assert b"".join(decode([first + second], data_key=None)) == b"1\ta\n" + b"2\tb\n" * 50_000
+
+
 def test_nonces_are_never_reused():
     key = new_data_key()
     data = os.urandom(3 * MIB)
