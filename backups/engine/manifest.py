@@ -190,10 +190,15 @@ def manifest_objects(doc: dict) -> Iterator[dict]:
         yield item
 
 
-def manifest_hmac_key() -> bytes:
-    """The manifest signing key derived from settings.SHARDVAULT_DATA_KEY (read lazily)."""
-    from django.conf import settings
+def manifest_hmac_key(master_key: str | None = None) -> bytes:
+    """The manifest signing key, derived from `master_key` or settings.SHARDVAULT_DATA_KEY."""
+    from console.keys import KeyError_, derive_key
 
-    from console.keys import derive_key
+    if master_key is None:
+        from django.conf import settings
 
-    return derive_key(settings.SHARDVAULT_DATA_KEY, "manifest-hmac")
+        master_key = settings.SHARDVAULT_DATA_KEY
+    try:
+        return derive_key(master_key, "manifest-hmac")
+    except KeyError_ as exc:
+        raise EngineError(str(exc)) from exc

@@ -13,6 +13,7 @@ answers with backoff (adaptive mode); reads that break mid-stream resume with a 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -45,13 +46,14 @@ MIN_PART_SIZE = 5 * MIB  # S3's floor for every part but the last
 READ_RESUMES = 3
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 
-# boto3 clients are thread-safe once built; building one is slow, so share per configuration.
+# boto3 clients are thread-safe once built; building one is slow, so share per configuration
+# within a process (RQ forks a work horse per job; a child never reuses its parent's sockets).
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
 
 def _client(endpoint_url: str | None, region: str | None, addressing_style: str):
-    cache_key = (endpoint_url, region, addressing_style)
+    cache_key = (os.getpid(), endpoint_url, region, addressing_style)
     with _clients_lock:
         client = _clients.get(cache_key)
         if client is None:

@@ -255,3 +255,6 @@ def test_manifest_objects_lists_binlog_segments():
 def test_settings_hmac_key_is_derived_from_the_data_key(settings):
     assert manifest_hmac_key() == derive_key(settings.SHARDVAULT_DATA_KEY, "manifest-hmac")
     assert manifest_hmac_key() != derive_key(settings.SHARDVAULT_DATA_KEY, "backup-kek")
+    assert manifest_hmac_key(settings.SHARDVAULT_DATA_KEY) == manifest_hmac_key()
+    with pytest.raises(EngineError, match="SHARDVAULT_DATA_KEY must decode to 32 bytes"):
+        manifest_hmac_key("c2hvcnQ")

@@ -85,6 +85,9 @@ def test_multipart_stream_round_trips_with_sha256(storage):
     assert stored.size == total
     assert stored.sha256 == _sha(_stream(total))
     assert storage.head(stored.key).size == total
+    if isinstance(storage, S3Storage):
+        head = storage.client.head_object(Bucket=storage.bucket, Key=storage._full(stored.key))
+        assert head["ETag"].endswith('-3"')  # really uploaded in three parts
     back = storage.get_stream(stored.key, expect_sha256=stored.sha256, expect_size=total)
     assert _sha(back) == stored.sha256
 
