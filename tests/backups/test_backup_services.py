@@ -1,6 +1,36 @@
-import pytest
+import os
+import time
+from datetime import timedelta
 
+import django_rq
+import pytest
+from django.utils import timezone
+from rq.job import Job
+
+from backups.models import BackupSet
+from backups.services.backups import (
+    BackupError,
+    BackupRefused,
+    backup_cancel,
+    backup_start,
+    backups_reap_stale,
+)
+from backups.services.connection_slots import ConnectionSlots, slots_in_use
+from console.models import AuditEvent
+from console.roles import RoleDenied
 from tests.factories import make_cluster, make_user
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A Redis database of this module's own (12-15), so workers and queues of other test
+    sessions sharing the Redis server never take these jobs or flush them."""
+    import redis
+
+    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+    url = f"{base}/{12 + os.getpid() % 4}"
+    redis.Redis.from_url(url).flushdb()
+    return url
 
 
 @pytest.mark.django_db
@@ -16,25 +46,6 @@ def test_factory_cluster_has_real_rows_on_every_server(mariadb_servers, unique_n
 
 
 # --------------------------------------------------------------------------- start / refuse
-
-import time  # noqa: E402
-from datetime import timedelta  # noqa: E402
-
-import django_rq  # noqa: E402
-from django.utils import timezone  # noqa: E402
-from rq.job import Job  # noqa: E402
-
-from backups.models import BackupSet  # noqa: E402
-from backups.services.backups import (  # noqa: E402
-    BackupError,
-    BackupRefused,
-    backup_cancel,
-    backup_start,
-    backups_reap_stale,
-)
-from backups.services.connection_slots import ConnectionSlots, slots_in_use  # noqa: E402
-from console.models import AuditEvent  # noqa: E402
-from console.roles import RoleDenied  # noqa: E402
 
 
 @pytest.fixture

@@ -1,0 +1,111 @@
+"""`manage.py backup` and `manage.py backups list`: the command-line contract of DESIGN.md."""
+
+import io
+import json
+import os
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from backups.models import BackupSet
+from tests.factories import make_cluster, make_user
+
+JSON_KEYS = {
+    "id",
+    "cluster",
+    "kind",
+    "consistency",
+    "status",
+    "rows",
+    "raw_bytes",
+    "stored_bytes",
+    "lock_window_ms",
+    "error",
+}
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A Redis database of this module's own (12-15), so workers and queues of other test
+    sessions sharing the Redis server never take these jobs or flush them."""
+    import redis
+
+    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+    url = f"{base}/{12 + os.getpid() % 4}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+def run(*args):
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        call_command(*args, stdout=out, stderr=err)
+    except SystemExit as exc:
+        code = exc.code or 0
+    except CommandError as exc:  # argparse errors when called in-process
+        code, err = 2, io.StringIO(str(exc))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def cluster(mariadb_servers, unique_name):
+    return make_cluster(
+        mariadb_servers, name=f"cmd{unique_name}", tables={"t_order": 300, "t_user": 50}
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_backup_wait_json_runs_without_a_worker_and_prints_the_contract_keys(cluster):
+    code, out, err = run("backup", cluster.name, "--wait", "--json", "--consistency", "locked")
+    assert code == 0, err
+    result = json.loads(out)
+    assert JSON_KEYS <= set(result)
+    assert result["cluster"] == cluster.name
+    assert result["kind"] == "full" and result["consistency"] == "locked"
+    assert result["status"] == "succeeded", result["error"]
+    assert result["rows"] == 3 * (300 + 50)
+    assert result["stored_bytes"] > 0 and result["raw_bytes"] > 0
+    assert result["lock_window_ms"] is not None
+    assert result["error"] == ""
+
+    code, out, err = run("backups", "list", "--cluster", cluster.name, "--json")
+    assert code == 0, err
+    listed = json.loads(out)["sets"]
+    assert [s["id"] for s in listed] == [result["id"]]
+    assert JSON_KEYS <= set(listed[0])
+    assert listed[0]["status"] == "succeeded"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_backup_prints_the_set_id_and_a_second_one_is_refused_but_recorded(cluster):
+    code, out, err = run("backup", cluster.name)
+    assert code == 0, err
+    first = int(out.strip())
+    assert BackupSet.objects.get(pk=first).status == "pending"
+
+    code, out, err = run("backup", cluster.name, "--json")
+    assert code == 1
+    refused = json.loads(out)
+    assert refused["status"] == "failed"
+    assert "already being backed up" in refused["error"]
+    assert len(err.strip().splitlines()) == 1 and "already being backed up" in err
+    assert BackupSet.objects.get(pk=refused["id"]).status == "failed"
+
+
+@pytest.mark.django_db
+def test_backup_errors_are_one_line_and_nothing_is_recorded(cluster):
+    code, out, err = run("backup", "no-such-cluster")
+    assert code == 1 and err.strip() == "no cluster named 'no-such-cluster'"
+
+    auditor = make_user("auditor")
+    code, out, err = run("backup", cluster.name, "--as", auditor.username)
+    assert code == 1 and "may not run backups" in err
+    assert len(err.strip().splitlines()) == 1
+
+    code, out, err = run("backup", cluster.name, "--consistency", "sloppy")
+    assert code != 0
+    assert not BackupSet.objects.filter(cluster=cluster).exists()
+
+    code, out, err = run("backups", "list", "--cluster", "nope", "--json")
+    assert code == 1 and "no cluster named 'nope'" in err
