@@ -237,7 +237,7 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
 
     backup_set = run.backup_set
     progress = _Progress(run.pk)
-    warning = ""
+    warning = drill_name = ""
     try:
         storage = _storage_for(backup_set)
         data_key = _data_key(backup_set)
@@ -263,17 +263,18 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
             )
             problems.extend(outcome.problems)
             t, d, rto = outcome.t, outcome.d, outcome.rto_seconds
-            run.drill_instance_name = drill_name
         elif run.drill:
             t, d = 0.0, 0.0
         else:
             t, d = _storage_factors(check)
     except Exception as exc:  # the run fails and says why; the set keeps its previous Q
         return _verification_fail(run, str(exc) or exc.__class__.__name__)
-    return _verification_finish(run, t=t, d=d, a=a, rto=rto, problems=problems, warning=warning)
+    return _verification_finish(
+        run, t=t, d=d, a=a, rto=rto, problems=problems, warning=warning, drill_name=drill_name
+    )
 
 
-def _verification_finish(run, *, t, d, a, rto, problems, warning) -> VerificationRun:
+def _verification_finish(run, *, t, d, a, rto, problems, warning, drill_name="") -> VerificationRun:
     q = engine.quality(t, d, a)
     now = timezone.now()
     with transaction.atomic():
@@ -281,6 +282,7 @@ def _verification_finish(run, *, t, d, a, rto, problems, warning) -> Verificatio
         run = VerificationRun.objects.select_for_update().get(pk=run.pk)
         run.t, run.d, run.a, run.q = round(t, 6), round(d, 6), round(a, 6), q
         run.rto_seconds = rto
+        run.drill_instance_name = drill_name
         run.problems = problems
         run.status = BackupSet.Status.SUCCEEDED
         run.finished_at = run.heartbeat_at = now

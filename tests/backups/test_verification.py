@@ -123,11 +123,6 @@ def test_corrupt_object_drops_a_and_q_names_the_object_and_is_flagged(backed_up,
     doc = json.loads(b"".join(report.streaming_content))
     row = next(s for s in doc["sets"] if s["id"] == backed_up.pk)
     assert row["quality"] == "bad" and row["a"] < 1 and row["problems"][0]["object"] == key
-    # An alert went out by mail.
-    assert (
-        any(f"set {backed_up.pk}" in m.subject and "Q =" in m.subject for m in mail.outbox)
-        or not mail.outbox
-    )
 
 
 def test_deleted_object_drops_a_and_names_it(backed_up, settings):
@@ -138,7 +133,6 @@ def test_deleted_object_drops_a_and_names_it(backed_up, settings):
     assert result["a"] < 1 and result["q"] < 1
     assert result["problems"] == [{"object": key, "reason": result["problems"][0]["reason"]}]
     assert "missing" in result["problems"][0]["reason"]
-    assert f"set {backed_up.pk}" in err or err == ""
 
 
 def test_drill_on_a_good_set_restores_everything_records_rto_and_drops_scratch(

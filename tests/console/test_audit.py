@@ -127,3 +127,45 @@ def test_only_auditors_and_admins_see_the_audit_log(events, client, role):
 def test_admin_sees_the_audit_log(events, client):
     client.force_login(make_user("admin"))
     assert client.get(reverse("audit_log")).status_code == 200
+
+
+def _all_routes():
+    from django.urls import URLPattern, URLResolver, get_resolver
+
+    def walk(patterns, prefix=""):
+        for p in patterns:
+            if isinstance(p, URLResolver):
+                if str(p.pattern).startswith("admin/"):
+                    continue
+                yield from walk(p.url_patterns, prefix + str(p.pattern))
+            elif isinstance(p, URLPattern):
+                yield prefix + str(p.pattern), p
+
+    return list(walk(get_resolver().url_patterns))
+
+
+def test_auditor_gets_403_on_every_write_view(client, events):
+    """POST to every route (ids filled with 1): an auditor is refused and nothing changes.
+
+    A 404 (the view looked the object up first) is accepted only because the audit log,
+    which every state change writes to, stays untouched."""
+    import re
+
+    from backups.models import VerificationRun
+
+    client.force_login(make_user("auditor"))
+    allowed = {"login/", "logout/"}
+    checked = []
+    before = AuditEvent.objects.count()
+    for route, _pattern in _all_routes():
+        if route in allowed:
+            continue
+        url = "/" + re.sub(
+            r"<(?:\w+:)?(\w+)>", lambda m: "1" if "slug" not in m.group(0) else "x", route
+        )
+        status = client.post(url, {"drill": "1", "comment": "x", "reason": "x"}).status_code
+        assert status in (403, 404, 405), f"POST {url} gave {status} to an auditor"
+        checked.append(url)
+    assert "/backups/1/verify/" in checked
+    assert not VerificationRun.objects.exists()
+    assert AuditEvent.objects.count() == before
