@@ -131,6 +131,8 @@ def test_list_and_delete_prefix(storage):
     for key in ["c/1/a", "c/1/s/b", "c/10/a", "c/2/a", "d/1/a"]:
         storage.put_bytes(key, key.encode())
     assert [o.key for o in storage.list("c/1/")] == ["c/1/a", "c/1/s/b"]
+    assert [o.key for o in storage.list("c/1")] == ["c/1/a", "c/1/s/b", "c/10/a"]
+    assert list(storage.list("nothing/here/")) == []
     assert sorted(o.key for o in storage.list("c/")) == ["c/1/a", "c/1/s/b", "c/10/a", "c/2/a"]
     assert {o.key: o.size for o in storage.list("")}["d/1/a"] == 5
     assert storage.delete_prefix("c/1/") == 2
