@@ -1,0 +1,231 @@
+"""Incremental sets, chains and point-in-time restores through the real services and workers."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from backups.engine.checksum import table_checksum
+from backups.models import BackupSet, BinlogSegment, RestoreRequest
+from backups.selectors.incrementals import chain_after, recoverable_window
+from backups.services.backups import backup_start
+from backups.services.incrementals import (
+    ChainError,
+    backup_set_delete_check,
+    incremental_start,
+    pitr_resolve,
+)
+from shards.mysql import quote_ident
+from tests.factories import make_cluster, make_user
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HOSTILE_DDL = (
+    "CREATE TABLE hostile (id INT PRIMARY KEY, s VARCHAR(100) CHARACTER SET utf8mb4 NULL,"
+    " bl BLOB NULL, dc DECIMAL(65,30) NULL, dt DATETIME(6) NULL, j JSON NULL, b BIT(64) NULL,"
+    " u BIGINT UNSIGNED NULL, d DOUBLE NULL, e ENUM('a','b b') NULL, tm TIME(6) NULL)"
+)
+HOSTILE_ROW = "INSERT INTO hostile VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+
+
+def hostile_values(n: int):
+    return (
+        n,
+        ["", "\\N", "a\tb", "line1\nline2", "quote ' \" `", "nul\x00byte", "😀 𝄞", None][n % 8],
+        bytes(range(256))[n % 7 :],
+        "-0.000000000000000000000000000001"
+        if n % 2
+        else "12345678901234567890.123456789012345678901234567891",
+        "9999-12-31 23:59:59.999999" if n % 2 else "1000-01-01 00:00:00.000001",
+        '{"k": "v\\t\\n", "n": [1, 2.5, null]}',
+        (2**64 - 1 - n).to_bytes(8, "big"),
+        2**64 - 1 - n,
+        [5e-324, 1.7976931348623157e308, -0.0, 0.1][n % 4],
+        ["a", "b b", None][n % 3],
+        "-838:59:59.000000" if n % 2 else "838:59:59.999999",
+    )
+
+
+def server_for(servers, shard):
+    return next(s for s in servers if s.endpoint.port == shard.instance.port)
+
+
+def run_backup(kind, cluster, run_jobs) -> BackupSet:
+    backup_set = backup_start(cluster=cluster, actor=make_user("operator"), kind=kind)
+    run_jobs("backups")
+    backup_set.refresh_from_db()
+    assert backup_set.status == "succeeded", backup_set.error
+    return backup_set
+
+
+def next_second() -> None:
+    now = time.time()
+    time.sleep(int(now) + 1 - now + 0.05)
+
+
+def purge_binlogs(server) -> None:
+    """Rotate and purge every older binlog (the server keeps one until InnoDB checkpoints it)."""
+    server.execute("FLUSH BINARY LOGS")
+    current = server.execute("SHOW MASTER STATUS")[0][0]
+    deadline = time.monotonic() + 30
+    while len(server.execute("SHOW BINARY LOGS")) > 1:
+        assert time.monotonic() < deadline, "the server kept its old binlogs"
+        server.execute(f"PURGE BINARY LOGS TO '{current}'")
+        time.sleep(0.2)
+
+
+def checksum_of(server, database, table):
+    conn = server.connect(database)
+    try:
+        return table_checksum(conn, database, table)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def cluster(mariadb_servers, unique_name):
+    cluster = make_cluster(mariadb_servers[:2], name=f"pitr{unique_name}", tables={"t_order": 50})
+    for shard in cluster.shards.select_related("instance"):
+        server = server_for(mariadb_servers, shard)
+        conn = server.connect(shard.database)
+        with conn.cursor() as cur:
+            cur.execute(HOSTILE_DDL)
+            cur.executemany(HOSTILE_ROW, [hostile_values(n) for n in range(1, 20)])
+        conn.close()
+    return cluster
+
+
+def test_point_in_time_restore_reaches_the_moment_before_an_accidental_delete(
+    cluster, mariadb_servers, run_jobs
+):
+    shards = list(cluster.shards.select_related("instance"))
+    full = run_backup("full", cluster, run_jobs)
+
+    # Writes across shards: inserts, updates, deletes, hostile types and a schema change.
+    for shard in shards:
+        server = server_for(mariadb_servers, shard)
+        conn = server.connect(shard.database)
+        with conn.cursor() as cur:
+            cur.executemany(HOSTILE_ROW, [hostile_values(n) for n in range(100, 140)])
+            cur.execute("UPDATE hostile SET s = 'ünïcode\\\\', b = b'1010' WHERE id % 3 = 0")
+            cur.execute("DELETE FROM hostile WHERE id BETWEEN 5 AND 9")
+            cur.execute(
+                "INSERT INTO t_order (id, shard, amount, note, created_at)"
+                " SELECT seq, 'new', seq / 7, NULL, NOW(6) FROM seq_1000_to_1200"
+            )
+            cur.execute("ALTER TABLE t_order ADD COLUMN channel VARCHAR(20) NOT NULL DEFAULT 'web'")
+            cur.execute("UPDATE t_order SET channel = 'app', amount = amount + 1 WHERE id % 4 = 0")
+            cur.execute("DELETE FROM t_order WHERE id BETWEEN 10 AND 20")
+        conn.close()
+    first = run_backup("incremental", cluster, run_jobs)
+    assert first.parent_id == full.pk and first.kind == "incremental"
+    assert BinlogSegment.objects.filter(backup_set=first).count() >= 2
+    segment = BinlogSegment.objects.filter(backup_set=first).first()
+    assert any(t.endswith(".t_order") for t in segment.tables)
+
+    for shard in shards:
+        server_for(mariadb_servers, shard).execute(
+            "UPDATE t_order SET note = 'late change' WHERE id = 30", database=shard.database
+        )
+    next_second()
+    at = datetime.now(UTC).replace(microsecond=0)
+    references = {}
+    for shard in shards:
+        server = server_for(mariadb_servers, shard)
+        ref = f"{shard.database}_ref"
+        server.execute(
+            f"DROP DATABASE IF EXISTS {quote_ident(ref)}", f"CREATE DATABASE {quote_ident(ref)}"
+        )
+        for table in ("t_order", "hostile"):
+            server.execute(
+                f"CREATE TABLE {quote_ident(ref)}.{table} LIKE {quote_ident(shard.database)}.{table}",
+                f"INSERT INTO {quote_ident(ref)}.{table} SELECT * FROM {quote_ident(shard.database)}.{table}",
+            )
+            references[(shard.name, table)] = checksum_of(server, ref, table)
+    next_second()
+    for shard in shards:  # the accident
+        server_for(mariadb_servers, shard).execute("DELETE FROM t_order", database=shard.database)
+    second = run_backup("incremental", cluster, run_jobs)
+    assert second.parent_id == first.pk
+    assert second.consistent_at >= at
+
+    resolved_full, chain = pitr_resolve(cluster=cluster, at=at)
+    assert resolved_full == full and chain == [first, second]
+    earliest, latest = recoverable_window(cluster)
+    assert earliest == full.consistent_at and latest == second.consistent_at
+
+    from backups.services.restores import (
+        restore_request_approve,
+        restore_request_file,
+        restore_run_start,
+    )
+
+    request = restore_request_file(
+        cluster=cluster, requester=make_user("operator"), at=at, target="side", reason="undo DELETE"
+    )
+    restore_request_approve(request=request, approver=make_user("approver"), comment="go")
+    run = restore_run_start(
+        request=RestoreRequest.objects.get(pk=request.pk), actor=make_user("operator")
+    )
+    run_jobs("restores")
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error
+    assert run.restored_to == at
+
+    for shard in shards:
+        server = server_for(mariadb_servers, shard)
+        target = f"{shard.database}__r{request.pk}"
+        for table in ("t_order", "hostile"):
+            assert checksum_of(server, target, table) == references[(shard.name, table)], (
+                shard.name,
+                table,
+            )
+        columns = [row[0] for row in server.execute("SHOW COLUMNS FROM t_order", database=target)]
+        assert "channel" in columns
+
+
+def test_incremental_needs_a_full_backup_first(cluster):
+    with pytest.raises(ChainError, match="run a full backup before incrementals"):
+        incremental_start(cluster=cluster, actor="cli")
+    assert not BackupSet.objects.filter(cluster=cluster).exists()
+
+
+def test_a_set_that_others_depend_on_cannot_be_removed_and_the_window_is_bounded(
+    cluster, mariadb_servers, run_jobs
+):
+    full = run_backup("full", cluster, run_jobs)
+    shard = cluster.shards.select_related("instance").first()
+    server_for(mariadb_servers, shard).execute(
+        "UPDATE t_order SET note = 'x' WHERE id = 1", database=shard.database
+    )
+    incremental = run_backup("incremental", cluster, run_jobs)
+    assert chain_after(full) == [incremental]
+    with pytest.raises(ChainError, match=f"incremental set {incremental.pk} depends on it"):
+        backup_set_delete_check(backup_set=full)
+    backup_set_delete_check(backup_set=incremental)  # the newest link may go
+
+    too_late = incremental.consistent_at + timedelta(hours=1)
+    with pytest.raises(ChainError, match="the newest recoverable point is"):
+        pitr_resolve(cluster=cluster, at=too_late)
+    with pytest.raises(ChainError, match="no succeeded full backup"):
+        pitr_resolve(cluster=cluster, at=full.consistent_at - timedelta(days=1))
+
+
+def test_incremental_after_purged_binlogs_fails_saying_a_full_backup_is_needed(
+    mariadb_servers, unique_name, run_jobs
+):
+    cluster = make_cluster(mariadb_servers[2:3], name=f"purge{unique_name}", tables={"t_order": 5})
+    run_backup("full", cluster, run_jobs)
+    server = mariadb_servers[2]
+    shard = cluster.shards.first()
+    server.execute("UPDATE t_order SET note = 'gone' WHERE id = 1", database=shard.database)
+    purge_binlogs(server)
+
+    backup_set = backup_start(cluster=cluster, actor="cli", kind="incremental")
+    run_jobs("backups")
+    backup_set.refresh_from_db()
+    assert backup_set.status == "failed"
+    assert "new full backup is needed" in backup_set.error
+    assert not BinlogSegment.objects.filter(backup_set=backup_set).exists()
