@@ -145,6 +145,8 @@ EMAIL_BACKEND = env.str(
     "SHARDVAULT_EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend"
 )
 DEFAULT_FROM_EMAIL = env.str("SHARDVAULT_FROM_EMAIL", default="shardvault@localhost")
+# Who gets alert mail (console.alerts); empty means every admin and operator with an address.
+ALERT_EMAILS = env.list("SHARDVAULT_ALERT_EMAILS", default=[])
 
 # Restore approval rules (DESIGN.md, "Restores and approvals").
 RESTORE_REQUEST_TTL_HOURS = env.int("SHARDVAULT_RESTORE_REQUEST_TTL_HOURS", default=72)
