@@ -183,7 +183,12 @@ def _drop_tables(endpoint: Endpoint, database: str, tables: list[str]) -> None:
 
 
 def _reconcile_partial_table(
-    endpoint: Endpoint, database: str, table: str, manifest_table: dict, done_keys: set[str]
+    run: RestoreRun,
+    endpoint: Endpoint,
+    database: str,
+    table: str,
+    manifest_table: dict,
+    done_keys: set[str],
 ) -> None:
     """Make a resumed table agree with the recorded chunks before skipping them.
 
@@ -201,7 +206,9 @@ def _reconcile_partial_table(
             actual = int(cur.fetchone()[0])
             if actual != recorded:
                 cur.execute(f"TRUNCATE TABLE {quote_qualified(database, table)}")
-                done_keys.difference_update(c["key"] for c in manifest_table.get("chunks", []))
+                keys = [c["key"] for c in manifest_table.get("chunks", [])]
+                done_keys.difference_update(keys)
+                LoadedChunk.objects.filter(run=run, key__in=keys).delete()
     finally:
         conn.close()
 
@@ -295,7 +302,7 @@ def _restore_shard(
                 done_keys.difference_update(keys)  # created again: load it from scratch
             elif resume and keys & done_keys:
                 _reconcile_partial_table(
-                    endpoint, target_db, name, tables_by_name[table], done_keys
+                    run, endpoint, target_db, name, tables_by_name[table], done_keys
                 )
         tracker.say(f"schema {shard_doc['name']}")
         create_database_objects(

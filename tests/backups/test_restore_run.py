@@ -1,0 +1,273 @@
+"""Restore runs end to end: each target kind, inplace safety, resume after a crash."""
+
+from __future__ import annotations
+
+import pytest
+
+from backups.engine.checksum import table_checksum
+from backups.models import LoadedChunk, RestoreRun
+from backups.services import restore_run as executor
+from backups.services.restores import restore_request_approve, restore_run_start
+from shards.models import Instance, LogicalTable
+from shards.mysql import connect, quote_ident
+from tests.backups.test_restore_rules import file_request, make_backup, server_for
+from tests.factories import make_cluster, make_user
+
+pytestmark = pytest.mark.django_db(transaction=True)
+COLUMNS = ["id", "shard", "amount", "note", "created_at"]
+
+
+def checksum_of(server, database: str, table: str) -> tuple[int, str]:
+    conn = connect(server.endpoint, database)
+    try:
+        return table_checksum(conn, database, table, COLUMNS)
+    finally:
+        conn.close()
+
+
+def tables_of(server, database: str) -> set[str]:
+    return {
+        row[0]
+        for row in server.execute(
+            f"SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{database}'"
+        )
+    }
+
+
+def approve(request, count: int = 1):
+    for _ in range(count):
+        restore_request_approve(request=request, approver=make_user("approver"))
+    request.refresh_from_db()
+    assert request.state == "approved"
+
+
+@pytest.fixture
+def cluster(mariadb_servers, unique_name):
+    cluster = make_cluster(
+        mariadb_servers[:2],
+        name=f"rx{unique_name}",
+        tables={"t_order_0": 30, "t_order_1": 25, "t_user": 10},
+    )
+    LogicalTable.objects.create(cluster=cluster, name="t_order", pattern=r"t_order_[0-9]+")
+    return cluster
+
+
+def shard_servers(cluster, servers):
+    return [(s, server_for(servers, s.instance)) for s in cluster.shards.select_related("instance")]
+
+
+def test_side_restore_of_a_logical_table_matches_the_backup(cluster, mariadb_servers, run_jobs):
+    backup_set = make_backup(cluster, run_jobs)
+    expected = {
+        (s.name, t): checksum_of(server, s.database, t)
+        for s, server in shard_servers(cluster, mariadb_servers)
+        for t in ("t_order_0", "t_order_1")
+    }
+    request = file_request(cluster, backup_set, tables=["t_order"], target="side")
+    approve(request)
+    run = restore_run_start(request=request, actor=make_user("operator"))
+    assert run.job_id == f"restore-{run.pk}"
+    run_jobs("restores")
+    run.refresh_from_db()
+    request.refresh_from_db()
+    assert (request.state, run.status) == ("succeeded", "succeeded"), run.error
+    assert run.q == 1.0 and (run.t, run.d, run.a) == (1.0, 1.0, 1.0)
+    for shard, server in shard_servers(cluster, mariadb_servers):
+        side = f"{shard.database}__r{request.pk}"
+        assert tables_of(server, side) == {"t_order_0", "t_order_1"}  # t_user not in scope
+        for table in ("t_order_0", "t_order_1"):
+            assert checksum_of(server, side, table) == expected[(shard.name, table)]
+        server.execute(f"DROP DATABASE {quote_ident(side)}")
+    results = list(run.results.all())
+    assert len(results) == 4 and all(r.checksum_ok for r in results)
+    assert sum(r.rows for r in results) == 2 * (30 + 25)
+
+
+def test_instance_target_restores_a_shard_onto_a_replacement_server(
+    cluster, mariadb_servers, run_jobs
+):
+    spare = mariadb_servers[2]
+    Instance.objects.create(
+        cluster=cluster, name="spare", host="127.0.0.1", port=spare.endpoint.port, user="root"
+    )
+    backup_set = make_backup(cluster, run_jobs)
+    shard = cluster.shards.select_related("instance").get(name="s01")
+    source = server_for(mariadb_servers, shard.instance)
+    expected = {
+        t: checksum_of(source, shard.database, t) for t in ("t_order_0", "t_order_1", "t_user")
+    }
+    spare.execute(f"DROP DATABASE IF EXISTS {quote_ident(shard.database)}")
+    try:
+        request = file_request(cluster, backup_set, shards=["s01"], target="instance:spare")
+        approve(request)
+        run = restore_run_start(request=request, actor=make_user("operator"))
+        run_jobs("restores")
+        run.refresh_from_db()
+        assert run.status == "succeeded", run.error
+        assert {t: checksum_of(spare, shard.database, t) for t in expected} == expected
+        assert {r.target_instance_name for r in run.results.all()} == {"spare"}
+    finally:
+        spare.execute(f"DROP DATABASE IF EXISTS {quote_ident(shard.database)}")
+
+
+def _damage_live_data(cluster, servers):
+    for shard, server in shard_servers(cluster, servers):
+        server.execute(
+            "DELETE FROM t_order_0 WHERE id > 20",
+            "UPDATE t_order_1 SET note = 'oops'",
+            database=shard.database,
+        )
+
+
+def test_inplace_restore_replaces_live_tables_with_the_backup(cluster, mariadb_servers, run_jobs):
+    backup_set = make_backup(cluster, run_jobs)
+    expected = {
+        (s.name, t): checksum_of(server, s.database, t)
+        for s, server in shard_servers(cluster, mariadb_servers)
+        for t in ("t_order_0", "t_order_1", "t_user")
+    }
+    _damage_live_data(cluster, mariadb_servers)
+    request = file_request(cluster, backup_set, tables=["t_order"], target="inplace")
+    assert any("inplace replaces it" in c["message"] for c in request.plan["conflicts"])
+    approve(request, count=2)
+    run = restore_run_start(request=request, actor=make_user("operator"))
+    run_jobs("restores")
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error
+    for shard, server in shard_servers(cluster, mariadb_servers):
+        for table in ("t_order_0", "t_order_1", "t_user"):
+            assert checksum_of(server, shard.database, table) == expected[(shard.name, table)]
+        assert tables_of(server, shard.database) == {
+            "t_order_0",
+            "t_order_1",
+            "t_user",
+        }  # no shadows left
+
+
+def test_inplace_verification_failure_leaves_live_tables_exactly_as_they_were(
+    cluster, mariadb_servers, run_jobs
+):
+    from backups.storage import storage_from_url
+
+    backup_set = make_backup(cluster, run_jobs)
+    _damage_live_data(cluster, mariadb_servers)
+    before = {
+        (s.name, t): checksum_of(server, s.database, t)
+        for s, server in shard_servers(cluster, mariadb_servers)
+        for t in ("t_order_0", "t_order_1")
+    }
+    request = file_request(cluster, backup_set, tables=["t_order"], target="inplace")
+    approve(request, count=2)
+    # Corrupt one chunk after approval, keeping its size: only its sha256 can tell.
+    storage = storage_from_url(backup_set.storage_url)
+    victim = request.plan["tables"][-1]
+    key = next(
+        info.key
+        for info in storage.list(backup_set.object_prefix)
+        if f"/{victim['table']}/chunk-" in info.key and f"/{victim['shard']}/" in info.key
+    )
+    data = bytearray(b"".join(storage.get_stream(key)))
+    data[len(data) // 2] ^= 0xFF
+    storage.put_bytes(key, bytes(data))
+    run = restore_run_start(request=request, actor=make_user("operator"))
+    run_jobs("restores")
+    run.refresh_from_db()
+    request.refresh_from_db()
+    assert (request.state, run.status) == ("failed", "failed")
+    assert "live tables were left untouched" in run.error
+    assert run.q < 1 and run.a < 1
+    after = {
+        (s.name, t): checksum_of(server, s.database, t)
+        for s, server in shard_servers(cluster, mariadb_servers)
+        for t in ("t_order_0", "t_order_1")
+    }
+    assert after == before
+    for shard, server in shard_servers(cluster, mariadb_servers):
+        assert tables_of(server, shard.database) == {
+            "t_order_0",
+            "t_order_1",
+            "t_user",
+        }  # shadows dropped
+    bad = [r for r in run.results.all() if not r.checksum_ok]
+    assert bad and any(key in r.error for r in bad)
+
+
+class SimulatedCrash(BaseException):
+    """Not an Exception: like a killed worker, nothing in the executor gets to clean up."""
+
+
+def test_crashed_run_resumes_and_skips_the_chunks_it_finished(
+    cluster, mariadb_servers, run_jobs, settings, monkeypatch
+):
+    settings.BACKUP_CHUNK_ROWS = 4  # several chunks per table
+    backup_set = make_backup(cluster, run_jobs)
+    expected = {
+        (s.name, t): checksum_of(server, s.database, t)
+        for s, server in shard_servers(cluster, mariadb_servers)
+        for t in ("t_order_0", "t_order_1", "t_user")
+    }
+    request = file_request(cluster, backup_set, target="side")
+    approve(request)
+    run = restore_run_start(request=request, actor=make_user("operator"))
+    # The enqueued job is not run by a worker here: the first attempt runs in this process
+    # and dies after ten chunks were committed and recorded (the first table, 8 chunks,
+    # complete; the second partly loaded, perhaps with a chunk committed but not recorded).
+    original = executor.Tracker.chunk_done
+    calls = {"n": 0}
+
+    def dying_chunk_done(self, key, rows):
+        original(self, key, rows)
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise SimulatedCrash()
+
+    monkeypatch.setattr(executor.Tracker, "chunk_done", dying_chunk_done)
+    monkeypatch.setattr(executor, "SHARD_THREADS", 1)
+    with pytest.raises(SimulatedCrash):
+        executor.restore_run_execute(run=RestoreRun.objects.get(pk=run.pk))
+    monkeypatch.setattr(executor.Tracker, "chunk_done", original)
+    run.refresh_from_db()
+    request.refresh_from_db()
+    assert (request.state, run.status) == ("running", "running")
+    first_attempt = {c.key: c.pk for c in LoadedChunk.objects.filter(run=run)}
+    assert len(first_attempt) >= 10
+
+    # Still beating: `restore run` again refuses to start a second copy.
+    settings.JOB_HEARTBEAT_STALE_SECONDS = 3600
+    with pytest.raises(Exception, match="already running"):
+        restore_run_start(request=request, actor=make_user("operator"))
+    # Its heartbeat is stale now: `restore run` resumes the same run.
+    settings.JOB_HEARTBEAT_STALE_SECONDS = 0
+    resumed = restore_run_start(request=request, actor=make_user("operator"))
+    assert resumed.pk == run.pk
+    run_jobs("restores")
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error
+    keys = list(LoadedChunk.objects.filter(run=run).values_list("key", flat=True))
+    assert len(keys) == len(set(keys)) == sum(t["chunks"] for t in request.plan["tables"])
+    # The first attempt's records of the finished table survive: those chunks were skipped.
+    kept = [key for key, pk in first_attempt.items() if LoadedChunk.objects.filter(pk=pk).exists()]
+    assert len(kept) >= 8
+    for shard, server in shard_servers(cluster, mariadb_servers):
+        side = f"{shard.database}__r{request.pk}"
+        for table in ("t_order_0", "t_order_1", "t_user"):
+            assert checksum_of(server, side, table) == expected[(shard.name, table)]
+        server.execute(f"DROP DATABASE {quote_ident(side)}")
+
+
+def test_plan_estimate_uses_measured_throughput_after_a_run(cluster, mariadb_servers, run_jobs):
+    backup_set = make_backup(cluster, run_jobs)
+    request = file_request(cluster, backup_set, tables=["t_user"], target="side")
+    assert "no history yet" in request.plan["estimate"]
+    approve(request)
+    run = restore_run_start(request=request, actor=make_user("operator"))
+    run_jobs("restores")
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error
+    second = file_request(cluster, backup_set, tables=["t_user"], target="side")
+    assert "rows/s measured on earlier restores" in second.plan["estimate"]
+    assert second.plan["estimate_seconds"] is not None
+    for shard, server in shard_servers(cluster, mariadb_servers):
+        server.execute(
+            f"DROP DATABASE IF EXISTS {quote_ident(shard.database + f'__r{request.pk}')}"
+        )
