@@ -53,6 +53,13 @@ def verification_start(
             raise VerificationError(
                 f"set {locked.pk} is {locked.status}: only succeeded sets can be verified"
             )
+        if drill and locked.kind == BackupSet.Kind.INCREMENTAL:
+            raise VerificationError(
+                f"set {locked.pk} is incremental: drill its full set "
+                f"{locked.parent_id or ''} (drills of incremental chains are not supported yet)".replace(
+                    "set  (", "set ("
+                )
+            )
         if VerificationRun.objects.filter(backup_set=locked, status__in=ACTIVE).exists():
             raise VerificationError(f"set {locked.pk} is already being verified")
         run = VerificationRun.objects.create(

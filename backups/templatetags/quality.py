@@ -38,6 +38,9 @@ def q_badge(backup_set):
     text = "Q unverified" if q is None else f"Q {q:.4f}"
     verified = getattr(backup_set, "verified_at", None)
     title = f"last verified {verified:%Y-%m-%d %H:%M} UTC" if verified else "never verified"
+    factors = [getattr(backup_set, name, None) for name in ("v_t", "v_d", "v_a")]
+    if None not in factors:  # annotated by backups.selectors.verification.sets_with_quality
+        title += " · T {:.4f} · D {:.4f} · A {:.4f}".format(*factors)
     return format_html(
         '<span class="pill q-{}" data-q-level="{}" title="{}">{}</span>', level, level, title, text
     )

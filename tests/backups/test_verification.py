@@ -231,7 +231,15 @@ def test_verify_button_queues_on_verify_and_auditor_gets_403(backed_up, client, 
     run_jobs("verify")
     run.refresh_from_db()
     assert run.status == "succeeded" and run.q == 1.0
-    assert client.get(reverse("backups:set_quality", args=[backed_up.pk])).status_code == 200
+    detail = client.get(reverse("backups:set_detail", args=[backed_up.pk])).content.decode()
+    assert 'data-q-level="good"' in detail and "T 1.0000 · D 1.0000 · A 1.0000" in detail
+    assert "Run restore drill" in detail
+    listing = client.get(reverse("backups:set_list")).content.decode()
+    assert 'data-q-level="good"' in listing
+
+    client.force_login(make_user("auditor"))
+    detail = client.get(reverse("backups:set_detail", args=[backed_up.pk])).content.decode()
+    assert 'data-q-level="good"' in detail and "Run restore drill" not in detail
 
 
 def test_policy_verifies_new_sets_automatically_and_can_be_turned_off(backed_up, cluster):
