@@ -218,17 +218,27 @@ def _enqueue_backup(set_id: int) -> None:
 
     from backups.jobs.backups import run_backup_job, run_backup_job_failed
 
-    queue = django_rq.get_queue(QUEUE)
-    queue.enqueue(
-        run_backup_job,
-        set_id,
-        job_id=job_id_for(set_id),
-        description=f"backup set {set_id}",
-        on_failure=Callback(run_backup_job_failed),
-        result_ttl=7 * 24 * 3600,
-        failure_ttl=30 * 24 * 3600,
-    )
-    housekeeping_ensure_scheduled()
+    try:
+        queue = django_rq.get_queue(QUEUE)
+        queue.enqueue(
+            run_backup_job,
+            set_id,
+            job_id=job_id_for(set_id),
+            description=f"backup set {set_id}",
+            on_failure=Callback(run_backup_job_failed),
+            result_ttl=7 * 24 * 3600,
+            failure_ttl=30 * 24 * 3600,
+        )
+        housekeeping_ensure_scheduled()
+    except Exception as exc:  # noqa: BLE001 - Redis down: say so on the set, never leave it pending
+        log.exception("could not queue backup set %s", set_id)
+        backup_set = BackupSet.objects.get(pk=set_id)
+        _finish_failed(
+            backup_set,
+            f"the backup could not be queued: the job queue (Redis) is unreachable ({exc})",
+            actor=HOUSEKEEPING_ACTOR,
+            only_if=(BackupSet.Status.PENDING,),
+        )
 
 
 def housekeeping_ensure_scheduled() -> None:

@@ -109,3 +109,26 @@ def test_backup_errors_are_one_line_and_nothing_is_recorded(cluster):
 
     code, out, err = run("backups", "list", "--cluster", "nope", "--json")
     assert code == 1 and "no cluster named 'nope'" in err
+
+
+@pytest.mark.django_db(transaction=True)
+def test_encrypted_lockfree_backup_as_an_operator(mariadb_servers, unique_name):
+    cluster = make_cluster(mariadb_servers[:2], name=f"enc{unique_name}", tables={"t": 25})
+    operator = make_user("operator")
+    code, out, err = run(
+        "backup",
+        cluster.name,
+        "--consistency",
+        "lockfree",
+        "--encrypt",
+        "--wait",
+        "--json",
+        "--as",
+        operator.username,
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["status"] == "succeeded" and result["consistency"] == "lockfree"
+    assert result["rows"] == 50 and result["encrypted"] is True
+    backup_set = BackupSet.objects.get(pk=result["id"])
+    assert backup_set.triggered_by == operator and backup_set.key_id

@@ -187,3 +187,17 @@ def test_connection_slots_never_exceed_an_instance_cap(redis_url):
     assert slots_in_use(conn, "127.0.0.1", 59999) == 1
     second.release()
     assert slots_in_use(conn, "127.0.0.1", 59999) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_backup_that_cannot_be_queued_is_failed_with_the_reason_not_left_pending(
+    cluster, settings
+):
+    from tests.servers import free_port
+
+    for queue in settings.RQ_QUEUES.values():
+        queue["URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    backup_set = backup_start(cluster=cluster, actor="cli")
+    backup_set.refresh_from_db()
+    assert backup_set.status == "failed"
+    assert "could not be queued" in backup_set.error
