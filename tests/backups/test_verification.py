@@ -290,3 +290,97 @@ def test_quality_drop_sends_mail_and_webhook(backed_up, cluster, settings):
     assert f"set {backed_up.pk}" in mail.outbox[0].subject and key in mail.outbox[0].body
     assert received and received[0]["alert"] == "quality_dropped"
     assert received[0]["set"] == backed_up.pk and received[0]["problems"][0]["object"] == key
+
+
+# --------------------------------------------------------------------------- policies and alerts
+
+
+def _set(cluster, *, days_ago=0, **fields):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    s = BackupSet.objects.create(cluster=cluster, storage_url="file:///x", **fields)
+    at = timezone.now() - timedelta(days=days_ago)
+    BackupSet.objects.filter(pk=s.pk).update(
+        created_at=at, consistent_at=fields.get("consistent_at", at)
+    )
+    s.refresh_from_db()
+    return s
+
+
+def test_drills_are_scheduled_every_n_days_for_the_newest_set():
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from backups.services.verification import verification_drills_schedule
+    from shards.models import Cluster
+
+    cluster = Cluster.objects.create(name="drilled")
+    BackupPolicy.objects.create(cluster=cluster, drill_every_days=7)
+    _set(cluster, days_ago=2, status="succeeded")
+    newest = _set(cluster, days_ago=1, status="succeeded")
+    quiet = Cluster.objects.create(name="nodrills")  # drill_every_days = 0: off
+    _set(quiet, status="succeeded")
+
+    started = verification_drills_schedule()
+    assert [(r.backup_set_id, r.drill) for r in started] == [(newest.pk, True)]
+    assert verification_drills_schedule() == []  # already pending
+    VerificationRun.objects.filter(pk=started[0].pk).update(
+        status="succeeded", q=1.0, finished_at=timezone.now() - timedelta(days=3)
+    )
+    assert verification_drills_schedule() == []  # drilled 3 days ago, every 7 days
+    VerificationRun.objects.filter(pk=started[0].pk).update(
+        finished_at=timezone.now() - timedelta(days=8)
+    )
+    assert [r.backup_set_id for r in verification_drills_schedule()] == [newest.pk]
+
+
+def test_sets_older_than_retention_without_passing_drill_are_flagged():
+    from backups.selectors.verification import set_quality, sets_flagged_unverified_drill
+    from shards.models import Cluster
+
+    cluster = Cluster.objects.create(name="retained")
+    BackupPolicy.objects.create(cluster=cluster, retention_days=7)
+    old = _set(cluster, days_ago=10, status="succeeded", q=1.0)
+    drilled = _set(cluster, days_ago=10, status="succeeded", q=1.0)
+    VerificationRun.objects.create(backup_set=drilled, drill=True, status="succeeded", q=1.0)
+    VerificationRun.objects.filter(backup_set=drilled).update(finished_at=drilled.created_at)
+    _set(cluster, days_ago=1, status="succeeded")
+    assert [s.pk for s in sets_flagged_unverified_drill(cluster=cluster)] == [old.pk]
+    assert set_quality(backup_set=old).needs_drill
+    assert not set_quality(backup_set=drilled).needs_drill
+
+
+def test_rpo_breach_and_failed_backup_alert_once(settings):
+    from console.alerts import alert_backup_failed, alerts_check_rpo
+    from shards.models import Cluster
+
+    settings.ALERT_EMAILS = ["oncall@example.test"]
+    late = Cluster.objects.create(name="late")
+    BackupPolicy.objects.create(cluster=late, rpo_target_minutes=60)
+    _set(late, days_ago=1, status="succeeded")
+    fine = Cluster.objects.create(name="fine")
+    BackupPolicy.objects.create(cluster=fine, rpo_target_minutes=60)
+    _set(fine, status="succeeded")
+
+    assert alerts_check_rpo() == ["late"]
+    assert alerts_check_rpo() == []  # once per breach
+    assert [m.subject for m in mail.outbox] == ["[ShardVault] late is past its RPO target"]
+
+    failed = _set(fine, status="failed", error="shard s00 unreachable")
+    alert_backup_failed(failed)
+    assert mail.outbox[-1].subject == f"[ShardVault] backup set {failed.pk} of fine failed"
+    assert "shard s00 unreachable" in mail.outbox[-1].body
+
+
+def test_drill_of_an_incremental_set_is_refused_in_one_sentence():
+    from backups.services.verification import VerificationError
+    from shards.models import Cluster
+
+    cluster = Cluster.objects.create(name="incr")
+    full = _set(cluster, status="succeeded")
+    incremental = _set(cluster, status="succeeded", kind="incremental", parent=full)
+    with pytest.raises(VerificationError, match=f"drill its full set {full.pk}"):
+        verification_start(backup_set=incremental, user=None, drill=True)
