@@ -351,14 +351,15 @@ def _restore_shard(
             outcome.error = result.error or (
                 "" if outcome.checksum_ok else "checksum does not match the manifest"
             )
-        _apply_incrementals(
-            run,
-            shard_doc,
-            endpoint=endpoint,
-            target_database=target_db,
-            table_names=load_names,
-            tracker=tracker,
-        )
+        if all(o.checksum_ok for o in outcomes):
+            _apply_incrementals(
+                run,
+                shard_doc,
+                endpoint=endpoint,
+                target_database=target_db,
+                table_names=load_names,
+                tracker=tracker,
+            )
     except (RestoreError, EngineError, ConnectError) as exc:
         if isinstance(exc, Cancelled):
             raise

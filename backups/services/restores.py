@@ -80,7 +80,12 @@ def _resolve_source(*, cluster: Cluster, source_set: BackupSet | None, at: datet
     except ImportError:
         pitr_resolve = None
     if pitr_resolve is not None:
-        full_set, _chain = pitr_resolve(cluster=cluster, at=at)
+        try:
+            full_set, _chain = pitr_resolve(cluster=cluster, at=at)
+        except Exception as exc:  # noqa: BLE001 - issue 5's ChainError: one sentence
+            if type(exc).__name__ != "ChainError":
+                raise
+            raise RestoreError(str(exc)) from exc
         return full_set
     full_set = (
         BackupSet.objects.filter(
