@@ -153,6 +153,18 @@ def _summary_page(pdf: _Report, data: dict) -> None:
     top = pdf.get_y()
     _chart_q(pdf, data, x=pdf.l_margin, y=top, w=128, h=70)
     _chart_rpo(pdf, data, x=pdf.l_margin + 140, y=top, w=128, h=70)
+    pdf.set_xy(pdf.l_margin, top + 78)
+    pdf.set_font("Helvetica", size=7.5)
+    pdf.set_text_color(*GREY)
+    pdf.multi_cell(
+        0,
+        4,
+        "Left: Q of each verified set by creation time (green Q = 1, amber 0.99 to < 1, red lower, "
+        "clipped at 0.90); red squares on the axis are failed backups. Right: each bar is the gap "
+        "that ended at a recovery point (or at the end of the period); red bars exceed the RPO "
+        "target (dashed line).",
+    )
+    pdf.set_text_color(0, 0, 0)
 
 
 def _span(data: dict) -> tuple[float, float]:
