@@ -19,8 +19,10 @@ CHROMIUM_ARGS = [
 E2E_PASSWORD = "E2e-browser-pw-1"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser():
+    """One headless Chromium per test: Playwright's sync API allows one running instance per
+    thread, and other tests start their own."""
     from playwright.sync_api import sync_playwright
 
     playwright = sync_playwright().start()
