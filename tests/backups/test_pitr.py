@@ -229,3 +229,79 @@ def test_incremental_after_purged_binlogs_fails_saying_a_full_backup_is_needed(
     assert backup_set.status == "failed"
     assert "new full backup is needed" in backup_set.error
     assert not BinlogSegment.objects.filter(backup_set=backup_set).exists()
+
+
+def test_locked_set_and_incrementals_restore_a_gap_free_sequence_at_a_second(
+    mariadb_servers, unique_name, run_jobs
+):
+    """DESIGN.md's sequence writer: numbers round-robin over shards on different servers."""
+    import threading
+
+    cluster = make_cluster(mariadb_servers[:2], name=f"seq{unique_name}", tables={"t_order": 1})
+    shards = list(cluster.shards.select_related("instance"))
+    conns = []
+    for shard in shards:
+        server = server_for(mariadb_servers, shard)
+        server.execute("CREATE TABLE seq (n BIGINT PRIMARY KEY)", database=shard.database)
+        conns.append(server.connect(shard.database))
+    stamps: dict[int, tuple[float, float, int]] = {}  # n -> (before, after, shard index)
+    stop = threading.Event()
+
+    def writer():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            index = n % len(conns)
+            before = time.time()
+            with conns[index].cursor() as cur:
+                cur.execute("INSERT INTO seq VALUES (%s)", (n,))
+            stamps[n] = (before, time.time(), index)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(1)
+        full = backup_start(cluster=cluster, actor="cli", kind="full", consistency="locked")
+        run_jobs("backups")
+        full.refresh_from_db()
+        assert full.status == "succeeded", full.error
+        time.sleep(2.5)
+        at = datetime.now(UTC).replace(microsecond=0)
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        thread.join()
+        for conn in conns:
+            conn.close()
+    run_backup("incremental", cluster, run_jobs)
+
+    from backups.services.restores import (
+        restore_request_approve,
+        restore_request_file,
+        restore_run_start,
+    )
+
+    request = restore_request_file(
+        cluster=cluster, requester=make_user("operator"), at=at, target="side", reason="seq"
+    )
+    restore_request_approve(request=request, approver=make_user("approver"), comment="ok")
+    run = restore_run_start(request=request, actor=make_user("operator"))
+    run_jobs("restores")
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error
+
+    limit = at.timestamp() + 1  # binlog time is whole seconds: the whole second `at` counts
+    restored_all: set[int] = set()
+    for index, shard in enumerate(shards):
+        server = server_for(mariadb_servers, shard)
+        rows = server.execute("SELECT n FROM seq", database=f"{shard.database}__r{request.pk}")
+        restored = {row[0] for row in rows}
+        surely_in = {n for n, (b, a, i) in stamps.items() if i == index and a < at.timestamp()}
+        maybe_in = {n for n, (b, a, i) in stamps.items() if i == index and b < limit}
+        assert surely_in <= restored <= maybe_in, shard.name
+        restored_all |= restored
+    assert restored_all, "the writer wrote nothing before the target"
+    k = max(restored_all)
+    assert restored_all == set(range(1, k + 1)), "the restored numbers have a gap"
+    whole_second_before = {n for n, (b, a, i) in stamps.items() if a < at.timestamp()}
+    assert whole_second_before <= restored_all
