@@ -1,0 +1,387 @@
+"""Restores: create schema objects from a manifest, stream chunks back with LOAD DATA.
+
+Entry points:
+* `create_database_objects(target, target_database, shard_manifest, *, tables, table_renames, create_database, resume)`
+* `load_table(job, storage, *, progress, should_cancel, is_chunk_done, on_chunk_done, parallel) -> TableLoadResult`
+* `recreate_database_objects(target, target_database, shard_manifest, *, kinds)`
+
+Chunks stream from storage through `codec.decode` straight into the server's
+`LOAD DATA LOCAL INFILE` request (no temporary file, no whole table in memory),
+one transaction per chunk.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable
+
+import pymysql
+import pymysql.connections
+
+from backups.engine import checksum, codec, schema
+from backups.engine.types import (
+    CancelFn,
+    Cancelled,
+    EngineError,
+    IntegrityError,
+    ProgressEvent,
+    ProgressFn,
+    TableLoadJob,
+    TableLoadResult,
+)
+from shards.mysql import Endpoint, connect, describe_error, quote_ident, quote_qualified
+
+STREAM_NAME = "shardvault-chunk-stream"
+PACKET_BYTES = 1 << 20
+
+# --------------------------------------------------------------------------- LOAD DATA LOCAL from an iterator
+_original_send_local_file = pymysql.connections._send_local_file
+
+
+def _send_local_stream(filename, conn):
+    """PyMySQL hook: when the connection carries a byte iterator, send it instead of a file.
+
+    Only a connection we armed (attribute `_shardvault_source`) ever streams; any other
+    LOAD DATA LOCAL request falls back to PyMySQL's own behaviour.
+    """
+    source = getattr(conn, "_shardvault_source", None)
+    if source is None:
+        return _original_send_local_file(filename, conn)
+    conn._shardvault_source = None
+    packet = max(16 * 1024, min(int(conn.max_allowed_packet) - 1024, PACKET_BYTES))
+    buffer = bytearray()
+    try:
+        for piece in source:
+            buffer += piece
+            while len(buffer) >= packet:
+                conn.write_packet(bytes(buffer[:packet]))
+                del buffer[:packet]
+        if buffer:
+            conn.write_packet(bytes(buffer))
+    except BaseException as exc:  # noqa: BLE001 - surfaced after the server has answered
+        conn._shardvault_error = exc
+
+
+pymysql.connections._send_local_file = _send_local_stream
+
+
+def _load_stream(conn, sql: str, source: Iterable[bytes]) -> int:
+    conn._shardvault_source = iter(source)
+    conn._shardvault_error = None
+    try:
+        with conn.cursor() as cur:
+            affected = cur.execute(sql)
+    finally:
+        conn._shardvault_source = None
+    error = conn._shardvault_error
+    conn._shardvault_error = None
+    if error is not None:
+        raise error
+    return int(affected or 0)
+
+
+# --------------------------------------------------------------------------- schema
+def _open(target: Endpoint, database: str | None = None, *, local_infile: bool = False):
+    conn = connect(target, database, local_infile=local_infile, autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute("SET SESSION sql_mode = 'NO_AUTO_VALUE_ON_ZERO,NO_ENGINE_SUBSTITUTION'")
+        cur.execute("SET SESSION foreign_key_checks = 0")
+    return conn
+
+
+def _table_has_rows(cur, database: str, table: str) -> bool | None:
+    """None when the table does not exist."""
+    cur.execute(
+        "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
+        (database, table),
+    )
+    if cur.fetchone() is None:
+        return None
+    cur.execute(f"SELECT 1 FROM {quote_qualified(database, table)} LIMIT 1")  # noqa: S608 - quoted identifier
+    return cur.fetchone() is not None
+
+
+def create_database_objects(
+    target: Endpoint,
+    target_database: str,
+    shard_manifest: dict,
+    *,
+    tables: list[str] | None,
+    table_renames: dict[str, str] | None = None,
+    create_database: bool = True,
+    resume: bool = False,
+) -> list[str]:
+    """Create the database (if missing) and the tables from the stored DDL.
+
+    Refuses (EngineError naming it) when a target table already holds rows, unless
+    `resume` is set, in which case existing tables are kept for a resumed load.
+    An existing empty table is replaced by the stored definition. Returns the target
+    table names created or kept.
+    """
+    renames = table_renames or {}
+    wanted = [t for t in shard_manifest["tables"] if tables is None or t["name"] in tables]
+    if tables is not None:
+        unknown = sorted(set(tables) - {t["name"] for t in shard_manifest["tables"]})
+        if unknown:
+            raise EngineError(
+                f"table(s) not in the backup of shard {shard_manifest.get('name')}: {', '.join(unknown)}"
+            )
+    try:
+        conn = _open(target)
+    except Exception as exc:
+        raise EngineError(str(exc)) from exc
+    created = []
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
+                (target_database,),
+            )
+            if cur.fetchone() is None:
+                if not create_database:
+                    raise EngineError(
+                        f"database '{target_database}' does not exist on {target.name}"
+                    )
+                cur.execute(f"CREATE DATABASE {quote_ident(target_database)}")
+            cur.execute(f"USE {quote_ident(target_database)}")
+            for table in wanted:
+                name = renames.get(table["name"], table["name"])
+                state = _table_has_rows(cur, target_database, name)
+                if state is True and not resume:
+                    raise EngineError(
+                        f"target table {target_database}.{name} on {target.name} is not empty"
+                    )
+                if state is not None and resume:
+                    created.append(name)
+                    continue
+                if state is False:
+                    cur.execute(f"DROP TABLE {quote_qualified(target_database, name)}")
+                cur.execute(schema.rename_table_ddl(table["ddl"], name))
+                created.append(name)
+    except pymysql.err.MySQLError as exc:
+        raise EngineError(
+            f"creating tables in {target_database} failed: {describe_error(exc, target)}"
+        ) from exc
+    finally:
+        conn.close()
+    return created
+
+
+def recreate_database_objects(
+    target: Endpoint,
+    target_database: str,
+    shard_manifest: dict,
+    *,
+    kinds: Iterable[str] = ("views", "triggers", "routines", "events"),
+) -> list[str]:
+    """Create views, triggers, routines and events after the data is loaded.
+
+    DEFINER clauses are dropped (the account may not exist on the target) and
+    references to the source database are pointed at `target_database`. Returns the
+    names created; raises EngineError naming the first object that cannot be created.
+    """
+    source = shard_manifest.get("database", target_database)
+    created: list[str] = []
+    conn = _open(target, target_database)
+    try:
+        with conn.cursor() as cur:
+            for kind in kinds:
+                entries = list(shard_manifest.get(kind, []))
+                # Views may depend on views: retry until no more progress is made.
+                while entries:
+                    failed, last_error = [], None
+                    for entry in entries:
+                        ddl = schema.retarget_database(
+                            schema.strip_definer(entry["ddl"]), source, target_database
+                        )
+                        try:
+                            if entry.get("sql_mode") is not None:
+                                cur.execute("SET SESSION sql_mode = %s", (entry["sql_mode"],))
+                            cur.execute(ddl)
+                            created.append(entry["name"])
+                        except pymysql.err.MySQLError as exc:
+                            failed.append(entry)
+                            last_error = (entry, exc)
+                        finally:
+                            cur.execute(
+                                "SET SESSION sql_mode = 'NO_AUTO_VALUE_ON_ZERO,NO_ENGINE_SUBSTITUTION'"
+                            )
+                    if len(failed) == len(entries):
+                        entry, exc = last_error
+                        raise EngineError(
+                            f"cannot create {kind[:-1]} {entry['name']} in {target_database}: {exc.args[-1]}"
+                        )
+                    entries = failed
+    finally:
+        conn.close()
+    return created
+
+
+# --------------------------------------------------------------------------- data
+def _chunk_source(storage, chunk: dict, data_key: bytes | None):
+    key = chunk["key"]
+    stored = storage.get_stream(
+        key, expect_sha256=chunk.get("sha256"), expect_size=chunk.get("stored_bytes")
+    )
+    try:
+        yield from codec.decode(stored, data_key=data_key, aad=key.encode(), object_key=key)
+    except IntegrityError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a wrong key or damaged frame names the object
+        raise IntegrityError(
+            key, f"cannot be decoded ({exc or type(exc).__name__}); wrong key or damaged data"
+        ) from exc
+
+
+def load_table(
+    job: TableLoadJob,
+    storage,
+    *,
+    progress: ProgressFn,
+    should_cancel: CancelFn,
+    is_chunk_done: Callable[[str], bool] = lambda key: False,
+    on_chunk_done: Callable[[str, int], None] = lambda key, rows: None,
+    parallel: int = 2,
+) -> TableLoadResult:
+    """Load one table's chunks (skipping those `is_chunk_done` reports) and prove it.
+
+    Each chunk is one transaction; `on_chunk_done(key, rows)` is called (in the
+    caller's thread) after its commit. Afterwards the server-side checksum of the
+    target table is compared with the manifest's. Raises IntegrityError naming the
+    object for a damaged or undecryptable chunk, Cancelled when asked to stop.
+    """
+    table = job.manifest_table
+    columns = list(table["columns"])
+    target = quote_qualified(job.target_database, job.target_table)
+    column_list = ", ".join(quote_ident(c) for c in columns)
+    sql = (
+        f"LOAD DATA LOCAL INFILE '{STREAM_NAME}' INTO TABLE {target} CHARACTER SET binary"
+        f" FIELDS TERMINATED BY '\\t' ESCAPED BY '\\\\' LINES TERMINATED BY '\\n' ({column_list})"
+    )
+    chunks = list(table.get("chunks", []))
+    todo = [c for c in chunks if not is_chunk_done(c["key"])]
+    skipped = len(chunks) - len(todo)
+    work: queue.Queue = queue.Queue()
+    for chunk in todo:
+        work.put(chunk)
+    results: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def worker() -> None:
+        conn = None
+        try:
+            conn = _open(job.target, job.target_database, local_infile=True)
+            with conn.cursor() as cur:
+                cur.execute("SET SESSION unique_checks = 0")
+                try:
+                    cur.execute("SET SESSION sql_log_bin = 0")
+                except pymysql.err.MySQLError:
+                    pass  # needs SUPER/BINLOG ADMIN; the load still works, only binlogged
+            conn.autocommit(False)
+            while not stop.is_set():
+                try:
+                    chunk = work.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    loaded = _load_stream(conn, sql, _chunk_source(storage, chunk, job.data_key))
+                    conn.commit()
+                except BaseException:
+                    try:
+                        conn.rollback()
+                    except Exception:  # noqa: BLE001
+                        pass
+                    raise
+                results.put(("done", chunk, loaded))
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller's thread
+            stop.set()
+            results.put(("error", None, exc))
+        finally:
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    threads = [
+        threading.Thread(target=worker, daemon=True, name="load")
+        for _ in range(max(1, min(parallel, len(todo))))
+    ]
+    for thread in threads:
+        thread.start()
+    loaded_chunks = rows_loaded = 0
+    error: BaseException | None = None
+    cancelled = False
+    while any(t.is_alive() for t in threads) or not results.empty():
+        try:
+            kind, chunk, value = results.get(timeout=0.25)
+        except queue.Empty:
+            if not stop.is_set() and should_cancel():
+                cancelled = True
+                stop.set()
+            continue
+        if kind == "error":
+            error = error or value
+            continue
+        if value != chunk["rows"]:
+            error = error or EngineError(
+                f"chunk {chunk['key']} loaded {value} rows into {job.target_database}.{job.target_table},"
+                f" the manifest says {chunk['rows']}"
+            )
+            stop.set()
+            continue
+        loaded_chunks += 1
+        rows_loaded += value
+        on_chunk_done(chunk["key"], value)
+        try:
+            progress(
+                ProgressEvent(
+                    table=table["name"],
+                    rows_done=value,
+                    bytes_done=chunk.get("raw_bytes", 0),
+                    rows_estimate=table.get("rows", 0),
+                    stage="load",
+                )
+            )
+        except Exception:  # noqa: BLE001 - a progress sink must never break a restore
+            pass
+    for thread in threads:
+        thread.join()
+    if cancelled:
+        raise Cancelled(f"load of {job.target_database}.{job.target_table} cancelled")
+    if error is not None:
+        if isinstance(error, EngineError):
+            raise error
+        if isinstance(error, pymysql.err.MySQLError):
+            raise EngineError(
+                f"loading {job.target_database}.{job.target_table} failed: {describe_error(error, job.target)}"
+            ) from error
+        raise EngineError(
+            f"loading {job.target_database}.{job.target_table} failed: {error}"
+        ) from error
+
+    conn = _open(job.target, job.target_database)
+    try:
+        rows, value = checksum.table_checksum(conn, job.target_database, job.target_table, columns)
+    finally:
+        conn.close()
+    expected_rows, expected = int(table.get("rows", 0)), str(table.get("checksum", ""))
+    ok = rows == expected_rows and value == expected
+    return TableLoadResult(
+        target_database=job.target_database,
+        target_table=job.target_table,
+        rows=rows,
+        rows_expected=expected_rows,
+        checksum=value,
+        checksum_expected=expected,
+        checksum_ok=ok,
+        chunks_loaded=loaded_chunks,
+        chunks_skipped=skipped,
+        error=""
+        if ok
+        else (
+            f"checksum mismatch on {job.target_database}.{job.target_table}: {rows} rows / {value},"
+            f" expected {expected_rows} rows / {expected}"
+        ),
+    )

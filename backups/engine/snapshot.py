@@ -1,0 +1,221 @@
+"""Consistent snapshots: the global-lock cut (`locked`) and per-shard snapshots (`lockfree`).
+
+`locked`: FLUSH TABLES WITH READ LOCK on every instance (bounded by a short
+lock_wait_timeout; on timeout unlock everywhere, wait, retry), then every dump
+connection starts `WITH CONSISTENT SNAPSHOT`, binlog coordinates are read, and
+every instance is unlocked. While all instances are locked no commit can land
+anywhere, so the snapshots of all instances show one instant.
+
+`lockfree`: one snapshot connection per shard; MariaDB reports its exact binlog
+position (`binlog_snapshot_file/position`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pymysql
+
+from backups.engine.types import EngineError
+from shards.mysql import Endpoint, connect, describe_error
+
+ER_LOCK_WAIT_TIMEOUT = 1205
+ER_SPECIFIC_ACCESS_DENIED = 1227
+ER_ACCESS_DENIED = 1045
+
+
+@dataclass
+class Coordinates:
+    binlog_file: str = ""
+    binlog_pos: int | None = None
+    gtid: str = ""
+    snapshot_at: datetime | None = None
+
+
+@dataclass
+class SnapshotGroup:
+    """Connections that share one snapshot and the shards they may read."""
+
+    endpoint: Endpoint
+    shard_names: list[str]
+    connections: list = field(default_factory=list)
+    coordinates: Coordinates = field(default_factory=Coordinates)
+
+
+def open_dump_connection(endpoint: Endpoint):
+    conn = connect(endpoint, streaming=True, autocommit=True)
+    with conn.cursor() as cur:
+        # The chunk SQL relies on backslash escapes; a slow consumer (S3 upload) must not
+        # make the server drop the stream.
+        cur.execute("SET SESSION sql_mode = '', net_write_timeout = 3600, net_read_timeout = 3600")
+        cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    return conn
+
+
+def start_snapshot(conn) -> None:
+    with conn.cursor() as cur:
+        cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+
+
+def _query_one(conn, sql: str):
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchone()
+
+
+def is_mariadb(conn) -> bool:
+    return "mariadb" in str(_query_one(conn, "SELECT VERSION()")[0]).lower()
+
+
+def master_status(conn) -> tuple[str, int | None, str]:
+    """(file, position, executed GTID set on MySQL) or empty when the binlog is off."""
+    with conn.cursor() as cur:
+        try:
+            cur.execute("SHOW MASTER STATUS")
+        except pymysql.err.ProgrammingError:
+            cur.execute("SHOW BINARY LOG STATUS")  # MySQL 8.4
+        row = cur.fetchone()
+        names = [d[0] for d in cur.description or []]
+    if not row:
+        return "", None, ""
+    values = dict(zip(names, row, strict=False))
+    return (
+        str(values.get("File") or ""),
+        int(values.get("Position") or 0),
+        str(values.get("Executed_Gtid_Set") or ""),
+    )
+
+
+def snapshot_status(conn) -> tuple[str, int | None]:
+    """MariaDB's binlog position of the current consistent snapshot."""
+    with conn.cursor() as cur:
+        cur.execute("SHOW STATUS LIKE 'binlog_snapshot_%%'")
+        values = {name.lower(): value for name, value in cur.fetchall()}
+    file = values.get("binlog_snapshot_file") or ""
+    pos = values.get("binlog_snapshot_position")
+    return file, (int(pos) if file and pos not in (None, "") else None)
+
+
+def gtid_at(conn, file: str, pos: int | None, mysql_gtid: str) -> str:
+    if not file or pos is None:
+        return ""
+    if mysql_gtid:
+        return mysql_gtid
+    try:
+        row = _query_one(conn, f"SELECT BINLOG_GTID_POS('{_sql_str(file)}', {int(pos)})")
+    except pymysql.err.MySQLError:
+        return ""
+    return str(row[0] or "") if row else ""
+
+
+def _sql_str(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "''")
+
+
+def blocking_query(conn) -> str:
+    """The longest-running statement other than ours, for the lock-timeout message."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT ID, USER, TIME, LEFT(INFO, 200) FROM information_schema.PROCESSLIST"
+                " WHERE ID <> CONNECTION_ID() AND COMMAND NOT IN ('Sleep', 'Daemon', 'Binlog Dump')"
+                " AND INFO IS NOT NULL AND INFO NOT LIKE 'FLUSH TABLES%%' ORDER BY TIME DESC LIMIT 1"
+            )
+            row = cur.fetchone()
+    except pymysql.err.MySQLError:
+        return ""
+    if not row:
+        return ""
+    return f"connection {row[0]} ({row[1]}, running {row[2]}s): {row[3]}"
+
+
+class GlobalLock:
+    """FLUSH TABLES WITH READ LOCK on several instances, measured and always released."""
+
+    def __init__(
+        self,
+        controls: dict[str, object],
+        endpoints: dict[str, Endpoint],
+        *,
+        wait_timeout: int,
+        retries: int,
+        retry_sleep: float = 1.0,
+        should_cancel=lambda: False,
+    ):
+        self.controls = controls  # instance name -> control connection
+        self.endpoints = endpoints
+        self.wait_timeout = max(1, int(wait_timeout))
+        self.retries = max(0, int(retries))
+        self.retry_sleep = retry_sleep
+        self.should_cancel = should_cancel
+        self.locked: list[str] = []
+        self.first_acquired: float | None = None
+        self.released_at: float | None = None
+
+    def acquire(self) -> None:
+        attempt = 0
+        while True:
+            failure = self._try_once()
+            if failure is None:
+                return
+            instance, blocker = failure
+            attempt += 1
+            if attempt > self.retries:
+                detail = f"; blocked by {blocker}" if blocker else ""
+                raise EngineError(
+                    f"could not take the global read lock on {instance} within {self.wait_timeout}s"
+                    f" after {attempt} attempts{detail}"
+                )
+            if self.should_cancel():
+                from backups.engine.types import Cancelled
+
+                raise Cancelled("backup cancelled while waiting for the global read lock")
+            time.sleep(self.retry_sleep)
+
+    def _try_once(self) -> tuple[str, str] | None:
+        self.first_acquired = None
+        for name, conn in self.controls.items():
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"SET SESSION lock_wait_timeout = {self.wait_timeout}")
+                    cur.execute("FLUSH TABLES WITH READ LOCK")
+            except pymysql.err.MySQLError as exc:
+                code = exc.args[0] if exc.args else None
+                blocker = blocking_query(conn) if code == ER_LOCK_WAIT_TIMEOUT else ""
+                self.release()
+                if code == ER_LOCK_WAIT_TIMEOUT:
+                    return name, blocker
+                if code in (ER_SPECIFIC_ACCESS_DENIED, ER_ACCESS_DENIED, 1044):
+                    raise EngineError(
+                        f"the backup user on {name} lacks the RELOAD privilege needed for FLUSH TABLES WITH"
+                        " READ LOCK; grant it or use --consistency lockfree"
+                    ) from exc
+                raise EngineError(
+                    f"global read lock failed on {describe_error(exc, self.endpoints[name])}"
+                ) from exc
+            if self.first_acquired is None:
+                self.first_acquired = time.monotonic()
+            self.locked.append(name)
+        return None
+
+    def release(self) -> None:
+        for name in list(self.locked):
+            try:
+                with self.controls[name].cursor() as cur:
+                    cur.execute("UNLOCK TABLES")
+            except pymysql.err.MySQLError:
+                pass  # a dead connection has released its lock with it
+            self.locked.remove(name)
+        self.released_at = time.monotonic()
+
+    @property
+    def window_ms(self) -> float | None:
+        if self.first_acquired is None or self.released_at is None:
+            return None
+        return round((self.released_at - self.first_acquired) * 1000.0, 3)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
