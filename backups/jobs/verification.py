@@ -19,20 +19,45 @@ def verification_housekeeping_job(reschedule: bool = True) -> dict:
 
     Needs a worker started with `--with-scheduler` (RQ's own scheduler) for the repeat.
     """
-    from backups.services.verification import verification_drills_schedule
+    from backups.services.verification import (
+        verification_drills_schedule,
+        verifications_reap_stale,
+    )
     from console.alerts import alerts_check_rpo
 
+    reaped = verifications_reap_stale()
     drills = verification_drills_schedule()
     alerted = alerts_check_rpo()
     if reschedule:
         verification_housekeeping_schedule()
-    return {"drills": [d.pk for d in drills], "rpo_alerts": alerted}
+    return {
+        "reaped": [r.pk for r in reaped],
+        "drills": [d.pk for d in drills],
+        "rpo_alerts": alerted,
+    }
 
 
-def verification_housekeeping_schedule() -> None:
+GATE_KEY = "shardvault:housekeeping:verification"
+
+
+def verification_housekeeping_schedule() -> bool:
+    """Schedule the next housekeeping run on `default`, at most once per interval.
+
+    Safe to call from anywhere, any number of times (a Redis NX key gates it); the backup
+    housekeeping's `housekeeping_ensure_scheduled` is the natural caller. Returns True when
+    it scheduled a run.
+    """
     import django_rq
 
     queue = django_rq.get_queue("default")
+    seconds = int(HOUSEKEEPING_EVERY.total_seconds())
+    if not queue.connection.set(GATE_KEY, "1", nx=True, ex=seconds - 5):
+        return False
     queue.enqueue_in(
-        HOUSEKEEPING_EVERY, verification_housekeeping_job, job_id="housekeeping-verification"
+        HOUSEKEEPING_EVERY,
+        verification_housekeeping_job,
+        description="schedule due drills, reap dead verifications, RPO alerts",
+        result_ttl=600,
+        failure_ttl=24 * 3600,
     )
+    return True

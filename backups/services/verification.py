@@ -368,3 +368,39 @@ def verification_summary(run: VerificationRun) -> dict:
         "warnings": [run.progress_text] if run.progress_text.startswith("warning: ") else [],
         "error": run.error,
     }
+
+
+def verifications_reap_stale(*, now=None) -> list[VerificationRun]:
+    """Fail running verifications whose worker stopped writing heartbeats (it died).
+
+    Without this a killed worker would leave the set "being verified" forever. The limit is
+    generous (ten times JOB_HEARTBEAT_STALE_SECONDS) because one large chunk can load for a
+    while between progress events. A drill's scratch databases are named
+    `__svdrill_<id>_...`; the reason says so, for the operator to drop them.
+    """
+    from datetime import timedelta
+
+    now = now or timezone.now()
+    limit = timedelta(seconds=10 * settings.JOB_HEARTBEAT_STALE_SECONDS)
+    reaped = []
+    candidates = VerificationRun.objects.filter(
+        status=BackupSet.Status.RUNNING, heartbeat_at__lt=now - limit
+    ).values_list("pk", flat=True)
+    for run_id in list(candidates):
+        with transaction.atomic():
+            run = VerificationRun.objects.select_for_update().get(pk=run_id)
+            if run.status != BackupSet.Status.RUNNING or run.heartbeat_at >= now - limit:
+                continue
+            reason = f"the worker stopped reporting at {run.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"
+            if run.drill:
+                reason += f"; scratch databases {engine.DRILL_PREFIX}{run.pk}_* may be left behind"
+            run.status = BackupSet.Status.FAILED
+            run.error = reason
+            run.finished_at = now
+            run.progress_text = f"failed: {reason}"[:300]
+            run.save()
+            audit_record(
+                actor="system", action="verification.fail", obj=run, details={"error": reason}
+            )
+            reaped.append(run)
+    return reaped

@@ -384,3 +384,52 @@ def test_drill_of_an_incremental_set_is_refused_in_one_sentence():
     incremental = _set(cluster, status="succeeded", kind="incremental", parent=full)
     with pytest.raises(VerificationError, match=f"drill its full set {full.pk}"):
         verification_start(backup_set=incremental, user=None, drill=True)
+
+
+def test_housekeeping_job_reaps_a_dead_verification_and_schedules_itself(run_jobs, settings):
+    from datetime import timedelta
+
+    import django_rq
+    from django.utils import timezone
+
+    from backups.jobs.verification import (
+        verification_housekeeping_job,
+        verification_housekeeping_schedule,
+    )
+    from shards.models import Cluster
+
+    cluster = Cluster.objects.create(name="reaped")
+    s = _set(cluster, status="succeeded")
+    dead = VerificationRun.objects.create(
+        backup_set=s, drill=True, status="running", heartbeat_at=timezone.now() - timedelta(hours=2)
+    )
+    alive = VerificationRun.objects.create(
+        backup_set=_set(cluster, status="succeeded"), status="running"
+    )
+    VerificationRun.objects.filter(pk=alive.pk).update(heartbeat_at=timezone.now())
+
+    django_rq.get_queue("default").enqueue(verification_housekeeping_job, False)
+    run_jobs("default")
+    dead.refresh_from_db()
+    alive.refresh_from_db()
+    assert dead.status == "failed" and "stopped reporting" in dead.error
+    assert f"__svdrill_{dead.pk}_" in dead.error
+    assert alive.status == "running"
+    assert AuditEvent.objects.filter(action="verification.fail", object_id=str(dead.pk)).exists()
+    # The set can be verified again.
+    assert verification_start(backup_set=s, user=None, drill=False).status == "pending"
+
+    assert verification_housekeeping_schedule() is True
+    assert verification_housekeeping_schedule() is False  # gated: one scheduled run at a time
+    assert len(django_rq.get_queue("default").scheduled_job_registry.get_job_ids()) == 1
+
+
+def test_encrypted_set_verifies_and_drills_to_q_1(cluster, mariadb_servers):
+    backup_set = backup_start(cluster=cluster, actor="cli", enqueue=False, encrypt=True)
+    backup_set = backup_execute(backup_set=backup_set)
+    assert backup_set.status == "succeeded" and backup_set.encrypted, backup_set.error
+    assert all(k.endswith(".enc") for k in _chunk_keys(backup_set))
+    code, result, _ = _verify_cli(backup_set.pk, "--drill")
+    assert code == 0, result
+    assert (result["q"], result["t"], result["d"], result["a"]) == (1.0, 1.0, 1.0, 1.0)
+    assert _scratch_databases(mariadb_servers, result["verification"]) == []
