@@ -229,5 +229,7 @@ def run_progress(request, pk: int):
     if run is None or run.status in FINAL_RUN:
         stop = HttpResponseStopPolling()
         stop.content = response.content
+        # Once, at the end: reload so the state, the timeline and the buttons are final too.
+        stop["HX-Refresh"] = "true"
         return stop
     return response
