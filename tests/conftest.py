@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.servers import MotoServer, start_servers, stop_servers
+from tests.servers import MotoServer, free_port, start_servers, stop_servers
 
 ROOT = Path(__file__).resolve().parent.parent
 # Playwright's sync API runs an event loop in the test thread; Django's ORM must still work.
@@ -48,14 +49,48 @@ def unique_name():
 
 
 @pytest.fixture(scope="session")
-def redis_url():
-    """A Redis database of its own per xdist worker, flushed at the start."""
+def redis_url(tmp_path_factory):
+    """A real redis-server of this test session's own, on a free loopback port.
+
+    Its own process (not a database number on the shared server) so concurrent test
+    sessions and the developer's running console never take or flush each other's jobs.
+    """
     import redis
 
-    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    url = f"{base}/{8 + _worker_index()}"
-    redis.Redis.from_url(url).flushdb()
-    return url
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the test redis-server did not start") from None
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
 
 
 @pytest.fixture(autouse=True)
