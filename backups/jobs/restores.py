@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 import django_rq
 from rq.exceptions import NoSuchJobError
@@ -43,6 +44,7 @@ def restore_run_enqueue(*, run_id: int) -> Job | None:
         existing = None
     if existing is not None and existing.get_status(refresh=True) == JobStatus.QUEUED:
         return existing
+    restore_housekeeping_schedule()  # the reaper that resumes this run if its worker dies
     return queue.enqueue(
         restore_run_job,
         run_id,
@@ -63,3 +65,43 @@ def restore_run_dequeue(*, run_id: int) -> bool:
     if job.get_status(refresh=True) != JobStatus.QUEUED:
         return False
     return queue.remove(job_id) > 0
+
+
+HOUSEKEEPING_GATE_KEY = "shardvault:housekeeping:restores"
+
+
+def restore_housekeeping_job(reschedule: bool = True) -> dict:
+    """Expire overdue requests and approvals; resume runs whose worker died."""
+    from backups.services.restores import restore_requests_expire, restore_runs_resume_stale
+
+    try:
+        return {"expired": restore_requests_expire(), "resumed": restore_runs_resume_stale()}
+    finally:
+        if reschedule:
+            restore_housekeeping_schedule()
+
+
+def restore_housekeeping_schedule() -> bool:
+    """Schedule the next restore housekeeping on `default`, at most once per interval.
+
+    A Redis NX key gates it, so any number of callers schedule one job (it needs a worker
+    started with --with-scheduler). Returns True when it scheduled a run.
+    """
+    from django.conf import settings
+
+    queue = django_rq.get_queue("default")
+    seconds = max(30, int(settings.JOB_HEARTBEAT_STALE_SECONDS))
+    try:
+        if not queue.connection.set(HOUSEKEEPING_GATE_KEY, "1", nx=True, ex=seconds - 5):
+            return False
+        queue.enqueue_in(
+            timedelta(seconds=seconds),
+            restore_housekeeping_job,
+            description="expire restore requests, resume restore runs whose worker died",
+            result_ttl=600,
+            failure_ttl=24 * 3600,
+        )
+    except Exception:  # noqa: BLE001 - housekeeping is best effort; the next call retries
+        log.exception("could not schedule restore housekeeping")
+        return False
+    return True

@@ -43,6 +43,7 @@ Status = BackupSet.Status
 PROGRESS_EVERY_SECONDS = 1.0
 SHARD_THREADS = 4
 CHUNK_PARALLEL = 2
+HEARTBEAT_SECONDS = 5.0
 
 
 @dataclass
@@ -450,6 +451,17 @@ def _factors(
     return t, d, a
 
 
+def _heartbeat(tracker: Tracker, stop: threading.Event) -> None:
+    """Beat while the run works, also through long chunks and checksums without progress."""
+    try:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            tracker.flush(force=True)
+    except Exception:  # noqa: BLE001 - a missed beat only risks a needless resume
+        log.exception("restore run %s: heartbeat failed", tracker.run_id)
+    finally:
+        connections.close_all()
+
+
 def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
     """Run (or resume) an approved restore to its end. Refuses unapproved requests untouched."""
     resume = restore_run_begin(run=run)  # RestoreError here: nothing has been touched
@@ -458,7 +470,6 @@ def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
         pk=run.request_id
     )
     plan = request.plan
-    inplace = request.target_kind == Target.INPLACE
     try:
         import rq
 
@@ -468,6 +479,20 @@ def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
     tracker = Tracker(run_id=run.pk, rows_estimate=int(plan.get("rows", 0)), rq_job=rq_job)
     if resume:
         tracker.rows_done = sum(LoadedChunk.objects.filter(run=run).values_list("rows", flat=True))
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(tracker, stop), daemon=True, name="heartbeat")
+    beat.start()
+    try:
+        return _execute(run, request, plan, tracker, resume=resume)
+    finally:
+        stop.set()
+        beat.join(timeout=10)
+
+
+def _execute(
+    run: RestoreRun, request: RestoreRequest, plan: dict, tracker: Tracker, *, resume: bool
+):
+    inplace = request.target_kind == Target.INPLACE
     outcomes: list[TableOutcome] = []
     try:
         if plan.get("needs_incrementals"):

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun
 from console.audit import audit_record
+from console.models import AuditEvent
 from console.roles import APPROVER, OPERATOR, has_role
 from shards.models import Cluster, Instance
 
@@ -26,6 +27,7 @@ class RestoreError(Exception):
 State = RestoreRequest.State
 Target = RestoreRequest.Target
 RunStatus = BackupSet.Status
+MAX_RESUMES = 3  # a run that keeps killing its worker stops being retried
 FINAL_STATES = (State.REJECTED, State.EXPIRED, State.SUCCEEDED, State.CANCELLED)
 
 
@@ -102,6 +104,11 @@ def _resolve_source(*, cluster: Cluster, source_set: BackupSet | None, at: datet
             f"no succeeded full backup of {cluster.name} at or before {at.isoformat()}"
         )
     return full_set
+
+
+def restore_source_resolve(*, cluster: Cluster, source_set: BackupSet | None, at: datetime | None):
+    """The full set a request for `source_set` or `at` restores from (RestoreError if none)."""
+    return _resolve_source(cluster=cluster, source_set=source_set, at=at)
 
 
 def restore_request_file(
@@ -319,6 +326,16 @@ def restore_run_start(*, request: RestoreRequest, actor=None) -> RestoreRun:
                 run = RestoreRun.objects.select_for_update().filter(request=locked).first()
                 if run is None or not _run_is_stale(run, now):
                     raise RestoreError(f"restore {locked.pk} is already running")
+                resumes = AuditEvent.objects.filter(
+                    action="restore.run_resumed",
+                    object_id=str(locked.pk),
+                    object_type="backups.restorerequest",
+                ).count()
+                if resumes >= MAX_RESUMES:
+                    raise RestoreError(
+                        f"restore {locked.pk} was resumed {resumes} times and died each time; "
+                        "look at the worker's log, then file a new request"
+                    )
                 audit_record(
                     actor=actor or "system",
                     action="restore.run_resumed",

@@ -27,6 +27,7 @@ from backups.services.restores import (
     restore_request_reject,
     restore_run_cancel,
     restore_run_start,
+    restore_source_resolve,
 )
 from console.roles import APPROVER, OPERATOR, has_role, role_required
 from shards.models import Cluster
@@ -101,9 +102,7 @@ def request_new(request):
         kind, instance = parse_target(cluster=cluster, target=data["target"])
         source_set = data["source_set"]
         if source_set is None:
-            from backups.services.restores import _resolve_source
-
-            source_set = _resolve_source(cluster=cluster, source_set=None, at=data["at"])
+            source_set = restore_source_resolve(cluster=cluster, source_set=None, at=data["at"])
         context["plan"] = restore_plan_build(
             cluster=cluster,
             source_set=source_set,

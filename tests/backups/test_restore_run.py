@@ -271,3 +271,73 @@ def test_plan_estimate_uses_measured_throughput_after_a_run(cluster, mariadb_ser
         server.execute(
             f"DROP DATABASE IF EXISTS {quote_ident(shard.database + f'__r{request.pk}')}"
         )
+
+
+def test_cancelled_inplace_run_leaves_live_tables_and_drops_shadows(
+    cluster, mariadb_servers, run_jobs, settings, monkeypatch
+):
+    from backups.services.restores import restore_run_cancel
+
+    settings.BACKUP_CHUNK_ROWS = 4
+    backup_set = make_backup(cluster, run_jobs)
+    _damage_live_data(cluster, mariadb_servers)
+    before = {
+        (s.name, t): checksum_of(server, s.database, t)
+        for s, server in shard_servers(cluster, mariadb_servers)
+        for t in ("t_order_0", "t_order_1", "t_user")
+    }
+    request = file_request(cluster, backup_set, target="inplace")
+    approve(request, count=2)
+    operator = make_user("operator")
+    run = restore_run_start(request=request, actor=operator)
+    original = executor.Tracker.chunk_done
+    calls = {"n": 0}
+
+    def cancel_after_three(self, key, rows):
+        original(self, key, rows)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            restore_run_cancel(run=RestoreRun.objects.get(pk=run.pk), actor=operator)
+
+    monkeypatch.setattr(executor.Tracker, "chunk_done", cancel_after_three)
+    monkeypatch.setattr(executor, "PROGRESS_EVERY_SECONDS", 0)
+    run_jobs("restores")
+    run.refresh_from_db()
+    request.refresh_from_db()
+    assert (request.state, run.status) == ("cancelled", "cancelled")
+    assert "live tables were left untouched" in run.error
+    for shard, server in shard_servers(cluster, mariadb_servers):
+        assert tables_of(server, shard.database) == {"t_order_0", "t_order_1", "t_user"}
+        for table in ("t_order_0", "t_order_1", "t_user"):
+            assert checksum_of(server, shard.database, table) == before[(shard.name, table)]
+
+
+def test_encrypted_set_restores_and_requester_hears_how_it_ended(
+    cluster, mariadb_servers, run_jobs
+):
+    from django.core import mail
+
+    from backups.models import BackupPolicy
+
+    BackupPolicy.objects.create(cluster=cluster, encrypt=True)
+    backup_set = make_backup(cluster, run_jobs)
+    assert backup_set.encrypted
+    requester = make_user("operator")
+    requester.email = "requester@example.test"
+    requester.save()
+    shard = cluster.shards.select_related("instance").get(name="s00")
+    server = server_for(mariadb_servers, shard.instance)
+    expected = checksum_of(server, shard.database, "t_order_1")
+    request = file_request(
+        cluster, backup_set, requester=requester, shards=["s00"], tables=["t_order_1"]
+    )
+    approve(request)
+    restore_run_start(request=request, actor=requester)
+    run_jobs("restores")
+    request.refresh_from_db()
+    assert request.state == "succeeded", request.error
+    side = f"{shard.database}__r{request.pk}"
+    assert checksum_of(server, side, "t_order_1") == expected
+    server.execute(f"DROP DATABASE {quote_ident(side)}")
+    final = [m for m in mail.outbox if m.to == ["requester@example.test"]][-1]
+    assert f"restore {request.pk} succeeded" in final.subject and "Q = 1.000" in final.subject
