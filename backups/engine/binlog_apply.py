@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -373,6 +374,27 @@ def apply_segments(
     return result
 
 
+def _query_event(like: bytes, query: bytes, checksum: bool) -> bytes:
+    """A Query event carrying `query`, with the timestamp, server id and position of `like`."""
+    header = parse_header(like)
+    post = struct.pack("<IIBHH", 0, 0, 0, 0, 0)  # thread, exec time, no db, no error, no vars
+    body = post + b"\x00" + query
+    size = HEADER_LEN + len(body) + (4 if checksum else 0)
+    event = (
+        struct.pack(
+            "<IBIIIH", header.timestamp, QUERY_EVENT, header.server_id, size, header.next_pos, 0
+        )
+        + body
+    )
+    if checksum:
+        event += zlib.crc32(event).to_bytes(4, "little")
+    return event
+
+
+def _option_value(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _apply_one(
     *,
     target: Endpoint,
@@ -385,19 +407,32 @@ def _apply_one(
     result: ApplyResult,
     crash_after: int | None,
 ) -> int:
-    """Apply one segment; returns the number of transactions sent to the server."""
+    """Apply one segment; returns the number of transactions sent to the server.
+
+    Each kept transaction reaches mariadb-binlog with its GTID event replaced by a BEGIN
+    (so the source's GTIDs and server id are never replayed into the target's binlog) and
+    a Query event recording its end position just before its commit; the decoder's SQL
+    goes straight into the client, with no Python in between.
+    """
     source_database, target_database = scope.source, scope.target
     transactions = _Transactions(blocks)
-    positions_commit: set[int] = set()
-    positions_standalone: set[int] = set()
+    table = quote_qualified(target_database, APPLIED_TABLE)
+    stream_sql, file_sql = _sql_string(stream), _sql_string(file)
+
+    def marker(pos: int) -> bytes:
+        return (
+            f"INSERT INTO {table} (stream, binlog_file, binlog_pos) VALUES "  # noqa: S608 - quoted identifier, escaped literals
+            f"({stream_sql}, {file_sql}, {pos}) ON DUPLICATE KEY UPDATE "
+            "binlog_file = VALUES(binlog_file), binlog_pos = VALUES(binlog_pos)"
+        ).encode()
 
     with tempfile.TemporaryDirectory(prefix="shardvault-apply-") as tmp:
         defaults = os.path.join(tmp, "client.cnf")
         with open(os.open(defaults, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
             handle.write(
                 "[client]\n"
-                f"host={target.host}\nport={int(target.port)}\nuser={target.user}\n"
-                f'password="{(target.password or "").replace(chr(34), "")}"\n'
+                f"host={target.host}\nport={int(target.port)}\nuser={_option_value(target.user)}\n"
+                f"password={_option_value(target.password or '')}\n"
             )
             if target.tls_ca:
                 handle.write(f"ssl-ca={target.tls_ca}\n")
@@ -427,20 +462,21 @@ def _apply_one(
                 "--silent",
                 target_database,
             ],
-            stdin=subprocess.PIPE,
+            stdin=decoder.stdout,
             stdout=subprocess.DEVNULL,
             stderr=client_err,
         )
-        state = {"sent": 0, "error": None}
+        decoder.stdout.close()  # the client owns the pipe now
+        state: dict = {"sent": 0, "error": None, "crashed": False}
 
         def feed() -> None:
             try:
                 out = decoder.stdin
                 header_written = False
                 for group, end_pos, commit_ts, dbs, standalone in transactions:
+                    fde = transactions.fde or b""
                     if not header_written:
-                        out.write(BINLOG_MAGIC)
-                        out.write(transactions.fde or b"")
+                        out.write(BINLOG_MAGIC + fde)
                         header_written = True
                     if coordinate_key(file, end_pos) <= resume:
                         result.skipped_applied += 1
@@ -450,19 +486,27 @@ def _apply_one(
                         break
                     if source_database not in dbs:
                         continue
-                    fde = transactions.fde or b""
-                    group = _scoped(group, scope, transactions.table_map_post, _has_crc(fde))
+                    crc = _has_crc(fde)
+                    group = _scoped(group, scope, transactions.table_map_post, crc)
                     if not group:
                         continue
+                    gtid, body, last = group[0], group[1:-1], group[-1]
+                    if standalone:
+                        # A DDL: its statement, then its position (a DDL commits by itself).
+                        events = [*body, last, _query_event(last, marker(end_pos), crc)]
+                    else:
+                        events = [
+                            _query_event(gtid, b"BEGIN", crc),
+                            *body,
+                            _query_event(last, marker(end_pos), crc),
+                            last,
+                        ]
                     if crash_after is not None and state["sent"] >= crash_after:
-                        # Test hook: send half of the next transaction, then stop.
-                        for event in group[: max(1, len(group) // 2)]:
-                            out.write(event)
+                        # Test hook: half a transaction reaches the server, then the apply stops.
+                        out.write(b"".join(events[: max(2, len(events) // 2)]))
                         state["crashed"] = True
                         break
-                    (positions_standalone if standalone else positions_commit).add(end_pos)
-                    for event in group:
-                        out.write(event)
+                    out.write(b"".join(events))
                     state["sent"] += 1
                     result.transactions += 1
                     result.events += len(group)
@@ -472,7 +516,7 @@ def _apply_one(
                     out.write(BINLOG_MAGIC + transactions.fde)
             except BrokenPipeError:
                 pass
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            except BaseException as exc:  # noqa: BLE001 - reported by the caller's thread
                 state["error"] = exc
             finally:
                 try:
@@ -482,50 +526,6 @@ def _apply_one(
 
         feeder = threading.Thread(target=feed, name="binlog-feed", daemon=True)
         feeder.start()
-        table = quote_qualified(target_database, APPLIED_TABLE)
-        stream_sql = _sql_string(stream)
-        file_sql = _sql_string(file)
-
-        def marker(pos: int) -> bytes:
-            return (
-                f"INSERT INTO {table} (stream, binlog_file, binlog_pos) VALUES "  # noqa: S608 - quoted identifier, escaped literals
-                f"({stream_sql}, {file_sql}, {pos}) ON DUPLICATE KEY UPDATE "
-                "binlog_file = VALUES(binlog_file), binlog_pos = VALUES(binlog_pos)/*!*/;\n"
-            ).encode()
-
-        last_pos = 0
-        pending_standalone = False
-        sink = client.stdin
-        try:
-            for line in decoder.stdout:
-                if line.startswith(b"#") and b" end_log_pos " in line:
-                    last_pos = int(line.split(b" end_log_pos ", 1)[1].split(b" ", 1)[0])
-                    pending_standalone = last_pos in positions_standalone
-                elif line.startswith(b"/*M!100001 SET @@session.") and (
-                    b"gtid_seq_no" in line or b"gtid_domain_id" in line or b"server_id" in line
-                ):
-                    # Never replay the source's GTIDs or server id into the target's binlog.
-                    continue
-                elif line.startswith(b"COMMIT/*!*/;") and last_pos in positions_commit:
-                    sink.write(marker(last_pos))
-                elif pending_standalone and line.rstrip(b"\r\n") == b"/*!*/;":
-                    sink.write(line)
-                    sink.write(marker(last_pos))
-                    pending_standalone = False
-                    continue
-                elif line.startswith(b"ROLLBACK /* added by mysqlbinlog */") and state.get(
-                    "crashed"
-                ):
-                    # Test hook: the connection ends with half a transaction sent, as in a crash.
-                    break
-                sink.write(line)
-        except BrokenPipeError:
-            pass
-        finally:
-            try:
-                sink.close()
-            except BrokenPipeError:
-                pass
         feeder.join()
         decoder_err = decoder.stderr.read().decode("utf-8", "replace").strip()
         decoder.wait()
@@ -535,12 +535,13 @@ def _apply_one(
         client_err.close()
         if state["error"] is not None:
             raise state["error"]
-        if state.get("crashed"):
+        if state["crashed"]:
             raise EngineError("apply cut off (test hook)")
         if client.returncode != 0:
-            raise EngineError(
-                f"applying {file} to {target_database} failed: {message.splitlines()[-1] if message else 'mariadb exited with ' + str(client.returncode)}"
+            last_line = (
+                message.splitlines()[-1] if message else f"mariadb exited with {client.returncode}"
             )
+            raise EngineError(f"applying {file} to {target_database} failed: {last_line}")
         if decoder.returncode != 0:
             raise EngineError(f"mariadb-binlog could not decode {file}: {decoder_err[:300]}")
         return state["sent"]
