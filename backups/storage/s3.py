@@ -24,6 +24,7 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectionClosedError,
+    IncompleteReadError,
     NoCredentialsError,
     ReadTimeoutError,
     ResponseStreamingError,
@@ -342,7 +343,12 @@ class S3Storage(Storage):
                     yield piece
                 body.close()
                 return
-            except (ReadTimeoutError, ResponseStreamingError, ConnectionClosedError) as exc:
+            except (
+                ReadTimeoutError,
+                ResponseStreamingError,
+                ConnectionClosedError,
+                IncompleteReadError,
+            ) as exc:
                 body.close()
                 resumes += 1
                 if resumes > READ_RESUMES:

@@ -6,7 +6,9 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -300,3 +302,87 @@ def test_missing_recorded_hash_is_not_silently_accepted(storage):
     storage.put_bytes("c/1/x", b"abc")
     with pytest.raises(IntegrityError, match="records no sha256"):
         storage.get_bytes("c/1/x", expect_sha256="")
+
+
+class _CuttingProxy:
+    """A loopback TCP proxy in front of the S3 server that breaks its first connection
+    after `cut_after` response bytes, as a flaky network would."""
+
+    def __init__(self, upstream: tuple[str, int], cut_after: int):
+        self.upstream = upstream
+        self.cut_after = cut_after
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            cut = self.cut_after if self.connections == 1 else None
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, cut), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink, cut):
+        sent = 0
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if cut is not None and sent + len(data) >= cut:
+                    sink.sendall(data[: cut - sent])
+                    break
+                sink.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_s3_read_resumes_after_the_connection_breaks(s3_env):
+    direct = S3Storage(s3_env["bucket"], "p", endpoint_url=s3_env["url"])
+    total = 8 * MIB
+    stored = direct.put_stream("c/1/big.tsv.zst", _stream(total))
+    port = int(s3_env["url"].rsplit(":", 1)[1])
+    proxy = _CuttingProxy(("127.0.0.1", port), cut_after=3 * MIB)
+    try:
+        flaky = S3Storage(s3_env["bucket"], "p", endpoint_url=proxy.url)
+        back = flaky.get_stream(stored.key, expect_sha256=stored.sha256, expect_size=total)
+        assert _sha(back) == stored.sha256
+        assert proxy.connections >= 2  # the first one was cut, the read went on over another
+    finally:
+        proxy.close()
+
+
+def test_encoded_chunks_survive_a_round_trip_through_storage(storage):
+    from backups.crypto import new_data_key
+    from backups.engine.codec import decode, encode
+
+    key = "orders/3/s00/db/t/chunk-000001.tsv.zst.enc"
+    data_key = new_data_key()
+    rows = (b"%d\tname-%d\t\\N\n" % (i, i) for i in range(400_000))
+    stored = storage.put_stream(key, encode(rows, level=1, data_key=data_key, aad=key.encode()))
+    raw = b"".join(
+        decode(
+            storage.get_stream(key, expect_sha256=stored.sha256, expect_size=stored.size),
+            data_key=data_key,
+            aad=key.encode(),
+            object_key=key,
+        )
+    )
+    assert raw == b"".join(b"%d\tname-%d\t\\N\n" % (i, i) for i in range(400_000))
