@@ -65,6 +65,8 @@ class MariaDBServer:
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
                 "--user=root",
+                # Own tmpdir: parallel installs sharing /tmp collide on temp table names.
+                f"--tmpdir={self.base_dir}",
             ],
             check=True,
             stdout=subprocess.DEVNULL,
@@ -157,16 +159,21 @@ def start_servers(count: int, root: Path | None = None, prefix: str = "m") -> li
         MariaDBServer(name=f"{prefix}{i + 1}", server_id=100 + i + 1, base_dir=root / f"{prefix}{i + 1}")
         for i in range(count)
     ]
+    for server in servers:
+        server.base_dir.mkdir(parents=True, exist_ok=True)
     installs = [
         subprocess.Popen(
             [INSTALL_DB, "--no-defaults", f"--datadir={s.datadir}",
-             "--auth-root-authentication-method=normal", "--skip-test-db", "--user=root"],
+             "--auth-root-authentication-method=normal", "--skip-test-db", "--user=root",
+             f"--tmpdir={s.base_dir}"],  # parallel installs sharing /tmp collide
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         for s in servers
     ]
-    for proc in installs:
-        proc.wait()
+    for server, proc in zip(servers, installs):
+        if proc.wait() != 0:
+            # A failed install leaves a half-made mysql schema; start() installs again.
+            shutil.rmtree(server.datadir, ignore_errors=True)
     for server in servers:
         server.start()
     return servers
