@@ -308,9 +308,10 @@ class _CuttingProxy:
     """A loopback TCP proxy in front of the S3 server that breaks its first connection
     after `cut_after` response bytes, as a flaky network would."""
 
-    def __init__(self, upstream: tuple[str, int], cut_after: int):
+    def __init__(self, upstream: tuple[str, int], cut_after: int = 0, throttle_first: int = 0):
         self.upstream = upstream
         self.cut_after = cut_after
+        self.throttle_first = throttle_first  # answer this many connections with 503 SlowDown
         self.connections = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
@@ -323,10 +324,27 @@ class _CuttingProxy:
             except OSError:
                 return
             self.connections += 1
-            cut = self.cut_after if self.connections == 1 else None
+            if self.connections <= self.throttle_first:
+                threading.Thread(target=self._throttle, args=(client,), daemon=True).start()
+                continue
+            cut = self.cut_after if self.connections == 1 and self.cut_after else None
             server = socket.create_connection(self.upstream)
             threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, cut), daemon=True).start()
+
+    @staticmethod
+    def _throttle(client):
+        client.settimeout(5)
+        try:
+            client.recv(65536)
+            body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            client.sendall(
+                b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+        except OSError:
+            pass
+        client.close()
 
     @staticmethod
     def _pump(source, sink, cut):
@@ -386,3 +404,20 @@ def test_encoded_chunks_survive_a_round_trip_through_storage(storage):
         )
     )
     assert raw == b"".join(b"%d\tname-%d\t\\N\n" % (i, i) for i in range(400_000))
+
+
+def test_s3_writes_retry_when_throttled(s3_env):
+    port = int(s3_env["url"].rsplit(":", 1)[1])
+    proxy = _CuttingProxy(("127.0.0.1", port), throttle_first=2)
+    try:
+        throttled = S3Storage(
+            s3_env["bucket"], "p", endpoint_url=proxy.url, part_size=MIN_PART_SIZE
+        )
+        total = MIN_PART_SIZE + MIB
+        stored = throttled.put_stream("c/1/chunk-000001.tsv.zst", _stream(total))
+    finally:
+        proxy.close()
+    assert proxy.connections >= 3
+    direct = S3Storage(s3_env["bucket"], "p", endpoint_url=s3_env["url"])
+    back = direct.get_stream(stored.key, expect_sha256=stored.sha256, expect_size=total)
+    assert _sha(back) == _sha(_stream(total))
