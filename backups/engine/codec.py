@@ -44,6 +44,8 @@ _LAST = 0x8000_0000
 _FRAME_HEAD = struct.Struct(">12sI")
 _AAD_TAIL = struct.Struct(">QB")
 DEFAULT_LEVEL = 1
+MIN_LEVEL = -7  # zstd's "--fast" levels
+MAX_LEVEL = zstandard.MAX_COMPRESSION_LEVEL  # 22
 
 
 class CodecError(IntegrityError):
@@ -130,6 +132,10 @@ def encode(
     Streams: yields pieces of about 1 MiB as input arrives. `aad` (for example the object's
     key) must be passed again to `decode`.
     """
+    if not isinstance(level, int) or not MIN_LEVEL <= level <= MAX_LEVEL:
+        raise EngineError(
+            f"the zstd compression level must be between {MIN_LEVEL} and {MAX_LEVEL}, not {level!r}"
+        )
     if data_key is not None and len(data_key) != 32:
         raise EngineError("an AES-256-GCM data key must be 32 bytes")
     compressed = _compress(raw_chunks, level)

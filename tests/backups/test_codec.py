@@ -87,6 +87,12 @@ def test_compression_level_is_honoured():
     assert b"".join(decode([small], data_key=None)) == data
 
 
+@pytest.mark.parametrize("level", [-8, 23, "3"])
+def test_invalid_compression_level_is_refused_up_front(level):
+    with pytest.raises(EngineError, match="zstd compression level must be between -7 and 22"):
+        encode([b"x"], level=level, data_key=None)
+
+
 def test_wrong_key_fails_clearly():
     data = _payload_5mb()
     stored = b"".join(encode([data], level=1, data_key=new_data_key()))
