@@ -421,3 +421,28 @@ def test_s3_writes_retry_when_throttled(s3_env):
     direct = S3Storage(s3_env["bucket"], "p", endpoint_url=s3_env["url"])
     back = direct.get_stream(stored.key, expect_sha256=stored.sha256, expect_size=total)
     assert _sha(back) == _sha(_stream(total))
+
+
+def test_parallel_writers_and_readers_share_one_storage(storage):
+    """The dump engine writes chunks from several threads through one storage object."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backups.crypto import new_data_key
+    from backups.engine.codec import decode, encode
+
+    data_key = new_data_key()
+
+    def round_trip(n: int) -> bool:
+        key = f"orders/4/s{n:02d}/db/t/chunk-000001.tsv.zst.enc"
+        rows = [b"%d\t%d\trow of worker %d\n" % (n, i, n) for i in range(60_000)]
+        stored = storage.put_stream(key, encode(rows, level=1, data_key=data_key, aad=key.encode()))
+        back = decode(
+            storage.get_stream(key, expect_sha256=stored.sha256, expect_size=stored.size),
+            data_key=data_key,
+            aad=key.encode(),
+        )
+        return b"".join(back) == b"".join(rows)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(round_trip, range(16)))
+    assert len(list(storage.list("orders/4/"))) == 16
