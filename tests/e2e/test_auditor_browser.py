@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 from datetime import timedelta
 
@@ -14,20 +13,14 @@ from backups.models import Approval, BackupSet, RestoreRequest, VerificationRun
 from shards.models import Cluster
 from tests.factories import make_user
 
-CHROMIUM = os.environ.get("SHARDVAULT_CHROMIUM", "/usr/bin/chromium")
-
 
 @pytest.fixture
-def browser_page():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        context = browser.new_context(accept_downloads=True)
-        page = context.new_page()
-        yield page
-        context.close()
-        browser.close()
+def browser_page(browser):
+    """A fresh page of the shared headless Chromium (tests/e2e/conftest.py), downloads allowed."""
+    context = browser.new_context(accept_downloads=True)
+    context.set_default_timeout(15_000)
+    yield context.new_page()
+    context.close()
 
 
 @pytest.mark.django_db(transaction=True)
