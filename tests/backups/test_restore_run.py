@@ -341,3 +341,55 @@ def test_encrypted_set_restores_and_requester_hears_how_it_ended(
     server.execute(f"DROP DATABASE {quote_ident(side)}")
     final = [m for m in mail.outbox if m.to == ["requester@example.test"]][-1]
     assert f"restore {request.pk} succeeded" in final.subject and "Q = 1.000" in final.subject
+
+
+def test_run_whose_worker_is_killed_is_resumed_by_housekeeping(
+    mariadb_servers, unique_name, run_jobs, rq_worker_process, settings
+):
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from backups.services.restores import restore_runs_resume_stale
+
+    settings.BACKUP_CHUNK_ROWS = 2000
+    cluster = make_cluster(mariadb_servers[:2], name=f"rk{unique_name}", tables={"t_big": 200_000})
+    backup_set = make_backup(cluster, run_jobs)
+    expected = {
+        s.name: checksum_of(server, s.database, "t_big")
+        for s, server in shard_servers(cluster, mariadb_servers)
+    }
+    request = file_request(cluster, backup_set, target="side")
+    approve(request)
+    worker = rq_worker_process("restores")
+    run = restore_run_start(request=request, actor=make_user("operator"))
+    deadline = time.monotonic() + 60
+    while LoadedChunk.objects.filter(run=run).count() < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # The worker and its work horse (RQ forks it into a session of its own) die mid-run.
+    doomed = [worker.pid] + [p.pid for p in psutil.Process(worker.pid).children(recursive=True)]
+    for pid in doomed:
+        os.kill(pid, signal.SIGKILL)
+    worker.wait()
+    run.refresh_from_db()
+    assert run.status == "running"
+    done_before = LoadedChunk.objects.filter(run=run).count()
+    assert 5 <= done_before < 200
+
+    settings.JOB_HEARTBEAT_STALE_SECONDS = 0
+    assert restore_runs_resume_stale() == [run.pk]
+    run_jobs("restores")
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error
+    keys = list(LoadedChunk.objects.filter(run=run).values_list("key", flat=True))
+    assert len(keys) == len(set(keys)) == sum(t["chunks"] for t in request.plan["tables"])
+    for shard, server in shard_servers(cluster, mariadb_servers):
+        side = f"{shard.database}__r{request.pk}"
+        conn = connect(server.endpoint, side)
+        try:
+            assert table_checksum(conn, side, "t_big", COLUMNS) == expected[shard.name]
+        finally:
+            conn.close()
+        server.execute(f"DROP DATABASE {quote_ident(side)}")
