@@ -486,6 +486,44 @@ def backup_set_delete_check(*, backup_set: BackupSet) -> None:
         )
 
 
+def backup_set_expire(*, backup_set: BackupSet, actor) -> BackupSet:
+    """Mark a finished set `expired` and delete its objects (after commit).
+
+    Refused (ChainError) while a later set of its chain depends on it, and for sets that
+    are still pending or running. Operators and admins only.
+    """
+    _authorise(actor)
+    with transaction.atomic():
+        locked = BackupSet.objects.select_for_update().get(pk=backup_set.pk)
+        if locked.status in ACTIVE:
+            raise ChainError(
+                f"set {locked.pk} is {locked.status}; cancel it instead of expiring it"
+            )
+        if locked.status == BackupSet.Status.EXPIRED:
+            return locked
+        backup_set_delete_check(backup_set=locked)
+        previous = locked.status
+        locked.status = BackupSet.Status.EXPIRED
+        locked.save(update_fields=["status"])
+        audit_record(
+            actor=actor,
+            action="backup.expired",
+            obj=locked,
+            details={"previous_status": previous, "kind": locked.kind},
+        )
+        set_id = locked.pk
+        transaction.on_commit(lambda: _delete_objects_quietly(set_id))
+    return locked
+
+
+def _delete_objects_quietly(set_id: int) -> None:
+    backup_set = BackupSet.objects.get(pk=set_id)
+    try:
+        _storage_for(backup_set).delete_prefix(backup_set.object_prefix)
+    except Exception:  # noqa: BLE001 - the set is expired either way; the log says what is left
+        log.exception("deleting the objects of expired set %s failed", set_id)
+
+
 def pitr_resolve(*, cluster: Cluster, at: datetime) -> tuple[BackupSet, list[BackupSet]]:
     """The newest succeeded full set at or before `at` and the unbroken incrementals up to `at`.
 

@@ -13,7 +13,10 @@ from backups.selectors.incrementals import chain_after, recoverable_window
 from backups.services.backups import backup_start
 from backups.services.incrementals import (
     ChainError,
+    aligned_instant,
     backup_set_delete_check,
+    backup_set_expire,
+    continuous_capture_schedule,
     incremental_start,
     pitr_resolve,
 )
@@ -205,6 +208,9 @@ def test_a_set_that_others_depend_on_cannot_be_removed_and_the_window_is_bounded
     with pytest.raises(ChainError, match=f"incremental set {incremental.pk} depends on it"):
         backup_set_delete_check(backup_set=full)
     backup_set_delete_check(backup_set=incremental)  # the newest link may go
+    with pytest.raises(ChainError, match="depends on it"):
+        backup_set_expire(backup_set=full, actor="cli")
+    assert BackupSet.objects.get(pk=full.pk).status == "succeeded"
 
     too_late = incremental.consistent_at + timedelta(hours=1)
     with pytest.raises(ChainError, match="the newest recoverable point is"):
@@ -231,10 +237,15 @@ def test_incremental_after_purged_binlogs_fails_saying_a_full_backup_is_needed(
     assert not BinlogSegment.objects.filter(backup_set=backup_set).exists()
 
 
-def test_locked_set_and_incrementals_restore_a_gap_free_sequence_at_a_second(
-    mariadb_servers, unique_name, run_jobs
+@pytest.mark.parametrize("consistency", ["locked", "lockfree"])
+def test_sets_and_incrementals_restore_a_gap_free_sequence_at_a_second(
+    mariadb_servers, unique_name, run_jobs, consistency
 ):
-    """DESIGN.md's sequence writer: numbers round-robin over shards on different servers."""
+    """DESIGN.md's sequence writer: numbers round-robin over shards on different servers.
+
+    locked: any second after the cut. lockfree: the aligned instant (latest snapshot among
+    shards, rounded up to its second), to which every shard is rolled forward.
+    """
     import threading
 
     cluster = make_cluster(mariadb_servers[:2], name=f"seq{unique_name}", tables={"t_order": 1})
@@ -261,12 +272,16 @@ def test_locked_set_and_incrementals_restore_a_gap_free_sequence_at_a_second(
     thread.start()
     try:
         time.sleep(1)
-        full = backup_start(cluster=cluster, actor="cli", kind="full", consistency="locked")
+        full = backup_start(cluster=cluster, actor="cli", kind="full", consistency=consistency)
         run_jobs("backups")
         full.refresh_from_db()
         assert full.status == "succeeded", full.error
         time.sleep(2.5)
-        at = datetime.now(UTC).replace(microsecond=0)
+        if consistency == "lockfree":
+            at = aligned_instant(full_set=full)
+            assert at >= full.consistent_at
+        else:
+            at = datetime.now(UTC).replace(microsecond=0)
         time.sleep(1.5)
     finally:
         stop.set()
@@ -289,6 +304,7 @@ def test_locked_set_and_incrementals_restore_a_gap_free_sequence_at_a_second(
     run_jobs("restores")
     run.refresh_from_db()
     assert run.status == "succeeded", run.error
+    assert run.restored_to == at
 
     limit = at.timestamp() + 1  # binlog time is whole seconds: the whole second `at` counts
     restored_all: set[int] = set()
@@ -305,3 +321,38 @@ def test_locked_set_and_incrementals_restore_a_gap_free_sequence_at_a_second(
     assert restored_all == set(range(1, k + 1)), "the restored numbers have a gap"
     whole_second_before = {n for n, (b, a, i) in stamps.items() if a < at.timestamp()}
     assert whole_second_before <= restored_all
+
+
+def test_continuous_capture_schedules_one_incremental_every_n_minutes(
+    cluster, mariadb_servers, run_jobs
+):
+    import django_rq
+
+    from backups.jobs.incrementals import continuous_capture_job
+    from backups.models import BackupPolicy
+
+    run_backup("full", cluster, run_jobs)
+    assert continuous_capture_schedule(cluster=cluster) is False  # off by default
+    BackupPolicy.objects.update_or_create(
+        cluster=cluster, defaults={"incremental_every_minutes": 5}
+    )
+    assert continuous_capture_schedule(cluster=cluster) is True
+    assert continuous_capture_schedule(cluster=cluster) is True  # still one, not two
+    registry = django_rq.get_queue("default").scheduled_job_registry
+    scheduled = [
+        j for j in registry.get_job_ids() if j.startswith(f"incremental-schedule-{cluster.pk}-")
+    ]
+    assert len(scheduled) == 1
+    due = registry.get_scheduled_time(scheduled[0])
+    assert timedelta(minutes=4) < due - datetime.now(UTC) <= timedelta(minutes=5)
+
+    # When it fires: an incremental is captured and the next one stays scheduled.
+    registry.remove(scheduled[0])
+    continuous_capture_job(cluster.pk)
+    run_jobs("backups")
+    newest = BackupSet.objects.filter(cluster=cluster).order_by("-id").first()
+    assert newest.kind == "incremental" and newest.status == "succeeded", newest.error
+    assert newest.triggered_by is None
+    assert [
+        j for j in registry.get_job_ids() if j.startswith(f"incremental-schedule-{cluster.pk}-")
+    ]
