@@ -8,6 +8,7 @@ Every change writes an audit event in the same transaction. Actors are Users
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
@@ -31,6 +32,9 @@ from shards.models import (
 from shards.mysql import Endpoint
 from shards.selectors import MissingPassword, instance_endpoint
 from shards.topology_file import ClusterSpec, TopologyDocument
+
+# A queued or running discovery older than this is considered abandoned.
+DISCOVERY_STALE_AFTER = timedelta(minutes=15)
 
 
 class TopologyError(Exception):
@@ -458,7 +462,7 @@ def _delete(actor, obj, label: str, summary: ImportSummary) -> None:
 def discovery_request(*, cluster: Cluster, actor) -> DiscoveryRun:
     """Queue a discovery of the cluster on the `default` RQ queue (job id `discover-<id>`).
 
-    Refuses when a discovery of this cluster is already pending or running.
+    While a discovery of this cluster is pending or running, returns that one instead.
     """
     _authorise(actor, "run discovery")
     from shards.jobs import enqueue_discovery
@@ -468,8 +472,15 @@ def discovery_request(*, cluster: Cluster, actor) -> DiscoveryRun:
         active = cluster.discoveries.filter(
             status__in=[DiscoveryRun.Status.PENDING, DiscoveryRun.Status.RUNNING]
         ).first()
-        if active is not None:
+        if active is not None and timezone.now() - active.created_at < DISCOVERY_STALE_AFTER:
             return active
+        if active is not None:
+            # Its worker died or never picked it up; let a new run replace it.
+            DiscoveryRun.objects.filter(pk=active.pk).update(
+                status=DiscoveryRun.Status.FAILED,
+                error="abandoned: no worker finished it in time",
+                finished_at=timezone.now(),
+            )
         run = DiscoveryRun.objects.create(
             cluster=cluster,
             requested_by=actor if hasattr(actor, "pk") else None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand
 
@@ -12,7 +14,9 @@ class Command(BaseCommand):
     help = "Print the URL and the demo logins created by seed_demo."
 
     def add_arguments(self, parser):
-        parser.add_argument("--url", default="http://127.0.0.1:8000/")
+        # `make run PORT=...` passes PORT through the environment.
+        port = os.environ.get("PORT", "8000")
+        parser.add_argument("--url", default=f"http://127.0.0.1:{port}/")
 
     def handle(self, *args, url: str, **options):
         self.stdout.write(f"Open {url} and sign in as one of:")
