@@ -68,7 +68,13 @@ class Command(BaseCommand):
                     )
                 )
             raise CommandError(f"no cluster named '{cluster}'")
-        discovery_run(cluster=target, actor="cli")
+        try:
+            discovery_run(cluster=target, actor="cli")
+        except Exception as exc:  # recorded on the run; scripts still get one JSON object
+            if as_json:
+                report = {**discovery_report(target), "error": str(exc)}
+                self.stdout.write(json.dumps(report, ensure_ascii=False))
+            raise CommandError(f"discovery of {cluster} failed: {exc}") from None
         report = discovery_report(target)
         if as_json:
             self.stdout.write(json.dumps(report, ensure_ascii=False))
