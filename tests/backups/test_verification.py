@@ -433,3 +433,14 @@ def test_encrypted_set_verifies_and_drills_to_q_1(cluster, mariadb_servers):
     assert code == 0, result
     assert (result["q"], result["t"], result["d"], result["a"]) == (1.0, 1.0, 1.0, 1.0)
     assert _scratch_databases(mariadb_servers, result["verification"]) == []
+
+
+def test_tampered_manifest_fails_its_signature_and_gives_q_0(backed_up, settings):
+    path = _storage_root(settings) / backed_up.object_prefix / "manifest.json"
+    doc = json.loads(path.read_bytes())
+    doc["shards"][0]["tables"][0]["rows"] += 1  # a forged row count
+    path.write_text(json.dumps(doc))
+    code, result, _ = _verify_cli(backed_up.pk)
+    assert code == 1
+    assert result["a"] == 0 and result["q"] == 0
+    assert result["problems"][0]["object"] == f"{backed_up.object_prefix}/manifest.json"
