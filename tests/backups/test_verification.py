@@ -103,10 +103,11 @@ def test_corrupt_object_drops_a_and_q_names_the_object_and_is_flagged(backed_up,
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
-    code, result, _ = _verify_cli(backed_up.pk)
+    code, result, err = _verify_cli(backed_up.pk)
     assert code == 1
     assert result["a"] < 1 and result["q"] < 1
     assert [p["object"] for p in result["problems"]] == [key]
+    assert err.count("\n") == 1 and f"set {backed_up.pk} has Q = " in err and key in err
     assert "sha256" in result["problems"][0]["reason"]
     backed_up.refresh_from_db()
     assert backed_up.q < 1

@@ -50,8 +50,14 @@ class Command(BaseCommand):
             self.stderr.write(f"verification of set {set_id} failed: {run.error}")
             sys.exit(1)
         if run.q is None or run.q < 1.0:
-            if not as_json:
-                self.stderr.write(f"set {set_id} has Q = {run.q} < 1")
+            first = (run.problems or [{}])[0]
+            where = first.get("object") or first.get("table") or ""
+            detail = (
+                f" ({len(run.problems)} problem(s), first: {where}: {first.get('reason')})"
+                if where
+                else ""
+            )
+            self.stderr.write(f"set {set_id} has Q = {run.q:.4f} < 1{detail}")
             sys.exit(1)
 
     def _print(self, s: dict) -> None:
