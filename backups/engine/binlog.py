@@ -52,6 +52,7 @@ FL_STANDALONE = 1
 
 # Segments are flushed to `store` in blocks of about this size.
 BLOCK_BYTES = 1 << 20
+READ_TIMEOUT_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,8 @@ class BinlogDump:
 
     def __init__(self, endpoint: Endpoint, file: str, pos: int, *, server_id: int):
         self.endpoint = endpoint
-        self.conn = connect(endpoint, read_timeout=None)
+        # Every event in range already exists on the server, so a long silence means trouble.
+        self.conn = connect(endpoint, read_timeout=READ_TIMEOUT_SECONDS)
         try:
             with self.conn.cursor() as cur:
                 cur.execute("SELECT @@GLOBAL.binlog_checksum")

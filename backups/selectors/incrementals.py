@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.utils import timezone
 
@@ -96,3 +96,19 @@ class RecoveryPoint:
 def recovery_points() -> list[RecoveryPoint]:
     """Per cluster: the recoverable window and the age of its newest point (dashboard)."""
     return [RecoveryPoint(c, *recoverable_window(c)) for c in Cluster.objects.order_by("name")]
+
+
+def aligned_instant(*, full_set: BackupSet) -> datetime | None:
+    """For a lockfree set: the instant every shard can be rolled forward to.
+
+    The latest snapshot time among shards, rounded up to its whole second. Alignment is to
+    the second and across independent server clocks (DESIGN.md); `locked` sets give the
+    exact cut instead.
+    """
+    times = [sb.snapshot_at for sb in full_set.shard_backups.all() if sb.snapshot_at]
+    if not times:
+        return full_set.consistent_at
+    latest = max(times)
+    if latest.microsecond:
+        latest = latest.replace(microsecond=0) + timedelta(seconds=1)
+    return latest

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from backups.models import BackupPolicy, BackupSet, BinlogSegment, ShardBackup
+from backups.selectors.incrementals import aligned_instant  # noqa: F401 - re-exported
 from backups.services.backups import (
     ACTIVE,
     BackupError,
@@ -235,7 +236,7 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
     a message saying a new full backup is needed; no event is ever skipped.
     """
     from backups.engine.binlog import capture_instance, master_status
-    from backups.engine.types import EngineError
+    from backups.engine.types import Cancelled, EngineError
 
     if not _begin(backup_set):
         return BackupSet.objects.get(pk=backup_set.pk)
@@ -260,6 +261,7 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
         # Read every instance's end first, so the set covers one moment across the cluster.
         ends = {pk: master_status(endpoints[pk]) for pk in by_instance}
         captures = []
+        watch = _Watch(backup_set.pk)
         for index, (pk, sbs) in enumerate(sorted(by_instance.items())):
             from backups.engine.binlog import coordinate_key
 
@@ -279,21 +281,68 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
                 store=store,
                 server_id=CAPTURE_SERVER_ID_BASE + (backup_set.pk % 10_000_000) * 10 + index % 10,
                 encrypted=data_key is not None,
+                progress=watch.progress,
+                should_cancel=watch.should_cancel,
             )
             captures.append((instances[pk], sbs, capture))
         doc = _manifest(backup_set, captures)
         manifest_sha = _write_manifest(storage, backup_set, doc)
-    except (EngineError, BackupError, Exception) as exc:  # noqa: BLE001 - recorded on the set
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded on the set
+        if isinstance(exc, Cancelled):
+            if storage is not None:
+                _delete_quietly(storage, backup_set)
+            return _finish(backup_set, error="cancelled", cancelled=True)
         if not isinstance(exc, (EngineError, BackupError)):
             log.exception("incremental set %s failed", backup_set.pk)
         message = str(exc) or exc.__class__.__name__
         if storage is not None:
-            try:
-                storage.delete_prefix(backup_set.object_prefix)
-            except Exception:  # noqa: BLE001 - the failure itself is what matters
-                log.exception("cleaning up set %s failed", backup_set.pk)
+            _delete_quietly(storage, backup_set)
         return _finish(backup_set, error=message)
     return _finish(backup_set, captures=captures, manifest_sha256=manifest_sha)
+
+
+class _Watch:
+    """Heartbeat, progress text and cancellation for a running capture, at most once a second."""
+
+    def __init__(self, set_id: int):
+        self.set_id = set_id
+        self.last = 0.0
+        self.cancelled = False
+        self.bytes_done = 0
+
+    def _due(self) -> bool:
+        import time
+
+        now = time.monotonic()
+        if now - self.last < 1.0:
+            return False
+        self.last = now
+        return True
+
+    def progress(self, event) -> None:
+        self.bytes_done += event.bytes_done
+        if self._due():
+            BackupSet.objects.filter(pk=self.set_id).update(
+                heartbeat_at=timezone.now(),
+                bytes_done=self.bytes_done,
+                progress_text=(event.message or "")[:300],
+            )
+
+    def should_cancel(self) -> bool:
+        if not self.cancelled and self._due():
+            row = BackupSet.objects.filter(pk=self.set_id).values_list(
+                "cancel_requested", flat=True
+            )
+            self.cancelled = bool(row and row[0])
+            BackupSet.objects.filter(pk=self.set_id).update(heartbeat_at=timezone.now())
+        return self.cancelled
+
+
+def _delete_quietly(storage, backup_set: BackupSet) -> None:
+    try:
+        storage.delete_prefix(backup_set.object_prefix)
+    except Exception:  # noqa: BLE001 - the failure itself is what matters
+        log.exception("cleaning up set %s failed", backup_set.pk)
 
 
 def _manifest(backup_set: BackupSet, captures) -> dict:
@@ -533,7 +582,7 @@ def pitr_resolve(*, cluster: Cluster, at: datetime) -> tuple[BackupSet, list[Bac
     from backups.selectors.incrementals import chain_after
 
     if timezone.is_naive(at):
-        at = timezone.make_aware(at, timezone.utc)
+        at = at.replace(tzinfo=UTC)
     fulls = BackupSet.objects.filter(
         cluster=cluster,
         kind=BackupSet.Kind.FULL,
@@ -619,7 +668,7 @@ def pitr_apply(
     if full_set is None:
         full_set = run.request.source_set
     if timezone.is_naive(at):
-        at = timezone.make_aware(at, timezone.utc)
+        at = at.replace(tzinfo=UTC)
     chain = _cut_chain(_chain_from(full_set), at)
     sources = _segment_sources(chain, shard["instance"], _storage_for)
     result = apply_segments(
@@ -656,20 +705,6 @@ def _cut_chain(chain: list[BackupSet], at: datetime) -> list[BackupSet]:
     raise ChainError(
         f"the chain does not reach {at.isoformat()}: the newest recoverable point is "
         f"{newest.isoformat() if newest else 'the full set itself'}"
-    )
-
-
-def aligned_instant(*, full_set: BackupSet) -> datetime | None:
-    """For a lockfree set: the instant every shard can be rolled forward to (latest snapshot).
-
-    Alignment is to the second and across independent server clocks (DESIGN.md).
-    """
-    times = [sb.snapshot_at for sb in full_set.shard_backups.all() if sb.snapshot_at]
-    if not times:
-        return full_set.consistent_at
-    latest = max(times)
-    return latest.replace(microsecond=0) + (
-        timedelta(seconds=1) if latest.microsecond else timedelta(0)
     )
 
 
