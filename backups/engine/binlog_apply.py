@@ -51,6 +51,9 @@ from shards.mysql import Endpoint, connect, quote_ident, quote_qualified
 
 APPLIED_TABLE = "__shardvault_applied"
 SPOOL_BYTES = 64 << 20  # a transaction larger than this spills to a temporary file
+ROWS_EVENTS = frozenset({23, 24, 25, 30, 31, 32, 166, 167, 168, 169, 170, 171})
+ANNOTATE_ROWS_EVENT = 160
+STMT_END_F = 1
 
 
 @dataclass
@@ -111,6 +114,50 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+class _Group:
+    """One transaction's events, spilled to a temporary file past SPOOL_BYTES."""
+
+    def __init__(self, first: bytes):
+        self.first = first
+        self.last = first
+        self.count = 1
+        self.size = len(first)
+        self.events: list[bytes] = [first]
+        self.spool = None
+
+    def add(self, event: bytes) -> None:
+        self.count += 1
+        self.last = event
+        if self.spool is not None:
+            self.spool.write(event)
+            return
+        self.events.append(event)
+        self.size += len(event)
+        if self.size > SPOOL_BYTES:
+            self.spool = tempfile.TemporaryFile(prefix="shardvault-trx-")
+            for held in self.events:
+                self.spool.write(held)
+            self.events = []
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.spool is None:
+            yield from self.events
+            return
+        self.spool.flush()
+        self.spool.seek(0)
+        while True:
+            header = self.spool.read(HEADER_LEN)
+            if not header:
+                return
+            size = int.from_bytes(header[9:13], "little")
+            yield header + self.spool.read(size - HEADER_LEN)
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
+
 def _has_crc(fde: bytes) -> bool:
     """Whether events carry a CRC32: the format description's checksum algorithm byte."""
     return len(fde) > 5 and fde[-5] == 1
@@ -150,7 +197,7 @@ class _Transactions:
             raise EngineError("a binlog segment ends in the middle of an event")
 
     def __iter__(self):
-        group: list[bytes] = []
+        group: _Group | None = None
         dbs: set[str] = set()
         in_trx = False
         standalone = False
@@ -163,12 +210,14 @@ class _Transactions:
                 continue
             if header.type == GTID_EVENT:
                 _gtid, flags = gtid_of(event, header.server_id)
-                group, dbs, in_trx = [event], set(), True
+                if group is not None:
+                    group.close()
+                group, dbs, in_trx = _Group(event), set(), True
                 standalone = bool(flags & FL_STANDALONE)
                 continue
             if not in_trx:
                 continue  # rotate, checkpoint, gtid list: nothing to apply
-            group.append(event)
+            group.add(event)
             if header.type == TABLE_MAP_EVENT:
                 dbs.add(table_map_names(event, self.table_map_post)[0])
             elif header.type == QUERY_EVENT:
@@ -186,11 +235,6 @@ class _Transactions:
             elif header.type == XID_EVENT:
                 in_trx = False
                 yield group, header.next_pos, header.timestamp, dbs, False
-
-
-ROWS_EVENTS = frozenset({23, 24, 25, 30, 31, 32, 166, 167, 168, 169, 170, 171})
-ANNOTATE_ROWS_EVENT = 160
-STMT_END_F = 1
 
 
 class ScopeError(EngineError):
@@ -250,61 +294,81 @@ class _Scope:
         return any(name.lower() in text for name in self.tables)
 
 
-def _scoped(group: list[bytes], scope: _Scope, post: int, checksum: bool) -> list[bytes]:
-    """The transaction's events for the scope: table maps renamed, other tables' statements dropped.
+def _plan(group: _Group, scope: _Scope, post: int) -> list[bool] | None:
+    """Whether each statement of the transaction is kept; None when none of it is in scope.
 
-    Returns [] when nothing of the scope is in the transaction.
+    A statement is a run of table maps and row events ending with STMT_END_F, or one
+    Query event. Read once here and once more when sending, so a huge transaction
+    never has to sit in memory.
     """
-    kept: list[bytes] = [group[0]]  # the GTID event
-    statement: list[bytes] = []
-    statement_tables: list[bool] = []
-    useful = False
-    for event in group[1:]:
+    decisions: list[bool] = []
+    tables: list[bool] = []
+    events = iter(group)
+    next(events)  # the GTID event
+    for event in events:
         kind = event[4]
-        if kind == ANNOTATE_ROWS_EVENT:
-            statement.append(event)
-            continue
         if kind == TABLE_MAP_EVENT:
-            database, table = table_map_names(event, post)
-            wanted = scope.wants(database, table)
-            statement_tables.append(wanted)
-            if wanted:
-                event = _rewrite_table_map(
-                    event, post, scope.target, scope.target_table(table), checksum
-                )
-            statement.append(event)
-            continue
-        if kind in ROWS_EVENTS:
-            statement.append(event)
+            tables.append(scope.wants(*table_map_names(event, post)))
+        elif kind in ROWS_EVENTS:
             flags = int.from_bytes(event[HEADER_LEN + 6 : HEADER_LEN + 8], "little")
             if flags & STMT_END_F:
-                if all(statement_tables):
-                    kept.extend(statement)
-                    useful = True
-                elif any(statement_tables):
+                if tables and all(tables):
+                    decisions.append(True)
+                elif any(tables):
                     raise ScopeError(
                         "a statement in the binlog changes tables inside and outside the "
                         "restore's scope together; restore all of them"
                     )
-                statement, statement_tables = [], []
-            continue
-        if kind in (QUERY_EVENT, 165):
-            database, statement_text = query_of(event)
-            head = statement_text[:8].upper()
-            if head.startswith((b"BEGIN", b"COMMIT", b"ROLLBACK")) or kind == 165:
-                kept.append(event)
+                else:
+                    decisions.append(False)
+                tables = []
+        elif kind == QUERY_EVENT:
+            database, statement = query_of(event)
+            if statement[:8].upper().startswith((b"BEGIN", b"COMMIT", b"ROLLBACK")):
                 continue
-            if database == scope.source and scope.statement_touches(statement_text):
-                if scope.renames():
-                    raise ScopeError(
-                        "a DDL statement in the window cannot be applied to renamed (in-place "
-                        "shadow) tables; restore to a side database instead"
-                    )
-                kept.append(event)
-                useful = True
+            keep = database == scope.source and scope.statement_touches(statement)
+            if keep and scope.renames():
+                raise ScopeError(
+                    "a DDL statement in the window cannot be applied to renamed (in-place "
+                    "shadow) tables; restore to a side database instead"
+                )
+            decisions.append(keep)
+    return decisions if any(decisions) else None
+
+
+def _scoped_middle(
+    group: _Group, decisions: list[bool], scope: _Scope, post: int, checksum: bool
+) -> Iterator[bytes]:
+    """The events between the GTID event and the last one, for the scope (table maps renamed)."""
+    index = 0
+    count = group.count
+    for position, event in enumerate(group):
+        if position == 0 or position == count - 1:
             continue
-        kept.append(event)  # XID and anything else that closes or annotates the transaction
-    return kept if useful else []
+        kind = event[4]
+        keep = decisions[index] if index < len(decisions) else False
+        if kind in (ANNOTATE_ROWS_EVENT, TABLE_MAP_EVENT) or kind in ROWS_EVENTS:
+            if keep:
+                if kind == TABLE_MAP_EVENT:
+                    database, table = table_map_names(event, post)
+                    event = _rewrite_table_map(
+                        event, post, scope.target, scope.target_table(table), checksum
+                    )
+                yield event
+            if kind in ROWS_EVENTS:
+                flags = int.from_bytes(event[HEADER_LEN + 6 : HEADER_LEN + 8], "little")
+                if flags & STMT_END_F:
+                    index += 1
+        elif kind == QUERY_EVENT:
+            _database, statement = query_of(event)
+            if statement[:8].upper().startswith((b"BEGIN", b"COMMIT", b"ROLLBACK")):
+                yield event
+                continue
+            if keep:
+                yield event
+            index += 1
+        else:
+            yield event  # session variables and the like: harmless on their own
 
 
 def apply_segments(
@@ -487,29 +551,35 @@ def _apply_one(
                     if source_database not in dbs:
                         continue
                     crc = _has_crc(fde)
-                    group = _scoped(group, scope, transactions.table_map_post, crc)
-                    if not group:
+                    post = transactions.table_map_post
+                    decisions = _plan(group, scope, post)
+                    if decisions is None:
                         continue
-                    gtid, body, last = group[0], group[1:-1], group[-1]
-                    if standalone:
-                        # A DDL: its statement, then its position (a DDL commits by itself).
-                        events = [*body, last, _query_event(last, marker(end_pos), crc)]
-                    else:
-                        events = [
-                            _query_event(gtid, b"BEGIN", crc),
-                            *body,
-                            _query_event(last, marker(end_pos), crc),
-                            last,
-                        ]
-                    if crash_after is not None and state["sent"] >= crash_after:
-                        # Test hook: half a transaction reaches the server, then the apply stops.
-                        out.write(b"".join(events[: max(2, len(events) // 2)]))
+                    cut = crash_after is not None and state["sent"] >= crash_after
+                    last = group.last
+                    if not standalone:
+                        out.write(_query_event(group.first, b"BEGIN", crc))
+                    written = 0
+                    for event in _scoped_middle(group, decisions, scope, post, crc):
+                        if cut and written >= max(1, group.count // 2):
+                            break
+                        out.write(event)
+                        written += 1
+                    if cut:
+                        # Test hook: half a transaction reached the server; the apply stops here.
                         state["crashed"] = True
                         break
-                    out.write(b"".join(events))
+                    if standalone:
+                        # A DDL: its statement, then its position (a DDL commits by itself).
+                        out.write(last)
+                        out.write(_query_event(last, marker(end_pos), crc))
+                    else:
+                        out.write(_query_event(last, marker(end_pos), crc))
+                        out.write(last)
+                    group.close()
                     state["sent"] += 1
                     result.transactions += 1
-                    result.events += len(group)
+                    result.events += group.count
                     result.last_file, result.last_pos = file, end_pos
                     result.last_event_at = datetime.fromtimestamp(commit_ts, UTC)
                 if not header_written and transactions.fde:
