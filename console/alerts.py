@@ -85,7 +85,10 @@ def alert_send(*, kind: str, cluster, subject: str, body: str, payload: dict) ->
     return sent
 
 
-def alert_backup_failed(backup_set) -> dict:
+def alert_backup_failed(backup_set) -> dict | None:
+    """Mail (and webhook) that a set failed; once per set, however often it is called."""
+    if not cache.add(f"alert:backup-failed:{backup_set.pk}", 1, timeout=14 * 24 * 3600):
+        return None
     cluster = backup_set.cluster
     subject = f"backup set {backup_set.pk} of {cluster.name} failed"
     body = f"{subject}.\n\nReason: {backup_set.error or 'not recorded'}\n"
@@ -133,6 +136,18 @@ def alert_quality_dropped(verification) -> dict | None:
             "error": verification.error,
         },
     )
+
+
+def alerts_check_failed_backups(*, now=None, window_hours: int = 48) -> list[int]:
+    """Alert for sets that failed recently and were not alerted yet (housekeeping backstop
+    for callers that did not call `alert_backup_failed` themselves). Returns the set ids."""
+    from backups.models import BackupSet
+
+    now = now or timezone.now()
+    failed = BackupSet.objects.filter(
+        status=BackupSet.Status.FAILED, created_at__gte=now - timedelta(hours=window_hours)
+    ).select_related("cluster__policy")
+    return [s.pk for s in failed.iterator() if alert_backup_failed(s) is not None]
 
 
 def alerts_check_rpo(*, now=None) -> list[str]:

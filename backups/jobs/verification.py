@@ -15,25 +15,31 @@ def verification_job(verification_id: int) -> dict:
 
 
 def verification_housekeeping_job(reschedule: bool = True) -> dict:
-    """Queue due drills and raise RPO alerts, then schedule itself again.
+    """Reap dead verifications, queue missed storage checks and due drills, raise RPO and
+    failed-backup alerts, then schedule itself again.
 
     Needs a worker started with `--with-scheduler` (RQ's own scheduler) for the repeat.
     """
     from backups.services.verification import (
+        verification_backfill_automatic,
         verification_drills_schedule,
         verifications_reap_stale,
     )
-    from console.alerts import alerts_check_rpo
+    from console.alerts import alerts_check_failed_backups, alerts_check_rpo
 
     reaped = verifications_reap_stale()
+    checks = verification_backfill_automatic()
     drills = verification_drills_schedule()
     alerted = alerts_check_rpo()
+    failed_alerts = alerts_check_failed_backups()
     if reschedule:
         verification_housekeeping_schedule()
     return {
         "reaped": [r.pk for r in reaped],
+        "storage_checks": [c.pk for c in checks],
         "drills": [d.pk for d in drills],
         "rpo_alerts": alerted,
+        "failed_backup_alerts": failed_alerts,
     }
 
 

@@ -77,7 +77,17 @@ def verification_start(
         )
         if enqueue:
             transaction.on_commit(lambda: _enqueue(run.pk))
+            transaction.on_commit(_ensure_housekeeping)
     return run
+
+
+def _ensure_housekeeping() -> None:
+    from backups.jobs.verification import verification_housekeeping_schedule
+
+    try:
+        verification_housekeeping_schedule()
+    except Exception:  # scheduling is best effort; the verification itself is queued
+        pass
 
 
 def _enqueue(verification_id: int) -> None:
@@ -99,6 +109,28 @@ def verification_after_backup(backup_set: BackupSet) -> VerificationRun | None:
         return verification_start(backup_set=backup_set, user=None, drill=False)
     except VerificationError:
         return None
+
+
+def verification_backfill_automatic(*, window_hours: int = 48) -> list[VerificationRun]:
+    """Queue the storage check of recent succeeded sets that were never verified, where the
+    cluster's policy asks for it (a backstop for `verification_after_backup`)."""
+    from datetime import timedelta
+
+    since = timezone.now() - timedelta(hours=window_hours)
+    sets = (
+        BackupSet.objects.filter(
+            status=BackupSet.Status.SUCCEEDED, created_at__gte=since, verifications__isnull=True
+        )
+        .exclude(cluster__policy__verify_automatically=False)
+        .select_related("cluster")
+        .order_by("id")
+    )
+    started = []
+    for backup_set in sets:
+        run = verification_after_backup(backup_set)
+        if run is not None:
+            started.append(run)
+    return started
 
 
 def verification_drills_schedule() -> list[VerificationRun]:

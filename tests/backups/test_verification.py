@@ -387,18 +387,23 @@ def test_drill_of_an_incremental_set_is_refused_in_one_sentence():
         verification_start(backup_set=incremental, user=None, drill=True)
 
 
-def test_housekeeping_job_reaps_a_dead_verification_and_schedules_itself(run_jobs, settings):
+def test_housekeeping_job_reaps_dead_runs_backfills_checks_and_schedules_itself(run_jobs, settings):
     from datetime import timedelta
 
     import django_rq
     from django.utils import timezone
 
     from backups.jobs.verification import (
+        GATE_KEY,
         verification_housekeeping_job,
         verification_housekeeping_schedule,
     )
     from shards.models import Cluster
 
+    settings.ALERT_EMAILS = ["oncall@example.test"]
+    queue = django_rq.get_queue("default")
+    queue.connection.delete(GATE_KEY)
+    scheduled_before = set(queue.scheduled_job_registry.get_job_ids())
     cluster = Cluster.objects.create(name="reaped")
     s = _set(cluster, status="succeeded")
     dead = VerificationRun.objects.create(
@@ -408,8 +413,10 @@ def test_housekeeping_job_reaps_a_dead_verification_and_schedules_itself(run_job
         backup_set=_set(cluster, status="succeeded"), status="running"
     )
     VerificationRun.objects.filter(pk=alive.pk).update(heartbeat_at=timezone.now())
+    never_checked = _set(cluster, status="succeeded")
+    failed = _set(cluster, status="failed", error="shard s01 unreachable")
 
-    django_rq.get_queue("default").enqueue(verification_housekeeping_job, False)
+    queue.enqueue(verification_housekeeping_job, False)
     run_jobs("default")
     dead.refresh_from_db()
     alive.refresh_from_db()
@@ -417,12 +424,16 @@ def test_housekeeping_job_reaps_a_dead_verification_and_schedules_itself(run_job
     assert f"__svdrill_{dead.pk}_" in dead.error
     assert alive.status == "running"
     assert AuditEvent.objects.filter(action="verification.fail", object_id=str(dead.pk)).exists()
-    # The set can be verified again.
+    backfilled = VerificationRun.objects.get(backup_set=never_checked)
+    assert backfilled.drill is False and backfilled.status == "pending"
+    assert [m.subject for m in mail.outbox] == [
+        f"[ShardVault] backup set {failed.pk} of reaped failed"
+    ]
+    # Filing the backfilled check scheduled the next housekeeping run, exactly once.
+    assert len(set(queue.scheduled_job_registry.get_job_ids()) - scheduled_before) == 1
+    assert verification_housekeeping_schedule() is False
+    # The dead run's set can be verified again.
     assert verification_start(backup_set=s, user=None, drill=False).status == "pending"
-
-    assert verification_housekeeping_schedule() is True
-    assert verification_housekeeping_schedule() is False  # gated: one scheduled run at a time
-    assert len(django_rq.get_queue("default").scheduled_job_registry.get_job_ids()) == 1
 
 
 def test_encrypted_set_verifies_and_drills_to_q_1(cluster, mariadb_servers):
