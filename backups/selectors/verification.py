@@ -140,16 +140,6 @@ def sets_flagged_unverified_drill(*, cluster=None):
     return flagged
 
 
-def verifications_running():
-    return (
-        VerificationRun.objects.filter(
-            status__in=[BackupSet.Status.PENDING, BackupSet.Status.RUNNING]
-        )
-        .select_related("backup_set__cluster")
-        .order_by("id")
-    )
-
-
 def drills_due(*, now: datetime | None = None) -> list[BackupSet]:
     """Per cluster with `drill_every_days`, the newest succeeded full set when no drill ran recently."""
     from shards.models import Cluster
