@@ -201,9 +201,20 @@ def coordinate_key(file: str, pos: int) -> tuple[int, str, int]:
 
 def master_status(endpoint: Endpoint) -> tuple[str, int, str]:
     """(file, position, gtid_binlog_pos) the server is writing now."""
+    return master_status_at(endpoint)[:3]
+
+
+def master_status_at(endpoint: Endpoint) -> tuple[str, int, str, datetime]:
+    """(file, position, gtid_binlog_pos, server time read just before them).
+
+    Every transaction the server stamped at least a second before that time is before
+    the returned position, which is what an incremental can promise to restore to.
+    """
     conn = connect(endpoint)
     try:
         with conn.cursor() as cur:
+            cur.execute("SELECT UNIX_TIMESTAMP(NOW(6))")
+            server_time = datetime.fromtimestamp(float(cur.fetchone()[0]), UTC)
             cur.execute("SHOW MASTER STATUS")
             row = cur.fetchone()
             if not row:
@@ -216,7 +227,7 @@ def master_status(endpoint: Endpoint) -> tuple[str, int, str]:
                 gtid = (cur.fetchone() or [""])[0] or ""
             except pymysql.MySQLError:
                 gtid = ""
-            return row[0], int(row[1]), gtid
+            return row[0], int(row[1]), gtid, server_time
     finally:
         conn.close()
 

@@ -235,7 +235,7 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
     is no longer succeeded, or start coordinates purged from a server, fail the set with
     a message saying a new full backup is needed; no event is ever skipped.
     """
-    from backups.engine.binlog import capture_instance, master_status
+    from backups.engine.binlog import capture_instance, master_status_at
     from backups.engine.types import Cancelled, EngineError
 
     if not _begin(backup_set):
@@ -259,7 +259,8 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
         instances = {i.pk: i for i in Instance.objects.filter(pk__in=by_instance)}
         endpoints = {pk: instance_endpoint(instances[pk]) for pk in by_instance}
         # Read every instance's end first, so the set covers one moment across the cluster.
-        ends = {pk: master_status(endpoints[pk]) for pk in by_instance}
+        ends = {pk: master_status_at(endpoints[pk]) for pk in by_instance}
+        covered = min(end[3] for end in ends.values()).replace(microsecond=0) - timedelta(seconds=1)
         captures = []
         watch = _Watch(backup_set.pk)
         for index, (pk, sbs) in enumerate(sorted(by_instance.items())):
@@ -268,7 +269,7 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
             start = min(
                 ((sb.binlog_file, sb.binlog_pos) for sb in sbs), key=lambda c: coordinate_key(*c)
             )
-            end_file, end_pos, end_gtid = ends[pk]
+            end_file, end_pos, end_gtid, _read_at = ends[pk]
             capture = capture_instance(
                 endpoint=endpoints[pk],
                 instance=instances[pk].name,
@@ -285,7 +286,7 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
                 should_cancel=watch.should_cancel,
             )
             captures.append((instances[pk], sbs, capture))
-        doc = _manifest(backup_set, captures)
+        doc = _manifest(backup_set, captures, covered)
         manifest_sha = _write_manifest(storage, backup_set, doc)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the set
         if isinstance(exc, Cancelled):
@@ -298,7 +299,9 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
         if storage is not None:
             _delete_quietly(storage, backup_set)
         return _finish(backup_set, error=message)
-    return _finish(backup_set, captures=captures, manifest_sha256=manifest_sha)
+    return _finish(
+        backup_set, captures=captures, manifest_sha256=manifest_sha, covered=doc_covered(doc)
+    )
 
 
 class _Watch:
@@ -345,10 +348,18 @@ def _delete_quietly(storage, backup_set: BackupSet) -> None:
         log.exception("cleaning up set %s failed", backup_set.pk)
 
 
-def _manifest(backup_set: BackupSet, captures) -> dict:
+def doc_covered(doc: dict) -> datetime:
+    return datetime.fromisoformat(doc["consistent_at"])
+
+
+def _manifest(backup_set: BackupSet, captures, covered: datetime) -> dict:
+    """The incremental's manifest. `consistent_at`: every event stamped at or before it is in
+    this chain (the newest captured event, or a second before the servers' clocks were read
+    with the end coordinates, whichever is later)."""
     segments = [seg.manifest_entry() for _i, _s, cap in captures for seg in cap.segments]
     newest = max((cap.last_event_at for _i, _s, cap in captures if cap.last_event_at), default=None)
-    consistent_at = newest or backup_set.parent.consistent_at
+    candidates = [t for t in (newest, covered, backup_set.parent.consistent_at) if t]
+    consistent_at = max(candidates)
     encryption = None
     if backup_set.encrypted:
         encryption = {
@@ -414,24 +425,29 @@ def _write_manifest(storage, backup_set: BackupSet, doc: dict) -> str:
 
 
 def _finish(
-    backup_set: BackupSet, *, error: str = "", captures=None, manifest_sha256: str = ""
+    backup_set: BackupSet,
+    *,
+    error: str = "",
+    cancelled: bool = False,
+    captures=None,
+    manifest_sha256: str = "",
+    covered: datetime | None = None,
 ) -> BackupSet:
     now = timezone.now()
     with transaction.atomic():
         locked = BackupSet.objects.select_for_update().get(pk=backup_set.pk)
         locked.finished_at = now
         if error:
-            locked.status = BackupSet.Status.FAILED
-            locked.error = error
+            status = BackupSet.Status.CANCELLED if cancelled else BackupSet.Status.FAILED
+            locked.status = status
+            locked.error = "" if cancelled else error
             locked.save(update_fields=["status", "error", "finished_at"])
-            locked.shard_backups.update(
-                status=BackupSet.Status.FAILED, error=error[:2000], finished_at=now
-            )
+            locked.shard_backups.update(status=status, error=locked.error[:2000], finished_at=now)
             audit_record(
                 actor="worker",
-                action="backup.failed",
+                action="backup.cancelled" if cancelled else "backup.failed",
                 obj=locked,
-                details={"kind": "incremental", "error": error},
+                details={"kind": "incremental", **({} if cancelled else {"error": error})},
             )
             return locked
         newest = None
@@ -482,7 +498,7 @@ def _finish(
                     ]
                 )
         locked.status = BackupSet.Status.SUCCEEDED
-        locked.consistent_at = newest or (locked.parent.consistent_at if locked.parent_id else None)
+        locked.consistent_at = covered or newest
         locked.raw_bytes = raw
         locked.stored_bytes = stored
         locked.manifest_sha256 = manifest_sha256
