@@ -362,10 +362,20 @@ def restore_run_start(*, request: RestoreRequest, actor=None) -> RestoreRun:
                     obj=locked,
                     details={"run": run.pk, "job_id": run.job_id},
                 )
-            transaction.on_commit(lambda: restore_run_enqueue(run_id=run.pk))
+            transaction.on_commit(lambda: _enqueue_or_explain(restore_run_enqueue, run.pk))
     if expired:
         raise RestoreError(f"the approval of restore {locked.pk} has expired; file a new request")
     return run
+
+
+def _enqueue_or_explain(enqueue, run_id: int) -> None:
+    try:
+        enqueue(run_id=run_id)
+    except Exception as exc:  # noqa: BLE001 - Redis down: the run stays pending, retry later
+        raise RestoreError(
+            f"restore run {run_id} is recorded but could not be queued: the job queue (Redis) "
+            f"is unreachable ({exc}); run it again once Redis is back"
+        ) from exc
 
 
 def restore_run_begin(*, run: RestoreRun) -> bool:

@@ -335,3 +335,56 @@ def test_sets_that_cannot_restore_are_refused(cluster, backup_set, settings):
     ):
         file_request(cluster, backup_set)
     assert not RestoreRequest.objects.exists()
+
+
+# -- pages ----------------------------------------------------------------------------------
+
+
+def test_wizard_previews_the_plan_and_names_what_it_refuses(client, cluster, backup_set):
+    operator = make_user("operator")
+    client.force_login(operator)
+    base = {"cluster": cluster.name, "preview": "1", "source_set": backup_set.pk, "target": "side"}
+    page = client.get("/restores/new/", {**base, "tables": "t_order"})
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert 'id="restore-plan"' in text and "no history yet" in text and "__r&lt;id&gt;" in text
+    refused = client.get("/restores/new/", {**base, "tables": "t_nope"})
+    assert refused.status_code == 400
+    assert "unknown table &#x27;t_nope&#x27;" in refused.content.decode()
+    filed = client.post("/restores/new/", {**base, "tables": "t_order", "reason": "needed"})
+    request = RestoreRequest.objects.get()
+    assert filed.status_code == 302 and filed["Location"] == f"/restores/{request.pk}/"
+    assert (request.requested_by, request.scope["tables"]) == (operator, ["t_order"])
+    assert (
+        client.post("/restores/new/", {**base, "reason": ""}).status_code == 400
+    )  # a reason is required
+    assert RestoreRequest.objects.count() == 1
+
+
+def test_reject_on_the_page_needs_a_comment_and_shows_it(client, cluster, backup_set):
+    request = file_request(cluster, backup_set)
+    approver = make_user("approver")
+    client.force_login(approver)
+    inbox = client.get("/restores/inbox/").content.decode()
+    assert f"#{request.pk}" in inbox and 'id="approval-badge">1<' in inbox
+    refused = client.post(f"/restores/{request.pk}/reject/", {"comment": ""})
+    assert refused.status_code == 409 and "needs a comment" in refused.content.decode()
+    client.post(f"/restores/{request.pk}/reject/", {"comment": "wrong cluster"})
+    request.refresh_from_db()
+    assert request.state == "rejected"
+    detail = client.get(f"/restores/{request.pk}/").content.decode()
+    assert "wrong cluster" in detail and "restore.rejected" in detail
+    assert f"#{request.pk}" not in client.get("/restores/inbox/").content.decode()
+
+
+def test_progress_fragment_stops_polling_when_the_run_has_ended(client, cluster, backup_set):
+    request = file_request(cluster, backup_set)
+    client.force_login(make_user("auditor"))
+    RestoreRun.objects.create(request=request, status="running", rows_estimate=10)
+    live = client.get(f"/restores/{request.pk}/progress/", HTTP_HX_REQUEST="true")
+    assert live.status_code == 200 and "hx-get" in live.content.decode()
+    RestoreRun.objects.filter(request=request).update(status="succeeded")
+    done = client.get(f"/restores/{request.pk}/progress/", HTTP_HX_REQUEST="true")
+    assert done.status_code == 286 and "hx-get" not in done.content.decode()
+    plain = client.get(f"/restores/{request.pk}/progress/")  # the href works without JavaScript
+    assert plain.status_code == 200 and "<h1>" in plain.content.decode()
