@@ -27,7 +27,11 @@ def run_backup_job(set_id: int) -> str:
             job.meta["progress"] = progress
             job.save_meta()
 
-    return backup_services.backup_execute(backup_set=backup_set, on_progress=on_progress).status
+    return backup_services.backup_execute(
+        backup_set=backup_set,
+        on_progress=on_progress,
+        runner_job_id=job.id if job is not None else backup_services.job_id_for(set_id),
+    ).status
 
 
 def run_backup_job_failed(job, connection, exc_type, exc_value, traceback) -> None:

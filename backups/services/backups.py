@@ -13,6 +13,8 @@ and defers side effects (enqueueing, cancelling RQ jobs) to `transaction.on_comm
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -460,7 +462,10 @@ class _Heartbeat(threading.Thread):
 
 
 def backup_execute(
-    *, backup_set: BackupSet, on_progress: Callable[[dict], None] | None = None
+    *,
+    backup_set: BackupSet,
+    on_progress: Callable[[dict], None] | None = None,
+    runner_job_id: str = "",
 ) -> BackupSet:
     """Run one pending set to its end (called by the `backups` job, or in-process by `--wait`).
 
@@ -473,9 +478,32 @@ def backup_execute(
     """
     with transaction.atomic():
         locked = BackupSet.objects.select_for_update().get(pk=backup_set.pk)
+        rerun_after_death = (
+            locked.status == BackupSet.Status.RUNNING
+            and runner_job_id
+            and locked.job_id == runner_job_id
+        )
+        if locked.status != BackupSet.Status.PENDING and not rerun_after_death:
+            return locked
+    if rerun_after_death:
+        # RQ runs one job id once at a time: finding our own set still running means the
+        # previous execution of this very job died (its work horse was killed) mid-run.
+        return _finish_failed(
+            locked,
+            "the worker running this backup stopped (killed or crashed) at "
+            f"{timezone.now():%Y-%m-%d %H:%M:%S} UTC: RQ re-ran its job after the work horse "
+            "died; the set is incomplete and not usable",
+            actor=HOUSEKEEPING_ACTOR,
+        )
+    with transaction.atomic():
+        locked = BackupSet.objects.select_for_update().get(pk=backup_set.pk)
         if locked.status != BackupSet.Status.PENDING:
             return locked
         now = timezone.now()
+        if not runner_job_id:
+            # Run in-process (`backup --wait` without a worker): a late worker taking the
+            # queued job must see that someone else runs this set.
+            locked.job_id = f"local:{socket.gethostname()}:{os.getpid()}"
         locked.status = BackupSet.Status.RUNNING
         locked.started_at = now
         locked.heartbeat_at = now
@@ -889,6 +917,15 @@ def _death_reason(backup_set: BackupSet, now: datetime, stale: timedelta) -> str
                 f"{last:%Y-%m-%d %H:%M:%S} UTC: no heartbeat for "
                 f"{int((now - last).total_seconds())} s; the set is incomplete and not usable"
             )
+        # A killed work horse under a live worker: RQ has already marked the job failed.
+        # ("canceled" is how `backup --wait` takes a job over to run it in-process.)
+        status = _rq_job_status(backup_set.job_id) if backup_set.job_id else "unknown"
+        if status in ("failed", "stopped"):
+            return (
+                "the worker running this backup stopped (killed or crashed) at "
+                f"{now:%Y-%m-%d %H:%M:%S} UTC: RQ reports its job {status}; "
+                "the set is incomplete and not usable"
+            )
         return ""
     # pending: only when RQ no longer has a live job for it.
     if now - backup_set.created_at <= stale:
@@ -915,7 +952,8 @@ def _rq_job_status(job_id: str) -> str:
             job = Job.fetch(job_id, connection=django_rq.get_connection(QUEUE))
         except NoSuchJobError:
             return "missing"
-        return str(job.get_status(refresh=False) or "unknown")
+        status = job.get_status(refresh=False)
+        return str(getattr(status, "value", status) or "unknown")
     except Exception:  # noqa: BLE001 - Redis down: do not reap on a guess
         return "unknown"
 

@@ -111,6 +111,30 @@ def test_killed_worker_leaves_the_set_failed_never_running_or_succeeded(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_killed_work_horse_under_a_live_worker_fails_the_set_at_once(
+    big_cluster, slow_worker, settings
+):
+    worker = slow_worker()
+    settings.JOB_HEARTBEAT_STALE_SECONDS = 600  # so only RQ's own verdict can fail it quickly
+    backup_set = backup_start(cluster=big_cluster, actor="cli")
+    wait_for(running_with_progress(backup_set), 60, "the backup to make progress")
+    horses = psutil.Process(worker.pid).children(recursive=True)
+    assert horses, "the worker should be running the job in a work horse"
+    for horse in horses:
+        os.kill(horse.pid, signal.SIGKILL)
+
+    def reaped():
+        backups_reap_stale()
+        backup_set.refresh_from_db()
+        return backup_set.status != "running"
+
+    wait_for(reaped, 20, "the set to be failed after its work horse died")
+    assert backup_set.status == "failed"
+    assert "worker running this backup stopped (killed or crashed)" in backup_set.error
+    assert worker.poll() is None  # the worker itself lives on
+
+
+@pytest.mark.django_db(transaction=True)
 def test_cancel_stops_a_running_backup_within_seconds_and_refuses_a_second_meanwhile(
     big_cluster, slow_worker, settings
 ):

@@ -201,3 +201,17 @@ def test_a_backup_that_cannot_be_queued_is_failed_with_the_reason_not_left_pendi
     backup_set.refresh_from_db()
     assert backup_set.status == "failed"
     assert "could not be queued" in backup_set.error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reaper_fails_a_pending_set_only_when_its_queued_job_is_gone(cluster, settings):
+    settings.JOB_HEARTBEAT_STALE_SECONDS = 5
+    queued = backup_start(cluster=cluster, actor="cli")
+    later = timezone.now() + timedelta(minutes=10)
+    assert backups_reap_stale(now=later) == []  # still queued: a worker may take it any time
+    queued.refresh_from_db()
+    assert queued.status == "pending"
+    django_rq.get_connection("backups").flushdb()  # Redis lost its queue
+    assert [s.pk for s in backups_reap_stale(now=later)] == [queued.pk]
+    queued.refresh_from_db()
+    assert queued.status == "failed" and "queued job was lost" in queued.error
