@@ -2,10 +2,11 @@
 
 Plain Python (no Django). The server's own decoder does the row work:
 
-    segment (decoded bytes) -> [Python: keep whole transactions of the source
-    database that are after the applied position and committed at or before
-    `until`] -> mariadb-binlog --database=SRC --rewrite-db=SRC->DST -
-    -> [Python: record the position inside each transaction] -> mariadb
+    segment (decoded bytes) -> [Python, event headers only: keep whole transactions
+    of the source database after the applied position and committed at or before
+    `until`; keep only the scoped tables' statements, table maps renamed; GTID event
+    -> BEGIN; a Query event recording the position before each commit]
+    -> mariadb-binlog [--rewrite-db=SRC->DST] - | mariadb DST
 
 * Transaction-aware: a transaction is kept or dropped whole, judged by the time
   of its commit event (binlog time is whole seconds, so `until` is floored to
@@ -14,8 +15,11 @@ Plain Python (no Django). The server's own decoder does the row work:
   in the target database, written inside each applied transaction, so a crash
   at any point and a rerun converge to the same rows. (A DDL statement commits
   by itself; its position is written right after it.)
+* The source's GTIDs and server id are never replayed into the target's binlog.
 * DDL in the window (ALTER TABLE ... ADD COLUMN) is applied in order; statements
   run with the source database as default database are rewritten to the target.
+  DDL naming another database explicitly is not rewritten (and not applied).
+* Memory stays bounded: a transaction past SPOOL_BYTES spills to a temporary file.
 """
 
 from __future__ import annotations
