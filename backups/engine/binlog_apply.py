@@ -18,13 +18,15 @@ Plain Python (no Django). The server's own decoder does the row work:
 * The source's GTIDs and server id are never replayed into the target's binlog.
 * DDL in the window (ALTER TABLE ... ADD COLUMN) is applied in order; statements
   run with the source database as default database are rewritten to the target.
-  DDL naming another database explicitly is not rewritten (and not applied).
+  DDL naming the source database explicitly cannot be redirected: refused, never run
+  against the source.
 * Memory stays bounded: a transaction past SPOOL_BYTES spills to a temporary file.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -291,6 +293,18 @@ class _Scope:
     def renames(self) -> bool:
         return bool(self.tables) and any(k != v for k, v in self.tables.items())
 
+    def names_source_explicitly(self, statement: bytes, *, always: bool = False) -> bool:
+        """Whether the DDL's object is `src`.table (only matters when redirecting elsewhere).
+
+        Looks at the name right after TABLE (or ON, for indexes), so `CREATE TABLE other.t
+        LIKE src.t` (which only reads the source) is not mistaken for a change to it.
+        """
+        if self.source == self.target and not always:
+            return False
+        name = re.escape(self.source)
+        pattern = rf"\b(?:TABLE|ON)\s+(?:IF\s+(?:NOT\s+)?EXISTS\s+)?(?:`{name}`|{name})\s*\."
+        return re.search(pattern, statement.decode("utf-8", "replace"), re.IGNORECASE) is not None
+
     def statement_touches(self, statement: bytes) -> bool:
         if self.tables is None:
             return True
@@ -330,7 +344,19 @@ def _plan(group: _Group, scope: _Scope, post: int) -> list[bool] | None:
             database, statement = query_of(event)
             if statement[:8].upper().startswith((b"BEGIN", b"COMMIT", b"ROLLBACK")):
                 continue
+            if not database and scope.names_source_explicitly(statement, always=True):
+                raise ScopeError(
+                    f"a DDL statement in the window names database {scope.source} explicitly "
+                    "without a default database; it cannot be applied to the restore safely "
+                    "(restore to a point before it, or apply it by hand)"
+                )
             keep = database == scope.source and scope.statement_touches(statement)
+            if keep and scope.names_source_explicitly(statement):
+                raise ScopeError(
+                    f"a DDL statement in the window names database {scope.source} explicitly; "
+                    "it cannot be redirected to the restore's database, so it is not applied "
+                    "(restore to a point before it, or apply it by hand)"
+                )
             if keep and scope.renames():
                 raise ScopeError(
                     "a DDL statement in the window cannot be applied to renamed (in-place "
@@ -552,7 +578,7 @@ def _apply_one(
                     if until_ts is not None and commit_ts > until_ts:
                         result.reached_until = True
                         break
-                    if source_database not in dbs:
+                    if source_database not in dbs and "*" not in dbs:
                         continue
                     crc = _has_crc(fde)
                     post = transactions.table_map_post

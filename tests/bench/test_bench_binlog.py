@@ -99,7 +99,7 @@ def test_bench_binlog_capture_and_apply(server, tmp_path):
             last = min(rows, first + batch - 1)
             cur.execute(
                 "INSERT INTO orders SELECT seq, seq % 977, seq / 3, CONCAT('note ', seq),"
-                f" TIMESTAMP'2024-01-01' + INTERVAL seq SECOND FROM seq_{first}_to_{last}"
+                f" TIMESTAMP'2024-01-01 00:00:00' + INTERVAL seq SECOND FROM seq_{first}_to_{last}"
             )
         cur.execute("UPDATE orders SET amount = amount + 1 WHERE id % 10 = 0")
         cur.execute("DELETE FROM orders WHERE id % 50 = 0")
