@@ -502,8 +502,18 @@ def restore_run_cancel(*, run: RestoreRun, actor) -> RestoreRun:
             audit_record(
                 actor=actor, action="restore.run_cancelled", obj=request, details={"run": locked.pk}
             )
+            transaction.on_commit(lambda: _dequeue_quietly(locked.pk))
     run.refresh_from_db()
     return run
+
+
+def _dequeue_quietly(run_id: int) -> None:
+    from backups.jobs.restores import restore_run_dequeue
+
+    try:
+        restore_run_dequeue(run_id=run_id)
+    except Exception:  # noqa: BLE001 - the job refuses a cancelled run anyway
+        pass
 
 
 def restore_requests_expire(*, now: datetime | None = None) -> int:

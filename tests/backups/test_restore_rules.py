@@ -388,3 +388,31 @@ def test_progress_fragment_stops_polling_when_the_run_has_ended(client, cluster,
     assert done.status_code == 286 and "hx-get" not in done.content.decode()
     plain = client.get(f"/restores/{request.pk}/progress/")  # the href works without JavaScript
     assert plain.status_code == 200 and "<h1>" in plain.content.decode()
+
+
+def test_cancelling_a_queued_run_ends_it_before_it_touches_anything(
+    cluster, backup_set, run_jobs, mariadb_servers
+):
+    import django_rq
+
+    from backups.services.restores import restore_run_cancel
+
+    request = file_request(cluster, backup_set)
+    restore_request_approve(request=request, approver=make_user("approver"))
+    operator = make_user("operator")
+    run = restore_run_start(request=request, actor=operator)
+    with pytest.raises(RestoreError, match="operators only"):
+        restore_run_cancel(run=run, actor=make_user("auditor"))
+    restore_run_cancel(run=run, actor=operator)
+    run.refresh_from_db()
+    request.refresh_from_db()
+    assert (request.state, run.status) == ("cancelled", "cancelled")
+    assert run.job_id not in django_rq.get_queue("restores").job_ids
+    run_jobs("restores")
+    for shard in cluster.shards.select_related("instance"):
+        server = server_for(mariadb_servers, shard.instance)
+        assert not server.execute(
+            f"SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = '{shard.database}__r{request.pk}'"
+        )
+    with pytest.raises(RestoreError, match="nothing to cancel"):
+        restore_run_cancel(run=run, actor=operator)

@@ -210,11 +210,7 @@ class Command(BaseCommand):
             if self._not_picked_up(run) and restore_run_dequeue(run_id=run.pk):
                 # No worker took it: run it here rather than leave the caller waiting.
                 restore_run_execute(run=run)
-            while (
-                RestoreRun.objects.filter(pk=run.pk).values_list("status", flat=True).first()
-                not in FINAL_RUN
-            ):
-                time.sleep(0.5)
+            self._wait_for_end(run)
             run.refresh_from_db()
             request.refresh_from_db()
             if run.status != BackupSet.Status.SUCCEEDED:
@@ -225,6 +221,25 @@ class Command(BaseCommand):
             self._print(request, f"restore {request.pk}: {request.state}, Q = {run.q:.4f}")
             return
         self._print(request, f"restore {request.pk}: run {run.pk} queued as {run.job_id}")
+
+    def _wait_for_end(self, run: RestoreRun) -> None:
+        """Until the run ends; refuse to wait forever on a worker that stopped beating."""
+        from django.conf import settings
+        from django.utils import timezone
+
+        stale = settings.JOB_HEARTBEAT_STALE_SECONDS
+        while True:
+            status, heartbeat = (
+                RestoreRun.objects.filter(pk=run.pk).values_list("status", "heartbeat_at").first()
+            )
+            if status in FINAL_RUN:
+                return
+            if heartbeat and (timezone.now() - heartbeat).total_seconds() > stale:
+                raise CommandError(
+                    f"restore run {run.pk} stopped reporting progress (its worker died?); "
+                    f"run `restore run {run.request_id}` again to resume it"
+                )
+            time.sleep(0.5)
 
     @staticmethod
     def _not_picked_up(run: RestoreRun) -> bool:
