@@ -6,6 +6,8 @@ Sizes come from the environment so a quick smoke run is possible:
 * `SHARDVAULT_BENCH_GROWTH_ROWS` — base rows of the table grown for the RSS check
   (default 250_000; `largest` grows the dataset's largest table itself)
 * `SHARDVAULT_BENCH_GROWTH_FACTOR` — how much that table grows (default 4)
+* `SHARDVAULT_BENCH_GROWTH_CHUNK_ROWS` — chunk size for those two backups (default 50_000,
+  so the base table already keeps every dump connection busy and only the table size changes)
 * `SHARDVAULT_BENCH_LOCK_RUNS` — locked backups taken under write load (default 5)
 """
 
@@ -44,6 +46,7 @@ class BenchConfig:
     rows: int
     growth_rows: int  # 0: grow the dataset's largest table
     growth_factor: int
+    growth_chunk_rows: int
     lock_runs: int
 
     @classmethod
@@ -55,6 +58,7 @@ class BenchConfig:
             if growth == "largest"
             else _env_int("SHARDVAULT_BENCH_GROWTH_ROWS", 250_000),
             growth_factor=max(_env_int("SHARDVAULT_BENCH_GROWTH_FACTOR", 4), 2),
+            growth_chunk_rows=max(_env_int("SHARDVAULT_BENCH_GROWTH_CHUNK_ROWS", 50_000), 1000),
             lock_runs=max(_env_int("SHARDVAULT_BENCH_LOCK_RUNS", 5), 1),
         )
 
@@ -75,6 +79,7 @@ class Measurement:
     ratio: float | None = None  # ShardVault's wall time / this tool's, on comparison rows
     notes: str = ""
     error: str = ""
+    details: dict = field(default_factory=dict)  # written to the JSON only
 
     @property
     def mb_per_s(self) -> float | None:
