@@ -136,11 +136,26 @@ def table_checksum(
         if missing:
             raise ValueError(f"table {database}.{table} has no column(s) {', '.join(missing)}")
         stored = [by_name[name] for name in columns]
-    line = line_expression(stored, regex=server_has_byte_regex(conn))
-    with conn.cursor() as cur:
-        cur.execute(
-            f"SELECT COUNT(*), IFNULL(SUM(CRC32(l)), 0), IFNULL(BIT_XOR(CRC32(l)), 0)"  # noqa: S608 - quoted identifiers
-            f" FROM (SELECT {line} AS l FROM {quote_qualified(database, table)}) AS chunk_lines"
+    mariadb = server_has_byte_regex(conn)
+    line = line_expression(stored, regex=mariadb)
+    source = quote_qualified(database, table)
+    if mariadb:
+        # Build each line once: MariaDB adds aggregates in select-list order, so BIT_XOR
+        # sees the CRC that SUM just stored (a derived table would evaluate the line twice,
+        # ~40% slower). Keep the aggregates bare: wrapping them (IFNULL) changes that order.
+        # A wrong order could only ever report a mismatch, never hide one.
+        sql = (
+            f"SELECT COUNT(*), SUM(@sv_crc := CRC32({line})), BIT_XOR(@sv_crc)"  # noqa: S608
+            f" FROM {source}"
         )
+    else:
+        sql = (
+            f"SELECT COUNT(*), IFNULL(SUM(CRC32(l)), 0), IFNULL(BIT_XOR(CRC32(l)), 0)"  # noqa: S608
+            f" FROM (SELECT {line} AS l FROM {source}) AS chunk_lines"
+        )
+    with conn.cursor() as cur:
+        cur.execute(sql)
         rows, crc_sum, crc_xor = cur.fetchone()
+    crc_sum = crc_sum or 0  # SUM over no rows is NULL
+    crc_xor = crc_xor or 0
     return int(rows), format_checksum(int(crc_sum), int(crc_xor))
