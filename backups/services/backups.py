@@ -553,8 +553,10 @@ def _execute_engine(backup_set: BackupSet, progress, on_progress, state: dict):
     shard_backups = list(
         backup_set.shard_backups.select_related("shard__instance").order_by("shard_name")
     )
-    instances = {sb.shard.instance_id: sb.shard.instance for sb in shard_backups}
-    slots = state["slots"] = _connection_slots(backup_set, instances.values())
+    try:
+        slots = state["slots"] = _connection_slots(backup_set, shard_backups)
+    except SlotsUnavailable as exc:
+        raise _Outcome(f"backup could not start: {exc}") from None
     heartbeat = state["heartbeat"] = _Heartbeat(backup_set, progress, slots, on_progress)
     heartbeat.start()
     if slots is not None:
@@ -583,9 +585,13 @@ class _Outcome(Exception):
         self.shard_errors = shard_errors or {}
 
 
-def _connection_slots(backup_set, instances):
-    """Slots for every instance of the set, or None when Redis is not available to this process."""
-    from backups.services.connection_slots import ConnectionSlots
+def _connection_slots(backup_set, shard_backups):
+    """Slots for every instance of the set (None when this process has no Redis).
+
+    The engine holds one control connection per instance plus its dump connections:
+    locked mode N per instance (so at least 2 in all), lockfree one per shard.
+    """
+    from backups.services.connection_slots import ConnectionSlots, SlotNeed
 
     try:
         import django_rq
@@ -593,10 +599,22 @@ def _connection_slots(backup_set, instances):
         redis = django_rq.get_connection(QUEUE)
     except Exception:  # noqa: BLE001
         return None
-    caps = {f"{i.host}:{i.port}": i.max_connections for i in instances}
-    want = min(caps.values()) if caps else 1
+    caps: dict[str, int] = {}
+    shard_counts: dict[str, int] = {}
+    for sb in shard_backups:
+        instance = sb.shard.instance
+        address = f"{instance.host}:{instance.port}"
+        caps[address] = min(caps.get(address, instance.max_connections), instance.max_connections)
+        shard_counts[address] = shard_counts.get(address, 0) + 1
+    needs = {}
+    for address, cap in caps.items():
+        if backup_set.consistency == BackupSet.Consistency.LOCKED:
+            needs[address] = SlotNeed(cap=cap, minimum=2, wanted=cap)
+        else:
+            exact = shard_counts[address] + 1
+            needs[address] = SlotNeed(cap=cap, minimum=exact, wanted=exact)
     ttl = max(30, settings.JOB_HEARTBEAT_STALE_SECONDS * 2)
-    return ConnectionSlots(redis, caps, want=want, holder=job_id_for(backup_set.pk), ttl=ttl)
+    return ConnectionSlots(redis, needs, holder=job_id_for(backup_set.pk), ttl=ttl)
 
 
 def _backup_spec(backup_set: BackupSet, shard_backups, slots):
@@ -636,9 +654,10 @@ def _backup_spec(backup_set: BackupSet, shard_backups, slots):
             shard_errors=errors,
         )
     instances = {sb.shard.instance_id: sb.shard.instance for sb in shard_backups}
-    connections = min(i.max_connections for i in instances.values())
+    # Dump connections per instance in locked mode: the slots granted minus the control one.
+    connections = min(i.max_connections for i in instances.values()) - 1
     if slots is not None and slots.granted:
-        connections = min(connections, slots.granted)
+        connections = min(slots.granted.values()) - 1
     hmac_key = _manifest_hmac_key()
     return BackupSpec(
         cluster=backup_set.cluster.name,

@@ -49,7 +49,7 @@ def big_cluster(mariadb_servers, unique_name):
         mariadb_servers,
         name=f"job{unique_name}",
         tables={"t_order": 150_000, "t_user": 50_000},
-        max_connections=1,
+        max_connections=2,
     )
 
 

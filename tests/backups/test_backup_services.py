@@ -15,7 +15,12 @@ from backups.services.backups import (
     backup_start,
     backups_reap_stale,
 )
-from backups.services.connection_slots import ConnectionSlots, slots_in_use
+from backups.services.connection_slots import (
+    ConnectionSlots,
+    SlotNeed,
+    SlotsUnavailable,
+    slots_in_use,
+)
 from console.models import AuditEvent
 from console.roles import RoleDenied
 from tests.factories import make_cluster, make_user
@@ -172,21 +177,70 @@ def test_connection_slots_never_exceed_an_instance_cap(redis_url):
     import redis
 
     conn = redis.Redis.from_url(redis_url)
-    caps = {"127.0.0.1:59999": 3, "127.0.0.1:59998": 5}
-    first = ConnectionSlots(conn, caps, want=2, holder="job-a")
-    second = ConnectionSlots(conn, caps, want=2, holder="job-b")
-    third = ConnectionSlots(conn, caps, want=2, holder="job-c", ttl=1)
-    assert first.try_acquire() == 2
-    assert second.try_acquire() == 1  # only one slot left on the instance capped at 3
-    assert third.try_acquire() == 0  # all or nothing: nothing taken anywhere
-    assert slots_in_use(conn, "127.0.0.1", 59999) == 3
-    assert slots_in_use(conn, "127.0.0.1", 59998) == 3
+    a, b = "127.0.0.1:59999", "127.0.0.1:59998"
+
+    def slots(holder, wanted, ttl=60):
+        needs = {a: SlotNeed(cap=4, minimum=2, wanted=wanted), b: SlotNeed(6, 2, wanted)}
+        return ConnectionSlots(conn, needs, holder=holder, ttl=ttl)
+
+    first, second, third = slots("job-a", 3), slots("job-b", 3), slots("job-c", 2, ttl=1)
+    assert first.try_acquire() == {a: 3, b: 3}
+    assert second.try_acquire() == {}  # only one slot left on a: below the minimum of 2
+    assert slots_in_use(conn, b) == 3  # all or nothing: nothing taken on b either
     first.release()
-    assert third.try_acquire() == 2
-    time.sleep(1.2)  # a holder that stops refreshing (killed worker) loses its slots
-    assert slots_in_use(conn, "127.0.0.1", 59999) == 1
+    assert second.try_acquire() == {a: 3, b: 3}
+    assert third.try_acquire() == {}
     second.release()
-    assert slots_in_use(conn, "127.0.0.1", 59999) == 0
+    assert third.try_acquire() == {a: 2, b: 2}
+    time.sleep(1.2)  # a holder that stops refreshing (a killed worker) loses its slots
+    assert slots_in_use(conn, a) == 0
+    with pytest.raises(SlotsUnavailable, match="allows 1 connection"):
+        ConnectionSlots(conn, {a: SlotNeed(cap=1, minimum=2, wanted=2)}, holder="x")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_running_backup_holds_slots_within_each_instance_cap(
+    mariadb_servers, unique_name, run_jobs, settings
+):
+    import threading
+
+    cluster = make_cluster(
+        mariadb_servers[:2], name=f"cap{unique_name}", tables={"t": 30_000}, max_connections=3
+    )
+    settings.BACKUP_CHUNK_ROWS = 500
+    conn = django_rq.get_connection("backups")
+    addresses = [f"{s.endpoint.host}:{s.endpoint.port}" for s in mariadb_servers[:2]]
+    observers = [s.connect() for s in mariadb_servers[:2]]
+    slots_seen, connections_seen = [], []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            slots_seen.append(max(slots_in_use(conn, a) for a in addresses))
+            for observer in observers:
+                with observer.cursor() as cur:
+                    cur.execute(
+                        "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
+                        " WHERE USER = 'root' AND ID <> CONNECTION_ID()"
+                    )
+                    connections_seen.append(cur.fetchone()[0])
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    backup_set = backup_start(cluster=cluster, actor="cli")
+    try:
+        run_jobs("backups")
+    finally:
+        done.set()
+        watcher.join()
+        for observer in observers:
+            observer.close()
+    backup_set.refresh_from_db()
+    assert backup_set.status == "succeeded", backup_set.error
+    assert max(slots_seen) == 3  # it took every slot allowed, and never more
+    assert 2 <= max(connections_seen) <= 3  # the servers never saw more than the cap
+    assert all(slots_in_use(conn, a) == 0 for a in addresses)  # released at the end
 
 
 @pytest.mark.django_db(transaction=True)

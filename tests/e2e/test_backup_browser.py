@@ -40,7 +40,7 @@ def test_operator_backs_up_watches_progress_and_sees_every_table_checksum(
         mariadb_servers,
         name=f"web{unique_name}",
         tables={"t_order": 60_000, "t_user": 500},
-        max_connections=1,
+        max_connections=2,
     )
     slow_worker()
     page = logged_in_page("operator")
@@ -79,7 +79,7 @@ def test_operator_cancels_a_running_backup_from_its_page(
         mariadb_servers,
         name=f"wc{unique_name}",
         tables={"t_order": 150_000},
-        max_connections=1,
+        max_connections=2,
     )
     slow_worker()
     page = logged_in_page("operator")
