@@ -197,3 +197,32 @@ def test_job_is_idempotent_a_finished_set_is_left_alone(mariadb_servers, unique_
     backup_set.refresh_from_db()
     assert backup_set.status == "cancelled" and backup_set.started_at is None
     assert BackupSet.objects.filter(cluster=cluster).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_housekeeping_job_reaps_dead_sets_and_stays_scheduled_while_sets_are_active(
+    mariadb_servers, unique_name, settings
+):
+    import django_rq
+    from django.utils import timezone
+
+    from backups.jobs.backups import housekeeping_job
+
+    settings.JOB_HEARTBEAT_STALE_SECONDS = 15
+    cluster = make_cluster(mariadb_servers[:1], name=f"hk{unique_name}", tables={})
+    other = make_cluster(mariadb_servers[1:2], name=f"hl{unique_name}", tables={})
+    dead = backup_start(cluster=cluster, actor="cli")
+    live = backup_start(cluster=other, actor="cli")  # still pending: housekeeping must go on
+    BackupSet.objects.filter(pk=dead.pk).update(
+        status="running", heartbeat_at=timezone.now() - timezone.timedelta(minutes=5)
+    )
+    queue = django_rq.get_queue("default")
+    queue.connection.delete("shardvault:backups-housekeeping-scheduled")
+    for job_id in queue.scheduled_job_registry.get_job_ids():
+        queue.scheduled_job_registry.remove(job_id)
+    assert housekeeping_job() == 1
+    dead.refresh_from_db()
+    live.refresh_from_db()
+    assert dead.status == "failed" and "stopped (killed or crashed)" in dead.error
+    assert live.status == "pending"
+    assert queue.scheduled_job_registry.get_job_ids()  # next round scheduled on `default`
