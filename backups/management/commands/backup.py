@@ -48,9 +48,16 @@ class Command(BaseCommand):
         encrypt = parser.add_mutually_exclusive_group()
         encrypt.add_argument("--encrypt", dest="encrypt", action="store_true", default=None)
         encrypt.add_argument("--no-encrypt", dest="encrypt", action="store_false")
-        parser.add_argument("--wait", action="store_true", help="block until the set ends")
+        parser.add_argument(
+            "--wait",
+            action="store_true",
+            help="block until the set ends (exit 1 unless it succeeded); if no worker takes "
+            "the job within 3 s, run it in this process",
+        )
         parser.add_argument("--json", action="store_true", dest="as_json")
-        parser.add_argument("--as", dest="as_user", default="", help="act as this user")
+        parser.add_argument(
+            "--as", dest="as_user", default="", help="act as this user (operator or admin)"
+        )
 
     def handle(self, *args, **options):
         as_json = options["as_json"]
