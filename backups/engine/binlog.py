@@ -298,15 +298,35 @@ class BinlogDump:
         return EngineError(describe_error(exc, self.endpoint))
 
     def events(self, file: str, pos: int) -> Iterator[bytes]:
+        """Raw events as the server sends them (read straight off the socket: this loop is
+        the capture's hot path, so it skips PyMySQL's per-packet objects)."""
+        read = self.conn._rfile.read
         try:
             while True:
-                packet = self.conn._read_packet()
-                data = packet.get_all_data()
-                if data[:1] == b"\xfe" and len(data) < 9:
+                header = read(4)
+                if len(header) < 4:
+                    raise EngineError(
+                        f"instance {self.endpoint.name}: the server closed the replication stream"
+                    )
+                length = header[0] | header[1] << 8 | header[2] << 16
+                payload = read(length)
+                while length == 0xFFFFFF:  # an event larger than one protocol packet
+                    header = read(4)
+                    length = header[0] | header[1] << 8 | header[2] << 16
+                    payload += read(length)
+                marker = payload[0]
+                if marker == 0xFF:
+                    code = struct.unpack_from("<H", payload, 1)[0]
+                    text = payload[9:] if payload[3:4] == b"#" else payload[3:]
+                    error = pymysql.err.OperationalError(code, text.decode("utf-8", "replace"))
+                    raise self._translate(error, file, pos)
+                if marker == 0xFE and length < 9:
                     return  # EOF: only in non-blocking mode
-                yield data[1:]
-        except pymysql.MySQLError as exc:
-            raise self._translate(exc, file, pos) from exc
+                yield payload[1:]
+        except OSError as exc:
+            raise EngineError(
+                f"instance {self.endpoint.name}: reading the binlog failed: {exc}"
+            ) from exc
 
     def close(self) -> None:
         try:
@@ -405,47 +425,19 @@ def capture_instance(
 
 
 class _Stream:
-    """The dump's events, with where each one is, until the end coordinate is reached."""
+    """The dump's events and where the copy stands, shared by the segments of one capture."""
 
     def __init__(self, dump, start_file, start_pos, end_file, end_pos, should_cancel):
         self.dump = dump
         self.events = dump.events(start_file, start_pos)
         self.file = start_file
-        self.end = coordinate_key(end_file, end_pos)
         self.end_file = end_file
         self.end_pos = end_pos
+        self.end_index = binlog_index(end_file)
         self.finished = False
         self.fde: bytes | None = None
-        self.pending: bytes | None = None
         self.should_cancel = should_cancel
         self.checksum_len = dump.checksum_len
-        self._count = 0
-
-    def next_event(self) -> bytes | None:
-        """The next real event of the current file, or None at the end of the file or range."""
-        if self.pending is not None:
-            event, self.pending = self.pending, None
-            return event
-        for event in self.events:
-            self._count += 1
-            if self.should_cancel and self._count % 5000 == 0 and self.should_cancel():
-                raise Cancelled("cancelled while reading the binlog")
-            header = parse_header(event)
-            if header.type == HEARTBEAT_LOG_EVENT:
-                continue
-            if header.type == ROTATE_EVENT and (header.next_pos == 0 or header.timestamp == 0):
-                # The server's fake rotate at the start of every file it sends.
-                name, _pos = rotate_target(event, self.checksum_len)
-                if name != self.file:
-                    self.file = name
-                continue
-            if header.type == FORMAT_DESCRIPTION_EVENT:
-                self.fde = event
-                continue
-            if header.flags & LOG_EVENT_ARTIFICIAL_F or header.next_pos == 0:
-                continue
-            return event
-        raise EngineError(f"instance {self.dump.endpoint.name}: the binlog stream ended early")
 
 
 class _SegmentWriter:
@@ -458,33 +450,51 @@ class _SegmentWriter:
 
     def blocks(self) -> Iterator[bytes]:
         stream, segment = self.stream, self.segment
-        buffer = bytearray(BINLOG_MAGIC)
+        unpack = _HEADER.unpack_from
+        buffer = bytearray()
         tables: dict[str, None] = {}
-        first = stream.next_event()
-        if stream.fde is None:
-            raise EngineError(f"instance {segment.instance}: no format description event was sent")
-        buffer += stream.fde
-        file = stream.file
-        segment.first_file = segment.last_file = file
-        event = first
-        fde_post_header = stream.fde[HEADER_LEN + 2 + 50 + 4 + 1 + TABLE_MAP_EVENT - 1]
-        while event is not None:
-            header = parse_header(event)
-            if segment.events == 0:
-                segment.first_pos = header.next_pos - header.size
-                segment.first_event_at = datetime.fromtimestamp(header.timestamp, UTC)
-            segment.events += 1
-            segment.last_pos = header.next_pos
-            if header.timestamp:
-                segment.last_event_at = datetime.fromtimestamp(header.timestamp, UTC)
-            if header.type == GTID_EVENT:
-                gtid, _flags = gtid_of(event, header.server_id)
+        events = 0
+        first_ts = last_ts = 0
+        last_pos = 0
+        post = 8
+        should_cancel = stream.should_cancel
+        end_file, end_pos = stream.end_file, stream.end_pos
+        for event in stream.events:
+            ts, kind, server_id, size, next_pos, flags = unpack(event, 0)
+            if kind == HEARTBEAT_LOG_EVENT:
+                continue
+            if kind == ROTATE_EVENT and (next_pos == 0 or ts == 0):
+                # The server's fake rotate at the start of every file it sends.
+                stream.file = rotate_target(event, stream.checksum_len)[0]
+                continue
+            if kind == FORMAT_DESCRIPTION_EVENT:
+                stream.fde = event
+                continue
+            if flags & LOG_EVENT_ARTIFICIAL_F or next_pos == 0:
+                continue
+            if events == 0:
+                if stream.fde is None:
+                    raise EngineError(
+                        f"instance {segment.instance}: no format description event was sent"
+                    )
+                buffer += BINLOG_MAGIC
+                buffer += stream.fde
+                post = stream.fde[HEADER_LEN + 2 + 50 + 4 + 1 + TABLE_MAP_EVENT - 1]
+                segment.first_file = segment.last_file = stream.file
+                segment.first_pos = next_pos - size
+                first_ts = ts
+            events += 1
+            last_pos = next_pos
+            if ts:
+                last_ts = ts
+            if kind == GTID_EVENT:
+                gtid = gtid_of(event, server_id)[0]
                 segment.first_gtid = segment.first_gtid or gtid
                 segment.last_gtid = gtid
-            elif header.type == TABLE_MAP_EVENT:
-                database, table = table_map_names(event, fde_post_header)
+            elif kind == TABLE_MAP_EVENT:
+                database, table = table_map_names(event, post)
                 tables.setdefault(f"{database}.{table}")
-            elif header.type == QUERY_EVENT:
+            elif kind == QUERY_EVENT:
                 database, statement = query_of(event)
                 if not statement.startswith((b"BEGIN", b"COMMIT", b"ROLLBACK")):
                     # A statement (DDL): its default database, or "*" when it had none.
@@ -493,15 +503,23 @@ class _SegmentWriter:
             if len(buffer) >= BLOCK_BYTES:
                 yield bytes(buffer)
                 buffer.clear()
-            if coordinate_key(file, header.next_pos) >= stream.end:
+            if events % 5000 == 0 and should_cancel and should_cancel():
+                raise Cancelled("cancelled while reading the binlog")
+            if stream.file == end_file and next_pos >= end_pos:
                 stream.finished = True
                 break
-            if header.type == ROTATE_EVENT:
+            if kind == ROTATE_EVENT:
                 # The real rotate ends this file; the next segment starts with the next file.
-                name, _pos = rotate_target(event, stream.checksum_len)
-                stream.file = name
+                stream.file = rotate_target(event, stream.checksum_len)[0]
+                if binlog_index(stream.file) > stream.end_index:
+                    stream.finished = True
                 break
-            event = stream.next_event()
+        else:
+            raise EngineError(f"instance {segment.instance}: the binlog stream ended early")
+        segment.events = events
+        segment.last_pos = last_pos
+        segment.first_event_at = datetime.fromtimestamp(first_ts, UTC) if events else None
+        segment.last_event_at = datetime.fromtimestamp(last_ts, UTC) if last_ts else None
         segment.tables = sorted(tables)
         if buffer:
             yield bytes(buffer)

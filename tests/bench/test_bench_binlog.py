@@ -132,23 +132,6 @@ def test_bench_binlog_capture_and_apply(server, tmp_path):
             for s in capture.segments
         ]
 
-    _fresh(server, "bsv")
-    started = time.perf_counter()
-    apply_segments(
-        target=server.endpoint,
-        source_database="bsrc",
-        target_database="bsv",
-        stream="bl1",
-        segments=sources(),
-        start_file=start_file,
-        start_pos=start_pos,
-        until=None,
-    )
-    sv_s = time.perf_counter() - started
-    assert _checksum(server, "bsv") == source
-
-    # The server's own tools on the same segments: mariadb-binlog | mariadb.
-    _fresh(server, "btool")
     files = []
     for index, segment in enumerate(capture.segments):
         path = tmp_path / f"segment-{index}.bin"
@@ -156,20 +139,61 @@ def test_bench_binlog_capture_and_apply(server, tmp_path):
             for piece in codec.decode(storage.get_stream(segment.key), data_key=None):
                 handle.write(piece)
         files.append(str(path))
-    started = time.perf_counter()
-    decoder = subprocess.Popen(
-        ["mariadb-binlog", "--no-defaults", "--database=bsrc", "--rewrite-db=bsrc->btool", *files],
-        stdout=subprocess.PIPE,
-    )
-    client = subprocess.run(
-        ["mariadb", "--no-defaults", "-h127.0.0.1", f"-P{server.port}", "-uroot", "--binary-mode"],
-        stdin=decoder.stdout,
-        capture_output=True,
-    )
-    decoder.wait()
-    tool_s = time.perf_counter() - started
-    assert decoder.returncode == 0 and client.returncode == 0, client.stderr[-500:]
-    assert _checksum(server, "btool") == source
+
+    def apply_shardvault() -> float:
+        _fresh(server, "bsv")
+        started = time.perf_counter()
+        apply_segments(
+            target=server.endpoint,
+            source_database="bsrc",
+            target_database="bsv",
+            stream="bl1",
+            segments=sources(),
+            start_file=start_file,
+            start_pos=start_pos,
+            until=None,
+        )
+        elapsed = time.perf_counter() - started
+        assert _checksum(server, "bsv") == source
+        return elapsed
+
+    def apply_tools() -> float:
+        # The server's own tools on the same segments: mariadb-binlog | mariadb.
+        _fresh(server, "btool")
+        started = time.perf_counter()
+        decoder = subprocess.Popen(
+            [
+                "mariadb-binlog",
+                "--no-defaults",
+                "--database=bsrc",
+                "--rewrite-db=bsrc->btool",
+                *files,
+            ],
+            stdout=subprocess.PIPE,
+        )
+        client = subprocess.run(
+            [
+                "mariadb",
+                "--no-defaults",
+                "-h127.0.0.1",
+                f"-P{server.port}",
+                "-uroot",
+                "--binary-mode",
+            ],
+            stdin=decoder.stdout,
+            capture_output=True,
+        )
+        decoder.wait()
+        elapsed = time.perf_counter() - started
+        assert decoder.returncode == 0 and client.returncode == 0, client.stderr[-500:]
+        assert _checksum(server, "btool") == source
+        return elapsed
+
+    # Best of two, in alternating order, so neither side gets only the warm run.
+    sv_runs, tool_runs = [apply_shardvault()], [apply_tools()]
+    tool_runs.append(apply_tools())
+    sv_runs.append(apply_shardvault())
+    sv_s, tool_s = min(sv_runs), min(tool_runs)
 
     results = {
         "rows_changed": changes,
