@@ -991,4 +991,8 @@ def backup_run_in_process_if_unclaimed(
         time.sleep(0.2)
     _cancel_rq_job(backup_set.job_id)
     close_old_connections()
+    if backup_set.kind == BackupSet.Kind.INCREMENTAL:
+        from backups.services.incrementals import incremental_execute
+
+        return incremental_execute(backup_set=backup_set)
     return backup_execute(backup_set=backup_set)

@@ -132,3 +132,22 @@ def test_encrypted_lockfree_backup_as_an_operator(mariadb_servers, unique_name):
     assert result["rows"] == 50 and result["encrypted"] is True
     backup_set = BackupSet.objects.get(pk=result["id"])
     assert backup_set.triggered_by == operator and backup_set.key_id
+
+
+@pytest.mark.django_db(transaction=True)
+def test_incremental_wait_without_a_worker_also_finishes(mariadb_servers, unique_name):
+    cluster = make_cluster(mariadb_servers[:2], name=f"inc{unique_name}", tables={"t": 10})
+    code, out, err = run("backup", cluster.name, "--wait", "--json")
+    assert code == 0, err
+    full = json.loads(out)
+    database = cluster.shards.get(name="s00").database
+    mariadb_servers[0].execute(
+        "INSERT INTO t (id, shard, amount, created_at) VALUES (11, 's00', 1, NOW())",
+        database=database,
+    )
+    code, out, err = run("backup", cluster.name, "--kind", "incremental", "--wait", "--json")
+    assert code == 0, err
+    incremental = json.loads(out)
+    assert JSON_KEYS <= set(incremental)
+    assert incremental["kind"] == "incremental" and incremental["status"] == "succeeded"
+    assert BackupSet.objects.get(pk=incremental["id"]).parent_id == full["id"]

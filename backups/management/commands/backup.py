@@ -96,10 +96,9 @@ class Command(BaseCommand):
             sys.exit(1)
 
     def _wait(self, backup_set: BackupSet) -> BackupSet:
-        if backup_set.kind == BackupSet.Kind.FULL:
-            backup_set = backup_run_in_process_if_unclaimed(
-                backup_set=backup_set, grace_seconds=WORKER_GRACE_SECONDS
-            )
+        backup_set = backup_run_in_process_if_unclaimed(
+            backup_set=backup_set, grace_seconds=WORKER_GRACE_SECONDS
+        )
         last_reap = time.monotonic()
         while True:
             backup_set.refresh_from_db()
