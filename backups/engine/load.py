@@ -50,15 +50,11 @@ def _send_local_stream(filename, conn):
         return _original_send_local_file(filename, conn)
     conn._shardvault_source = None
     packet = max(16 * 1024, min(int(conn.max_allowed_packet) - 1024, PACKET_BYTES))
-    buffer = bytearray()
     try:
         for piece in source:
-            buffer += piece
-            while len(buffer) >= packet:
-                conn.write_packet(bytes(buffer[:packet]))
-                del buffer[:packet]
-        if buffer:
-            conn.write_packet(bytes(buffer))
+            # Never send an empty packet: it tells the server the data has ended.
+            for start in range(0, len(piece), packet):
+                conn.write_packet(piece[start : start + packet] if len(piece) > packet else piece)
     except BaseException as exc:  # noqa: BLE001 - surfaced after the server has answered
         conn._shardvault_error = exc
 
