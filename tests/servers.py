@@ -24,6 +24,18 @@ MARIADBD = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
 INSTALL_DB = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel kills the child when the process that started it dies.
+
+    A test session that crashes or is killed must never leave mariadbd behind.
+    """
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -104,7 +116,9 @@ class MariaDBServer:
             f"--tmpdir={self.base_dir}",
             *self.extra_args,
         ]
-        self.process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        self.process = subprocess.Popen(
+            args, stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -112,10 +126,11 @@ class MariaDBServer:
                     f"mariadbd {self.name} exited: {(self.base_dir / 'error.log').read_text()[-2000:]}"
                 )
             try:
-                connect(self.endpoint, connect_timeout=1).close()
+                connect(self.endpoint, connect_timeout=2).close()
                 return
             except Exception:
                 time.sleep(0.1)
+        self.kill()
         raise RuntimeError(f"mariadbd {self.name} did not start within {timeout}s")
 
     def stop(self) -> None:
@@ -156,26 +171,40 @@ def start_servers(count: int, root: Path | None = None, prefix: str = "m") -> li
     """Start `count` instances in parallel-ish (install first, then start)."""
     root = root or Path(tempfile.mkdtemp(prefix="shardvault-mariadb-"))
     servers = [
-        MariaDBServer(name=f"{prefix}{i + 1}", server_id=100 + i + 1, base_dir=root / f"{prefix}{i + 1}")
+        MariaDBServer(
+            name=f"{prefix}{i + 1}", server_id=100 + i + 1, base_dir=root / f"{prefix}{i + 1}"
+        )
         for i in range(count)
     ]
     for server in servers:
         server.base_dir.mkdir(parents=True, exist_ok=True)
     installs = [
         subprocess.Popen(
-            [INSTALL_DB, "--no-defaults", f"--datadir={s.datadir}",
-             "--auth-root-authentication-method=normal", "--skip-test-db", "--user=root",
-             f"--tmpdir={s.base_dir}"],  # parallel installs sharing /tmp collide
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                INSTALL_DB,
+                "--no-defaults",
+                f"--datadir={s.datadir}",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                "--user=root",
+                f"--tmpdir={s.base_dir}",
+            ],  # parallel installs sharing /tmp collide
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         for s in servers
     ]
-    for server, proc in zip(servers, installs):
+    for server, proc in zip(servers, installs, strict=True):
         if proc.wait() != 0:
             # A failed install leaves a half-made mysql schema; start() installs again.
             shutil.rmtree(server.datadir, ignore_errors=True)
-    for server in servers:
-        server.start()
+    try:
+        for server in servers:
+            server.start(timeout=120)
+    except BaseException:
+        for server in servers:
+            server.kill()
+        raise
     return servers
 
 
@@ -203,9 +232,18 @@ class MotoServer:
         self.port = self.port or free_port()
         env = dict(os.environ)
         self.process = subprocess.Popen(
-            [env.get("SHARDVAULT_PYTHON", "python"), "-m", "moto.server", "-H", "127.0.0.1",
-             "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                env.get("SHARDVAULT_PYTHON", "python"),
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
