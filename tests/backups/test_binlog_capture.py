@@ -322,3 +322,48 @@ def test_apply_restores_only_the_scoped_tables_under_their_new_names(
     assert server.execute("SELECT COUNT(*) FROM orders", database=src)[0][0] == 0
     assert server.execute("SELECT COUNT(*) FROM audit", database=src)[0][0] == 0
     server.execute(f"DROP DATABASE IF EXISTS {quote_ident(src)}")
+
+
+def test_ddl_naming_the_source_database_is_refused_not_run_against_the_source(
+    mariadb_servers, unique_name, storage, segment_store
+):
+    server = mariadb_servers[1]
+    src, dst = f"dd_{unique_name}", f"dd_{unique_name}__r7"
+    for name in (src, dst):
+        server.execute(
+            f"DROP DATABASE IF EXISTS {quote_ident(name)}", f"CREATE DATABASE {quote_ident(name)}"
+        )
+        server.execute("CREATE TABLE t (id INT PRIMARY KEY)", database=name)
+    start_file, start_pos, _ = master_status(server.endpoint)
+    server.execute("INSERT INTO t VALUES (1)", database=src)
+    server.execute(f"ALTER TABLE {quote_ident(src)}.t ADD COLUMN c INT")  # no default database
+    end_file, end_pos, _ = master_status(server.endpoint)
+    capture = capture_instance(
+        endpoint=server.endpoint,
+        instance=server.name,
+        start_file=start_file,
+        start_pos=start_pos,
+        end_file=end_file,
+        end_pos=end_pos,
+        set_prefix="c/13",
+        store=segment_store(),
+        server_id=3_999_000_005,
+    )
+    server.execute(f"ALTER TABLE {quote_ident(src)}.t DROP COLUMN c")
+
+    with pytest.raises(EngineError, match=f"names database {src} explicitly"):
+        apply_segments(
+            target=server.endpoint,
+            source_database=src,
+            target_database=dst,
+            stream=server.name,
+            segments=sources(storage, capture.segments),
+            start_file=start_file,
+            start_pos=start_pos,
+            until=None,
+        )
+    source_columns = [r[0] for r in server.execute("SHOW COLUMNS FROM t", database=src)]
+    assert source_columns == ["id"]  # the source was never touched
+    assert server.execute("SELECT id FROM t", database=dst) == [(1,)]  # applied up to the DDL
+    for name in (src, dst):
+        server.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)}")
