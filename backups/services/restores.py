@@ -389,6 +389,9 @@ def restore_run_begin(*, run: RestoreRun) -> bool:
         request = RestoreRequest.objects.select_for_update().get(pk=run.request_id)
         locked = RestoreRun.objects.select_for_update().get(pk=run.pk)
         if request.state == State.RUNNING and locked.status == RunStatus.RUNNING:
+            if not _run_is_stale(locked, now):
+                # Another worker is still beating for this run: never load twice at once.
+                raise RestoreError(f"restore run {locked.pk} is already running in another worker")
             locked.heartbeat_at = now
             locked.save(update_fields=["heartbeat_at"])
             audit_record(
