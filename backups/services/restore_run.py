@@ -68,6 +68,7 @@ class Tracker:
     text: str = ""
     cancelled: bool = False
     rq_job: object = None
+    notes: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_write: float = 0.0
     last_cancel_check: float = 0.0
@@ -212,6 +213,28 @@ def _reconcile_partial_table(
                 LoadedChunk.objects.filter(run=run, key__in=keys).delete()
     finally:
         conn.close()
+
+
+def _recreate_objects(
+    endpoint: Endpoint, database: str, shard_doc: dict, tables: set[str], *, whole_database: bool
+) -> str:
+    """Triggers of the restored tables (and, for a whole database, views, routines, events).
+
+    Returns a note for the run when an object could not be created (a view may refer to a
+    table outside the scope); the data itself is proven by the checksums either way.
+    """
+    from backups.engine.load import recreate_database_objects
+
+    triggers = [t for t in shard_doc.get("triggers", []) if t.get("table") in tables]
+    doc = dict(shard_doc, triggers=triggers)
+    kinds = ("triggers",) + (("routines", "views", "events") if whole_database else ())
+    if not any(doc.get(kind) for kind in kinds):
+        return ""
+    try:
+        recreate_database_objects(endpoint, database, doc, kinds=kinds)
+    except EngineError as exc:
+        return str(exc)
+    return ""
 
 
 def _preflight_targets(request: RestoreRequest, entries: list[dict]) -> None:
@@ -361,6 +384,16 @@ def _restore_shard(
                 table_names=load_names,
                 tracker=tracker,
             )
+            if not inplace:
+                note = _recreate_objects(
+                    endpoint,
+                    target_db,
+                    shard_doc,
+                    set(load_names.values()),
+                    whole_database=not request.scope.get("tables"),
+                )
+                if note:
+                    tracker.notes.append(f"{shard_doc['name']}: {note}")
     except (RestoreError, EngineError, ConnectError) as exc:
         if isinstance(exc, Cancelled):
             raise
@@ -372,7 +405,9 @@ def _restore_shard(
     return outcomes
 
 
-def _swap_inplace(request: RestoreRequest, outcomes: list[TableOutcome], tracker: Tracker) -> None:
+def _swap_inplace(
+    request: RestoreRequest, outcomes: list[TableOutcome], tracker: Tracker, shard_docs: dict
+) -> None:
     """One atomic RENAME TABLE per database, then drop the old tables."""
     groups: dict[tuple[int, str], list[dict]] = {}
     for outcome in outcomes:
@@ -401,6 +436,17 @@ def _swap_inplace(request: RestoreRequest, outcomes: list[TableOutcome], tracker
                     cur.execute("DROP TABLE " + ", ".join(quote_ident(t) for t in old))
         finally:
             conn.close()
+        # The old tables took their triggers with them: the backup's triggers come back.
+        for shard_name in sorted({e["shard"] for e in entries}):
+            note = _recreate_objects(
+                endpoint,
+                database,
+                shard_docs[shard_name],
+                {e["target_table"] for e in entries if e["shard"] == shard_name},
+                whole_database=False,
+            )
+            if note:
+                tracker.notes.append(f"{shard_name}: {note}")
 
 
 def _drop_shadows(outcomes: list[TableOutcome]) -> None:
@@ -541,7 +587,7 @@ def _execute(
         applied = not inplace
         if inplace:
             if all_ok:
-                _swap_inplace(request, outcomes, tracker)
+                _swap_inplace(request, outcomes, tracker, shard_docs)
                 applied = True
             else:
                 tracker.say("verification failed: dropping shadow tables, live tables untouched")
@@ -550,7 +596,9 @@ def _execute(
         _save_results(run, outcomes, applied=applied)
         t, d, a = _factors(plan, outcomes, applied=applied)
         if all_ok:
-            return restore_run_finish(run=run, status=Status.SUCCEEDED, t=t, d=d, a=a)
+            return restore_run_finish(
+                run=run, status=Status.SUCCEEDED, t=t, d=d, a=a, note="; ".join(tracker.notes)
+            )
         failed = [o for o in outcomes if not o.checksum_ok]
         first = failed[0]
         error = (

@@ -428,7 +428,7 @@ def restore_run_begin(*, run: RestoreRun) -> bool:
 
 
 def restore_run_finish(
-    *, run: RestoreRun, status: str, error: str = "", t=None, d=None, a=None
+    *, run: RestoreRun, status: str, error: str = "", t=None, d=None, a=None, note: str = ""
 ) -> RestoreRun:
     """Record a run's outcome (succeeded, failed or cancelled) and tell the requester."""
     from backups.notifications import notify_run_finished
@@ -447,9 +447,10 @@ def restore_run_finish(
         locked.finished_at = now
         locked.heartbeat_at = now
         locked.t, locked.d, locked.a, locked.q = t, d, a, q
-        locked.progress_text = {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}[
-            status
-        ]
+        locked.progress_text = (
+            {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}[status]
+            + (f"; note: {note}" if note else "")
+        )[:300]
         locked.save(
             update_fields=[
                 "status",
@@ -474,7 +475,15 @@ def restore_run_finish(
             actor="worker",
             action=f"restore.run_{status}",
             obj=request,
-            details={"run": locked.pk, "error": error, "t": t, "d": d, "a": a, "q": q},
+            details={
+                "run": locked.pk,
+                "error": error,
+                "note": note,
+                "t": t,
+                "d": d,
+                "a": a,
+                "q": q,
+            },
         )
         transaction.on_commit(lambda: notify_run_finished(run_id=locked.pk))
     run.refresh_from_db()

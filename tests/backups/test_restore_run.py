@@ -49,7 +49,22 @@ def cluster(mariadb_servers, unique_name):
         tables={"t_order_0": 30, "t_order_1": 25, "t_user": 10},
     )
     LogicalTable.objects.create(cluster=cluster, name="t_order", pattern=r"t_order_[0-9]+")
+    for shard, server in shard_servers(cluster, mariadb_servers):
+        server.execute(
+            "CREATE TRIGGER trg_note BEFORE INSERT ON t_order_0 FOR EACH ROW"
+            " SET NEW.note = IFNULL(NEW.note, 'from trigger')",
+            database=shard.database,
+        )
     return cluster
+
+
+def triggers_of(server, database: str) -> set[tuple[str, str]]:
+    return set(
+        server.execute(
+            "SELECT TRIGGER_NAME, EVENT_OBJECT_TABLE FROM information_schema.TRIGGERS"
+            f" WHERE TRIGGER_SCHEMA = '{database}'"
+        )
+    )
 
 
 def shard_servers(cluster, servers):
@@ -75,6 +90,7 @@ def test_side_restore_of_a_logical_table_matches_the_backup(cluster, mariadb_ser
     for shard, server in shard_servers(cluster, mariadb_servers):
         side = f"{shard.database}__r{request.pk}"
         assert tables_of(server, side) == {"t_order_0", "t_order_1"}  # t_user not in scope
+        assert triggers_of(server, side) == {("trg_note", "t_order_0")}
         for table in ("t_order_0", "t_order_1"):
             assert checksum_of(server, side, table) == expected[(shard.name, table)]
         server.execute(f"DROP DATABASE {quote_ident(side)}")
@@ -142,6 +158,8 @@ def test_inplace_restore_replaces_live_tables_with_the_backup(cluster, mariadb_s
             "t_order_1",
             "t_user",
         }  # no shadows left
+        # The old tables took their triggers along; the backup's trigger is back on the live table.
+        assert triggers_of(server, shard.database) == {("trg_note", "t_order_0")}
 
 
 def test_inplace_verification_failure_leaves_live_tables_exactly_as_they_were(
