@@ -2,13 +2,12 @@
 
 import io
 import json
-import os
 
 import pytest
 from django.core.management import CommandError, call_command
 
 from backups.models import BackupSet
-from tests.factories import make_cluster, make_user
+from tests.factories import make_cluster, make_user, private_redis_url
 
 JSON_KEYS = {
     "id",
@@ -26,14 +25,8 @@ JSON_KEYS = {
 
 @pytest.fixture(scope="module")
 def redis_url():
-    """A Redis database of this module's own (12-15), so workers and queues of other test
-    sessions sharing the Redis server never take these jobs or flush them."""
-    import redis
-
-    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    url = f"{base}/{12 + os.getpid() % 4}"
-    redis.Redis.from_url(url).flushdb()
-    return url
+    """Jobs of this module live in a Redis database of their own (see private_redis_url)."""
+    return private_redis_url()
 
 
 def run(*args):

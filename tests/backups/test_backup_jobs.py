@@ -16,7 +16,7 @@ from backups.services.backups import (
 )
 from backups.storage import storage_from_url
 from shards.models import Instance, Shard
-from tests.factories import make_cluster, make_user
+from tests.factories import make_cluster, make_user, private_redis_url
 from tests.servers import free_port
 
 STALE_SECONDS = 3
@@ -24,14 +24,8 @@ STALE_SECONDS = 3
 
 @pytest.fixture(scope="module")
 def redis_url():
-    """A Redis database of this module's own (12-15), so workers and queues of other test
-    sessions sharing the Redis server never take these jobs or flush them."""
-    import redis
-
-    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    url = f"{base}/{12 + os.getpid() % 4}"
-    redis.Redis.from_url(url).flushdb()
-    return url
+    """Jobs of this module live in a Redis database of their own (see private_redis_url)."""
+    return private_redis_url()
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Backup pages: list, Back up now, detail, live progress (HTMX), cancel."""
 
-import os
 import re
 
 import pytest
@@ -9,19 +8,13 @@ from django.utils import timezone
 
 from backups.models import BackupSet
 from console.models import AuditEvent
-from tests.factories import make_cluster, make_user
+from tests.factories import make_cluster, make_user, private_redis_url
 
 
 @pytest.fixture(scope="module")
 def redis_url():
-    """A Redis database of this module's own (12-15), so workers and queues of other test
-    sessions sharing the Redis server never take these jobs or flush them."""
-    import redis
-
-    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    url = f"{base}/{12 + os.getpid() % 4}"
-    redis.Redis.from_url(url).flushdb()
-    return url
+    """Jobs of this module live in a Redis database of their own (see private_redis_url)."""
+    return private_redis_url()
 
 
 @pytest.fixture

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from playwright.sync_api import expect
 
 from backups.models import BackupSet
-from tests.factories import make_cluster
+from tests.factories import make_cluster, private_redis_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture(scope="module")
 def redis_url():
-    """A Redis database of this module's own (12-15), so workers and queues of other test
-    sessions sharing the Redis server never take these jobs or flush them."""
-    import redis
-
-    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    url = f"{base}/{12 + os.getpid() % 4}"
-    redis.Redis.from_url(url).flushdb()
-    return url
+    """Jobs of this module live in a Redis database of their own (see private_redis_url)."""
+    return private_redis_url()
 
 
 @pytest.fixture
