@@ -4,10 +4,11 @@ Sizes come from the environment so a quick smoke run is possible:
 
 * `SHARDVAULT_BENCH_ROWS` — rows in the whole dataset (default 2_100_000)
 * `SHARDVAULT_BENCH_GROWTH_ROWS` — base rows of the table grown for the RSS check
-  (default 250_000; `largest` grows the dataset's largest table itself)
+  (default rows/8, between 20_000 and 250_000; `largest` grows the dataset's largest table)
 * `SHARDVAULT_BENCH_GROWTH_FACTOR` — how much that table grows (default 4)
-* `SHARDVAULT_BENCH_GROWTH_CHUNK_ROWS` — chunk size for those two backups (default 50_000,
-  so the base table already keeps every dump connection busy and only the table size changes)
+* `SHARDVAULT_BENCH_GROWTH_CHUNK_ROWS` — chunk size for those two backups (default a fifth of
+  the base rows, so the base table already keeps every dump connection busy and only the
+  table size changes)
 * `SHARDVAULT_BENCH_LOCK_RUNS` — locked backups taken under write load (default 5)
 """
 
@@ -51,14 +52,21 @@ class BenchConfig:
 
     @classmethod
     def from_env(cls) -> BenchConfig:
+        rows = _env_int("SHARDVAULT_BENCH_ROWS", 2_100_000)
         growth = os.environ.get("SHARDVAULT_BENCH_GROWTH_ROWS", "").strip().lower()
-        return cls(
-            rows=_env_int("SHARDVAULT_BENCH_ROWS", 2_100_000),
-            growth_rows=0
+        # By default the grown table follows the dataset size (a smoke run stays quick).
+        growth_rows = (
+            0
             if growth == "largest"
-            else _env_int("SHARDVAULT_BENCH_GROWTH_ROWS", 250_000),
+            else _env_int("SHARDVAULT_BENCH_GROWTH_ROWS", min(250_000, max(rows // 8, 20_000)))
+        )
+        # 0: a fifth of the grown table's base rows, decided once that table is known.
+        chunk_default = max(growth_rows // 5, 1000) if growth_rows else 0
+        return cls(
+            rows=rows,
+            growth_rows=growth_rows,
             growth_factor=max(_env_int("SHARDVAULT_BENCH_GROWTH_FACTOR", 4), 2),
-            growth_chunk_rows=max(_env_int("SHARDVAULT_BENCH_GROWTH_CHUNK_ROWS", 50_000), 1000),
+            growth_chunk_rows=_env_int("SHARDVAULT_BENCH_GROWTH_CHUNK_ROWS", chunk_default),
             lock_runs=max(_env_int("SHARDVAULT_BENCH_LOCK_RUNS", 5), 1),
         )
 

@@ -695,7 +695,7 @@ def test_worker_rss_when_largest_table_grows(
         server, database = shard.server, shard.database
     shards = [sv_shard_entry("growth", server, database, [table])]
     storage = bench_workdir / "sv-growth-storage"
-    chunk_rows = bench_config.growth_chunk_rows
+    chunk_rows = bench_config.growth_chunk_rows or max(base_rows // 5, 1000)
     before = run_sv_worker(
         sv_backup_request(storage, 200, shards, chunk_rows=chunk_rows), bench_workdir / "logs"
     )
