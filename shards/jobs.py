@@ -23,13 +23,16 @@ def discover_cluster_job(discovery_id: int) -> dict:
 def enqueue_discovery(run) -> None:
     """Enqueue `discover_cluster_job` with job id `discover-<id>`; a duplicate id is not queued twice."""
     import django_rq
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from rq.job import Job
 
     queue = django_rq.get_queue("default")
     job_id = f"discover-{run.pk}"
     try:
         existing = Job.fetch(job_id, connection=queue.connection)
-    except Exception:
+    except RedisConnectionError:
+        existing = None
+    except Exception:  # NoSuchJobError: not queued before
         existing = None
     if existing is not None and existing.get_status(refresh=True) in (
         "queued",
@@ -38,4 +41,15 @@ def enqueue_discovery(run) -> None:
         "scheduled",
     ):
         return
-    queue.enqueue(discover_cluster_job, run.pk, job_id=job_id, job_timeout=600)
+    try:
+        queue.enqueue(discover_cluster_job, run.pk, job_id=job_id, job_timeout=600)
+    except RedisConnectionError:
+        from django.utils import timezone
+
+        from shards.models import DiscoveryRun
+
+        DiscoveryRun.objects.filter(pk=run.pk).update(
+            status=DiscoveryRun.Status.FAILED,
+            error="the job queue (Redis) is not reachable: start Redis and try again",
+            finished_at=timezone.now(),
+        )
