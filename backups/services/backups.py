@@ -252,7 +252,9 @@ def housekeeping_ensure_scheduled() -> None:
     import django_rq
 
     from backups.jobs.backups import housekeeping_job
+    from backups.jobs.verification import verification_housekeeping_schedule
 
+    verification_housekeeping_schedule()
     interval = max(10, settings.JOB_HEARTBEAT_STALE_SECONDS)
     queue = django_rq.get_queue(HOUSEKEEPING_QUEUE)
     if not queue.connection.set(HOUSEKEEPING_GATE_KEY, "1", nx=True, ex=interval - 5):
@@ -780,7 +782,28 @@ def _finish_failed(
             shard_backup__backup_set=locked, status=BackupSet.Status.RUNNING
         ).update(status=BackupSet.Status.FAILED)
         audit_record(actor=actor, action="backup.fail", obj=locked, details={"error": locked.error})
+        transaction.on_commit(lambda: _after_failure(locked))
     return locked
+
+
+def _after_failure(backup_set: BackupSet) -> None:
+    """Alert (mail, webhook) that a set failed; an alert that cannot be sent never hides it."""
+    from console.alerts import alert_backup_failed
+
+    try:
+        alert_backup_failed(backup_set)
+    except Exception:  # noqa: BLE001 - the failure itself is recorded on the set
+        log.exception("alerting about failed set %s failed", backup_set.pk)
+
+
+def _after_success(backup_set: BackupSet) -> None:
+    """Queue the storage check of a new set when the cluster's policy asks for it."""
+    from backups.services.verification import verification_after_backup
+
+    try:
+        verification_after_backup(backup_set)
+    except Exception:  # noqa: BLE001 - housekeeping verifies never-verified sets later
+        log.exception("queueing the verification of set %s failed", backup_set.pk)
 
 
 def _finish_cancelled(backup_set: BackupSet) -> BackupSet:
@@ -854,6 +877,7 @@ def _finish_succeeded(backup_set: BackupSet, result) -> BackupSet:
                 "manifest_sha256": locked.manifest_sha256,
             },
         )
+        transaction.on_commit(lambda: _after_success(locked))
     return locked
 
 

@@ -193,4 +193,9 @@ def test_detail_shows_every_shard_and_table_with_checksum_after_a_real_backup(
         assert sb.binlog_file and sb.binlog_pos and sb.status == "succeeded"
         assert sb.binlog_file in html
     assert "lock window" in html.lower()
-    assert "hx-trigger" not in html  # finished: no polling
+    # Finished: the progress bar no longer polls (the automatic verification it queued may).
+    assert reverse("backups:set_progress", args=[backup_set.pk]) not in html
+    run_jobs("verify")
+    html = client.get(reverse("backups:set_detail", args=[backup_set.pk])).content.decode()
+    assert "hx-trigger" not in html  # verified too: nothing polls any more
+    assert 'data-q-level="good"' in html
