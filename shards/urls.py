@@ -20,6 +20,7 @@ urlpatterns = [
         name="instance_edit",
     ),
     path("clusters/<str:cluster>/shards/new/", views.shard_create_view, name="shard_create"),
+    path("clusters/<str:cluster>/shards/test/", views.shard_test, name="shard_test"),
     path("clusters/<str:cluster>/shards/<str:shard>/edit/", views.shard_edit, name="shard_edit"),
     path("clusters/<str:cluster>/discover/", views.discovery_start, name="discovery_start"),
     path(

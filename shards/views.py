@@ -262,6 +262,36 @@ def shard_edit(request, cluster: str, shard: str):
 
 @role_required(OPERATOR)
 @require_POST
+def shard_test(request, cluster: str):
+    """Check that the shard form's instance answers and holds its database; answer with a partial."""
+    target = cluster_by_name(cluster)
+    instance = target.instances.filter(name=request.POST.get("instance", "")).first()
+    database = request.POST.get("database", "")
+    ok, message = False, ""
+    if instance is None:
+        message = "Choose an instance of this cluster."
+    elif not database.strip():
+        message = "Enter the shard's database."
+    else:
+        try:
+            endpoint = instance_endpoint(instance)
+        except (MissingPassword, KeyError_) as exc:
+            message = str(exc)
+        else:
+            ok, message = instance_connection_test(
+                actor=request.user, endpoint=endpoint, databases=[database]
+            )
+    context = {"ok": ok, "message": message}
+    if request.htmx:
+        return render(request, "shards/_connection_result.html", context)
+    back = reverse("shards:cluster_detail", args=[target.name])
+    return render(
+        request, "shards/connection_result.html", {**context, "cluster": target, "back": back}
+    )
+
+
+@role_required(OPERATOR)
+@require_POST
 def discovery_start(request, cluster: str):
     target = cluster_by_name(cluster)
     run = discovery_request(cluster=target, actor=request.user)

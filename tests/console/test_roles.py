@@ -38,6 +38,7 @@ EXPECTATIONS: dict[str, tuple[str, frozenset]] = {
     "shards:instance_test": ("POST", OPS),
     "shards:shard_create": ("GET", OPS),
     "shards:shard_edit": ("GET", OPS),
+    "shards:shard_test": ("POST", OPS),
     "shards:discovery_start": ("POST", OPS),
     "backups:set_list": ("GET", ALL),
     "backups:set_detail": ("GET", ALL),

@@ -247,3 +247,14 @@ def test_readers_cannot_write_through_services(cluster):
             instance=cluster.instances.first(),
             database="d",
         )
+
+
+def test_shard_form_test_names_a_missing_database(operator_client, cluster):
+    url = reverse("shards:shard_test", args=[cluster.name])
+    shard = cluster.shards.select_related("instance").get(name="s00")
+    data = {"name": "s9", "instance": shard.instance.name, "database": "no_such_db"}
+    html = operator_client.post(url, data, **HX).content.decode()
+    assert 'data-ok="false"' in html
+    assert f"database &#x27;no_such_db&#x27; does not exist on {shard.instance.name}" in html
+    html = operator_client.post(url, {**data, "database": shard.database}, **HX).content.decode()
+    assert 'data-ok="true"' in html
