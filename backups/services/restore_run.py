@@ -44,6 +44,7 @@ PROGRESS_EVERY_SECONDS = 1.0
 SHARD_THREADS = 4
 CHUNK_PARALLEL = 2
 HEARTBEAT_SECONDS = 5.0
+SLOT_WAIT_SECONDS = 600
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Tracker:
     cancelled: bool = False
     rq_job: object = None
     notes: list[str] = field(default_factory=list)
+    slots: object = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_write: float = 0.0
     last_cancel_check: float = 0.0
@@ -99,6 +101,11 @@ class Tracker:
                 "heartbeat_at": timezone.now(),
             }
         RestoreRun.objects.filter(pk=self.run_id).update(**values)
+        if self.slots is not None:
+            try:
+                self.slots.refresh()
+            except Exception:  # noqa: BLE001 - slots expire on their own if Redis is gone
+                pass
         if self.rq_job is not None:
             try:
                 self.rq_job.meta.update(
@@ -237,6 +244,66 @@ def _recreate_objects(
     return ""
 
 
+@dataclass
+class InstanceGate:
+    """How many connections this run may open on one target server, shared by its shards."""
+
+    permits: threading.Semaphore
+    per_shard: int
+
+
+def _connection_slots(run: RestoreRun, groups: dict[str, list[dict]]):
+    """Slots on every target server (None when this process has no Redis), and the gates.
+
+    Each shard loads over `per_shard` connections while it holds one permit of its server;
+    so the run never opens more connections on a server than its slots allow.
+    """
+    from backups.services.connection_slots import ConnectionSlots, SlotNeed
+
+    shards_on: dict[int, int] = {}
+    for entries in groups.values():
+        shards_on[entries[0]["target_instance_id"]] = (
+            shards_on.get(entries[0]["target_instance_id"], 0) + 1
+        )
+    instances = {i.pk: i for i in Instance.objects.filter(pk__in=shards_on)}
+    needs = {}
+    for pk, count in shards_on.items():
+        instance = instances[pk]
+        cap = instance.max_connections
+        needs[f"{instance.host}:{instance.port}"] = SlotNeed(
+            cap=cap, minimum=1, wanted=min(cap, count * CHUNK_PARALLEL)
+        )
+    slots = None
+    try:
+        import django_rq
+
+        slots = ConnectionSlots(
+            django_rq.get_connection("restores"),
+            needs,
+            holder=f"restore-{run.pk}",
+            ttl=max(60, settings.JOB_HEARTBEAT_STALE_SECONDS),
+        )
+    except Exception:  # noqa: BLE001 - without Redis there is nobody to share servers with
+        slots = None
+    return slots, shards_on, instances
+
+
+def _gates(
+    granted: dict[str, int] | None, shards_on: dict[int, int], instances
+) -> dict[int, InstanceGate]:
+    gates = {}
+    for pk, count in shards_on.items():
+        instance = instances[pk]
+        allowed = (granted or {}).get(f"{instance.host}:{instance.port}") or min(
+            instance.max_connections, count * CHUNK_PARALLEL
+        )
+        gates[pk] = InstanceGate(
+            permits=threading.Semaphore(max(1, min(count, allowed))),
+            per_shard=max(1, min(CHUNK_PARALLEL, allowed // count)),
+        )
+    return gates
+
+
 def _preflight_targets(request: RestoreRequest, entries: list[dict]) -> None:
     """Before any shard starts: every target reachable, no side/instance target table non-empty."""
     groups: dict[tuple[int, str], list[str]] = {}
@@ -297,11 +364,15 @@ def _restore_shard(
     tracker: Tracker,
     done_keys: set[str],
     resume: bool,
+    gate: InstanceGate | None = None,
 ) -> list[TableOutcome]:
     from backups.engine.load import create_database_objects, load_table
 
     close_old_connections()
     outcomes = [TableOutcome(entry=e) for e in entries]
+    if gate is not None:
+        gate.permits.acquire()
+    parallel = gate.per_shard if gate is not None else CHUNK_PARALLEL
     try:
         inplace = request.target_kind == Target.INPLACE
         instance = Instance.objects.get(pk=entries[0]["target_instance_id"])
@@ -357,7 +428,7 @@ def _restore_shard(
                     should_cancel=tracker.should_cancel,
                     is_chunk_done=lambda key: key in done_keys,
                     on_chunk_done=tracker.chunk_done,
-                    parallel=CHUNK_PARALLEL,
+                    parallel=parallel,
                 )
             except Cancelled:
                 raise
@@ -401,6 +472,8 @@ def _restore_shard(
             if not outcome.error and not outcome.checksum_ok:
                 outcome.error = str(exc)
     finally:
+        if gate is not None:
+            gate.permits.release()
         connections.close_all()
     return outcomes
 
@@ -533,6 +606,11 @@ def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
     finally:
         stop.set()
         beat.join(timeout=10)
+        if tracker.slots is not None:
+            try:
+                tracker.slots.release()
+            except Exception:  # noqa: BLE001 - they expire after their ttl anyway
+                log.exception("restore run %s: could not release connection slots", run.pk)
 
 
 def _execute(
@@ -559,6 +637,18 @@ def _execute(
         for entry in plan["tables"]:
             groups.setdefault(entry["shard"], []).append(entry)
         done_keys = set(LoadedChunk.objects.filter(run=run).values_list("key", flat=True))
+        slots, shards_on, instances = _connection_slots(run, groups)
+        granted = None
+        if slots is not None:
+            tracker.say("waiting for connection slots on the target servers")
+            try:
+                granted = slots.acquire(wait=SLOT_WAIT_SECONDS, should_cancel=tracker.should_cancel)
+            except Exception as exc:  # noqa: BLE001 - SlotsUnavailable, or Redis gone
+                if tracker.should_cancel():
+                    raise Cancelled("the restore was cancelled") from exc
+                raise RestoreError(f"the restore could not start: {exc}") from exc
+            tracker.slots = slots
+        gates = _gates(granted, shards_on, instances)
         with ThreadPoolExecutor(max_workers=max(1, min(SHARD_THREADS, len(groups)))) as pool:
             futures = [
                 pool.submit(
@@ -572,6 +662,7 @@ def _execute(
                     tracker=tracker,
                     done_keys=set(done_keys),
                     resume=resume,
+                    gate=gates[entries[0]["target_instance_id"]],
                 )
                 for name, entries in sorted(groups.items())
             ]

@@ -411,3 +411,35 @@ def test_run_whose_worker_is_killed_is_resumed_by_housekeeping(
         finally:
             conn.close()
         server.execute(f"DROP DATABASE {quote_ident(side)}")
+
+
+def test_run_respects_the_target_servers_connection_slots(
+    cluster, mariadb_servers, run_jobs, monkeypatch
+):
+    import django_rq
+
+    from backups.services.connection_slots import ConnectionSlots, SlotNeed, slots_in_use
+
+    backup_set = make_backup(cluster, run_jobs)
+    request = file_request(cluster, backup_set, tables=["t_user"], target="side")
+    approve(request)
+    shard = cluster.shards.select_related("instance").get(name="s00")
+    address = f"{shard.instance.host}:{shard.instance.port}"
+    redis = django_rq.get_connection("restores")
+    other_job = ConnectionSlots(
+        redis, {address: SlotNeed(cap=4, minimum=4, wanted=4)}, holder="backup-x"
+    )
+    assert other_job.try_acquire() == {address: 4}  # another job holds every slot of s00's server
+    monkeypatch.setattr(executor, "SLOT_WAIT_SECONDS", 1)
+    try:
+        run = restore_run_start(request=request, actor=make_user("operator"))
+        run_jobs("restores")
+        run.refresh_from_db()
+        assert (
+            run.status == "failed" and f"connection slots of {address} stayed in use" in run.error
+        )
+        server = server_for(mariadb_servers, shard.instance)
+        assert not tables_of(server, f"{shard.database}__r{request.pk}")  # nothing written anywhere
+    finally:
+        other_job.release()
+    assert slots_in_use(redis, address) == 0  # the run released what it held on the other server
