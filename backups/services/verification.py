@@ -60,8 +60,11 @@ def verification_start(
                     "set  (", "set ("
                 )
             )
-        if VerificationRun.objects.filter(backup_set=locked, status__in=ACTIVE).exists():
-            raise VerificationError(f"set {locked.pk} is already being verified")
+        if VerificationRun.objects.filter(
+            backup_set=locked, drill=drill, status__in=ACTIVE
+        ).exists():
+            what = "drilled" if drill else "verified"
+            raise VerificationError(f"set {locked.pk} is already being {what}")
         run = VerificationRun.objects.create(
             backup_set=locked,
             drill=drill,
@@ -378,7 +381,24 @@ def _alert_quality(run_id: int, previous_q: float | None) -> None:
 def verification_run_now(
     *, backup_set: BackupSet, user: Any = None, drill: bool = False
 ) -> VerificationRun:
-    """File and run a verification in this process (the `verify` command: no worker needed)."""
+    """File and run a verification in this process (the `verify` command: no worker needed).
+
+    A verification of the same kind that is queued but not yet started (the automatic check
+    after a backup, waiting for a worker) is taken over and run here instead of refused.
+    """
+    if user is not None and not isinstance(user, str):
+        require_role(user, OPERATOR, ADMIN, action="start a verification")
+    queued = (
+        VerificationRun.objects.filter(
+            backup_set=backup_set, drill=drill, status=BackupSet.Status.PENDING
+        )
+        .order_by("id")
+        .first()
+    )
+    if queued is not None:
+        run = verification_execute(verification_id=queued.pk)
+        if run.finished_at is not None:
+            return run
     run = verification_start(backup_set=backup_set, user=user, drill=drill, enqueue=False)
     return verification_execute(verification_id=run.pk)
 

@@ -39,6 +39,8 @@ def cluster(mariadb_servers, unique_name):
 def backed_up(cluster, settings):
     settings.SHARDVAULT_CHUNK_ROWS = 200
     settings.BACKUP_CHUNK_ROWS = 200
+    # These tests file their own verifications; the automatic one has a test of its own.
+    BackupPolicy.objects.update_or_create(cluster=cluster, defaults={"verify_automatically": False})
     backup_set = backup_start(cluster=cluster, actor="cli", enqueue=False)
     backup_set = backup_execute(backup_set=backup_set)
     assert backup_set.status == "succeeded", backup_set.error
@@ -243,12 +245,21 @@ def test_verify_button_queues_on_verify_and_auditor_gets_403(backed_up, client, 
     assert 'data-q-level="good"' in detail and "Run restore drill" not in detail
 
 
-def test_policy_verifies_new_sets_automatically_and_can_be_turned_off(backed_up, cluster):
-    run = verification_after_backup(backed_up)
-    assert run is not None and run.drill is False and run.job_id == f"verify-{run.pk}"
-    VerificationRun.objects.filter(pk=run.pk).update(status="succeeded")
-    BackupPolicy.objects.update_or_create(cluster=cluster, defaults={"verify_automatically": False})
-    assert verification_after_backup(backed_up) is None
+@pytest.mark.django_db(transaction=True)
+def test_policy_verifies_new_sets_automatically_and_can_be_turned_off(cluster, run_jobs):
+    BackupPolicy.objects.update_or_create(cluster=cluster, defaults={"verify_automatically": True})
+    first = backup_execute(backup_set=backup_start(cluster=cluster, actor="cli", enqueue=False))
+    assert first.status == "succeeded", first.error
+    run = VerificationRun.objects.get(backup_set=first)
+    assert run.drill is False and run.status == "pending" and run.job_id == f"verify-{run.pk}"
+    run_jobs("verify")
+    first.refresh_from_db()
+    assert first.q == 1.0 and first.verified_at is not None
+
+    BackupPolicy.objects.filter(cluster=cluster).update(verify_automatically=False)
+    second = backup_execute(backup_set=backup_start(cluster=cluster, actor="cli", enqueue=False))
+    assert second.status == "succeeded", second.error
+    assert not VerificationRun.objects.filter(backup_set=second).exists()
 
 
 def test_only_succeeded_sets_and_operators(backed_up):
@@ -456,3 +467,19 @@ def test_tampered_manifest_fails_its_signature_and_gives_q_0(backed_up, settings
     assert code == 1
     assert result["a"] == 0 and result["q"] == 0
     assert result["problems"][0]["object"] == f"{backed_up.object_prefix}/manifest.json"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_verify_command_runs_the_queued_automatic_check_instead_of_refusing(cluster):
+    """`backup --wait` then `verify SET` must work with no worker running."""
+    BackupPolicy.objects.update_or_create(cluster=cluster, defaults={"verify_automatically": True})
+    backup_set = backup_execute(
+        backup_set=backup_start(cluster=cluster, actor="cli", enqueue=False)
+    )
+    queued = VerificationRun.objects.get(backup_set=backup_set)
+    assert queued.status == "pending"
+    code, result, err = _verify_cli(backup_set.pk)
+    assert code == 0, err
+    assert result["q"] == 1.0 and result["verification"] == queued.pk
+    queued.refresh_from_db()
+    assert queued.status == "succeeded"
