@@ -111,7 +111,9 @@ class BackupSet(models.Model):
 class ShardBackup(models.Model):
     """One shard's part of a set: its coordinates, counts and outcome."""
 
-    backup_set = models.ForeignKey(BackupSet, on_delete=models.CASCADE, related_name="shard_backups")
+    backup_set = models.ForeignKey(
+        BackupSet, on_delete=models.CASCADE, related_name="shard_backups"
+    )
     shard = models.ForeignKey(Shard, on_delete=models.PROTECT, related_name="+")
     # Denormalised so a page can render without the topology (which may change later).
     shard_name = models.CharField(max_length=63)
@@ -372,7 +374,9 @@ class LoadedChunk(models.Model):
 
 
 class VerificationRun(models.Model):
-    backup_set = models.ForeignKey(BackupSet, on_delete=models.CASCADE, related_name="verifications")
+    backup_set = models.ForeignKey(
+        BackupSet, on_delete=models.CASCADE, related_name="verifications"
+    )
     drill = models.BooleanField(default=False)
     status = models.CharField(
         max_length=12, choices=BackupSet.Status.choices, default=BackupSet.Status.PENDING

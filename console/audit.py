@@ -98,7 +98,9 @@ def audit_verify_chain() -> ChainStatus:
     for event in AuditEvent.objects.order_by("id").iterator(chunk_size=2000):
         count += 1
         if event.prev_hash != prev:
-            return ChainStatus(False, count, prev, event.pk, "its prev_hash does not match the event before it")
+            return ChainStatus(
+                False, count, prev, event.pk, "its prev_hash does not match the event before it"
+            )
         if event_hash(prev, event) != event.hash:
             return ChainStatus(False, count, prev, event.pk, "its contents do not match its hash")
         prev = event.hash

@@ -32,10 +32,9 @@ def user_create(
         else:
             user.set_unusable_password()
         user.save()
-        user.groups.add(Group.objects.get(name=role))
-        audit_record(
-            actor=actor or "cli", action="user.create", obj=user, details={"role": role}
-        )
+        # The groups come from a data migration; get_or_create keeps a flushed database usable.
+        user.groups.add(Group.objects.get_or_create(name=role)[0])
+        audit_record(actor=actor or "cli", action="user.create", obj=user, details={"role": role})
     return user
 
 

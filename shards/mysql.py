@@ -7,7 +7,6 @@ through `connect()` and quote every database, table and column name with
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 
 import pymysql
@@ -96,8 +95,10 @@ def connect(
         )
     except pymysql.err.OperationalError as exc:
         raise ConnectError(describe_error(exc, endpoint, database)) from exc
-    except (socket.error, ValueError) as exc:
-        raise ConnectError(f"cannot connect to {endpoint.name} ({endpoint.address}): {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConnectError(
+            f"cannot connect to {endpoint.name} ({endpoint.address}): {exc}"
+        ) from exc
     return conn
 
 

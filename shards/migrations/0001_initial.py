@@ -7,7 +7,6 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -16,144 +15,372 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='Cluster',
+            name="Cluster",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=63, unique=True, validators=[django.core.validators.RegexValidator('^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$', "use letters, digits, '_', '.' or '-' (at most 63, starting with a letter or digit)")])),
-                ('shard_key', models.CharField(blank=True, max_length=64)),
-                ('description', models.CharField(blank=True, max_length=300)),
-                ('approvals_required_side', models.PositiveSmallIntegerField(default=1, validators=[django.core.validators.MinValueValidator(1), django.core.validators.MaxValueValidator(5)])),
-                ('approvals_required_inplace', models.PositiveSmallIntegerField(default=2, validators=[django.core.validators.MinValueValidator(2), django.core.validators.MaxValueValidator(5)])),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        max_length=63,
+                        unique=True,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+                                "use letters, digits, '_', '.' or '-' (at most 63, starting with a letter or digit)",
+                            )
+                        ],
+                    ),
+                ),
+                ("shard_key", models.CharField(blank=True, max_length=64)),
+                ("description", models.CharField(blank=True, max_length=300)),
+                (
+                    "approvals_required_side",
+                    models.PositiveSmallIntegerField(
+                        default=1,
+                        validators=[
+                            django.core.validators.MinValueValidator(1),
+                            django.core.validators.MaxValueValidator(5),
+                        ],
+                    ),
+                ),
+                (
+                    "approvals_required_inplace",
+                    models.PositiveSmallIntegerField(
+                        default=2,
+                        validators=[
+                            django.core.validators.MinValueValidator(2),
+                            django.core.validators.MaxValueValidator(5),
+                        ],
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='DiscoveryRun',
+            name="DiscoveryRun",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed')], default='pending', max_length=16)),
-                ('job_id', models.CharField(blank=True, max_length=100)),
-                ('progress', models.PositiveSmallIntegerField(default=0)),
-                ('progress_text', models.CharField(blank=True, max_length=200)),
-                ('error', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('cluster', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='discoveries', to='shards.cluster')),
-                ('requested_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("running", "Running"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("job_id", models.CharField(blank=True, max_length=100)),
+                ("progress", models.PositiveSmallIntegerField(default=0)),
+                ("progress_text", models.CharField(blank=True, max_length=200)),
+                ("error", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "cluster",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="discoveries",
+                        to="shards.cluster",
+                    ),
+                ),
+                (
+                    "requested_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-id'],
+                "ordering": ["-id"],
             },
         ),
         migrations.CreateModel(
-            name='Instance',
+            name="Instance",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=63, validators=[django.core.validators.RegexValidator('^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$', "use letters, digits, '_', '.' or '-' (at most 63, starting with a letter or digit)")])),
-                ('host', models.CharField(max_length=255)),
-                ('port', models.PositiveIntegerField(default=3306, validators=[django.core.validators.MinValueValidator(1), django.core.validators.MaxValueValidator(65535)])),
-                ('user', models.CharField(max_length=80)),
-                ('password_encrypted', models.TextField(blank=True)),
-                ('password_env', models.CharField(blank=True, max_length=128)),
-                ('tls_ca', models.CharField(blank=True, max_length=500)),
-                ('tls_verify', models.BooleanField(default=False)),
-                ('max_connections', models.PositiveSmallIntegerField(default=4, help_text='Most connections ShardVault opens to this server at once.', validators=[django.core.validators.MinValueValidator(1), django.core.validators.MaxValueValidator(64)])),
-                ('server_version', models.CharField(blank=True, max_length=120)),
-                ('flavour', models.CharField(blank=True, max_length=20)),
-                ('server_id', models.BigIntegerField(blank=True, null=True)),
-                ('discovered_at', models.DateTimeField(blank=True, null=True)),
-                ('cluster', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='instances', to='shards.cluster')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        max_length=63,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+                                "use letters, digits, '_', '.' or '-' (at most 63, starting with a letter or digit)",
+                            )
+                        ],
+                    ),
+                ),
+                ("host", models.CharField(max_length=255)),
+                (
+                    "port",
+                    models.PositiveIntegerField(
+                        default=3306,
+                        validators=[
+                            django.core.validators.MinValueValidator(1),
+                            django.core.validators.MaxValueValidator(65535),
+                        ],
+                    ),
+                ),
+                ("user", models.CharField(max_length=80)),
+                ("password_encrypted", models.TextField(blank=True)),
+                ("password_env", models.CharField(blank=True, max_length=128)),
+                ("tls_ca", models.CharField(blank=True, max_length=500)),
+                ("tls_verify", models.BooleanField(default=False)),
+                (
+                    "max_connections",
+                    models.PositiveSmallIntegerField(
+                        default=4,
+                        help_text="Most connections ShardVault opens to this server at once.",
+                        validators=[
+                            django.core.validators.MinValueValidator(1),
+                            django.core.validators.MaxValueValidator(64),
+                        ],
+                    ),
+                ),
+                ("server_version", models.CharField(blank=True, max_length=120)),
+                ("flavour", models.CharField(blank=True, max_length=20)),
+                ("server_id", models.BigIntegerField(blank=True, null=True)),
+                ("discovered_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "cluster",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="instances",
+                        to="shards.cluster",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['cluster', 'name'],
+                "ordering": ["cluster", "name"],
             },
         ),
         migrations.AddField(
-            model_name='cluster',
-            name='drill_instance',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='shards.instance'),
+            model_name="cluster",
+            name="drill_instance",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="+",
+                to="shards.instance",
+            ),
         ),
         migrations.CreateModel(
-            name='LogicalTable',
+            name="LogicalTable",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=64)),
-                ('pattern', models.CharField(help_text='A regular expression matched in full.', max_length=200)),
-                ('cluster', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='logical_tables', to='shards.cluster')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=64)),
+                (
+                    "pattern",
+                    models.CharField(
+                        help_text="A regular expression matched in full.", max_length=200
+                    ),
+                ),
+                (
+                    "cluster",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="logical_tables",
+                        to="shards.cluster",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['cluster', 'name'],
+                "ordering": ["cluster", "name"],
             },
         ),
         migrations.CreateModel(
-            name='Shard',
+            name="Shard",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=63, validators=[django.core.validators.RegexValidator('^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$', "use letters, digits, '_', '.' or '-' (at most 63, starting with a letter or digit)")])),
-                ('database', models.CharField(max_length=64)),
-                ('cluster', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='shards', to='shards.cluster')),
-                ('instance', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='shards', to='shards.instance')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        max_length=63,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+                                "use letters, digits, '_', '.' or '-' (at most 63, starting with a letter or digit)",
+                            )
+                        ],
+                    ),
+                ),
+                ("database", models.CharField(max_length=64)),
+                (
+                    "cluster",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="shards",
+                        to="shards.cluster",
+                    ),
+                ),
+                (
+                    "instance",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="shards",
+                        to="shards.instance",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['cluster', 'name'],
+                "ordering": ["cluster", "name"],
             },
         ),
         migrations.CreateModel(
-            name='PhysicalTable',
+            name="PhysicalTable",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=64)),
-                ('engine', models.CharField(blank=True, max_length=32)),
-                ('rows_estimate', models.BigIntegerField(default=0)),
-                ('data_bytes', models.BigIntegerField(default=0)),
-                ('index_bytes', models.BigIntegerField(default=0)),
-                ('has_primary_key', models.BooleanField(default=False)),
-                ('discovered_at', models.DateTimeField()),
-                ('shard', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='tables', to='shards.shard')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=64)),
+                ("engine", models.CharField(blank=True, max_length=32)),
+                ("rows_estimate", models.BigIntegerField(default=0)),
+                ("data_bytes", models.BigIntegerField(default=0)),
+                ("index_bytes", models.BigIntegerField(default=0)),
+                ("has_primary_key", models.BooleanField(default=False)),
+                ("discovered_at", models.DateTimeField()),
+                (
+                    "shard",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="tables",
+                        to="shards.shard",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['shard', 'name'],
+                "ordering": ["shard", "name"],
             },
         ),
         migrations.CreateModel(
-            name='Finding',
+            name="Finding",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('severity', models.CharField(choices=[('ok', 'ok'), ('warning', 'warning'), ('error', 'error')], max_length=10)),
-                ('code', models.CharField(max_length=60)),
-                ('table', models.CharField(blank=True, max_length=64)),
-                ('message', models.TextField()),
-                ('cluster', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='findings', to='shards.cluster')),
-                ('discovery', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='findings', to='shards.discoveryrun')),
-                ('instance', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, to='shards.instance')),
-                ('shard', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, to='shards.shard')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "severity",
+                    models.CharField(
+                        choices=[("ok", "ok"), ("warning", "warning"), ("error", "error")],
+                        max_length=10,
+                    ),
+                ),
+                ("code", models.CharField(max_length=60)),
+                ("table", models.CharField(blank=True, max_length=64)),
+                ("message", models.TextField()),
+                (
+                    "cluster",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="findings",
+                        to="shards.cluster",
+                    ),
+                ),
+                (
+                    "discovery",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="findings",
+                        to="shards.discoveryrun",
+                    ),
+                ),
+                (
+                    "instance",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        to="shards.instance",
+                    ),
+                ),
+                (
+                    "shard",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        to="shards.shard",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['cluster', 'id'],
+                "ordering": ["cluster", "id"],
             },
         ),
         migrations.AddConstraint(
-            model_name='instance',
-            constraint=models.UniqueConstraint(fields=('cluster', 'name'), name='instance_unique_name'),
+            model_name="instance",
+            constraint=models.UniqueConstraint(
+                fields=("cluster", "name"), name="instance_unique_name"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='logicaltable',
-            constraint=models.UniqueConstraint(fields=('cluster', 'name'), name='logical_table_unique_name'),
+            model_name="logicaltable",
+            constraint=models.UniqueConstraint(
+                fields=("cluster", "name"), name="logical_table_unique_name"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='shard',
-            constraint=models.UniqueConstraint(fields=('cluster', 'name'), name='shard_unique_name'),
+            model_name="shard",
+            constraint=models.UniqueConstraint(
+                fields=("cluster", "name"), name="shard_unique_name"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='shard',
-            constraint=models.UniqueConstraint(fields=('instance', 'database'), name='shard_unique_database'),
+            model_name="shard",
+            constraint=models.UniqueConstraint(
+                fields=("instance", "database"), name="shard_unique_database"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='physicaltable',
-            constraint=models.UniqueConstraint(fields=('shard', 'name'), name='physical_table_unique_name'),
+            model_name="physicaltable",
+            constraint=models.UniqueConstraint(
+                fields=("shard", "name"), name="physical_table_unique_name"
+            ),
         ),
     ]

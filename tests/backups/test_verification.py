@@ -18,7 +18,6 @@ from django.urls import reverse
 from backups.models import BackupPolicy, BackupSet, VerificationRun
 from backups.services.backups import backup_execute, backup_start
 from backups.services.verification import (
-    verification_after_backup,
     verification_run_now,
     verification_start,
 )
