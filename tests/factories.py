@@ -110,19 +110,3 @@ def make_user(role: str | None, username: str | None = None, password: str = "pw
         group, _ = Group.objects.get_or_create(name=role)
         user.groups.add(group)
     return user
-
-
-def private_redis_url() -> str:
-    """A Redis database (12-15) apart from the shared test one, flushed, for modules whose
-    tests run real workers: other sessions' workers on the same Redis never take their jobs.
-    Distinct per xdist worker within one session."""
-    import os
-
-    import redis
-
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    index = int(worker[2:]) if worker[2:].isdigit() else 0
-    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    url = f"{base}/{12 + (index % 2) * 2 + os.getpid() % 2}"
-    redis.Redis.from_url(url).flushdb()
-    return url

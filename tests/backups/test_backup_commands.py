@@ -7,7 +7,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from backups.models import BackupSet
-from tests.factories import make_cluster, make_user, private_redis_url
+from tests.factories import make_cluster, make_user
 
 JSON_KEYS = {
     "id",
@@ -21,12 +21,6 @@ JSON_KEYS = {
     "lock_window_ms",
     "error",
 }
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    """Jobs of this module live in a Redis database of their own (see private_redis_url)."""
-    return private_redis_url()
 
 
 def run(*args):

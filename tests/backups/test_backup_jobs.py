@@ -16,16 +16,10 @@ from backups.services.backups import (
 )
 from backups.storage import storage_from_url
 from shards.models import Instance, Shard
-from tests.factories import make_cluster, make_user, private_redis_url
+from tests.factories import make_cluster, make_user
 from tests.servers import free_port
 
 STALE_SECONDS = 3
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    """Jobs of this module live in a Redis database of their own (see private_redis_url)."""
-    return private_redis_url()
 
 
 @pytest.fixture

@@ -8,13 +8,7 @@ from django.utils import timezone
 
 from backups.models import BackupSet
 from console.models import AuditEvent
-from tests.factories import make_cluster, make_user, private_redis_url
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    """Jobs of this module live in a Redis database of their own (see private_redis_url)."""
-    return private_redis_url()
+from tests.factories import make_cluster, make_user
 
 
 @pytest.fixture

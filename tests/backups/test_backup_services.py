@@ -22,13 +22,7 @@ from backups.services.connection_slots import (
 )
 from console.models import AuditEvent
 from console.roles import RoleDenied
-from tests.factories import make_cluster, make_user, private_redis_url
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    """Jobs of this module live in a Redis database of their own (see private_redis_url)."""
-    return private_redis_url()
+from tests.factories import make_cluster, make_user
 
 
 @pytest.mark.django_db

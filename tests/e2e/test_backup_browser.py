@@ -6,15 +6,9 @@ import pytest
 from playwright.sync_api import expect
 
 from backups.models import BackupSet
-from tests.factories import make_cluster, private_redis_url
+from tests.factories import make_cluster
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    """Jobs of this module live in a Redis database of their own (see private_redis_url)."""
-    return private_redis_url()
 
 
 @pytest.fixture
@@ -26,8 +20,10 @@ def slow_worker(rq_worker_process, monkeypatch, settings):
 
 
 def test_operator_backs_up_watches_progress_and_sees_every_table_checksum(
-    logged_in_page, mariadb_servers, unique_name, slow_worker
+    logged_in_page, mariadb_servers, unique_name, slow_worker, settings
 ):
+    # zstd level 19 keeps the backup running long enough to watch it progress.
+    settings.BACKUP_COMPRESSION_LEVEL = 19
     cluster = make_cluster(
         mariadb_servers,
         name=f"web{unique_name}",
@@ -65,12 +61,15 @@ def test_operator_backs_up_watches_progress_and_sees_every_table_checksum(
 
 
 def test_operator_cancels_a_running_backup_from_its_page(
-    logged_in_page, mariadb_servers, unique_name, slow_worker
+    logged_in_page, mariadb_servers, unique_name, slow_worker, settings
 ):
+    # zstd at level 19 keeps this backup running for several seconds, so the cancel lands
+    # mid-run however fast the dump itself has become.
+    settings.BACKUP_COMPRESSION_LEVEL = 19
     cluster = make_cluster(
         mariadb_servers,
         name=f"wc{unique_name}",
-        tables={"t_order": 150_000},
+        tables={"t_order": 300_000},
         max_connections=2,
     )
     slow_worker()
