@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from playwright.sync_api import expect
 
@@ -14,18 +12,6 @@ from tests.backups.test_restore_rules import make_backup, server_for
 from tests.factories import make_cluster
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    """A Redis database of this module's own (1-7, below the 8-15 the shared fixtures use), so
-    workers and flushes of other test sessions sharing the Redis server never touch its jobs."""
-    import redis
-
-    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    url = f"{base}/{1 + os.getpid() % 7}"
-    redis.Redis.from_url(url).flushdb()
-    return url
 
 
 def test_operator_files_approver_signs_off_and_the_worker_restores_it(
