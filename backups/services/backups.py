@@ -941,7 +941,8 @@ def backups_reap_stale(*, now: datetime | None = None) -> list[BackupSet]:
     now = now or timezone.now()
     stale = timedelta(seconds=settings.JOB_HEARTBEAT_STALE_SECONDS)
     reaped = []
-    candidates = list(BackupSet.objects.filter(status__in=ACTIVE, kind=BackupSet.Kind.FULL))
+    # Incrementals write the same heartbeat, so one reaper serves both kinds.
+    candidates = list(BackupSet.objects.filter(status__in=ACTIVE))
     for backup_set in candidates:
         reason = _death_reason(backup_set, now, stale)
         if reason:

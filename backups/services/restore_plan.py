@@ -361,7 +361,13 @@ def restore_plan_build(
             raise RestoreError(f"target tables are not empty (only inplace may overwrite): {names}")
 
     seconds, text = estimate_text(rows, measured_rows_per_second())
-    needs_incrementals = bool(at and source_set.consistent_at and at > source_set.consistent_at)
+    # A lockfree set's shards were cut at different instants: any `at` rolls every shard
+    # forward through its binlog to that common instant (DESIGN.md, "lockfree").
+    needs_incrementals = bool(
+        at
+        and source_set.consistent_at
+        and (at > source_set.consistent_at or source_set.consistency == "lockfree")
+    )
     return {
         "source_set": source_set.pk,
         "set_prefix": set_prefix(source_set),

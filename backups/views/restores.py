@@ -10,6 +10,7 @@ from django_htmx.http import HttpResponseStopPolling
 
 from backups.forms_restores import RestoreRequestForm
 from backups.models import BackupSet, RestoreRequest
+from backups.selectors.incrementals import RecoveryPoint, recoverable_window
 from backups.selectors.restores import (
     restore_request_approvals,
     restore_request_get,
@@ -75,6 +76,7 @@ def request_new(request):
     context = {"clusters": Cluster.objects.all(), "cluster": cluster, "plan": None, "error": ""}
     if cluster is None:
         return render(request, "backups/restore_new.html", context)
+    context["point"] = RecoveryPoint(cluster, *recoverable_window(cluster))
     bound = "preview" in source or request.method == "POST"
     form = RestoreRequestForm(
         source if bound else None, cluster=cluster, initial={"cluster": cluster.name}

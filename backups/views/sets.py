@@ -18,6 +18,7 @@ from backups.selectors.backups import (
     long_snapshot_shards,
     progress_of,
 )
+from backups.selectors.incrementals import RecoveryPoint, cluster_chains, recoverable_window
 from backups.services.backups import (
     BackupError,
     BackupRefused,
@@ -61,6 +62,10 @@ def set_list(request):
         "start_form": BackupStartForm(initial=initial) if can_run else None,
         "can_run": can_run,
     }
+    if criteria.get("cluster"):
+        cluster = criteria["cluster"]
+        context["chains"] = cluster_chains(cluster)
+        context["point"] = RecoveryPoint(cluster, *recoverable_window(cluster))
     return render(request, "backups/set_list.html", context)
 
 

@@ -193,3 +193,23 @@ def test_detail_shows_every_shard_and_table_with_checksum_after_a_real_backup(
     html = client.get(reverse("backups:set_detail", args=[backup_set.pk])).content.decode()
     assert "hx-trigger" not in html  # verified too: nothing polls any more
     assert 'data-q-level="good"' in html
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cluster_backups_and_restore_wizard_show_the_chain_and_recoverable_window(
+    client, cluster, run_jobs
+):
+    login(client, "operator")
+    listing = client.get(reverse("backups:set_list"), {"cluster": cluster.name}).content.decode()
+    assert "Not recoverable to a point in time yet" in listing
+    client.post(
+        reverse("backups:set_start"),
+        {"cluster": cluster.name, "kind": "full", "consistency": "locked"},
+    )
+    run_jobs("backups")
+    backup_set = BackupSet.objects.get(cluster=cluster, status="succeeded")
+    listing = client.get(reverse("backups:set_list"), {"cluster": cluster.name}).content.decode()
+    assert f'data-full-set="{backup_set.pk}"' in listing
+    assert "Recoverable from" in listing
+    wizard = client.get(reverse("restores:request_new"), {"cluster": cluster.name}).content.decode()
+    assert f'id="recoverable-{cluster.pk}"' in wizard and "Recoverable from" in wizard
