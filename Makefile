@@ -21,6 +21,7 @@ migrate: install
 
 seed: migrate
 	SHARDVAULT_DEBUG=1 $(PY) manage.py seed_demo
+	SHARDVAULT_DEBUG=1 $(PY) manage.py housekeeping
 
 run: seed
 	@SHARDVAULT_DEBUG=1 $(PY) manage.py rqworker backups restores verify default --with-scheduler > var/worker.log 2>&1 & \

@@ -252,9 +252,11 @@ def housekeeping_ensure_scheduled() -> None:
     import django_rq
 
     from backups.jobs.backups import housekeeping_job
+    from backups.jobs.restores import restore_housekeeping_schedule
     from backups.jobs.verification import verification_housekeeping_schedule
 
     verification_housekeeping_schedule()
+    restore_housekeeping_schedule()
     interval = max(10, settings.JOB_HEARTBEAT_STALE_SECONDS)
     queue = django_rq.get_queue(HOUSEKEEPING_QUEUE)
     if not queue.connection.set(HOUSEKEEPING_GATE_KEY, "1", nx=True, ex=interval - 5):
