@@ -201,7 +201,7 @@ def _drill_targets(backup_set: BackupSet, doc: dict) -> tuple[dict, str, str]:
     targets = {name: instance_endpoint(shards[name].instance) for name in names}
     warning = (
         f"warning: cluster {cluster.name} has no drill instance: scratch databases "
-        f"{engine.DRILL_PREFIX}{{id}}_<db> were created on each shard's own (production) instance"
+        f"{engine.DRILL_PREFIX}<verification id>_<db> were created (and dropped) on each shard's own (production) instance"
     )
     return targets, "", warning
 
