@@ -486,40 +486,67 @@ def _swap_inplace(
     for outcome in outcomes:
         e = outcome.entry
         groups.setdefault((e["target_instance_id"], e["target_database"]), []).append(e)
+    swapped: list[str] = []
     for (instance_pk, database), entries in sorted(groups.items()):
-        endpoint = instance_endpoint(Instance.objects.get(pk=instance_pk))
-        live = _existing_tables(endpoint, database) or set()
-        renames, old = [], []
-        for e in entries:
-            if e["target_table"] in live:
-                old_name = old_table(e["target_table"], request.pk)
-                renames.append(
-                    f"{quote_qualified(database, e['target_table'])} TO {quote_qualified(database, old_name)}"
-                )
-                old.append(old_name)
-            renames.append(
-                f"{quote_qualified(database, e['shadow_table'])} TO {quote_qualified(database, e['target_table'])}"
-            )
-        tracker.say(f"swapping {len(entries)} tables into {database}")
-        conn = connect(endpoint, database)
         try:
-            with conn.cursor() as cur:
-                cur.execute("RENAME TABLE " + ", ".join(renames))
-                if old:
-                    cur.execute("DROP TABLE " + ", ".join(quote_ident(t) for t in old))
-        finally:
-            conn.close()
-        # The old tables took their triggers with them: the backup's triggers come back.
-        for shard_name in sorted({e["shard"] for e in entries}):
-            note = _recreate_objects(
-                endpoint,
-                database,
-                shard_docs[shard_name],
-                {e["target_table"] for e in entries if e["shard"] == shard_name},
-                whole_database=False,
+            _swap_database(request, database, entries, instance_pk, tracker, shard_docs)
+        except Exception as exc:  # noqa: BLE001 - reported with what was already swapped
+            if not swapped:
+                raise
+            raise SwapIncomplete(
+                f"swapping the restored tables into {database} failed ({exc}); "
+                f"{', '.join(swapped)} had already been swapped and hold the restored data, "
+                f"{database} and any later databases still hold their live tables"
+            ) from exc
+        swapped.append(database)
+
+
+class SwapIncomplete(RestoreError):
+    """Some databases were swapped in place before another one failed (never 'untouched')."""
+
+
+def _swap_database(
+    request: RestoreRequest,
+    database: str,
+    entries: list[dict],
+    instance_pk: int,
+    tracker: Tracker,
+    shard_docs: dict,
+) -> None:
+    """Swap one database's shadow tables in with one atomic RENAME TABLE."""
+    endpoint = instance_endpoint(Instance.objects.get(pk=instance_pk))
+    live = _existing_tables(endpoint, database) or set()
+    renames, old = [], []
+    for e in entries:
+        if e["target_table"] in live:
+            old_name = old_table(e["target_table"], request.pk)
+            renames.append(
+                f"{quote_qualified(database, e['target_table'])} TO {quote_qualified(database, old_name)}"
             )
-            if note:
-                tracker.notes.append(f"{shard_name}: {note}")
+            old.append(old_name)
+        renames.append(
+            f"{quote_qualified(database, e['shadow_table'])} TO {quote_qualified(database, e['target_table'])}"
+        )
+    tracker.say(f"swapping {len(entries)} tables into {database}")
+    conn = connect(endpoint, database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("RENAME TABLE " + ", ".join(renames))
+            if old:
+                cur.execute("DROP TABLE " + ", ".join(quote_ident(t) for t in old))
+    finally:
+        conn.close()
+    # The old tables took their triggers with them: the backup's triggers come back.
+    for shard_name in sorted({e["shard"] for e in entries}):
+        note = _recreate_objects(
+            endpoint,
+            database,
+            shard_docs[shard_name],
+            {e["target_table"] for e in entries if e["shard"] == shard_name},
+            whole_database=False,
+        )
+        if note:
+            tracker.notes.append(f"{shard_name}: {note}")
 
 
 def _drop_shadows(outcomes: list[TableOutcome]) -> None:
@@ -712,11 +739,11 @@ def _execute(
     except Exception as exc:  # noqa: BLE001 - the run must end with its reason, whatever broke
         if not isinstance(exc, (RestoreError, EngineError, ConnectError, MissingPassword)):
             log.exception("restore run %s failed", run.pk)
-        if inplace:
+        if inplace and not isinstance(exc, SwapIncomplete):
             _drop_shadows([TableOutcome(entry=e) for e in plan["tables"]])
         _save_results(run, outcomes, applied=False)
         t, d, a = _factors(plan, outcomes, applied=False) if outcomes else (0.0, 0.0, None)
         message = str(exc) or exc.__class__.__name__
-        if inplace:
+        if inplace and not isinstance(exc, SwapIncomplete):
             message += "; the live tables were left untouched"
         return restore_run_finish(run=run, status=Status.FAILED, error=message, t=t, d=d, a=a)
