@@ -180,10 +180,8 @@ def backup_start(
 
 
 def _incremental_start(*, cluster, actor, consistency):
-    try:
-        from backups.services import incrementals
-    except ImportError:
-        raise BackupError("incremental backups are not available yet") from None
+    from backups.services import incrementals
+
     return incrementals.incremental_start(cluster=cluster, actor=actor)
 
 

@@ -6,7 +6,8 @@
   parent's end coordinates to the coordinates read when it starts, writes `BinlogSegment`
   rows and a signed manifest (`kind: "incremental"`, `parent`, `binlog: [...]`).
 * `pitr_resolve(*, cluster, at)` -> (full set, [incrementals in order]) for a restore `--at`.
-* `pitr_apply(...)` rolls one restored shard forward to `at` (called by the restore run).
+* `pitr_apply(...)` rolls one restored shard forward to `at` (called by the restore run);
+  `chain_apply(...)` does the same through a given chain with plain arguments (drills).
 * `backup_set_delete_check(*, backup_set)` refuses deleting/expiring a set others depend on.
 * `continuous_capture_schedule(*, cluster)` keeps an incremental every N minutes queued.
 """
@@ -679,15 +680,49 @@ def pitr_apply(
     at or before `at` (to the second), idempotently; returns the engine's ApplyResult
     and records the instant on `run.restored_to`.
     """
-    from backups.engine.binlog_apply import apply_segments
-
     if full_set is None:
         full_set = run.request.source_set
     if timezone.is_naive(at):
         at = at.replace(tzinfo=UTC)
     chain = _cut_chain(_chain_from(full_set), at)
+    result = chain_apply(
+        chain=chain,
+        shard=shard,
+        target=target,
+        target_database=target_database,
+        until=at,
+        table_renames=table_renames,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
+    if run is not None:
+        type(run).objects.filter(pk=run.pk).update(restored_to=at.replace(microsecond=0))
+    return result
+
+
+def chain_apply(
+    *,
+    chain: list[BackupSet],
+    shard: dict,
+    target,
+    target_database: str,
+    until: datetime,
+    table_renames: dict[str, str] | None = None,
+    progress=None,
+    should_cancel=None,
+):
+    """Roll one restored shard forward through the segments of `chain`, up to `until`.
+
+    `chain` is the incrementals to apply, parent to child (the caller resolved them);
+    `shard` is the full set's manifest entry for the shard. No run is recorded: restores
+    (`pitr_apply`) and restore drills both call this. Returns the engine's ApplyResult.
+    """
+    from backups.engine.binlog_apply import apply_segments
+
+    if timezone.is_naive(until):
+        until = until.replace(tzinfo=UTC)
     sources = _segment_sources(chain, shard["instance"], _storage_for)
-    result = apply_segments(
+    return apply_segments(
         target=target,
         source_database=shard["database"],
         target_database=target_database,
@@ -695,14 +730,11 @@ def pitr_apply(
         segments=sources,
         start_file=shard["binlog_file"],
         start_pos=int(shard["binlog_pos"]),
-        until=at,
+        until=until,
         tables=table_renames,
         progress=progress,
         should_cancel=should_cancel,
     )
-    if run is not None:
-        type(run).objects.filter(pk=run.pk).update(restored_to=at.replace(microsecond=0))
-    return result
 
 
 def _chain_from(full_set: BackupSet) -> list[BackupSet]:

@@ -335,12 +335,8 @@ def _apply_incrementals(
     request = run.request
     if not request.plan.get("needs_incrementals"):
         return
-    try:
-        from backups.services.incrementals import pitr_apply
-    except ImportError as exc:
-        raise RestoreError(
-            "point-in-time restore needs incremental backups: none are captured after the full set"
-        ) from exc
+    from backups.services.incrementals import pitr_apply
+
     pitr_apply(
         run=run,
         shard=shard,
@@ -646,13 +642,6 @@ def _execute(
     inplace = request.target_kind == Target.INPLACE
     outcomes: list[TableOutcome] = []
     try:
-        if plan.get("needs_incrementals"):
-            try:
-                import backups.services.incrementals  # noqa: F401
-            except ImportError as exc:
-                raise RestoreError(
-                    "point-in-time restore needs incremental backups: none are captured after the full set"
-                ) from exc
         if not resume:
             _preflight_targets(request, plan["tables"])
         tracker.say("reading the manifest")

@@ -14,6 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun
+from backups.services.incrementals import ChainError, pitr_resolve
 from console.audit import audit_record
 from console.models import AuditEvent
 from console.roles import APPROVER, OPERATOR, has_role
@@ -77,32 +78,10 @@ def _resolve_source(*, cluster: Cluster, source_set: BackupSet | None, at: datet
         return source_set
     if timezone.is_naive(at):
         at = at.replace(tzinfo=UTC)
-    try:  # issue 5 provides the chain resolution; without it only full sets qualify
-        from backups.services.incrementals import pitr_resolve
-    except ImportError:
-        pitr_resolve = None
-    if pitr_resolve is not None:
-        try:
-            full_set, _chain = pitr_resolve(cluster=cluster, at=at)
-        except Exception as exc:  # noqa: BLE001 - issue 5's ChainError: one sentence
-            if type(exc).__name__ != "ChainError":
-                raise
-            raise RestoreError(str(exc)) from exc
-        return full_set
-    full_set = (
-        BackupSet.objects.filter(
-            cluster=cluster,
-            kind=BackupSet.Kind.FULL,
-            status=BackupSet.Status.SUCCEEDED,
-            consistent_at__lte=at,
-        )
-        .order_by("-consistent_at", "-id")
-        .first()
-    )
-    if full_set is None:
-        raise RestoreError(
-            f"no succeeded full backup of {cluster.name} at or before {at.isoformat()}"
-        )
+    try:
+        full_set, _chain = pitr_resolve(cluster=cluster, at=at)
+    except ChainError as exc:
+        raise RestoreError(str(exc)) from exc
     return full_set
 
 

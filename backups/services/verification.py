@@ -54,12 +54,7 @@ def verification_start(
                 f"set {locked.pk} is {locked.status}: only succeeded sets can be verified"
             )
         if drill and locked.kind == BackupSet.Kind.INCREMENTAL:
-            raise VerificationError(
-                f"set {locked.pk} is incremental: drill its full set "
-                f"{locked.parent_id or ''} (drills of incremental chains are not supported yet)".replace(
-                    "set  (", "set ("
-                )
-            )
+            _drill_chain(locked)  # refuses a broken chain now rather than in the worker
         if VerificationRun.objects.filter(
             backup_set=locked, drill=drill, status__in=ACTIVE
         ).exists():
@@ -147,6 +142,41 @@ def verification_drills_schedule() -> list[VerificationRun]:
         except VerificationError:
             continue
     return started
+
+
+def _drill_chain(backup_set: BackupSet) -> tuple[BackupSet, list[BackupSet]]:
+    """An incremental set's chain: (its full set, [its incrementals from the full set's child
+    up to and including `backup_set`]), following parent links. VerificationError when a link
+    is missing or did not succeed (the chain is broken, so the set cannot be restored)."""
+    chain: list[BackupSet] = []
+    seen: set[int] = set()
+    current = backup_set
+    while current.kind == BackupSet.Kind.INCREMENTAL:
+        if current.status != BackupSet.Status.SUCCEEDED:
+            raise VerificationError(
+                f"set {backup_set.pk} cannot be drilled: set {current.pk} of its chain is "
+                f"{current.status}, so the chain is broken"
+            )
+        if current.consistent_at is None:
+            raise VerificationError(
+                f"set {backup_set.pk} cannot be drilled: set {current.pk} of its chain "
+                "records no consistent point"
+            )
+        if current.parent_id is None or current.pk in seen:
+            raise VerificationError(
+                f"set {backup_set.pk} cannot be drilled: set {current.pk} of its chain has "
+                "no usable parent, so the chain is broken"
+            )
+        seen.add(current.pk)
+        chain.append(current)
+        current = BackupSet.objects.select_related("cluster").get(pk=current.parent_id)
+    if current.status != BackupSet.Status.SUCCEEDED:
+        raise VerificationError(
+            f"set {backup_set.pk} cannot be drilled: its full set {current.pk} is "
+            f"{current.status}, so the chain is broken"
+        )
+    chain.reverse()
+    return current, chain
 
 
 def _storage_for(backup_set: BackupSet):
@@ -279,32 +309,45 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
 
     backup_set = run.backup_set
     progress = _Progress(run.pk)
-    warning = drill_name = ""
+    warnings: list[str] = []
+    drill_name = ""
+    details: dict = {}
     try:
-        storage = _storage_for(backup_set)
-        data_key = _data_key(backup_set)
-        check = engine.storage_check(
-            storage,
-            _set_prefix(backup_set),
-            hmac_key=_hmac_key(),
-            data_key=data_key,
-            progress=progress,
-        )
+        full_set, chain = backup_set, []
+        if run.drill and backup_set.kind == BackupSet.Kind.INCREMENTAL:
+            full_set, chain = _drill_chain(backup_set)
+            details["chain"] = [full_set.pk, *(s.pk for s in chain)]
+            VerificationRun.objects.filter(pk=run.pk).update(
+                progress_text=(
+                    f"drill: checking the chain of {len(chain) + 1} sets, then restoring full "
+                    f"set {full_set.pk} and rolling forward to set {backup_set.pk}"
+                )[:300]
+            )
+        check = _chain_storage_check([full_set, *chain], progress=progress)
         problems = list(check.problems)
         a = check.a
         rto = None
         if run.drill and check.manifest is not None:
-            targets, drill_name, warning = _drill_targets(backup_set, check.manifest)
+            targets, drill_name, warning = _drill_targets(full_set, check.manifest)
+            roll_forward = None
+            if chain:
+                roll_forward = lambda *a: None  # noqa
             outcome = engine.drill_run(
                 check.manifest,
-                storage,
+                _storage_for(full_set),
                 verification_id=run.pk,
                 targets=targets,
-                data_key=data_key,
+                data_key=_data_key(full_set),
                 progress=progress,
+                roll_forward=roll_forward,
             )
             problems.extend(outcome.problems)
             t, d, rto = outcome.t, outcome.d, outcome.rto_seconds
+            if chain:
+                details["binlog"] = _binlog_details(outcome, backup_set)
+                warnings.append(_binlog_warning(outcome, backup_set))
+            if warning:
+                warnings.append(warning)
         elif run.drill:
             t, d = 0.0, 0.0
         else:
@@ -312,11 +355,98 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
     except Exception as exc:  # the run fails and says why; the set keeps its previous Q
         return _verification_fail(run, str(exc) or exc.__class__.__name__)
     return _verification_finish(
-        run, t=t, d=d, a=a, rto=rto, problems=problems, warning=warning, drill_name=drill_name
+        run,
+        t=t,
+        d=d,
+        a=a,
+        rto=rto,
+        problems=problems,
+        warning=WARNING_SEPARATOR.join(warnings),
+        drill_name=drill_name,
+        details=details,
     )
 
 
-def _verification_finish(run, *, t, d, a, rto, problems, warning, drill_name="") -> VerificationRun:
+WARNING_SEPARATOR = " | "
+
+
+def _chain_storage_check(sets: list[BackupSet], *, progress) -> engine.StorageCheck:
+    """The storage check of every set (one set, or an incremental's whole chain).
+
+    A counts every object of every manifest; the problems name each bad object. The
+    result's manifest is the first set's (the full set a drill restores), or None when
+    any set's manifest is missing or unsigned: a chain is only as trustworthy as every
+    one of its manifests, so A is then 0.
+    """
+    combined = engine.StorageCheck()
+    manifests_ok = True
+    for index, member in enumerate(sets):
+        check = engine.storage_check(
+            _storage_for(member),
+            _set_prefix(member),
+            hmac_key=_hmac_key(),
+            data_key=_data_key(member),
+            progress=progress,
+        )
+        combined.objects_total += check.objects_total
+        combined.objects_ok += check.objects_ok
+        combined.problems.extend(check.problems)
+        if check.manifest is None:
+            manifests_ok = False
+        elif index == 0:
+            combined.manifest = check.manifest
+    if not manifests_ok:
+        combined.manifest = None
+    return combined
+
+
+def _roll_forward_through(chain: list[BackupSet], *, until) -> engine.RollForwardFn:
+    """The drill's roll-forward: one shard's scratch database through `chain`'s binlog
+    segments up to `until` (the drilled set's consistent point), with the restore's code."""
+    from backups.services.incrementals import chain_apply
+
+    def roll_forward(shard: dict, target, database: str):
+        return chain_apply(
+            chain=chain,
+            shard=shard,
+            target=target,
+            target_database=database,
+            until=until,
+        )
+
+    return roll_forward
+
+
+def _binlog_details(outcome: engine.DrillOutcome, backup_set: BackupSet) -> dict:
+    return {
+        "until": backup_set.consistent_at.isoformat() if backup_set.consistent_at else None,
+        "transactions": outcome.binlog_transactions,
+        "events": outcome.binlog_events,
+        "shards": {
+            name: {
+                "transactions": getattr(result, "transactions", 0),
+                "events": getattr(result, "events", 0),
+                "last_file": getattr(result, "last_file", ""),
+                "last_pos": getattr(result, "last_pos", 0),
+            }
+            for name, result in sorted(outcome.rolled_forward.items())
+        },
+    }
+
+
+def _binlog_warning(outcome: engine.DrillOutcome, backup_set: BackupSet) -> str:
+    until = backup_set.consistent_at
+    at = f"{until:%Y-%m-%d %H:%M:%S} UTC" if until else "its consistent point"
+    return (
+        f"warning: binlog roll-forward to {at} ({outcome.binlog_transactions} transactions, "
+        f"{len(outcome.rolled_forward)} shards) proven by a successful apply only: "
+        "no manifest checksum of the rolled-forward state"
+    )
+
+
+def _verification_finish(
+    run, *, t, d, a, rto, problems, warning, drill_name="", details=None
+) -> VerificationRun:
     q = engine.quality(t, d, a)
     now = timezone.now()
     with transaction.atomic():
@@ -348,6 +478,7 @@ def _verification_finish(run, *, t, d, a, rto, problems, warning, drill_name="")
                 "rto_seconds": rto,
                 "problems": problems[:50],
                 "warning": warning,
+                **(details or {}),
             },
         )
         if q < 1.0:
@@ -417,7 +548,9 @@ def verification_summary(run: VerificationRun) -> dict:
         "rto_seconds": run.rto_seconds,
         "drill_instance": run.drill_instance_name,
         "problems": list(run.problems or []),
-        "warnings": [run.progress_text] if run.progress_text.startswith("warning: ") else [],
+        "warnings": [
+            w for w in run.progress_text.split(WARNING_SEPARATOR) if w.startswith("warning: ")
+        ],
         "error": run.error,
     }
 
