@@ -1,5 +1,8 @@
 """Prove a backup set restorable: the storage check (A) and the restore drill (T, D).
 
+A drill of an incremental set restores its full set and rolls each shard's scratch
+database forward through the chain's binlog (`roll_forward`, supplied by the caller).
+
 Plain Python (no Django, no RQ). Callers pass a storage, keys, a progress callback
 and, for drills, where each shard's scratch database goes. Problems name what failed:
 `{"object": key, "reason": ...}` or `{"table": "shard/db.table", "reason": ...}`.
@@ -8,7 +11,7 @@ and, for drills, where each shard's scratch database goes. Problems name what fa
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +26,8 @@ from backups.engine.types import (
 from shards.mysql import Endpoint, connect, quote_ident
 
 MANIFEST_NAME = "manifest.json"
+# roll_forward(shard manifest entry, target endpoint, scratch database) -> what was applied
+RollForwardFn = Callable[[dict[str, Any], Endpoint, str], Any]
 DRILL_PREFIX = "__svdrill_"
 
 
@@ -69,6 +74,16 @@ class DrillOutcome:
     rows_total: int = 0
     tables_total: int = 0
     error: str = ""
+    # shard name -> what `roll_forward` returned (binlog_apply.ApplyResult) for that shard
+    rolled_forward: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def binlog_transactions(self) -> int:
+        return sum(int(getattr(r, "transactions", 0) or 0) for r in self.rolled_forward.values())
+
+    @property
+    def binlog_events(self) -> int:
+        return sum(int(getattr(r, "events", 0) or 0) for r in self.rolled_forward.values())
 
     @property
     def t(self) -> float:
@@ -237,12 +252,20 @@ def drill_run(
     progress: ProgressFn = _quiet,
     should_cancel: CancelFn = _never,
     keep_going: bool = True,
+    roll_forward: RollForwardFn | None = None,
 ) -> DrillOutcome:
     """Restore every table of the manifest into scratch databases and compare checksums.
 
     `targets` maps each shard name to the server its scratch database goes to. The
     scratch databases are dropped afterwards whatever happens (failure, cancellation,
     a lost connection). The measured wall time is the RTO for this set's size.
+
+    `roll_forward(shard_entry, target, scratch_database)` (drills of incremental sets)
+    is called once a shard's tables are loaded and match the manifest, to apply the
+    chain's binlog to the scratch database; what it returns is kept in
+    `outcome.rolled_forward`. When it raises, or a table of the shard did not restore
+    (so the shard cannot be rolled forward), every table of the shard counts as not
+    matching, with the reason.
     """
     from backups.engine.load import create_database_objects, load_table
 
@@ -271,6 +294,7 @@ def drill_run(
                 ProgressEvent(shard=shard_name, stage="schema", message=f"creating {database}")
             )
             create_database_objects(target, database, shard, tables=None)
+            first = len(outcome.tables)
             for table in shard.get("tables") or []:
                 if should_cancel():
                     raise Cancelled("drill cancelled")
@@ -305,6 +329,18 @@ def drill_run(
                 outcome.tables.append(DrillTable(label, expected, loaded.rows, ok, reason))
                 if not ok:
                     outcome.problems.append({"table": label, "reason": reason})
+            if roll_forward is not None:
+                _roll_shard_forward(
+                    roll_forward,
+                    outcome,
+                    outcome.tables[first:],
+                    shard,
+                    target,
+                    database,
+                    progress=progress,
+                    should_cancel=should_cancel,
+                    keep_going=keep_going,
+                )
     except Exception as exc:  # cancellation included: the finally drops the scratch databases
         outcome.error = str(exc) or exc.__class__.__name__
         if not any(p.get("reason") == outcome.error for p in outcome.problems):
@@ -313,6 +349,63 @@ def drill_run(
         outcome.rto_seconds = time.monotonic() - started
         outcome.dropped = drill_cleanup(outcome.scratch_databases, outcome)
     return outcome
+
+
+def _roll_shard_forward(
+    roll_forward: RollForwardFn,
+    outcome: DrillOutcome,
+    tables: list[DrillTable],
+    shard: dict[str, Any],
+    target: Endpoint,
+    database: str,
+    *,
+    progress: ProgressFn,
+    should_cancel: CancelFn,
+    keep_going: bool,
+) -> None:
+    shard_name = shard.get("name", "")
+    broken = next((t for t in tables if not t.checksum_ok), None)
+    if broken is not None:
+        _fail_tables(
+            outcome,
+            tables,
+            f"not rolled forward through the binlog: {broken.label} did not restore",
+        )
+        return
+    if should_cancel():
+        raise Cancelled("drill cancelled")
+    progress(
+        ProgressEvent(
+            shard=shard_name, stage="binlog", message=f"rolling {database} forward (binlog)"
+        )
+    )
+    try:
+        applied = roll_forward(shard, target, database)
+    except Cancelled:
+        raise
+    except Exception as exc:
+        _fail_tables(
+            outcome, tables, f"rolling forward through the binlog failed: {_apply_reason(exc)}"
+        )
+        if not keep_going:
+            raise
+        return
+    outcome.rolled_forward[shard_name] = applied
+
+
+def _apply_reason(exc: BaseException) -> str:
+    if isinstance(exc, IntegrityError):
+        return f"{exc.key}: {exc.reason}"
+    return _reason(exc)
+
+
+def _fail_tables(outcome: DrillOutcome, tables: list[DrillTable], reason: str) -> None:
+    """Every still-matching table of `tables` no longer counts as matching, with `reason`."""
+    for table in tables:
+        if table.checksum_ok:
+            table.checksum_ok = False
+            table.reason = reason
+            outcome.problems.append({"table": table.label, "reason": reason})
 
 
 def drill_cleanup(scratch: list[tuple[Endpoint, str]], outcome: DrillOutcome | None = None) -> bool:

@@ -331,7 +331,7 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
             targets, drill_name, warning = _drill_targets(full_set, check.manifest)
             roll_forward = None
             if chain:
-                roll_forward = lambda *a: None  # noqa
+                roll_forward = _roll_forward_through(chain, until=backup_set.consistent_at)
             outcome = engine.drill_run(
                 check.manifest,
                 _storage_for(full_set),
