@@ -386,15 +386,16 @@ def test_rpo_breach_and_failed_backup_alert_once(settings):
     assert "shard s00 unreachable" in mail.outbox[-1].body
 
 
-def test_drill_of_an_incremental_set_is_refused_in_one_sentence():
+def test_drill_of_an_incremental_set_with_a_broken_chain_is_refused_in_one_sentence():
     from backups.services.verification import VerificationError
     from shards.models import Cluster
 
     cluster = Cluster.objects.create(name="incr")
-    full = _set(cluster, status="succeeded")
+    full = _set(cluster, status="expired")
     incremental = _set(cluster, status="succeeded", kind="incremental", parent=full)
-    with pytest.raises(VerificationError, match=f"drill its full set {full.pk}"):
+    with pytest.raises(VerificationError, match=f"its full set {full.pk} is expired"):
         verification_start(backup_set=incremental, user=None, drill=True)
+    # Drills of incremental sets are tests/backups/test_verification_incremental.py's.
 
 
 def test_housekeeping_job_reaps_dead_runs_backfills_checks_and_schedules_itself(run_jobs, settings):
