@@ -122,7 +122,7 @@ def scratch_snapshots(monkeypatch):
     Keyed by (source database, table): a scratch database is `__svdrill_<run>_<source db>`.
     """
     seen: dict[tuple[str, str], tuple[int, str]] = {}
-    dropped: list[str] = []
+    dropped: list[tuple[int, str]] = []  # (port, scratch database)
     original = engine.drill_cleanup
 
     def observe_then_cleanup(scratch, outcome=None):
@@ -138,7 +138,7 @@ def scratch_snapshots(monkeypatch):
                         seen[(source, table)] = table_checksum(conn, database, table)
             finally:
                 conn.close()
-            dropped.append(database)
+            dropped.append((int(endpoint.port), database))
         return original(scratch, outcome)
 
     monkeypatch.setattr(engine, "drill_cleanup", observe_then_cleanup)
@@ -248,3 +248,43 @@ def test_drill_with_a_corrupt_binlog_segment_names_it_fails_the_shard_and_drops_
         assert tables == set(TABLES)
     incremental.refresh_from_db()
     assert incremental.q < 1
+
+
+def test_drill_button_on_an_encrypted_incremental_runs_on_the_drill_instance(
+    cluster, mariadb_servers, client, run_jobs, scratch_snapshots
+):
+    from django.urls import reverse
+
+    from shards.models import Instance
+    from tests.factories import make_user
+
+    BackupPolicy.objects.filter(cluster=cluster).update(encrypt=True)
+    drill_server = mariadb_servers[2]
+    cluster.drill_instance = Instance.objects.create(
+        cluster=cluster, name="drill", host="127.0.0.1", port=drill_server.port, user="root"
+    )
+    cluster.save()
+    full = _full(cluster)
+    _write(cluster, mariadb_servers, WRITES_FIRST)
+    incremental = _incremental(cluster)
+    assert full.encrypted and incremental.encrypted
+    assert BinlogSegment.objects.filter(backup_set=incremental, key__endswith=".enc").exists()
+    expected = _checksums(cluster, mariadb_servers)
+
+    client.force_login(make_user("operator"))
+    url = reverse("backups:verify_start", args=[incremental.pk])
+    assert client.post(url, {"drill": "1"}).status_code == 302
+    run = VerificationRun.objects.get(backup_set=incremental, drill=True)
+    assert run.status == "pending"
+    run_jobs("verify")
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error
+    assert (run.q, run.t, run.d, run.a) == (1.0, 1.0, 1.0, 1.0)
+    assert run.drill_instance_name == "drill" and run.rto_seconds > 0
+    assert scratch_snapshots["checksums"] == expected
+    # Every scratch database went to the drill instance, and is gone from it.
+    assert [port for port, _db in scratch_snapshots["dropped"]] == [drill_server.port] * 2
+    assert _scratch_databases([drill_server], run.pk) == []
+    assert _scratch_databases(mariadb_servers[:2], run.pk) == []
+    detail = client.get(reverse("backups:set_detail", args=[incremental.pk])).content.decode()
+    assert 'data-q-level="good"' in detail
