@@ -208,6 +208,11 @@ def test_drill_of_an_incremental_restores_the_full_set_and_rolls_forward_to_its_
     assert details["binlog"]["transactions"] == 2 * len(WRITES_FIRST)
     assert _scratch_databases(mariadb_servers, result["verification"]) == []
 
+    # The apply's bookkeeping table lived in the scratch databases only, never in a source.
+    for shard, server in _shards(cluster, mariadb_servers):
+        tables = {r[0] for r in server.execute("SHOW TABLES", database=shard.database)}
+        assert tables == set(TABLES)
+
     # Without --drill the incremental's own storage is checked, as before.
     code, result, err = _verify_cli(second.pk)
     assert code == 0, (result, err)
