@@ -141,7 +141,8 @@ def sets_flagged_unverified_drill(*, cluster=None):
 
 
 def drills_due(*, now: datetime | None = None) -> list[BackupSet]:
-    """Per cluster with `drill_every_days`, the newest succeeded full set when no drill ran recently."""
+    """Per cluster with `drill_every_days`, its newest succeeded set (full, or incremental with
+    its chain) when no drill ran recently."""
     from shards.models import Cluster
 
     now = now or timezone.now()
