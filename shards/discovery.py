@@ -496,11 +496,11 @@ def _check_shard(endpoint: Endpoint, shard: ShardTarget, findings: list[FindingI
         if table.engine.upper() != "INNODB":
             findings.append(
                 FindingInfo(
-                    WARNING,
+                    ERROR,
                     "table.engine",
                     f"table '{table.name}' in shard {shard.name} uses {table.engine or 'no engine'}, "
-                    "which a hot backup cannot copy consistently: convert it with "
-                    "ALTER TABLE ... ENGINE=InnoDB",
+                    "which a hot backup cannot copy consistently, so backups of this cluster are "
+                    "refused: convert it with ALTER TABLE ... ENGINE=InnoDB",
                     **where,
                 )
             )

@@ -91,9 +91,7 @@ def test_discover_json_lists_tables_and_preflight_findings(
     def find(**match):
         return [f for f in findings if all(f[k] == v for k, v in match.items())]
 
-    assert (
-        find(severity="warning", table="legacy") and "MyISAM" in find(table="legacy")[0]["message"]
-    )
+    assert find(severity="error", table="legacy") and "MyISAM" in find(table="legacy")[0]["message"]
     assert "no primary key" in find(table="nopk")[0]["message"]
     statement = find(severity="error", instance="m1")
     assert statement and "binlog_format is STATEMENT" in statement[0]["message"]

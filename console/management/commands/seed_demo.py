@@ -124,12 +124,21 @@ class Command(BaseCommand):
                             (ROWS_PER_TABLE, ROWS_PER_TABLE * 4),
                         )
                     if n == DEMO_SHARDS - 1:
-                        # A legacy table that preflight should point out (MyISAM, no primary key).
+                        # A legacy table that preflight points out (no primary key). It is
+                        # InnoDB so the demo cluster can be backed up (hot backups refuse
+                        # other engines); demos seeded before this was MyISAM are converted.
                         legacy = quote_qualified(database, "t_legacy_log")
                         cur.execute(
                             f"CREATE TABLE IF NOT EXISTS {legacy} (at DATETIME NOT NULL, "
-                            "message VARCHAR(200) NOT NULL) ENGINE=MyISAM"
+                            "message VARCHAR(200) NOT NULL) ENGINE=InnoDB"
                         )
+                        cur.execute(
+                            "SELECT ENGINE FROM information_schema.TABLES "
+                            "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 't_legacy_log'",
+                            (database,),
+                        )
+                        if (cur.fetchone() or ("InnoDB",))[0] != "InnoDB":
+                            cur.execute(f"ALTER TABLE {legacy} ENGINE=InnoDB")
                     cur.execute(f"ANALYZE TABLE {quote_qualified(database, f't_order_{2 * n}')}")
                     cur.fetchall()
         finally:
