@@ -67,19 +67,28 @@ def _chain_end_coordinates(parent: BackupSet) -> dict[int, tuple[str, int, str]]
             file, pos, gtid = sb.end_binlog_file, sb.end_binlog_pos, sb.end_gtid
         if not file or pos is None:
             raise ChainError(
-                f"set {parent.pk} has no binlog coordinates for shard {sb.shard_name}; "
-                "the chain is broken, so a new full backup is needed"
+                f"set {parent.pk} recorded no binlog coordinates for shard {sb.shard_name} "
+                f"(binary logging was off on instance {sb.instance_name} when it was taken): "
+                "enable log_bin in ROW format, then take a new full backup before incrementals"
             )
         ends[sb.shard_id] = (file, int(pos), gtid or "")
     return ends
 
 
+class ChainRefused(ChainError, BackupRefused):
+    """An incremental that cannot start; recorded as a `failed` set saying why."""
+
+    def __init__(self, message: str, backup_set: BackupSet):
+        BackupRefused.__init__(self, message, backup_set)
+
+
 def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> BackupSet:
     """Record an incremental set of `cluster` after its newest succeeded set, and queue it.
 
-    Refuses (ChainError, nothing recorded) when the cluster has no succeeded full backup
-    to build on. When another backup of the cluster is pending or running, records this
-    request as a `failed` set saying so and raises BackupRefused carrying it.
+    When it cannot start (no succeeded full backup to build on, a parent without binlog
+    coordinates, a changed topology, or another backup of the cluster pending or running)
+    it records a `failed` set saying why and raises BackupRefused (ChainRefused, also a
+    ChainError, for chain problems) carrying it.
     """
     _authorise(actor)
     user = _actor_user(actor)
@@ -92,25 +101,34 @@ def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> Backu
             .order_by("-id")
             .first()
         )
+        # A backup that cannot start is still recorded, as failed with its reason (DESIGN.md).
+        chain_problem = ""
+        ends: dict[int, tuple[str, int, str]] = {}
         if (
             parent is None
             or not BackupSet.objects.filter(
                 cluster=cluster, kind=BackupSet.Kind.FULL, status=BackupSet.Status.SUCCEEDED
             ).exists()
         ):
-            raise ChainError(
+            chain_problem = (
                 f"cluster {cluster.name} has no succeeded full backup; "
                 "run a full backup before incrementals"
             )
-        ends = _chain_end_coordinates(parent)
-        missing = [s.name for s in shards if s.pk not in ends]
-        if missing:
-            raise ChainError(
-                f"shard(s) {', '.join(missing)} are not in set {parent.pk}; "
-                "the topology changed, so a new full backup is needed"
-            )
+            parent = None
+        else:
+            try:
+                ends = _chain_end_coordinates(parent)
+            except ChainError as exc:
+                chain_problem = str(exc)
+            missing = [s.name for s in shards if s.pk not in ends]
+            if missing and not chain_problem:
+                chain_problem = (
+                    f"shard(s) {', '.join(missing)} are not in set {parent.pk}; "
+                    "the topology changed, so a new full backup is needed"
+                )
+        refused = chain_problem
         active = BackupSet.objects.filter(cluster=cluster, status__in=ACTIVE).order_by("id").first()
-        if active is not None:
+        if active is not None and not refused:
             refused = (
                 f"cluster {cluster.name} is already being backed up "
                 f"(set {active.pk} is {active.status}); wait for it to finish or cancel it"
@@ -120,9 +138,11 @@ def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> Backu
             cluster=cluster,
             kind=BackupSet.Kind.INCREMENTAL,
             parent=parent,
-            consistency=parent.consistency,
-            compression_level=policy.compression_level if policy else parent.compression_level,
-            encrypted=bool(policy.encrypt) if policy else parent.encrypted,
+            consistency=parent.consistency if parent else BackupSet.Consistency.LOCKED,
+            compression_level=(
+                policy.compression_level if policy else getattr(parent, "compression_level", 1)
+            ),
+            encrypted=bool(policy.encrypt) if policy else bool(getattr(parent, "encrypted", False)),
             storage_url=settings.STORAGE_URL,
             triggered_by=user,
             status=BackupSet.Status.FAILED if refused else BackupSet.Status.PENDING,
@@ -143,9 +163,9 @@ def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> Backu
                 instance_name=shard.instance.name,
                 database=shard.database,
                 status=backup_set.status,
-                binlog_file=ends[shard.pk][0],
-                binlog_pos=ends[shard.pk][1],
-                gtid=ends[shard.pk][2],
+                binlog_file=ends.get(shard.pk, ("", None, ""))[0],
+                binlog_pos=ends.get(shard.pk, ("", None, ""))[1],
+                gtid=ends.get(shard.pk, ("", None, ""))[2],
             )
             for shard in shards
         )
@@ -156,13 +176,15 @@ def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> Backu
             details={
                 "cluster": cluster.name,
                 "kind": "incremental",
-                "parent": parent.pk,
+                "parent": parent.pk if parent else None,
                 **({"error": refused} if refused else {}),
             },
         )
         if not refused and enqueue:
             set_id = backup_set.pk
             transaction.on_commit(lambda: _enqueue(set_id))
+    if chain_problem:
+        raise ChainRefused(chain_problem, backup_set)
     if refused:
         raise BackupRefused(refused, backup_set)
     return backup_set

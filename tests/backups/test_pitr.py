@@ -192,7 +192,10 @@ def test_point_in_time_restore_reaches_the_moment_before_an_accidental_delete(
 def test_incremental_needs_a_full_backup_first(cluster):
     with pytest.raises(ChainError, match="run a full backup before incrementals"):
         incremental_start(cluster=cluster, actor="cli")
-    assert not BackupSet.objects.filter(cluster=cluster).exists()
+    # Still recorded, as failed with its reason; never as something restorable.
+    refused = BackupSet.objects.get(cluster=cluster)
+    assert refused.kind == "incremental" and refused.status == "failed"
+    assert "run a full backup before incrementals" in refused.error
 
 
 def test_a_set_that_others_depend_on_cannot_be_removed_and_the_window_is_bounded(
@@ -356,3 +359,26 @@ def test_continuous_capture_schedules_one_incremental_every_n_minutes(
     assert [
         j for j in registry.get_job_ids() if j.startswith(f"incremental-schedule-{cluster.pk}-")
     ]
+
+
+def test_incremental_after_a_full_taken_without_binlog_is_recorded_failed_and_says_why(
+    cluster, run_jobs
+):
+    import json
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    full = run_backup("full", cluster, run_jobs)
+    # What a full backup of a server with log_bin=OFF records: no coordinates.
+    full.shard_backups.update(binlog_file="", binlog_pos=None)
+    out, err = StringIO(), StringIO()
+    with pytest.raises(SystemExit) as exit_:
+        call_command(
+            "backup", cluster.name, "--kind", "incremental", "--json", stdout=out, stderr=err
+        )
+    assert exit_.value.code != 0
+    result = json.loads(out.getvalue())
+    assert result["kind"] == "incremental" and result["status"] == "failed"
+    assert "binary logging was off" in result["error"] and "new full backup" in result["error"]
+    assert len(err.getvalue().strip().splitlines()) == 1
