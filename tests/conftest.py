@@ -24,13 +24,17 @@ def _worker_index() -> int:
 
 
 @pytest.fixture(scope="session")
-def django_db_modify_db_settings():
-    """A file-based SQLite test database, so worker subprocesses can see committed data."""
+def django_db_modify_db_settings(tmp_path_factory):
+    """A file-based SQLite test database, so worker subprocesses can see committed data.
+
+    It lives in pytest's temporary directory: SQLite's -wal/-shm files, which Django does not
+    remove with the database, never pile up in var/.
+    """
     from django.conf import settings
 
     db = settings.DATABASES["default"]
     if db["ENGINE"].endswith("sqlite3"):
-        path = Path(settings.VAR_DIR) / f"test-{_worker_index()}-{os.getpid()}.sqlite3"
+        path = tmp_path_factory.mktemp("console-db") / f"test-{_worker_index()}.sqlite3"
         db.setdefault("TEST", {})["NAME"] = str(path)
 
 
