@@ -44,7 +44,8 @@ def dashboard(request):
     """Each cluster's health at a glance; the running-jobs table refreshes by HTMX polling."""
     from console.selectors import dashboard_clusters, flagged_sets, running_jobs
 
+    if request.htmx and request.GET.get("part") == "jobs":
+        # The 3-second poll: only the running-jobs table, not every cluster's health again.
+        return render(request, "console/dashboard.html#jobs", {"jobs": running_jobs()})
     context = {"clusters": dashboard_clusters(), "flagged": flagged_sets(), "jobs": running_jobs()}
-    if request.headers.get("HX-Request") and request.GET.get("part") == "jobs":
-        return render(request, "console/dashboard.html#jobs", context)
     return render(request, "console/dashboard.html", context)

@@ -98,6 +98,21 @@ def test_dashboard_query_count_does_not_grow_with_clusters(client, django_assert
     assert response.content.decode().count('data-cluster="') == 15
 
 
+def test_running_jobs_poll_does_not_recompute_cluster_health(client):
+    """The 3-second poll renders the running-jobs table only; cluster health is not queried."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    _cluster("polled", newest_age=timedelta(minutes=5), drill_q=1.0, damaged=True)
+    client.force_login(make_user("auditor"))
+    with CaptureQueriesContext(connection) as poll:
+        fragment = client.get(
+            reverse("dashboard"), {"part": "jobs"}, HTTP_HX_REQUEST="true"
+        ).content.decode()
+    assert 'id="running-jobs"' in fragment
+    assert not [q for q in poll.captured_queries if "backuppolicy" in q["sql"]]
+
+
 def test_dashboard_needs_a_role(client):
     client.force_login(make_user(None))
     assert client.get(reverse("dashboard")).status_code == 403
