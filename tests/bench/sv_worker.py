@@ -56,13 +56,6 @@ def _never_cancel() -> bool:
     return False
 
 
-def _read_manifest(storage, set_prefix: str, hmac_key: bytes) -> dict:
-    from backups.engine import manifest as manifest_module
-
-    reader = getattr(manifest_module, "manifest_read", None) or manifest_module.read_manifest
-    return reader(storage, set_prefix, hmac_key)
-
-
 def run_backup(request: dict) -> dict:
     from backups.engine.dump import dump_cluster
     from backups.engine.types import BackupSpec, ShardSpec
@@ -115,37 +108,24 @@ def run_backup(request: dict) -> dict:
     }
 
 
-def _manifest_shards(manifest: dict) -> list[dict]:
-    shards = manifest["shards"]
-    return list(shards.values()) if isinstance(shards, dict) else list(shards)
-
-
-def _manifest_tables(shard: dict) -> list[dict]:
-    tables = shard["tables"]
-    if isinstance(tables, dict):
-        return [dict(entry, name=entry.get("name", name)) for name, entry in tables.items()]
-    return list(tables)
-
-
 def run_load(request: dict) -> dict:
     from backups.engine.load import create_database_objects, load_table
+    from backups.engine.manifest import manifest_read
     from backups.engine.types import TableLoadJob
     from backups.storage.local import LocalStorage
 
     storage = LocalStorage(request["storage_root"])
     started = time.monotonic()
-    manifest = _read_manifest(
-        storage, request["set_prefix"], bytes.fromhex(request["hmac_key_hex"])
-    )
+    manifest = manifest_read(storage, request["set_prefix"], bytes.fromhex(request["hmac_key_hex"]))
     targets = {entry["shard"]: entry for entry in request["targets"]}
     jobs: list[TableLoadJob] = []
-    for shard in _manifest_shards(manifest):
+    for shard in manifest["shards"]:
         target = targets.get(shard["name"])
         if target is None:
             continue
         endpoint = _endpoint(target, target.get("instance", shard["name"]))
         create_database_objects(endpoint, target["target_database"], shard, tables=None)
-        for table in _manifest_tables(shard):
+        for table in shard["tables"]:
             jobs.append(
                 TableLoadJob(
                     manifest_table=table,
