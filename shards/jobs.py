@@ -21,33 +21,34 @@ def discover_cluster_job(discovery_id: int) -> dict:
 
 
 def enqueue_discovery(run) -> None:
-    """Enqueue `discover_cluster_job` with job id `discover-<id>`; a duplicate id is not queued twice."""
+    """Enqueue `discover_cluster_job` with job id `discover-<id>`; a duplicate id is not queued twice.
+
+    Without Redis the run is marked failed with a sentence saying so.
+    """
     import django_rq
+    from django.utils import timezone
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from rq.exceptions import NoSuchJobError
     from rq.job import Job
+
+    from shards.models import DiscoveryRun
 
     queue = django_rq.get_queue("default")
     job_id = f"discover-{run.pk}"
     try:
-        existing = Job.fetch(job_id, connection=queue.connection)
-    except RedisConnectionError:
-        existing = None
-    except Exception:  # NoSuchJobError: not queued before
-        existing = None
-    if existing is not None and existing.get_status(refresh=True) in (
-        "queued",
-        "started",
-        "deferred",
-        "scheduled",
-    ):
-        return
-    try:
+        try:
+            existing = Job.fetch(job_id, connection=queue.connection)
+        except NoSuchJobError:
+            existing = None
+        if existing is not None and existing.get_status(refresh=True) in (
+            "queued",
+            "started",
+            "deferred",
+            "scheduled",
+        ):
+            return
         queue.enqueue(discover_cluster_job, run.pk, job_id=job_id, job_timeout=600)
     except RedisConnectionError:
-        from django.utils import timezone
-
-        from shards.models import DiscoveryRun
-
         DiscoveryRun.objects.filter(pk=run.pk).update(
             status=DiscoveryRun.Status.FAILED,
             error="the job queue (Redis) is not reachable: start Redis and try again",

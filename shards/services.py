@@ -16,7 +16,7 @@ from django.db.models import ProtectedError
 from django.utils import timezone
 
 from console.audit import audit_record
-from console.keys import decrypt_secret, encrypt_secret
+from console.keys import KeyError_, decrypt_secret, encrypt_secret
 from console.roles import OPERATOR, require_role
 from shards import discovery as discovery_engine
 from shards.models import (
@@ -526,7 +526,7 @@ def discovery_run(
     for instance in instances:
         try:
             endpoints[instance.name] = instance_endpoint(instance)
-        except (MissingPassword, Exception) as exc:  # a key that cannot decrypt is a finding too
+        except (MissingPassword, KeyError_) as exc:  # a key that cannot decrypt is a finding too
             unavailable[instance.name] = str(exc)
     targets = [discovery_engine.ShardTarget(s.name, s.instance.name, s.database) for s in shards]
 

@@ -206,6 +206,19 @@ def test_discover_button_runs_the_job_and_polling_stops_with_the_grid(
     assert operator_client.get(progress_url).status_code == 302
 
 
+def test_discover_button_without_redis_marks_the_run_failed_with_a_sentence(
+    operator_client, settings, django_capture_on_commit_callbacks
+):
+    target = Cluster.objects.create(name="noredis")
+    settings.RQ_QUEUES["default"]["URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    with django_capture_on_commit_callbacks(execute=True):
+        response = operator_client.post(reverse("shards:discovery_start", args=[target.name]), **HX)
+    assert response.status_code == 200
+    run = DiscoveryRun.objects.get(cluster=target)
+    assert run.status == DiscoveryRun.Status.FAILED
+    assert run.error == "the job queue (Redis) is not reachable: start Redis and try again"
+
+
 def test_import_upload_reports_the_line_and_saves_nothing(operator_client):
     url = reverse("shards:topology_import")
     bad = SimpleUploadedFile("t.yaml", b"clusters:\n  - name: x\n    bogus: 1\n")
