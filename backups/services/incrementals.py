@@ -29,6 +29,8 @@ from backups.services.backups import (
     BackupError,
     BackupRefused,
     _authorise,
+    _finish_cancelled,
+    _finish_failed,
     _storage_for,
     _unwrap_data_key,
     _wrap_new_data_key,
@@ -246,7 +248,7 @@ def _begin(backup_set: BackupSet) -> bool:
         locked.save(update_fields=["status", "started_at", "heartbeat_at"])
         locked.shard_backups.update(status=BackupSet.Status.RUNNING, started_at=now)
         audit_record(
-            actor="worker", action="backup.running", obj=locked, details={"kind": "incremental"}
+            actor="worker", action="backup.run", obj=locked, details={"kind": "incremental"}
         )
     return True
 
@@ -265,7 +267,6 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
         return BackupSet.objects.get(pk=backup_set.pk)
     backup_set = BackupSet.objects.select_related("cluster", "parent").get(pk=backup_set.pk)
     shard_backups = list(backup_set.shard_backups.select_related("shard__instance"))
-    storage = None
     try:
         parent = backup_set.parent
         if parent is None or parent.status != BackupSet.Status.SUCCEEDED:
@@ -311,17 +312,12 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
             captures.append((instances[pk], sbs, capture))
         doc = _manifest(backup_set, captures, covered)
         manifest_sha = _write_manifest(storage, backup_set, doc)
+    except Cancelled:
+        return _finish_cancelled(backup_set)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the set
-        if isinstance(exc, Cancelled):
-            if storage is not None:
-                _delete_quietly(storage, backup_set)
-            return _finish(backup_set, error="cancelled", cancelled=True)
         if not isinstance(exc, (EngineError, BackupError)):
             log.exception("incremental set %s failed", backup_set.pk)
-        message = str(exc) or exc.__class__.__name__
-        if storage is not None:
-            _delete_quietly(storage, backup_set)
-        return _finish(backup_set, error=message)
+        return _finish_failed(backup_set, str(exc) or exc.__class__.__name__)
     return _finish(
         backup_set, captures=captures, manifest_sha256=manifest_sha, covered=doc_covered(doc)
     )
@@ -362,13 +358,6 @@ class _Watch:
             self.cancelled = bool(row and row[0])
             BackupSet.objects.filter(pk=self.set_id).update(heartbeat_at=timezone.now())
         return self.cancelled
-
-
-def _delete_quietly(storage, backup_set: BackupSet) -> None:
-    try:
-        storage.delete_prefix(backup_set.object_prefix)
-    except Exception:  # noqa: BLE001 - the failure itself is what matters
-        log.exception("cleaning up set %s failed", backup_set.pk)
 
 
 def doc_covered(doc: dict) -> datetime:
@@ -450,29 +439,17 @@ def _write_manifest(storage, backup_set: BackupSet, doc: dict) -> str:
 def _finish(
     backup_set: BackupSet,
     *,
-    error: str = "",
-    cancelled: bool = False,
-    captures=None,
-    manifest_sha256: str = "",
-    covered: datetime | None = None,
+    captures,
+    manifest_sha256: str,
+    covered: datetime | None,
 ) -> BackupSet:
     now = timezone.now()
     with transaction.atomic():
         locked = BackupSet.objects.select_for_update().get(pk=backup_set.pk)
-        locked.finished_at = now
-        if error:
-            status = BackupSet.Status.CANCELLED if cancelled else BackupSet.Status.FAILED
-            locked.status = status
-            locked.error = "" if cancelled else error
-            locked.save(update_fields=["status", "error", "finished_at"])
-            locked.shard_backups.update(status=status, error=locked.error[:2000], finished_at=now)
-            audit_record(
-                actor="worker",
-                action="backup.cancelled" if cancelled else "backup.failed",
-                obj=locked,
-                details={"kind": "incremental", **({} if cancelled else {"error": error})},
-            )
+        if locked.status != BackupSet.Status.RUNNING:
+            # The reaper or a cancel got there first: never turn that into a success.
             return locked
+        locked.finished_at = now
         newest = None
         raw = stored = 0
         for instance, sbs, cap in captures:
@@ -529,7 +506,7 @@ def _finish(
         locked.save()
         audit_record(
             actor="worker",
-            action="backup.succeeded",
+            action="backup.succeed",
             obj=locked,
             details={
                 "kind": "incremental",

@@ -382,3 +382,21 @@ def test_incremental_after_a_full_taken_without_binlog_is_recorded_failed_and_sa
     assert result["kind"] == "incremental" and result["status"] == "failed"
     assert "binary logging was off" in result["error"] and "new full backup" in result["error"]
     assert len(err.getvalue().strip().splitlines()) == 1
+
+
+def test_an_incremental_the_reaper_failed_mid_capture_never_ends_succeeded(cluster, run_jobs):
+    from django.utils import timezone
+
+    from backups.services import incrementals
+    from backups.services.backups import backups_reap_stale
+
+    run_backup("full", cluster, run_jobs)
+    backup_set = incremental_start(cluster=cluster, actor="cli", enqueue=False)
+    assert incrementals._begin(backup_set)
+    # While the capture runs, its worker is taken for dead (no heartbeat) and the set failed...
+    reaped = backups_reap_stale(now=timezone.now() + timedelta(hours=1))
+    assert [s.pk for s in reaped] == [backup_set.pk]
+    # ...so when the capture ends after all, the set must stay failed, not become restorable.
+    incrementals._finish(backup_set, captures=[], manifest_sha256="", covered=None)
+    backup_set.refresh_from_db()
+    assert backup_set.status == "failed" and "no heartbeat" in backup_set.error
