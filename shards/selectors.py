@@ -129,8 +129,10 @@ def topology_export(*, cluster_name: str | None = None) -> str:
     from shards.models import Cluster
     from shards.topology_file import dump_topology
 
-    clusters = Cluster.objects.order_by("name").prefetch_related(
-        "instances", "shards__instance", "logical_tables"
+    clusters = (
+        Cluster.objects.order_by("name")
+        .select_related("drill_instance")
+        .prefetch_related("instances", "shards__instance", "logical_tables")
     )
     if cluster_name is not None:
         clusters = clusters.filter(name=cluster_name)
@@ -162,10 +164,9 @@ def topology_export(*, cluster_name: str | None = None) -> str:
             {"name": s.name, "instance": s.instance.name, "database": s.database}
             for s in cluster.shards.all()
         ]
-        if cluster.logical_tables.exists():
-            entry["logical_tables"] = [
-                {"name": t.name, "pattern": t.pattern} for t in cluster.logical_tables.all()
-            ]
+        tables = [{"name": t.name, "pattern": t.pattern} for t in cluster.logical_tables.all()]
+        if tables:
+            entry["logical_tables"] = tables
         if cluster.drill_instance_id:
             entry["drill_instance"] = cluster.drill_instance.name
         documents.append(entry)

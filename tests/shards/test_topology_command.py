@@ -185,6 +185,19 @@ def test_a_failing_cluster_rolls_back_the_whole_file(tmp_path):
     assert cluster.shards.filter(name="s01").exists()
 
 
+def test_export_query_count_does_not_grow_with_clusters(tmp_path, django_assert_num_queries):
+    for n in range(2):
+        _import(tmp_path, FILE.replace("name: orders", f"name: orders{n}"))
+    with django_assert_num_queries(5) as few:
+        first = _export()
+    for n in range(2, 6):
+        _import(tmp_path, FILE.replace("name: orders", f"name: orders{n}"))
+    with django_assert_num_queries(len(few.captured_queries)):
+        exported = yaml.safe_load(_export())["clusters"]
+    assert len(exported) == 6 and first
+    assert all(c["drill_instance"] == "d" and c["logical_tables"] for c in exported)
+
+
 def test_export_of_an_unknown_cluster_fails():
     with pytest.raises(CommandError, match="no cluster named 'nope'"):
         _export("--cluster", "nope")
