@@ -2,46 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
-import sys
-import types
 from decimal import Decimal
 
 import pytest
-
-
-def _ensure_manifest_module() -> None:
-    """Until backups.engine.manifest lands, a minimal signed-JSON stand-in (tests only)."""
-    try:
-        importlib.import_module("backups.engine.manifest")
-        return
-    except ModuleNotFoundError:
-        pass
-    import hashlib
-    import hmac
-
-    module = types.ModuleType("backups.engine.manifest")
-
-    def manifest_write(storage, set_prefix, doc, hmac_key):
-        body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-        signed = dict(doc, signature=hmac.new(hmac_key, body, hashlib.sha256).hexdigest())
-        return storage.put_bytes(f"{set_prefix}/manifest.json", json.dumps(signed).encode())
-
-    def manifest_read(storage, set_prefix, hmac_key):
-        doc = json.loads(b"".join(storage.get_stream(f"{set_prefix}/manifest.json")))
-        signature = doc.pop("signature")
-        body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-        assert hmac.compare_digest(signature, hmac.new(hmac_key, body, hashlib.sha256).hexdigest())
-        return doc
-
-    module.manifest_write = manifest_write
-    module.manifest_read = manifest_read
-    sys.modules["backups.engine.manifest"] = module
-
-
-_ensure_manifest_module()
 
 HMAC_KEY = b"k" * 32
 WEIRD_TABLE = "we`ird tåble ü"
@@ -73,7 +38,9 @@ def storage(tmp_path):
 
 
 def drop_database(server, name: str) -> None:
-    server.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    from shards.mysql import quote_ident
+
+    server.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)}")
 
 
 def make_spec(shards, *, set_id=1, cluster="c1", **overrides):
@@ -109,7 +76,7 @@ def build_hostile_database(
     from shards.mysql import quote_ident
 
     drop_database(server, database)
-    server.execute(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4")
+    server.execute(f"CREATE DATABASE {quote_ident(database)} CHARACTER SET utf8mb4")
     server.execute(
         """CREATE TABLE hostile (
             id BIGINT UNSIGNED NOT NULL PRIMARY KEY,
