@@ -32,7 +32,7 @@ WEBHOOK_TIMEOUT_SECONDS = 5
 
 
 def _recipients() -> list[str]:
-    configured = list(getattr(settings, "ALERT_EMAILS", []) or [])
+    configured = list(settings.ALERT_EMAILS)
     if configured:
         return configured
     users = get_user_model().objects.filter(is_active=True).exclude(email="")
@@ -41,11 +41,8 @@ def _recipients() -> list[str]:
 
 
 def _webhook_url(cluster) -> str:
-    policy = getattr(cluster, "policy", None) if cluster is not None else None
-    try:
-        return policy.webhook_url if policy else ""
-    except Exception:
-        return ""
+    policy = getattr(cluster, "policy", None)  # None when the cluster has no policy
+    return policy.webhook_url if policy is not None else ""
 
 
 def alert_send(*, kind: str, cluster, subject: str, body: str, payload: dict) -> dict:
@@ -157,6 +154,7 @@ def alerts_check_rpo(*, now=None) -> list[str]:
     Returns the names of the clusters alerted.
     """
     from backups.models import BackupSet
+    from console.selectors import cluster_rpo_target
     from shards.models import Cluster
 
     now = now or timezone.now()
@@ -168,8 +166,7 @@ def alerts_check_rpo(*, now=None) -> list[str]:
         )
     )
     for cluster in clusters:
-        policy = getattr(cluster, "policy", None)
-        rpo = timedelta(minutes=policy.rpo_target_minutes if policy else 24 * 60)
+        rpo = cluster_rpo_target(cluster)
         newest = cluster.newest
         if newest is not None and now - newest <= rpo:
             continue

@@ -35,6 +35,7 @@ from django.utils import timezone
 from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun, VerificationRun
 from backups.selectors.verification import quality_level, sets_with_quality
 from console.audit import audit_chain_head
+from console.selectors import cluster_rpo_target
 from shards.models import Cluster
 
 FORMATS = ("csv", "json", "pdf")
@@ -266,10 +267,7 @@ def report_summary(period: ReportPeriod) -> dict[str, Any]:
         ).values_list("rto_seconds", flat=True)
     ]
     qs = [q for q in sets.filter(status="succeeded").values_list("q", flat=True)]
-    try:
-        rpo_target = period.cluster.policy.rpo_target_minutes * 60
-    except Cluster.policy.RelatedObjectDoesNotExist:
-        rpo_target = 24 * 3600
+    rpo_target = int(cluster_rpo_target(period.cluster).total_seconds())
     return {
         "sets": sum(counts.values()),
         "by_status": counts,

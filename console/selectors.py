@@ -8,11 +8,10 @@ from datetime import datetime, timedelta
 from django.db.models import Count, Max, OuterRef, Q, Subquery
 from django.utils import timezone
 
-from backups.models import BackupSet, RestoreRun, VerificationRun
+from backups.models import BackupPolicy, BackupSet, RestoreRun, VerificationRun
 from backups.selectors.verification import quality_level
 from shards.models import Cluster
 
-DEFAULT_RPO_MINUTES = 24 * 60
 ACTIVE = (BackupSet.Status.PENDING, BackupSet.Status.RUNNING)
 
 
@@ -49,6 +48,15 @@ class ClusterHealth:
         return "good"
 
 
+def cluster_rpo_target(cluster: Cluster) -> timedelta:
+    """The cluster's RPO target: its policy's, or the policy default when it has none."""
+    try:
+        minutes = cluster.policy.rpo_target_minutes
+    except Cluster.policy.RelatedObjectDoesNotExist:
+        minutes = BackupPolicy._meta.get_field("rpo_target_minutes").default
+    return timedelta(minutes=minutes)
+
+
 def dashboard_clusters() -> list[ClusterHealth]:
     """Every cluster with its health, in a constant number of queries."""
     succeeded = BackupSet.objects.filter(cluster=OuterRef("pk"), status=BackupSet.Status.SUCCEEDED)
@@ -77,16 +85,12 @@ def dashboard_clusters() -> list[ClusterHealth]:
     )
     rows = []
     for c in clusters:
-        try:
-            minutes = c.policy.rpo_target_minutes
-        except Cluster.policy.RelatedObjectDoesNotExist:
-            minutes = DEFAULT_RPO_MINUTES
         rows.append(
             ClusterHealth(
                 cluster=c,
                 newest_point=c.newest_point,
                 newest_set_id=c.newest_set_id,
-                rpo_target=timedelta(minutes=minutes),
+                rpo_target=cluster_rpo_target(c),
                 last_drill_at=c.last_drill_at,
                 last_drill_q=c.last_drill_q,
                 last_drill_set_id=c.last_drill_set_id,

@@ -98,6 +98,17 @@ def test_dashboard_query_count_does_not_grow_with_clusters(client, django_assert
     assert response.content.decode().count('data-cluster="') == 15
 
 
+def test_a_cluster_without_a_policy_is_held_to_the_default_one_day_rpo(client):
+    cluster = Cluster.objects.create(name="nopolicy")
+    BackupSet.objects.create(
+        cluster=cluster, status="succeeded", storage_url="file:///x",
+        consistent_at=timezone.now() - timedelta(hours=23),
+    )  # fmt: skip
+    client.force_login(make_user("auditor"))
+    row = _row(client.get(reverse("dashboard")).content.decode(), "nopolicy")
+    assert 'data-rpo="ok"' in row and "/ 1 day, 0:00:00" in row
+
+
 def test_running_jobs_poll_does_not_recompute_cluster_health(client):
     """The 3-second poll renders the running-jobs table only; cluster health is not queried."""
     from django.db import connection
