@@ -30,7 +30,14 @@ from backups.engine.types import (
     TableLoadJob,
     TableLoadResult,
 )
-from shards.mysql import Endpoint, connect, describe_error, quote_ident, quote_qualified
+from shards.mysql import (
+    ConnectError,
+    Endpoint,
+    connect,
+    describe_error,
+    quote_ident,
+    quote_qualified,
+)
 
 STREAM_NAME = "shardvault-chunk-stream"
 PACKET_BYTES = 1 << 20
@@ -78,11 +85,22 @@ def _load_stream(conn, sql: str, source: Iterable[bytes]) -> int:
 
 
 # --------------------------------------------------------------------------- schema
+LOAD_SQL_MODE = "SET SESSION sql_mode = 'NO_AUTO_VALUE_ON_ZERO,NO_ENGINE_SUBSTITUTION'"
+
+
 def _open(target: Endpoint, database: str | None = None, *, local_infile: bool = False):
-    conn = connect(target, database, local_infile=local_infile, autocommit=True)
-    with conn.cursor() as cur:
-        cur.execute("SET SESSION sql_mode = 'NO_AUTO_VALUE_ON_ZERO,NO_ENGINE_SUBSTITUTION'")
-        cur.execute("SET SESSION foreign_key_checks = 0")
+    """A restore session on `target`; an unreachable server is an EngineError saying so."""
+    try:
+        conn = connect(target, database, local_infile=local_infile, autocommit=True)
+    except ConnectError as exc:
+        raise EngineError(str(exc)) from exc
+    try:
+        with conn.cursor() as cur:
+            cur.execute(LOAD_SQL_MODE)
+            cur.execute("SET SESSION foreign_key_checks = 0")
+    except pymysql.err.MySQLError as exc:
+        conn.close()
+        raise EngineError(describe_error(exc, target, database)) from exc
     return conn
 
 
@@ -123,10 +141,7 @@ def create_database_objects(
             raise EngineError(
                 f"table(s) not in the backup of shard {shard_manifest.get('name')}: {', '.join(unknown)}"
             )
-    try:
-        conn = _open(target)
-    except Exception as exc:
-        raise EngineError(str(exc)) from exc
+    conn = _open(target)
     created = []
     try:
         with conn.cursor() as cur:
@@ -200,15 +215,18 @@ def recreate_database_objects(
                             failed.append(entry)
                             last_error = (entry, exc)
                         finally:
-                            cur.execute(
-                                "SET SESSION sql_mode = 'NO_AUTO_VALUE_ON_ZERO,NO_ENGINE_SUBSTITUTION'"
-                            )
+                            cur.execute(LOAD_SQL_MODE)
                     if len(failed) == len(entries):
                         entry, exc = last_error
                         raise EngineError(
                             f"cannot create {kind[:-1]} {entry['name']} in {target_database}: {exc.args[-1]}"
                         )
                     entries = failed
+    except pymysql.err.MySQLError as exc:
+        raise EngineError(
+            f"creating views, triggers and routines in {target_database} failed: "
+            f"{describe_error(exc, target, target_database)}"
+        ) from exc
     finally:
         conn.close()
     return created
@@ -360,6 +378,10 @@ def load_table(
     conn = _open(job.target, job.target_database)
     try:
         rows, value = checksum.table_checksum(conn, job.target_database, job.target_table, columns)
+    except pymysql.err.MySQLError as exc:
+        raise EngineError(
+            f"checksumming {job.target_database}.{job.target_table} failed: {describe_error(exc, job.target)}"
+        ) from exc
     finally:
         conn.close()
     expected_rows, expected = int(table.get("rows", 0)), str(table.get("checksum", ""))

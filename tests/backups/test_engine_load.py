@@ -221,3 +221,20 @@ def test_wrong_key_fails_clearly(storage, hostile_database, unique_name):
         ).checksum_ok
     finally:
         drop_database(server, target_database)
+
+
+def test_unreachable_target_is_an_engine_error_not_a_crash():
+    """Restores catch EngineError; a server that went away must not escape as ConnectError."""
+    import socket
+
+    from shards.mysql import Endpoint
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again once the block ends: nothing listens
+    gone = Endpoint(name="gone", host="127.0.0.1", port=port, user="root")
+    shard = {"name": "s1", "database": "db", "tables": [], "views": [{"name": "v", "ddl": "x"}]}
+    with pytest.raises(EngineError, match="cannot reach gone"):
+        recreate_database_objects(gone, "db", shard, kinds=("views",))
+    with pytest.raises(EngineError, match="cannot reach gone"):
+        create_database_objects(gone, "db", shard, tables=None)
