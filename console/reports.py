@@ -62,7 +62,9 @@ class ReportPeriod:
         return f"{self.since:%Y-%m-%d %H:%M} to {self.until:%Y-%m-%d %H:%M} UTC"
 
 
-def _parse_moment(value: str, *, end: bool) -> datetime:
+def parse_moment(value: str, *, end: bool) -> datetime:
+    """A date (YYYY-MM-DD: its start, or with `end` the start of the next day) or an ISO 8601
+    moment; naive values are UTC. Raises ReportError with one sentence."""
     value = value.strip()
     try:
         if len(value) == 10:
@@ -85,8 +87,8 @@ def report_period(*, cluster_name: str, since: str = "", until: str = "") -> Rep
     cluster = Cluster.objects.filter(name=cluster_name).first()
     if cluster is None:
         raise ReportError(f"no cluster named '{cluster_name}'")
-    end = _parse_moment(until, end=True) if until else timezone.now()
-    start = _parse_moment(since, end=False) if since else end - timedelta(days=DEFAULT_PERIOD_DAYS)
+    end = parse_moment(until, end=True) if until else timezone.now()
+    start = parse_moment(since, end=False) if since else end - timedelta(days=DEFAULT_PERIOD_DAYS)
     if start >= end:
         raise ReportError("the start of the period must be before its end")
     return ReportPeriod(cluster, start, end)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from datetime import UTC, datetime, time, timedelta
 
 from django.core.paginator import Paginator
 from django.http import HttpResponse, StreamingHttpResponse
@@ -16,6 +15,7 @@ from console.reports import (
     CONTENT_TYPES,
     FORMATS,
     ReportError,
+    parse_moment,
     report_filename,
     report_pdf,
     report_period,
@@ -25,18 +25,6 @@ from console.roles import ADMIN, AUDITOR, role_required
 from shards.models import Cluster
 
 PAGE_SIZE = 50
-
-
-def _day(value: str, *, end: bool) -> datetime | None:
-    try:
-        moment = datetime.fromisoformat(value.strip())
-    except ValueError:
-        return None
-    if len(value.strip()) == 10:
-        moment = datetime.combine(moment.date(), time.min) + (
-            timedelta(days=1) if end else timedelta()
-        )
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def audit_events_filtered(params) -> tuple:
@@ -63,9 +51,10 @@ def audit_events_filtered(params) -> tuple:
             )
     for key, lookup, end in (("since", "at__gte", False), ("until", "at__lt", True)):
         if filters[key]:
-            moment = _day(filters[key], end=end)
-            if moment is None:
-                errors.append(f"'{filters[key]}' is not a date (use YYYY-MM-DD or ISO 8601)")
+            try:
+                moment = parse_moment(filters[key], end=end)
+            except ReportError as exc:
+                errors.append(str(exc))
             else:
                 events = events.filter(**{lookup: moment})
     return events.order_by("-id"), filters, errors
