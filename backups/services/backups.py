@@ -96,7 +96,9 @@ def backup_start(
     """
     _authorise(actor)
     if kind == BackupSet.Kind.INCREMENTAL:
-        return _incremental_start(cluster=cluster, actor=actor, consistency=consistency)
+        from backups.services.incrementals import incremental_start
+
+        return incremental_start(cluster=cluster, actor=actor, enqueue=enqueue)
     if kind != BackupSet.Kind.FULL:
         raise BackupError(f"unknown backup kind '{kind}': choose full or incremental")
     if consistency not in BackupSet.Consistency.values:
@@ -112,77 +114,108 @@ def backup_start(
         encrypt = bool(policy and policy.encrypt)
 
     backups_reap_stale()
-    user = _actor_user(actor)
-    refused = ""
     with transaction.atomic():
         # Serialises concurrent starts of one cluster: the second waits here, then sees the first.
         cluster = Cluster.objects.select_for_update().get(pk=cluster.pk)
         shards = list(cluster.shards.select_related("instance").order_by("name"))
-        active = BackupSet.objects.filter(cluster=cluster, status__in=ACTIVE).order_by("id").first()
-        if active is not None:
-            refused = (
-                f"cluster {cluster.name} is already being backed up "
-                f"(set {active.pk} is {active.status}); wait for it to finish or cancel it"
-            )
-        elif not shards:
+        refused = busy_reason(cluster)
+        if not refused and not shards:
             raise BackupError(f"cluster {cluster.name} has no shards to back up")
-        backup_set = BackupSet.objects.create(
+        estimates = _table_estimates(shards)
+        backup_set = backup_set_record(
             cluster=cluster,
+            shards=shards,
+            actor=actor,
+            refused=refused,
+            enqueue=enqueue,
+            shard_fields=lambda shard: {"rows_estimate": estimates.get(shard.pk, 0)},
+            details={
+                "consistency": consistency,
+                "compression_level": int(compression_level),
+                "encrypted": bool(encrypt),
+            },
             kind=BackupSet.Kind.FULL,
             consistency=consistency,
             compression_level=int(compression_level),
             encrypted=bool(encrypt),
-            storage_url=settings.STORAGE_URL,
-            triggered_by=user,
-            status=BackupSet.Status.FAILED if refused else BackupSet.Status.PENDING,
-            error=refused,
+            rows_estimate=sum(estimates.values()),
         )
-        backup_set.object_prefix = f"{cluster.name}/{backup_set.pk}"
-        backup_set.job_id = "" if refused else job_id_for(backup_set.pk)
-        if refused:
-            backup_set.finished_at = timezone.now()
-        elif encrypt:
-            _wrap_new_data_key(backup_set)
-        estimates = _table_estimates(shards)
-        ShardBackup.objects.bulk_create(
-            ShardBackup(
-                backup_set=backup_set,
-                shard=shard,
-                shard_name=shard.name,
-                instance_name=shard.instance.name,
-                database=shard.database,
-                status=backup_set.status,
-                rows_estimate=estimates.get(shard.pk, 0),
-            )
-            for shard in shards
-        )
-        backup_set.rows_estimate = sum(estimates.values())
-        backup_set.save()
-        audit_record(
-            actor=actor,
-            action="backup.refused" if refused else "backup.start",
-            obj=backup_set,
-            details={
-                "cluster": cluster.name,
-                "kind": backup_set.kind,
-                "consistency": consistency,
-                "compression_level": backup_set.compression_level,
-                "encrypted": backup_set.encrypted,
-                **({"error": refused} if refused else {}),
-            },
-        )
-        if not refused and enqueue:
-            set_id = backup_set.pk
-            transaction.on_commit(lambda: _enqueue_backup(set_id))
     if refused:
         raise BackupRefused(refused, backup_set)
     return backup_set
 
 
-def _incremental_start(*, cluster, actor, consistency):
-    from backups.services import incrementals
+def busy_reason(cluster: Cluster) -> str:
+    """Why a new set of `cluster` cannot start now ("" when none is pending or running)."""
+    active = BackupSet.objects.filter(cluster=cluster, status__in=ACTIVE).order_by("id").first()
+    if active is None:
+        return ""
+    return (
+        f"cluster {cluster.name} is already being backed up "
+        f"(set {active.pk} is {active.status}); wait for it to finish or cancel it"
+    )
 
-    return incrementals.incremental_start(cluster=cluster, actor=actor)
+
+def backup_set_record(
+    *,
+    cluster: Cluster,
+    shards,
+    actor,
+    refused: str,
+    enqueue: bool,
+    shard_fields: Callable[[Any], dict],
+    details: dict,
+    **fields,
+) -> BackupSet:
+    """Record a new set (full or incremental) with one ShardBackup per shard, and its audit event.
+
+    Call inside the transaction holding the cluster's row lock. A `refused` set is recorded
+    `failed` with that reason; otherwise `pending`, queued after commit when `enqueue`.
+    `fields` are the set's own columns (kind, consistency, ...), `shard_fields(shard)` the
+    extra columns of each shard's row.
+    """
+    backup_set = BackupSet.objects.create(
+        cluster=cluster,
+        storage_url=settings.STORAGE_URL,
+        triggered_by=_actor_user(actor),
+        status=BackupSet.Status.FAILED if refused else BackupSet.Status.PENDING,
+        error=refused,
+        **fields,
+    )
+    backup_set.object_prefix = f"{cluster.name}/{backup_set.pk}"
+    backup_set.job_id = "" if refused else job_id_for(backup_set.pk)
+    if refused:
+        backup_set.finished_at = timezone.now()
+    elif backup_set.encrypted:
+        _wrap_new_data_key(backup_set)
+    backup_set.save()
+    ShardBackup.objects.bulk_create(
+        ShardBackup(
+            backup_set=backup_set,
+            shard=shard,
+            shard_name=shard.name,
+            instance_name=shard.instance.name,
+            database=shard.database,
+            status=backup_set.status,
+            **shard_fields(shard),
+        )
+        for shard in shards
+    )
+    audit_record(
+        actor=actor,
+        action="backup.refused" if refused else "backup.start",
+        obj=backup_set,
+        details={
+            "cluster": cluster.name,
+            "kind": backup_set.kind,
+            **details,
+            **({"error": refused} if refused else {}),
+        },
+    )
+    if not refused and enqueue:
+        set_id, kind = backup_set.pk, backup_set.kind
+        transaction.on_commit(lambda: _enqueue_backup(set_id, kind))
+    return backup_set
 
 
 def _wrap_new_data_key(backup_set: BackupSet) -> None:
@@ -212,19 +245,21 @@ def _table_estimates(shards) -> dict[int, int]:
     return totals
 
 
-def _enqueue_backup(set_id: int) -> None:
+def _enqueue_backup(set_id: int, kind: str) -> None:
     import django_rq
     from rq import Callback
 
     from backups.jobs.backups import run_backup_job, run_backup_job_failed
+    from backups.jobs.incrementals import run_incremental_job
 
+    incremental = kind == BackupSet.Kind.INCREMENTAL
     try:
         queue = django_rq.get_queue(QUEUE)
         queue.enqueue(
-            run_backup_job,
+            run_incremental_job if incremental else run_backup_job,
             set_id,
             job_id=job_id_for(set_id),
-            description=f"backup set {set_id}",
+            description=f"{'incremental ' if incremental else ''}backup set {set_id}",
             on_failure=Callback(run_backup_job_failed),
             result_ttl=7 * 24 * 3600,
             failure_ttl=30 * 24 * 3600,

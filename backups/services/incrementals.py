@@ -18,7 +18,6 @@ import logging
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -33,8 +32,8 @@ from backups.services.backups import (
     _finish_failed,
     _storage_for,
     _unwrap_data_key,
-    _wrap_new_data_key,
-    job_id_for,
+    backup_set_record,
+    busy_reason,
 )
 from console.audit import audit_record
 from shards.models import Cluster, Instance
@@ -50,10 +49,6 @@ CAPTURE_SERVER_ID_BASE = 3_900_000_000
 
 class ChainError(BackupError):
     """The chain of sets cannot serve this request; the message says what to do."""
-
-
-def _actor_user(actor):
-    return actor if hasattr(actor, "pk") else None
 
 
 # ------------------------------------------------------------------------------ start
@@ -93,8 +88,6 @@ def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> Backu
     ChainError, for chain problems) carrying it.
     """
     _authorise(actor)
-    user = _actor_user(actor)
-    refused = ""
     with transaction.atomic():
         cluster = Cluster.objects.select_for_update().get(pk=cluster.pk)
         shards = list(cluster.shards.select_related("instance").order_by("name"))
@@ -128,16 +121,21 @@ def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> Backu
                     f"shard(s) {', '.join(missing)} are not in set {parent.pk}; "
                     "the topology changed, so a new full backup is needed"
                 )
-        refused = chain_problem
-        active = BackupSet.objects.filter(cluster=cluster, status__in=ACTIVE).order_by("id").first()
-        if active is not None and not refused:
-            refused = (
-                f"cluster {cluster.name} is already being backed up "
-                f"(set {active.pk} is {active.status}); wait for it to finish or cancel it"
-            )
+        refused = chain_problem or busy_reason(cluster)
         policy = BackupPolicy.objects.filter(cluster=cluster).first()
-        backup_set = BackupSet.objects.create(
+
+        def coordinates(shard) -> dict:
+            file, pos, gtid = ends.get(shard.pk, ("", None, ""))
+            return {"binlog_file": file, "binlog_pos": pos, "gtid": gtid}
+
+        backup_set = backup_set_record(
             cluster=cluster,
+            shards=shards,
+            actor=actor,
+            refused=refused,
+            enqueue=enqueue,
+            shard_fields=coordinates,
+            details={"parent": parent.pk if parent else None},
             kind=BackupSet.Kind.INCREMENTAL,
             parent=parent,
             consistency=parent.consistency if parent else BackupSet.Consistency.LOCKED,
@@ -145,69 +143,12 @@ def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> Backu
                 policy.compression_level if policy else getattr(parent, "compression_level", 1)
             ),
             encrypted=bool(policy.encrypt) if policy else bool(getattr(parent, "encrypted", False)),
-            storage_url=settings.STORAGE_URL,
-            triggered_by=user,
-            status=BackupSet.Status.FAILED if refused else BackupSet.Status.PENDING,
-            error=refused,
         )
-        backup_set.object_prefix = f"{cluster.name}/{backup_set.pk}"
-        backup_set.job_id = "" if refused else job_id_for(backup_set.pk)
-        if refused:
-            backup_set.finished_at = timezone.now()
-        elif backup_set.encrypted:
-            _wrap_new_data_key(backup_set)
-        backup_set.save()
-        ShardBackup.objects.bulk_create(
-            ShardBackup(
-                backup_set=backup_set,
-                shard=shard,
-                shard_name=shard.name,
-                instance_name=shard.instance.name,
-                database=shard.database,
-                status=backup_set.status,
-                binlog_file=ends.get(shard.pk, ("", None, ""))[0],
-                binlog_pos=ends.get(shard.pk, ("", None, ""))[1],
-                gtid=ends.get(shard.pk, ("", None, ""))[2],
-            )
-            for shard in shards
-        )
-        audit_record(
-            actor=actor,
-            action="backup.refused" if refused else "backup.start",
-            obj=backup_set,
-            details={
-                "cluster": cluster.name,
-                "kind": "incremental",
-                "parent": parent.pk if parent else None,
-                **({"error": refused} if refused else {}),
-            },
-        )
-        if not refused and enqueue:
-            set_id = backup_set.pk
-            transaction.on_commit(lambda: _enqueue(set_id))
     if chain_problem:
         raise ChainRefused(chain_problem, backup_set)
     if refused:
         raise BackupRefused(refused, backup_set)
     return backup_set
-
-
-def _enqueue(set_id: int) -> None:
-    import django_rq
-    from rq import Callback
-
-    from backups.jobs.backups import run_backup_job_failed
-    from backups.jobs.incrementals import run_incremental_job
-
-    django_rq.get_queue(QUEUE).enqueue(
-        run_incremental_job,
-        set_id,
-        job_id=job_id_for(set_id),
-        description=f"incremental backup set {set_id}",
-        on_failure=Callback(run_backup_job_failed),
-        result_ttl=7 * 24 * 3600,
-        failure_ttl=30 * 24 * 3600,
-    )
 
 
 # ---------------------------------------------------------------------------- execute

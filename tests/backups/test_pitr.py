@@ -400,3 +400,17 @@ def test_an_incremental_the_reaper_failed_mid_capture_never_ends_succeeded(clust
     incrementals._finish(backup_set, captures=[], manifest_sha256="", covered=None)
     backup_set.refresh_from_db()
     assert backup_set.status == "failed" and "no heartbeat" in backup_set.error
+
+
+def test_an_incremental_that_cannot_be_queued_is_failed_with_the_reason(
+    cluster, run_jobs, settings
+):
+    from tests.servers import free_port
+
+    run_backup("full", cluster, run_jobs)
+    for queue in settings.RQ_QUEUES.values():
+        queue["URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    backup_set = incremental_start(cluster=cluster, actor="cli")
+    backup_set.refresh_from_db()
+    assert backup_set.status == "failed"
+    assert "could not be queued" in backup_set.error
