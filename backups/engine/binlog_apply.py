@@ -31,7 +31,6 @@ import shutil
 import struct
 import subprocess
 import tempfile
-import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -170,7 +169,10 @@ def _has_crc(fde: bytes) -> bool:
 
 
 class _Transactions:
-    """Group a segment's events into transactions; yields (events, end_pos, commit_ts, dbs)."""
+    """Group a segment's events into transactions.
+
+    Yields (events, end_pos, commit_ts, dbs, standalone); `standalone` marks a DDL.
+    """
 
     def __init__(self, blocks: Iterable[bytes]):
         self.blocks = iter(blocks)
@@ -380,7 +382,7 @@ def _scoped_middle(
         if kind in (ANNOTATE_ROWS_EVENT, TABLE_MAP_EVENT) or kind in ROWS_EVENTS:
             if keep:
                 if kind == TABLE_MAP_EVENT:
-                    database, table = table_map_names(event, post)
+                    _database, table = table_map_names(event, post)
                     event = _rewrite_table_map(
                         event, post, scope.target, scope.target_table(table), checksum
                     )
@@ -530,6 +532,9 @@ def _apply_one(
             )
             if target.tls_ca:
                 handle.write(f"ssl-ca={target.tls_ca}\n")
+        # Both tools' stderr go to files: an unread pipe could fill and stall the feed.
+        decoder_err_file = open(os.path.join(tmp, "decoder.err"), "w+b")
+        client_err = open(os.path.join(tmp, "client.err"), "w+b")
         decoder = subprocess.Popen(
             [
                 "mariadb-binlog",
@@ -544,9 +549,8 @@ def _apply_one(
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=decoder_err_file,
         )
-        client_err = open(os.path.join(tmp, "client.err"), "w+b")
         client = subprocess.Popen(
             [
                 "mariadb",
@@ -616,7 +620,7 @@ def _apply_one(
                     out.write(BINLOG_MAGIC + transactions.fde)
             except BrokenPipeError:
                 pass
-            except BaseException as exc:  # noqa: BLE001 - reported by the caller's thread
+            except BaseException as exc:  # noqa: BLE001 - raised once both tools have exited
                 state["error"] = exc
             finally:
                 try:
@@ -624,15 +628,11 @@ def _apply_one(
                 except BrokenPipeError:
                     pass
 
-        feeder = threading.Thread(target=feed, name="binlog-feed", daemon=True)
-        feeder.start()
-        feeder.join()
-        decoder_err = decoder.stderr.read().decode("utf-8", "replace").strip()
+        feed()
         decoder.wait()
         client.wait()
-        client_err.seek(0)
-        message = client_err.read().decode("utf-8", "replace").strip()
-        client_err.close()
+        decoder_err = _read_closed(decoder_err_file)
+        message = _read_closed(client_err)
         if state["error"] is not None:
             raise state["error"]
         if state["crashed"]:
@@ -645,3 +645,11 @@ def _apply_one(
         if decoder.returncode != 0:
             raise EngineError(f"mariadb-binlog could not decode {file}: {decoder_err[:300]}")
         return state["sent"]
+
+
+def _read_closed(handle) -> str:
+    """What a subprocess wrote to `handle` (a temporary file), as text; closes it."""
+    handle.seek(0)
+    text = handle.read().decode("utf-8", "replace").strip()
+    handle.close()
+    return text
