@@ -124,7 +124,10 @@ def _password_fields(instance: Instance, password: str | None, password_env: str
             instance.password_encrypted = ""
             changes["password"] = "cleared"
     elif password is not None:
-        current = decrypt_secret(instance.password_encrypted) if instance.password_encrypted else ""
+        try:
+            current = decrypt_secret(instance.password_encrypted)
+        except KeyError_:
+            current = None  # stored under another data key: the new password replaces it
         if current != password or instance.password_env:
             instance.password_encrypted = encrypt_secret(password)
             changes["password"] = "changed"

@@ -140,6 +140,26 @@ def test_adding_an_instance_stores_the_password_encrypted_and_never_shows_it(
     assert AuditEvent.objects.filter(action="instance.update", object_id=str(instance.pk)).exists()
 
 
+def test_a_password_stored_under_an_old_data_key_can_be_replaced_from_the_edit_page(
+    operator_client, settings
+):
+    import base64
+    import os
+
+    from shards.selectors import instance_endpoint
+
+    target = Cluster.objects.create(name="rotated")
+    instance_create(
+        actor="test", cluster=target, name="r1", host="127.0.0.1", user="bk", password="old-pw"
+    )
+    settings.SHARDVAULT_DATA_KEY = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    edit = reverse("shards:instance_edit", args=[target.name, "r1"])
+    data = {"host": "127.0.0.1", "port": "3306", "user": "bk", "max_connections": "4"}
+    response = operator_client.post(edit, {**data, "password": "new-pw"})
+    assert response.status_code == 302
+    assert instance_endpoint(Instance.objects.get(cluster=target, name="r1")).password == "new-pw"
+
+
 def test_test_connection_answers_with_a_partial(operator_client, cluster, mariadb_servers):
     url = reverse("shards:instance_test", args=[cluster.name])
     name = mariadb_servers[0].name
