@@ -45,6 +45,7 @@ from backups.engine.types import (
     TableResult,
 )
 from backups.engine.wire import stream_lines
+from backups.storage import key_part
 from shards.mysql import ConnectError, connect, describe_error, quote_qualified
 
 PROGRESS_INTERVAL = 0.5
@@ -85,12 +86,6 @@ class _TableState:
     def prefix(self) -> str:
         parts = (self.shard.name, self.info.database, self.info.name)
         return "/".join([self.set_prefix, *(key_part(p) for p in parts)])
-
-
-def key_part(name: str) -> str:
-    """A name as one storage-key segment: '/', '\\' and '%' percent-encoded, never '.' or '..'."""
-    encoded = name.replace("%", "%25").replace("/", "%2F").replace("\\", "%5C")
-    return encoded if encoded not in (".", "..") else encoded.replace(".", "%2E")
 
 
 @dataclass
