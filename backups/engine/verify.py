@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from backups.engine.codec import decode
+from backups.engine.manifest import manifest_key, manifest_objects, manifest_read
 from backups.engine.types import (
     CancelFn,
     Cancelled,
@@ -25,7 +27,6 @@ from backups.engine.types import (
 )
 from shards.mysql import Endpoint, connect, quote_ident
 
-MANIFEST_NAME = "manifest.json"
 # roll_forward(shard manifest entry, target endpoint, scratch database) -> what was applied
 RollForwardFn = Callable[[dict[str, Any], Endpoint, str], Any]
 DRILL_PREFIX = "__svdrill_"
@@ -132,20 +133,14 @@ def storage_check(
     manifest's own signature is checked first: without a valid manifest nothing in the
     set can be trusted, so A = 0.
     """
-    from backups.engine import manifest as manifest_module
-    from backups.engine.codec import decode
-
-    manifest_read = manifest_module.manifest_read
-
     result = StorageCheck()
-    manifest_key = f"{set_prefix}/{MANIFEST_NAME}"
     try:
         doc = manifest_read(storage, set_prefix, hmac_key)
     except Exception as exc:  # missing, unreadable or a bad signature: all say "untrusted"
-        result.problems.append({"object": manifest_key, "reason": _reason(exc)})
+        result.problems.append({"object": manifest_key(set_prefix), "reason": _reason(exc)})
         return result
     result.manifest = doc
-    for obj in manifest_object_list(doc):
+    for obj in manifest_objects(doc):
         if should_cancel():
             raise Cancelled("verification cancelled")
         key = obj["key"]
@@ -187,47 +182,8 @@ def _reason(exc: BaseException) -> str:
     return text
 
 
-def manifest_object_list(doc: dict[str, Any]) -> Iterable[dict[str, Any]]:
-    """Every object the manifest names (`manifest.manifest_objects` when it exists)."""
-    from backups.engine import manifest as manifest_module
-
-    listing = getattr(manifest_module, "manifest_objects", None)
-    if listing is not None:
-        return listing(doc)
-    return _objects_from_doc(doc)
-
-
-def _objects_from_doc(doc: dict[str, Any]) -> Iterable[dict[str, Any]]:
-    for shard in manifest_shards(doc):
-        base = {"shard": shard.get("name", ""), "database": shard.get("database", "")}
-        for table in shard.get("tables") or []:
-            where = dict(base, table=table.get("name", ""))
-            if table.get("schema_key"):
-                yield dict(
-                    where,
-                    key=table["schema_key"],
-                    sha256=table.get("schema_sha256"),
-                    stored_bytes=table.get("schema_stored_bytes"),
-                    kind="schema",
-                )
-            for chunk in table.get("chunks") or []:
-                yield dict(
-                    where,
-                    key=chunk["key"],
-                    sha256=chunk.get("sha256"),
-                    stored_bytes=chunk.get("stored_bytes"),
-                    kind="chunk",
-                )
-    for segment in doc.get("binlog") or []:
-        yield {
-            "key": segment["key"],
-            "sha256": segment.get("sha256"),
-            "stored_bytes": segment.get("stored_bytes"),
-            "kind": "binlog",
-            "shard": "",
-            "database": "",
-            "table": "",
-        }
+# The name backups.services.verification calls.
+manifest_object_list = manifest_objects
 
 
 def drill_database_name(verification_id: int, database: str, shard: str = "") -> str:
