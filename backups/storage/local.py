@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -170,12 +171,14 @@ class LocalStorage(Storage):
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            stat = self._path(key).stat()
+            info = self._path(key).stat()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        if not os.path.isfile(self._path(key)):
+        except OSError as exc:
+            raise StorageError(f"cannot look up {key} in {self.describe()}: {_cause(exc)}") from exc
+        if not stat.S_ISREG(info.st_mode):
             return None
-        return ObjectInfo(key=key, size=stat.st_size)
+        return ObjectInfo(key=key, size=info.st_size)
 
     def _listing_base(self, prefix: str) -> Path | None:
         """The deepest directory that can hold keys starting with `prefix`."""

@@ -227,6 +227,27 @@ def test_read_only_directory_is_a_clear_storage_error():
         shutil.rmtree(top)
 
 
+def test_unreadable_directory_head_is_a_clear_storage_error():
+    top = Path(tempfile.mkdtemp(prefix="sv-nx-"))
+    try:
+        top.chmod(0o755)
+        root = top / "store"
+        storage = LocalStorage(root, fsync=False)
+        storage.put_bytes("orders/1/manifest.json", b"{}")
+        for path in (root, root / "orders"):
+            path.chmod(0o755)
+        (root / "orders" / "1").chmod(0o600)  # listable by no one but root: no search bit
+        with _unprivileged(), pytest.raises(StorageError) as caught:
+            storage.head("orders/1/manifest.json")
+        assert str(caught.value) == (
+            f"cannot look up orders/1/manifest.json in local directory {root}: permission denied"
+        )
+    finally:
+        for path in top.rglob("*"):
+            path.chmod(0o755) if path.is_dir() else None
+        shutil.rmtree(top)
+
+
 def test_missing_bucket_is_a_clear_storage_error(s3_env):
     storage = S3Storage("no-such-bucket-sv", "p", endpoint_url=s3_env["url"])
     with pytest.raises(
