@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 
 from django.core.paginator import Paginator
+from django.db.models import Q
 from django.http import HttpResponse, StreamingHttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from console.audit import audit_verify_chain
+from console.audit import audit_chain_head, audit_verify_chain
 from console.models import AuditEvent
 from console.reports import (
     CONTENT_TYPES,
@@ -44,8 +47,6 @@ def audit_events_filtered(params) -> tuple:
             kind, _, ident = obj.partition(":")
             events = events.filter(object_type__iexact=kind, object_id=ident)
         else:
-            from django.db.models import Q
-
             events = events.filter(
                 Q(object_type__iexact=obj) | Q(object_id=obj) | Q(object_repr__icontains=obj)
             )
@@ -95,8 +96,6 @@ def audit_export(request):
     columns = ["id", "at", "actor", "action", "object_type", "object_id", "object_repr", "details", "prev_hash", "hash"]  # fmt: skip
 
     def rows():
-        import json
-
         yield writer.writerow(columns)
         for e in events.order_by("id").iterator(chunk_size=2000):
             yield writer.writerow(
@@ -153,10 +152,6 @@ def reports(request):
 
 
 def _download(period, fmt: str):
-    import hashlib
-
-    from console.audit import audit_chain_head
-
     filename = report_filename(period, fmt)
     if fmt == "pdf":
         content = report_pdf(period)
