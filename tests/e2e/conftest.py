@@ -43,7 +43,7 @@ def logged_in_page(browser, live_server):
 
     def login(role: str):
         user = make_user(role, password=E2E_PASSWORD)
-        context = browser.new_context(base_url=live_server.url)
+        context = browser.new_context(base_url=live_server.url, accept_downloads=True)
         context.set_default_timeout(15_000)
         contexts.append(context)
         page = context.new_page()

@@ -14,17 +14,8 @@ from shards.models import Cluster
 from tests.factories import make_user
 
 
-@pytest.fixture
-def browser_page(browser):
-    """A fresh page of the shared headless Chromium (tests/e2e/conftest.py), downloads allowed."""
-    context = browser.new_context(accept_downloads=True)
-    context.set_default_timeout(15_000)
-    yield context.new_page()
-    context.close()
-
-
 @pytest.mark.django_db(transaction=True)
-def test_auditor_sees_health_and_downloads_a_pdf_report(live_server, browser_page, tmp_path):
+def test_auditor_sees_health_and_downloads_a_pdf_report(logged_in_page, tmp_path):
     cluster = Cluster.objects.create(name="payments")
     now = timezone.now()
     good = BackupSet.objects.create(
@@ -49,14 +40,8 @@ def test_auditor_sees_health_and_downloads_a_pdf_report(live_server, browser_pag
     Approval.objects.create(
         request=request, approver=make_user("approver", "arne"), decision="approve", comment="fine"
     )
-    make_user("auditor", "audrey", password="correct horse battery")
 
-    page = browser_page
-    page.goto(f"{live_server.url}/login/")
-    page.fill("input[name=username]", "audrey")
-    page.fill("input[name=password]", "correct horse battery")
-    page.click("button[type=submit], input[type=submit]")
-    page.wait_for_url(f"{live_server.url}/")
+    page = logged_in_page("auditor")
     row = page.locator('tr[data-cluster="payments"]')
     assert "Q 1.0000" in row.inner_text()
     assert row.get_attribute("class") == "health-good"
