@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from backups.engine.binlog_apply import ApplyResult
 from backups.engine.codec import decode
 from backups.engine.manifest import manifest_key, manifest_objects, manifest_read
 from backups.engine.types import (
@@ -28,7 +29,7 @@ from backups.engine.types import (
 from shards.mysql import Endpoint, connect, quote_ident
 
 # roll_forward(shard manifest entry, target endpoint, scratch database) -> what was applied
-RollForwardFn = Callable[[dict[str, Any], Endpoint, str], Any]
+RollForwardFn = Callable[[dict[str, Any], Endpoint, str], ApplyResult]
 DRILL_PREFIX = "__svdrill_"
 
 
@@ -75,16 +76,16 @@ class DrillOutcome:
     rows_total: int = 0
     tables_total: int = 0
     error: str = ""
-    # shard name -> what `roll_forward` returned (binlog_apply.ApplyResult) for that shard
-    rolled_forward: dict[str, Any] = field(default_factory=dict)
+    # shard name -> what `roll_forward` applied to that shard's scratch database
+    rolled_forward: dict[str, ApplyResult] = field(default_factory=dict)
 
     @property
     def binlog_transactions(self) -> int:
-        return sum(int(getattr(r, "transactions", 0) or 0) for r in self.rolled_forward.values())
+        return sum(r.transactions for r in self.rolled_forward.values())
 
     @property
     def binlog_events(self) -> int:
-        return sum(int(getattr(r, "events", 0) or 0) for r in self.rolled_forward.values())
+        return sum(r.events for r in self.rolled_forward.values())
 
     @property
     def t(self) -> float:
