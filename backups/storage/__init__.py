@@ -47,6 +47,4 @@ def default_storage() -> Storage:
     """The storage configured by settings.STORAGE_URL (and S3_ENDPOINT_URL)."""
     from django.conf import settings
 
-    return storage_from_url(
-        settings.STORAGE_URL, endpoint_url=getattr(settings, "S3_ENDPOINT_URL", None)
-    )
+    return storage_from_url(settings.STORAGE_URL, endpoint_url=settings.S3_ENDPOINT_URL)
