@@ -13,7 +13,7 @@ position (`binlog_snapshot_file/position`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pymysql
@@ -32,16 +32,6 @@ class Coordinates:
     binlog_pos: int | None = None
     gtid: str = ""
     snapshot_at: datetime | None = None
-
-
-@dataclass
-class SnapshotGroup:
-    """Connections that share one snapshot and the shards they may read."""
-
-    endpoint: Endpoint
-    shard_names: list[str]
-    connections: list = field(default_factory=list)
-    coordinates: Coordinates = field(default_factory=Coordinates)
 
 
 def open_dump_connection(endpoint: Endpoint):
