@@ -38,7 +38,15 @@ DISCOVERY_STALE_AFTER = timedelta(minutes=15)
 
 
 class TopologyError(Exception):
-    """Bad topology input; the message is one sentence for a person."""
+    """Bad topology input; the message is one sentence for a person.
+
+    `field` names the form field at fault (None: the input as a whole), so pages can show
+    the sentence beside it.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def _authorise(actor, action: str) -> None:
@@ -53,7 +61,8 @@ def _valid_name(value: str, what: str) -> str:
     except ValidationError:
         raise TopologyError(
             f"{what} '{value}' is not valid: use letters, digits, '_', '.' or '-' "
-            "(at most 63, starting with a letter or digit)"
+            "(at most 63, starting with a letter or digit)",
+            field="name",
         ) from None
     return value
 
@@ -62,9 +71,9 @@ def _valid_port(port) -> int:
     try:
         port = int(port)
     except (TypeError, ValueError):
-        raise TopologyError(f"port '{port}' is not a number") from None
+        raise TopologyError(f"port '{port}' is not a number", field="port") from None
     if not 1 <= port <= 65535:
-        raise TopologyError(f"port {port} is out of range: use 1 to 65535")
+        raise TopologyError(f"port {port} is out of range: use 1 to 65535", field="port")
     return port
 
 
@@ -77,7 +86,7 @@ def cluster_create(*, actor, name: str, shard_key: str = "", description: str = 
     name = _valid_name(name, "cluster name")
     with transaction.atomic():
         if Cluster.objects.filter(name=name).exists():
-            raise TopologyError(f"a cluster named '{name}' already exists")
+            raise TopologyError(f"a cluster named '{name}' already exists", field="name")
         cluster = Cluster.objects.create(name=name, shard_key=shard_key, description=description)
         audit_record(actor=actor, action="cluster.create", obj=cluster, details={"name": name})
     return cluster
@@ -156,13 +165,15 @@ def instance_create(
     name = _valid_name(name, "instance name")
     port = _valid_port(port)
     if not host.strip():
-        raise TopologyError("the host must not be empty")
+        raise TopologyError("the host must not be empty", field="host")
     if not user.strip():
-        raise TopologyError("the user must not be empty")
+        raise TopologyError("the user must not be empty", field="user")
     with transaction.atomic():
         Cluster.objects.select_for_update().get(pk=cluster.pk)
         if cluster.instances.filter(name=name).exists():
-            raise TopologyError(f"cluster {cluster.name} already has an instance named '{name}'")
+            raise TopologyError(
+                f"cluster {cluster.name} already has an instance named '{name}'", field="name"
+            )
         instance = Instance(
             cluster=cluster,
             name=name,
@@ -242,16 +253,21 @@ def shard_create(*, actor, cluster: Cluster, name: str, instance: Instance, data
     name = _valid_name(name, "shard name")
     database = database.strip()
     if not database or len(database) > 64:
-        raise TopologyError("the database name must have 1 to 64 characters")
+        raise TopologyError("the database name must have 1 to 64 characters", field="database")
     if instance.cluster_id != cluster.pk:
-        raise TopologyError(f"instance {instance.name} does not belong to cluster {cluster.name}")
+        raise TopologyError(
+            f"instance {instance.name} does not belong to cluster {cluster.name}", field="instance"
+        )
     with transaction.atomic():
         Cluster.objects.select_for_update().get(pk=cluster.pk)
         if cluster.shards.filter(name=name).exists():
-            raise TopologyError(f"cluster {cluster.name} already has a shard named '{name}'")
+            raise TopologyError(
+                f"cluster {cluster.name} already has a shard named '{name}'", field="name"
+            )
         if Shard.objects.filter(instance=instance, database=database).exists():
             raise TopologyError(
-                f"database '{database}' on instance {instance.name} is already a shard"
+                f"database '{database}' on instance {instance.name} is already a shard",
+                field="database",
             )
         shard = Shard.objects.create(
             cluster=cluster, name=name, instance=instance, database=database
@@ -269,14 +285,17 @@ def shard_update(*, actor, shard: Shard, instance: Instance, database: str) -> S
     _authorise(actor, "change shards")
     database = database.strip()
     if not database or len(database) > 64:
-        raise TopologyError("the database name must have 1 to 64 characters")
+        raise TopologyError("the database name must have 1 to 64 characters", field="database")
     if instance.cluster_id != shard.cluster_id:
-        raise TopologyError(f"instance {instance.name} does not belong to this shard's cluster")
+        raise TopologyError(
+            f"instance {instance.name} does not belong to this shard's cluster", field="instance"
+        )
     with transaction.atomic():
         shard = Shard.objects.select_for_update().get(pk=shard.pk)
         if Shard.objects.filter(instance=instance, database=database).exclude(pk=shard.pk).exists():
             raise TopologyError(
-                f"database '{database}' on instance {instance.name} is already a shard"
+                f"database '{database}' on instance {instance.name} is already a shard",
+                field="database",
             )
         changes = _apply(shard, {"instance": instance, "database": database})
         if changes:

@@ -78,7 +78,7 @@ def cluster_create_view(request):
         try:
             created = cluster_create(actor=request.user, **form.cleaned_data)
         except TopologyError as exc:
-            form.add_error("name", str(exc))
+            form.add_error(exc.field, str(exc))
         else:
             messages.success(request, f"Cluster {created.name} created.")
             return _done(request, reverse("shards:cluster_detail", args=[created.name]))
@@ -126,7 +126,7 @@ def instance_create_view(request, cluster: str):
         try:
             instance_create(actor=request.user, cluster=target, **form.cleaned_data)
         except TopologyError as exc:
-            form.add_error("name" if "instance named" in str(exc) else None, str(exc))
+            form.add_error(exc.field, str(exc))
         else:
             messages.success(request, f"Instance {form.cleaned_data['name']} added.")
             return _done(request, reverse("shards:cluster_detail", args=[target.name]))
@@ -145,7 +145,7 @@ def instance_edit(request, cluster: str, instance: str):
         try:
             instance_update(actor=request.user, instance=obj, **data)
         except TopologyError as exc:
-            form.add_error(None, str(exc))
+            form.add_error(exc.field, str(exc))
         else:
             messages.success(request, f"Instance {obj.name} saved.")
             return _done(request, reverse("shards:cluster_detail", args=[target.name]))
@@ -223,7 +223,7 @@ def shard_create_view(request, cluster: str):
         try:
             shard_create(actor=request.user, cluster=target, **form.cleaned_data)
         except TopologyError as exc:
-            form.add_error("name" if "shard named" in str(exc) else "database", str(exc))
+            form.add_error(exc.field, str(exc))
         else:
             messages.success(request, f"Shard {form.cleaned_data['name']} added.")
             return _done(request, reverse("shards:cluster_detail", args=[target.name]))
@@ -247,7 +247,7 @@ def shard_edit(request, cluster: str, shard: str):
         try:
             shard_update(actor=request.user, shard=obj, **form.cleaned_data)
         except TopologyError as exc:
-            form.add_error("database", str(exc))
+            form.add_error(exc.field, str(exc))
         else:
             messages.success(request, f"Shard {obj.name} saved.")
             return _done(request, reverse("shards:cluster_detail", args=[target.name]))

@@ -18,6 +18,12 @@ pytestmark = pytest.mark.django_db
 HX = {"HTTP_HX_REQUEST": "true"}
 
 
+def _field_errors(html: str, field: str) -> str:
+    """The error list the form shows beside one field ("" when it has none)."""
+    start = html.find(f'id="errors-{field}"')
+    return "" if start < 0 else html[start : html.index("</ul>", start)]
+
+
 @pytest.fixture
 def operator_client(client):
     client.force_login(make_user("operator"))
@@ -196,9 +202,11 @@ def test_shard_form_refuses_an_instance_of_another_cluster_and_duplicates(operat
         url, {"name": "s00", "instance": first.instance.name, "database": "d"}, **HX
     )
     assert "already has a shard named" in html.content.decode()
+    assert "already has a shard named" in _field_errors(html.content.decode(), "name")
     data = {"name": "s9", "instance": first.instance.name, "database": first.database}
     html = operator_client.post(url, data, **HX).content.decode()
     assert "is already a shard" in html
+    assert "is already a shard" in _field_errors(html, "database")
     assert not Shard.objects.filter(name="s9").exists()
 
 
