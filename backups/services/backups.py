@@ -655,9 +655,10 @@ def _connection_slots(backup_set, shard_backups):
 
 
 def _backup_spec(backup_set: BackupSet, shard_backups, slots):
+    from backups.engine.manifest import manifest_hmac_key
     from backups.engine.types import BackupSpec, ShardSpec
     from shards.mysql import ConnectError, connect
-    from shards.selectors import MissingPassword, instance_endpoint
+    from shards.selectors import instance_endpoint
 
     specs = []
     errors: dict[str, str] = {}
@@ -670,7 +671,7 @@ def _backup_spec(backup_set: BackupSet, shard_backups, slots):
             # Preflight: refuse before locking anything when a shard cannot be reached.
             conn = connect(endpoint, sb.shard.database, connect_timeout=5)
             conn.close()
-        except (ConnectError, MissingPassword, Exception) as exc:  # noqa: B014
+        except Exception as exc:  # noqa: BLE001 - unreachable, no password, bad settings...
             errors[sb.shard_name] = f"shard {sb.shard_name} (instance {instance.name}) " + (
                 f"is unreachable: {exc}"
                 if isinstance(exc, ConnectError)
@@ -695,7 +696,6 @@ def _backup_spec(backup_set: BackupSet, shard_backups, slots):
     connections = min(i.max_connections for i in instances.values()) - 1
     if slots is not None and slots.granted:
         connections = min(slots.granted.values()) - 1
-    hmac_key = _manifest_hmac_key()
     return BackupSpec(
         cluster=backup_set.cluster.name,
         set_id=backup_set.pk,
@@ -706,7 +706,7 @@ def _backup_spec(backup_set: BackupSet, shard_backups, slots):
         data_key=_unwrap_data_key(backup_set),
         key_id=backup_set.key_id,
         wrapped_key=backup_set.wrapped_key,
-        manifest_hmac_key=hmac_key,
+        manifest_hmac_key=manifest_hmac_key(),
         connections_per_instance=max(1, connections),
         chunk_rows=settings.BACKUP_CHUNK_ROWS,
         lock_wait_timeout=settings.BACKUP_LOCK_WAIT_TIMEOUT,
@@ -716,15 +716,6 @@ def _backup_spec(backup_set: BackupSet, shard_backups, slots):
             backup_set.triggered_by.get_username() if backup_set.triggered_by_id else "system"
         ),
     )
-
-
-def _manifest_hmac_key() -> bytes:
-    from backups.engine import manifest
-
-    try:
-        return manifest.manifest_hmac_key()
-    except TypeError:
-        return manifest.manifest_hmac_key(settings.SHARDVAULT_DATA_KEY)
 
 
 def _topology_snapshot(backup_set, instances, shard_backups) -> dict[str, Any]:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -22,9 +23,13 @@ from django.db import transaction
 from django.utils import timezone
 
 from backups.models import BackupPolicy, BackupSet, BinlogSegment, ShardBackup
-from backups.selectors.incrementals import aligned_instant  # noqa: F401 - re-exported
+from backups.selectors.incrementals import (
+    aligned_instant,  # noqa: F401 - re-exported
+    chain_after,
+)
 from backups.services.backups import (
     ACTIVE,
+    WORKER_ACTOR,
     BackupError,
     BackupRefused,
     _authorise,
@@ -189,7 +194,7 @@ def _begin(backup_set: BackupSet) -> bool:
         locked.save(update_fields=["status", "started_at", "heartbeat_at"])
         locked.shard_backups.update(status=BackupSet.Status.RUNNING, started_at=now)
         audit_record(
-            actor="worker", action="backup.run", obj=locked, details={"kind": "incremental"}
+            actor=WORKER_ACTOR, action="backup.run", obj=locked, details={"kind": "incremental"}
         )
     return True
 
@@ -201,7 +206,7 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
     is no longer succeeded, or start coordinates purged from a server, fail the set with
     a message saying a new full backup is needed; no event is ever skipped.
     """
-    from backups.engine.binlog import capture_instance, master_status_at
+    from backups.engine.binlog import capture_instance, coordinate_key, master_status_at
     from backups.engine.types import Cancelled, EngineError
 
     if not _begin(backup_set):
@@ -229,8 +234,6 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
         captures = []
         watch = _Watch(backup_set.pk)
         for index, (pk, sbs) in enumerate(sorted(by_instance.items())):
-            from backups.engine.binlog import coordinate_key
-
             start = min(
                 ((sb.binlog_file, sb.binlog_pos) for sb in sbs), key=lambda c: coordinate_key(*c)
             )
@@ -274,8 +277,6 @@ class _Watch:
         self.bytes_done = 0
 
     def _due(self) -> bool:
-        import time
-
         now = time.monotonic()
         if now - self.last < 1.0:
             return False
@@ -368,13 +369,9 @@ def _manifest(backup_set: BackupSet, captures, covered: datetime) -> dict:
 
 
 def _write_manifest(storage, backup_set: BackupSet, doc: dict) -> str:
-    from backups.engine import manifest as manifest_engine
-    from backups.services.backups import _manifest_hmac_key
+    from backups.engine.manifest import manifest_hmac_key, manifest_write
 
-    stored = manifest_engine.manifest_write(
-        storage, backup_set.object_prefix, doc, _manifest_hmac_key()
-    )
-    return getattr(stored, "sha256", "") or ""
+    return manifest_write(storage, backup_set.object_prefix, doc, manifest_hmac_key()).sha256
 
 
 def _finish(
@@ -446,7 +443,7 @@ def _finish(
         locked.progress_text = f"{sum(c.events for _i, _s, c in captures)} binlog events"
         locked.save()
         audit_record(
-            actor="worker",
+            actor=WORKER_ACTOR,
             action="backup.succeed",
             obj=locked,
             details={
@@ -536,34 +533,32 @@ def pitr_resolve(*, cluster: Cluster, at: datetime) -> tuple[BackupSet, list[Bac
     ChainError when no full set precedes `at` or the chain does not reach it (the
     message names the newest recoverable point).
     """
-    from backups.selectors.incrementals import chain_after
-
     if timezone.is_naive(at):
         at = at.replace(tzinfo=UTC)
-    fulls = BackupSet.objects.filter(
-        cluster=cluster,
-        kind=BackupSet.Kind.FULL,
-        status=BackupSet.Status.SUCCEEDED,
-        consistent_at__lte=at,
-    ).order_by("-consistent_at", "-id")
-    newest_point = None
-    for full in fulls:
-        chain = chain_after(full)
-        needed: list[BackupSet] = []
-        if full.consistent_at and full.consistent_at >= at:
-            return full, []
-        for incremental in chain:
-            needed.append(incremental)
-            if incremental.consistent_at and incremental.consistent_at >= at:
-                return full, needed
-        point = chain[-1].consistent_at if chain else full.consistent_at
-        if point and (newest_point is None or point > newest_point):
-            newest_point = point
-        break  # only the newest full set before `at` counts; older chains end before it
-    if newest_point is None:
+    # Only the newest full set at or before `at` counts: older chains end before it.
+    full = (
+        BackupSet.objects.filter(
+            cluster=cluster,
+            kind=BackupSet.Kind.FULL,
+            status=BackupSet.Status.SUCCEEDED,
+            consistent_at__lte=at,
+        )
+        .order_by("-consistent_at", "-id")
+        .first()
+    )
+    if full is None:
         raise ChainError(
             f"no succeeded full backup of {cluster.name} at or before {at.isoformat()}"
         )
+    if full.consistent_at >= at:
+        return full, []
+    chain = chain_after(full)
+    needed: list[BackupSet] = []
+    for incremental in chain:
+        needed.append(incremental)
+        if incremental.consistent_at and incremental.consistent_at >= at:
+            return full, needed
+    newest_point = (chain[-1].consistent_at if chain else None) or full.consistent_at
     raise ChainError(
         f"the backups of {cluster.name} do not reach {at.isoformat()}: "
         f"the newest recoverable point is {newest_point.isoformat()}"
@@ -624,7 +619,7 @@ def pitr_apply(
         full_set = run.request.source_set
     if timezone.is_naive(at):
         at = at.replace(tzinfo=UTC)
-    chain = _cut_chain(_chain_from(full_set), at)
+    chain = _cut_chain(chain_after(full_set), at)
     result = chain_apply(
         chain=chain,
         shard=shard,
@@ -675,12 +670,6 @@ def chain_apply(
         progress=progress,
         should_cancel=should_cancel,
     )
-
-
-def _chain_from(full_set: BackupSet) -> list[BackupSet]:
-    from backups.selectors.incrementals import chain_after
-
-    return chain_after(full_set)
 
 
 def _cut_chain(chain: list[BackupSet], at: datetime) -> list[BackupSet]:
