@@ -186,25 +186,24 @@ def instance_test(request, cluster: str):
 
 
 def _endpoint_for_test(stored, form) -> Endpoint:
-    base = (
-        instance_endpoint(stored)
-        if stored is not None and not (form and form.cleaned_data.get("password_env"))
-        else None
-    )
+    """The form's connection; its password is the typed one, else the variable it names, else
+    the stored instance's (read only when needed, so a typed password wins over an unreadable one)."""
     if form is None:
-        return base
+        return instance_endpoint(stored)
     data = form.cleaned_data
+    name = stored.name if stored else data.get("name", "new instance")
     if data.get("password_env"):
-        probe = Instance(
-            name=stored.name if stored else data.get("name", ""), password_env=data["password_env"]
-        )
-        password = instance_endpoint(probe).password
+        password = instance_endpoint(
+            Instance(name=name, password_env=data["password_env"])
+        ).password
     elif data.get("password"):
         password = data["password"]
+    elif stored is not None:
+        password = instance_endpoint(stored).password
     else:
-        password = base.password if base is not None else ""
+        password = ""
     return Endpoint(
-        name=stored.name if stored else data.get("name", "new instance"),
+        name=name,
         host=data["host"],
         port=data["port"],
         user=data["user"],

@@ -166,6 +166,34 @@ def test_a_password_stored_under_an_old_data_key_can_be_replaced_from_the_edit_p
     assert instance_endpoint(Instance.objects.get(cluster=target, name="r1")).password == "new-pw"
 
 
+def test_test_connection_from_the_edit_form_uses_the_typed_password_over_an_unreadable_one(
+    operator_client, settings, mariadb_servers, unique_name
+):
+    import base64
+    import os
+
+    server = mariadb_servers[0]
+    user = f"tp{unique_name}"[:32]
+    server.execute(f"CREATE USER '{user}'@'%' IDENTIFIED BY 'typed-Pw-1'")
+    try:
+        target = Cluster.objects.create(name=f"tp{unique_name}")
+        instance_create(
+            actor="test", cluster=target, name="r1", host="127.0.0.1", port=server.port,
+            user=user, password="old-pw",
+        )  # fmt: skip
+        settings.SHARDVAULT_DATA_KEY = base64.urlsafe_b64encode(os.urandom(32)).decode()
+        form = {
+            "instance": "r1", "host": "127.0.0.1", "port": str(server.port), "user": user,
+            "password": "typed-Pw-1", "max_connections": "4",
+        }  # fmt: skip
+        html = operator_client.post(
+            reverse("shards:instance_test", args=[target.name]), form, **HX
+        ).content.decode()
+        assert 'data-ok="true"' in html and "connected to r1" in html
+    finally:
+        server.execute(f"DROP USER '{user}'@'%'")
+
+
 def test_test_connection_answers_with_a_partial(operator_client, cluster, mariadb_servers):
     url = reverse("shards:instance_test", args=[cluster.name])
     name = mariadb_servers[0].name
