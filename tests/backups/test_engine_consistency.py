@@ -14,6 +14,7 @@ import time
 from backups.engine.dump import dump_cluster
 from backups.engine.load import create_database_objects, load_table
 from backups.engine.types import TableLoadJob
+from shards.mysql import quote_ident
 from tests.backups.conftest import drop_database, make_spec, read_manifest
 
 
@@ -21,7 +22,7 @@ def test_locked_backups_restore_a_gap_free_sequence(storage, mariadb_servers, un
     database = f"seq_{unique_name}"
     for server in mariadb_servers:
         drop_database(server, database)
-        server.execute(f"CREATE DATABASE {database}")
+        server.execute(f"CREATE DATABASE {quote_ident(database)}")
         server.execute(
             "CREATE TABLE seq (n BIGINT PRIMARY KEY, pad VARCHAR(20)) ENGINE=InnoDB",
             database=database,

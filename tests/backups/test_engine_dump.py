@@ -156,7 +156,7 @@ def test_encrypted_backup_names_objects_enc_and_needs_the_key(storage, hostile_d
 def test_non_innodb_table_is_refused_by_name_before_any_lock(storage, mariadb_servers, unique_name):
     server = mariadb_servers[1]
     database = f"myisam_{unique_name}"
-    server.execute(f"CREATE DATABASE {database}")
+    server.execute(f"CREATE DATABASE {quote_ident(database)}")
     try:
         server.execute("CREATE TABLE good (id INT PRIMARY KEY) ENGINE=InnoDB", database=database)
         server.execute("CREATE TABLE legacy (id INT PRIMARY KEY) ENGINE=MyISAM", database=database)
@@ -166,7 +166,7 @@ def test_non_innodb_table_is_refused_by_name_before_any_lock(storage, mariadb_se
         assert result.shards[0].error and result.lock_window_ms is None
         assert list(storage.list(spec.set_prefix)) == []
     finally:
-        server.execute(f"DROP DATABASE {database}")
+        server.execute(f"DROP DATABASE {quote_ident(database)}")
 
 
 def test_lockfree_backup_records_snapshot_coordinates(storage, hostile_database):

@@ -11,6 +11,7 @@ import pytest
 
 from backups.engine.dump import dump_cluster
 from backups.engine.types import Cancelled, ShardSpec
+from shards.mysql import quote_ident
 from tests.backups.conftest import drop_database, make_spec, no_backup_sessions
 from tests.servers import free_port
 
@@ -20,7 +21,7 @@ def three_shards(mariadb_servers, unique_name):
     database = f"fault_{unique_name}"
     for server in mariadb_servers:
         drop_database(server, database)
-        server.execute(f"CREATE DATABASE {database}")
+        server.execute(f"CREATE DATABASE {quote_ident(database)}")
         server.execute(
             "CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(60)) ENGINE=InnoDB", database=database
         )
