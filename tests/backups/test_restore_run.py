@@ -210,6 +210,55 @@ def test_inplace_verification_failure_leaves_live_tables_exactly_as_they_were(
     assert bad and any(key in r.error for r in bad)
 
 
+def test_inplace_swap_failing_on_a_later_database_says_which_were_already_swapped(
+    cluster, mariadb_servers, run_jobs
+):
+    backup_set = make_backup(cluster, run_jobs)
+    expected = {
+        (s.name, t): checksum_of(server, s.database, t)
+        for s, server in shard_servers(cluster, mariadb_servers)
+        for t in ("t_order_0", "t_order_1")
+    }
+    _damage_live_data(cluster, mariadb_servers)
+    damaged = {
+        (s.name, t): checksum_of(server, s.database, t)
+        for s, server in shard_servers(cluster, mariadb_servers)
+        for t in ("t_order_0", "t_order_1")
+    }
+    request = file_request(cluster, backup_set, tables=["t_order"], target="inplace")
+    approve(request, count=2)
+    # Databases are swapped in (instance, database) order. A table already holding the name
+    # the second database's live table would be renamed to makes that RENAME TABLE fail.
+    order = sorted(
+        {(e["target_instance_id"], e["target_database"]) for e in request.plan["tables"]}
+    )
+    assert len(order) == 2
+    (_, first_db), (_, second_db) = order
+    by_db = {s.database: (s, server) for s, server in shard_servers(cluster, mariadb_servers)}
+    blocker = executor.old_table("t_order_0", request.pk)
+    second_server = by_db[second_db][1]
+    second_server.execute(f"CREATE TABLE {quote_ident(blocker)} (id INT)", database=second_db)
+    try:
+        run = restore_run_start(request=request, actor=make_user("operator"))
+        run_jobs("restores")
+        run.refresh_from_db()
+        request.refresh_from_db()
+        assert (request.state, run.status) == ("failed", "failed")
+        assert f"swapping the restored tables into {second_db} failed" in run.error
+        assert f"{first_db} had already been swapped and hold the restored data" in run.error
+        assert "left untouched" not in run.error
+        first_shard, first_server = by_db[first_db]
+        second_shard = by_db[second_db][0]
+        for table in ("t_order_0", "t_order_1"):
+            assert checksum_of(first_server, first_db, table) == expected[(first_shard.name, table)]
+            assert (
+                checksum_of(second_server, second_db, table) == damaged[(second_shard.name, table)]
+            )
+        assert tables_of(first_server, first_db) == {"t_order_0", "t_order_1", "t_user"}
+    finally:
+        second_server.execute(f"DROP TABLE IF EXISTS {quote_ident(blocker)}", database=second_db)
+
+
 class SimulatedCrash(BaseException):
     """Not an Exception: like a killed worker, nothing in the executor gets to clean up."""
 
