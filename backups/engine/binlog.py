@@ -25,7 +25,7 @@ import pymysql
 from pymysql.constants.COMMAND import COM_BINLOG_DUMP, COM_REGISTER_SLAVE
 
 from backups.engine.types import CancelFn, Cancelled, EngineError, ProgressEvent, ProgressFn
-from shards.mysql import Endpoint, connect, describe_error
+from shards.mysql import ConnectError, Endpoint, connect, describe_error
 
 BINLOG_MAGIC = b"\xfebin"
 HEADER_LEN = 19
@@ -204,13 +204,21 @@ def master_status(endpoint: Endpoint) -> tuple[str, int, str]:
     return master_status_at(endpoint)[:3]
 
 
+def _connect(endpoint: Endpoint, **options):
+    """`connect`, with an unreachable server as an EngineError sentence."""
+    try:
+        return connect(endpoint, **options)
+    except ConnectError as exc:
+        raise EngineError(str(exc)) from exc
+
+
 def master_status_at(endpoint: Endpoint) -> tuple[str, int, str, datetime]:
     """(file, position, gtid_binlog_pos, server time read just before them).
 
     Every transaction the server stamped at least a second before that time is before
     the returned position, which is what an incremental can promise to restore to.
     """
-    conn = connect(endpoint)
+    conn = _connect(endpoint)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT UNIX_TIMESTAMP(NOW(6))")
@@ -228,16 +236,22 @@ def master_status_at(endpoint: Endpoint) -> tuple[str, int, str, datetime]:
             except pymysql.MySQLError:
                 gtid = ""
             return row[0], int(row[1]), gtid, server_time
+    except pymysql.MySQLError as exc:
+        raise EngineError(
+            f"reading the binlog position failed: {describe_error(exc, endpoint)}"
+        ) from exc
     finally:
         conn.close()
 
 
 def binary_logs(endpoint: Endpoint) -> list[tuple[str, int]]:
-    conn = connect(endpoint)
+    conn = _connect(endpoint)
     try:
         with conn.cursor() as cur:
             cur.execute("SHOW BINARY LOGS")
             return [(row[0], int(row[1])) for row in cur.fetchall()]
+    except pymysql.MySQLError as exc:
+        raise EngineError(f"listing the binlogs failed: {describe_error(exc, endpoint)}") from exc
     finally:
         conn.close()
 
@@ -259,7 +273,7 @@ class BinlogDump:
     def __init__(self, endpoint: Endpoint, file: str, pos: int, *, server_id: int):
         self.endpoint = endpoint
         # Every event in range already exists on the server, so a long silence means trouble.
-        self.conn = connect(endpoint, read_timeout=READ_TIMEOUT_SECONDS)
+        self.conn = _connect(endpoint, read_timeout=READ_TIMEOUT_SECONDS)
         try:
             with self.conn.cursor() as cur:
                 cur.execute("SELECT @@GLOBAL.binlog_checksum")

@@ -190,6 +190,29 @@ def test_purged_start_fails_saying_a_new_full_backup_is_needed(mariadb_servers, 
     assert "new full backup is needed" in str(failure.value)
 
 
+def test_unreachable_server_is_an_engine_error_naming_it(mariadb_servers, segment_store):
+    """capture_instance promises EngineError when the server cannot be read."""
+    from dataclasses import replace
+
+    from tests.servers import free_port
+
+    gone = replace(mariadb_servers[0].endpoint, name="gone", port=free_port())
+    with pytest.raises(EngineError, match="cannot reach gone"):
+        master_status(gone)
+    with pytest.raises(EngineError, match="cannot reach gone"):
+        capture_instance(
+            endpoint=gone,
+            instance="gone",
+            start_file="mysql-bin.000001",
+            start_pos=4,
+            end_file="mysql-bin.000002",
+            end_pos=4,
+            set_prefix="c/11",
+            store=segment_store(),
+            server_id=3_999_000_003,
+        )
+
+
 def _wait_for_next_second() -> None:
     now = time.time()
     time.sleep(int(now) + 1 - now + 0.05)
