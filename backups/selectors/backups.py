@@ -46,16 +46,6 @@ def backup_set_detail(*, set_id: int) -> BackupSet:
     )
 
 
-def backup_set_active_for_cluster(*, cluster: Cluster) -> BackupSet | None:
-    return (
-        BackupSet.objects.filter(
-            cluster=cluster, status__in=(BackupSet.Status.PENDING, BackupSet.Status.RUNNING)
-        )
-        .order_by("id")
-        .first()
-    )
-
-
 def backup_set_json(backup_set: BackupSet) -> dict:
     """The object of `backup --json` and `backups list --json` (DESIGN.md; keys never removed)."""
     return {

@@ -31,53 +31,58 @@ def chain_after(full_set: BackupSet) -> list[BackupSet]:
         current = child
 
 
+def _first_children(sets) -> dict[int, BackupSet]:
+    """parent id -> its first child (lowest id) among `sets`."""
+    children: dict[int, BackupSet] = {}
+    for backup_set in sorted(sets, key=lambda s: s.pk):
+        if backup_set.parent_id is not None:
+            children.setdefault(backup_set.parent_id, backup_set)
+    return children
+
+
+def _walk(start: BackupSet, children: dict[int, BackupSet]) -> list[BackupSet]:
+    chain = []
+    current = children.get(start.pk)
+    while current is not None:
+        chain.append(current)
+        current = children.get(current.pk)
+    return chain
+
+
 def recoverable_window(cluster: Cluster) -> tuple[datetime | None, datetime | None]:
     """(earliest, latest) instants a point-in-time restore of `cluster` can reach.
 
     Earliest: the oldest succeeded full set's consistent point. Latest: the newest point
-    any full set's unbroken incremental chain reaches (to the second).
+    any full set's unbroken incremental chain reaches (to the second). One query.
     """
-    fulls = list(
-        BackupSet.objects.filter(
-            cluster=cluster, kind=BackupSet.Kind.FULL, status=BackupSet.Status.SUCCEEDED
-        )
-        .exclude(consistent_at=None)
-        .order_by("consistent_at")
+    succeeded = list(BackupSet.objects.filter(cluster=cluster, status=BackupSet.Status.SUCCEEDED))
+    fulls = sorted(
+        (s for s in succeeded if s.kind == BackupSet.Kind.FULL and s.consistent_at),
+        key=lambda s: s.consistent_at,
     )
     if not fulls:
         return None, None
+    children = _first_children(s for s in succeeded if s.kind == BackupSet.Kind.INCREMENTAL)
     latest = None
     for full in fulls:
-        chain = chain_after(full)
+        chain = _walk(full, children)
         point = chain[-1].consistent_at if chain else full.consistent_at
         if point and (latest is None or point > latest):
             latest = point
     return fulls[0].consistent_at, latest
 
 
-@dataclass
-class ChainLink:
-    backup_set: BackupSet
-    depth: int
-
-
 def cluster_chains(cluster: Cluster, *, limit: int = 10) -> list[list[BackupSet]]:
     """The newest `limit` full sets of `cluster`, each followed by its incremental chain."""
-    fulls = BackupSet.objects.filter(cluster=cluster, kind=BackupSet.Kind.FULL).order_by("-id")[
-        :limit
-    ]
-    chains = []
-    for full in fulls:
-        links = [full]
-        current = full
-        while True:
-            child = BackupSet.objects.filter(parent=current).order_by("id").first()
-            if child is None:
-                break
-            links.append(child)
-            current = child
-        chains.append(links)
-    return chains
+    fulls = list(
+        BackupSet.objects.filter(cluster=cluster, kind=BackupSet.Kind.FULL).order_by("-id")[:limit]
+    )
+    if not fulls:
+        return []
+    children = _first_children(
+        BackupSet.objects.filter(cluster=cluster, parent__isnull=False, id__gt=fulls[-1].pk)
+    )
+    return [[full, *_walk(full, children)] for full in fulls]
 
 
 @dataclass
@@ -91,11 +96,6 @@ class RecoveryPoint:
         if self.latest is None:
             return None
         return max(0.0, (timezone.now() - self.latest).total_seconds())
-
-
-def recovery_points() -> list[RecoveryPoint]:
-    """Per cluster: the recoverable window and the age of its newest point (dashboard)."""
-    return [RecoveryPoint(c, *recoverable_window(c)) for c in Cluster.objects.order_by("name")]
 
 
 def aligned_instant(*, full_set: BackupSet) -> datetime | None:

@@ -39,8 +39,6 @@ WORKER_ACTOR = "worker"
 HOUSEKEEPING_ACTOR = "housekeeping"
 # How long a job waits for free connection slots on its instances before failing.
 SLOT_WAIT_SECONDS = 15 * 60
-# A snapshot kept open longer than this is worth a note on the set's page (undo growth).
-LONG_SNAPSHOT_SECONDS = 600
 
 ACTIVE = (BackupSet.Status.PENDING, BackupSet.Status.RUNNING)
 FINISHED = (BackupSet.Status.SUCCEEDED, BackupSet.Status.FAILED, BackupSet.Status.CANCELLED)

@@ -414,3 +414,34 @@ def test_an_incremental_that_cannot_be_queued_is_failed_with_the_reason(
     backup_set.refresh_from_db()
     assert backup_set.status == "failed"
     assert "could not be queued" in backup_set.error
+
+
+def test_chains_and_the_window_are_read_in_one_query_however_long_the_chain(
+    cluster, django_assert_num_queries
+):
+    from django.utils import timezone
+
+    from backups.selectors.incrementals import cluster_chains
+
+    start = timezone.now().replace(microsecond=0) - timedelta(hours=3)
+    full = BackupSet.objects.create(
+        cluster=cluster, kind="full", status="succeeded", consistent_at=start
+    )
+    chain, parent = [], full
+    for n in range(1, 21):
+        parent = BackupSet.objects.create(
+            cluster=cluster,
+            kind="incremental",
+            parent=parent,
+            status="succeeded",
+            consistent_at=start + timedelta(minutes=5 * n),
+        )
+        chain.append(parent)
+    broken = BackupSet.objects.create(
+        cluster=cluster, kind="incremental", parent=parent, status="failed"
+    )
+    with django_assert_num_queries(1):
+        assert recoverable_window(cluster) == (start, chain[-1].consistent_at)
+    assert chain_after(full) == chain
+    with django_assert_num_queries(2):
+        assert cluster_chains(cluster) == [[full, *chain, broken]]
