@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 from django.utils import timezone
@@ -524,9 +524,27 @@ def discovery_run(
 
     Replaces the cluster's findings and the tables of every shard that could be
     read; updates each reachable instance's version, flavour and server_id.
-    Server problems become findings, never exceptions.
+    Server problems become findings, never exceptions. A queued run whose requester may no
+    longer run discovery is marked failed with that sentence.
     """
-    _authorise(actor, "run discovery")
+    try:
+        _authorise(actor, "run discovery")
+    except PermissionDenied as exc:
+        if discovery is not None:
+            with transaction.atomic():
+                failed = DiscoveryRun.objects.filter(
+                    pk=discovery.pk, status=DiscoveryRun.Status.PENDING
+                ).update(
+                    status=DiscoveryRun.Status.FAILED, error=str(exc), finished_at=timezone.now()
+                )
+                if failed:
+                    audit_record(
+                        actor=actor,
+                        action="discovery.fail",
+                        obj=cluster,
+                        details={"discovery": discovery.pk, "error": str(exc)},
+                    )
+        raise
     if discovery is None:
         discovery = DiscoveryRun.objects.create(
             cluster=cluster, requested_by=actor if hasattr(actor, "pk") else None

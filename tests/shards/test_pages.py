@@ -275,6 +275,25 @@ def test_discover_button_without_redis_marks_the_run_failed_with_a_sentence(
     assert run.error == "the job queue (Redis) is not reachable: start Redis and try again"
 
 
+def test_a_discovery_whose_requester_lost_the_role_fails_instead_of_staying_queued(
+    run_jobs, django_capture_on_commit_callbacks
+):
+    from django.contrib.auth.models import Group
+
+    from shards.services import discovery_request
+
+    target = Cluster.objects.create(name="lostrole")
+    operator = make_user("operator")
+    with django_capture_on_commit_callbacks(execute=True):
+        run = discovery_request(cluster=target, actor=operator)
+    operator.groups.remove(Group.objects.get(name="operator"))
+    run_jobs("default")
+    run.refresh_from_db()
+    assert run.status == DiscoveryRun.Status.FAILED
+    assert "may not run discovery" in run.error
+    assert AuditEvent.objects.filter(action="discovery.fail", object_id=str(target.pk)).exists()
+
+
 def test_import_upload_reports_the_line_and_saves_nothing(operator_client):
     url = reverse("shards:topology_import")
     bad = SimpleUploadedFile("t.yaml", b"clusters:\n  - name: x\n    bogus: 1\n")
