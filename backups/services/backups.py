@@ -217,12 +217,16 @@ def backup_set_record(
 
 
 def _wrap_new_data_key(backup_set: BackupSet) -> None:
+    """A new data key for `backup_set`, wrapped under the master key; BackupError if unusable."""
     from backups import crypto
+    from backups.engine.types import EngineError
 
     master = settings.SHARDVAULT_DATA_KEY
-    data_key = crypto.new_data_key()
-    backup_set.wrapped_key = crypto.wrap_data_key(data_key, master)
-    backup_set.key_id = crypto.master_key_id(master)
+    try:
+        backup_set.wrapped_key = crypto.wrap_data_key(crypto.new_data_key(), master)
+        backup_set.key_id = crypto.master_key_id(master)
+    except EngineError as exc:
+        raise BackupError(f"the set cannot be encrypted: {exc}") from None
 
 
 def _unwrap_data_key(backup_set: BackupSet) -> bytes | None:

@@ -138,3 +138,14 @@ def test_incremental_wait_without_a_worker_also_finishes(mariadb_servers, unique
     assert JSON_KEYS <= set(incremental)
     assert incremental["kind"] == "incremental" and incremental["status"] == "succeeded"
     assert BackupSet.objects.get(pk=incremental["id"]).parent_id == full["id"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_encrypted_backup_with_a_bad_master_key_is_one_line_and_nothing_is_recorded(
+    cluster, settings
+):
+    settings.SHARDVAULT_DATA_KEY = "not-a-master-key"
+    code, out, err = run("backup", cluster.name, "--encrypt")
+    assert code == 1 and "SHARDVAULT_DATA_KEY" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not BackupSet.objects.filter(cluster=cluster).exists()
