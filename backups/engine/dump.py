@@ -203,13 +203,15 @@ class _DumpRun:
         for instance, endpoint in self.endpoints.items():
             try:
                 conn = connect(endpoint)
+            except ConnectError as exc:
+                self._record_instance_error(instance, f"instance {instance} unreachable: {exc}")
+                continue
+            self.controls[instance] = conn  # closed by _teardown whatever happens next
+            try:
                 with conn.cursor() as cur:
                     cur.execute("SET SESSION sql_mode = ''")
-                self.controls[instance] = conn
-            except ConnectError as exc:
-                for shard in self.spec.shards:
-                    if shard.instance == instance:
-                        self._record_error(shard.name, f"instance {instance} unreachable: {exc}")
+            except pymysql.err.MySQLError as exc:
+                self._record_instance_error(instance, describe_error(exc, endpoint))
         if self.first_error:
             return False
         for shard in self.spec.shards:
@@ -220,6 +222,11 @@ class _DumpRun:
             except pymysql.err.MySQLError as exc:
                 self._record_error(shard.name, describe_error(exc, shard.endpoint, shard.database))
         return not self.first_error
+
+    def _record_instance_error(self, instance: str, message: str) -> None:
+        for shard in self.spec.shards:
+            if shard.instance == instance:
+                self._record_error(shard.name, message)
 
     def _describe_shard(self, shard: ShardSpec) -> None:
         conn = self.controls[shard.instance]
@@ -296,6 +303,11 @@ class _DumpRun:
                 except ConnectError as exc:
                     raise EngineError(
                         f"cannot open dump connections to {group.instance}: {exc}"
+                    ) from exc
+                except pymysql.err.MySQLError as exc:
+                    raise EngineError(
+                        f"cannot open dump connections to {group.instance}: "
+                        f"{describe_error(exc, group.endpoint)}"
                     ) from exc
 
     def _snapshot_locked(self, lock: GlobalLock) -> None:

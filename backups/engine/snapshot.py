@@ -36,11 +36,17 @@ class Coordinates:
 
 def open_dump_connection(endpoint: Endpoint):
     conn = connect(endpoint, streaming=True, autocommit=True)
-    with conn.cursor() as cur:
-        # The chunk SQL relies on backslash escapes; a slow consumer (S3 upload) must not
-        # make the server drop the stream.
-        cur.execute("SET SESSION sql_mode = '', net_write_timeout = 3600, net_read_timeout = 3600")
-        cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    try:
+        with conn.cursor() as cur:
+            # The chunk SQL relies on backslash escapes; a slow consumer (S3 upload) must not
+            # make the server drop the stream.
+            cur.execute(
+                "SET SESSION sql_mode = '', net_write_timeout = 3600, net_read_timeout = 3600"
+            )
+            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    except pymysql.err.MySQLError:
+        conn.close()
+        raise
     return conn
 
 

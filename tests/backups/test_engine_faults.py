@@ -75,6 +75,31 @@ def test_unreachable_shard_fails_by_name_before_locking_anything(
     _assert_released(mariadb_servers, three_shards)
 
 
+def test_server_refusing_statements_is_a_failed_backup_naming_it(
+    storage, mariadb_servers, three_shards, unique_name
+):
+    """A server error right after connecting is a failed result, not an escaping exception."""
+    server = mariadb_servers[0]
+    user = f"lim_{unique_name}"[:32]
+    # The connection's own init command is its one query; the next statement is refused.
+    server.execute(
+        f"CREATE USER '{user}'@'%' IDENTIFIED BY 'pw' WITH MAX_QUERIES_PER_HOUR 2",
+        f"GRANT ALL ON *.* TO '{user}'@'%'",
+    )
+    spec = make_spec([("s0", server, three_shards)])
+    endpoint = replace(server.endpoint, user=user, password="pw")
+    spec = replace(spec, shards=[replace(spec.shards[0], endpoint=endpoint)])
+    try:
+        result = dump_cluster(spec, storage, progress=lambda e: None, should_cancel=lambda: False)
+    finally:
+        server.execute(f"DROP USER '{user}'@'%'")
+    assert not result.ok
+    assert "max_queries_per_hour" in result.error and server.endpoint.address in result.error
+    assert result.shards[0].error
+    assert list(storage.list(spec.set_prefix + "/")) == []
+    _assert_released(mariadb_servers, three_shards)
+
+
 def test_cancel_mid_dump_releases_everything(storage, mariadb_servers, three_shards):
     server = mariadb_servers[1]
     server.execute(
