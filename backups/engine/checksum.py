@@ -24,6 +24,7 @@ from __future__ import annotations
 import zlib
 
 from backups.engine.schema import PLAIN_TYPES, Column, table_columns
+from backups.engine.types import EngineError
 from shards.mysql import quote_ident, quote_qualified
 
 ALGORITHM = "crc32-sum-xor-outfile-line-v1"
@@ -134,7 +135,7 @@ def table_checksum(
         by_name = {c.name: c for c in stored}
         missing = [name for name in columns if name not in by_name]
         if missing:
-            raise ValueError(f"table {database}.{table} has no column(s) {', '.join(missing)}")
+            raise EngineError(f"table {database}.{table} has no column(s) {', '.join(missing)}")
         stored = [by_name[name] for name in columns]
     mariadb = server_has_byte_regex(conn)
     line = line_expression(stored, regex=mariadb)

@@ -238,3 +238,16 @@ def test_unreachable_target_is_an_engine_error_not_a_crash():
         recreate_database_objects(gone, "db", shard, kinds=("views",))
     with pytest.raises(EngineError, match="cannot reach gone"):
         create_database_objects(gone, "db", shard, tables=None)
+
+
+def test_checksum_of_a_table_missing_a_manifest_column_is_an_engine_error(hostile_database):
+    """load_table's callers catch EngineError; a target without a backed-up column is one."""
+    from backups.engine.checksum import table_checksum
+
+    server, database, _rows = hostile_database
+    conn = server.connect(database)
+    try:
+        with pytest.raises(EngineError, match="has no column"):
+            table_checksum(conn, database, "no_pk", ["a", "b", "gone"])
+    finally:
+        conn.close()
