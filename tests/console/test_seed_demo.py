@@ -33,3 +33,23 @@ def test_demo_cluster_seeds_idempotently_and_backs_up_with_every_checksum(mariad
     assert backup_set.rows > 0
     verification = verification_run_now(backup_set=backup_set, drill=True)
     assert verification.q == 1.0, verification.problems
+
+
+@pytest.mark.django_db
+def test_a_user_who_may_not_create_the_demo_databases_gets_one_sentence(
+    mariadb_servers, unique_name
+):
+    from django.core.management.base import CommandError
+
+    server = mariadb_servers[2]
+    user = f"np{unique_name}"[:32]
+    server.execute(f"CREATE USER '{user}'@'%'")
+    try:
+        args = ["--host", "127.0.0.1", "--port", str(server.port), "--user", user]
+        with pytest.raises(CommandError) as failure:
+            call_command("seed_demo", *args, stdout=StringIO())
+        message = str(failure.value)
+        assert message.startswith("cannot seed the demo: ") and "\n" not in message
+        assert user in message
+    finally:
+        server.execute(f"DROP USER '{user}'@'%'")

@@ -6,13 +6,14 @@ the cluster imported (no changes the second time), users created if missing.
 
 from __future__ import annotations
 
+import pymysql
 from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand, CommandError
 
 from console.services import UserError, user_create
 from shards.models import Cluster
 from shards.mysql import ConnectError, Endpoint, connect, quote_ident, quote_qualified
-from shards.services import discovery_run, topology_import
+from shards.services import TopologyError, discovery_run, topology_import
 from shards.topology_file import (
     ClusterSpec,
     InstanceSpec,
@@ -49,6 +50,10 @@ class Command(BaseCommand):
             self._create_databases(endpoint)
         except ConnectError as exc:
             raise CommandError(f"cannot seed the demo: {exc}") from None
+        except pymysql.MySQLError as exc:
+            raise CommandError(
+                f"cannot seed the demo: {endpoint.name} ({endpoint.address}) refused: {exc.args[-1]}"
+            ) from None
         document = TopologyDocument(
             clusters=[
                 ClusterSpec(
@@ -71,7 +76,10 @@ class Command(BaseCommand):
                 )
             ]
         )
-        summary = topology_import(actor="seed_demo", document=document)
+        try:
+            summary = topology_import(actor="seed_demo", document=document)
+        except TopologyError as exc:
+            raise CommandError(f"cannot register the demo cluster: {exc}") from None
         self.stdout.write(f"cluster {DEMO_CLUSTER}: {summary.as_text()}")
         run = discovery_run(cluster=Cluster.objects.get(name=DEMO_CLUSTER), actor="seed_demo")
         self.stdout.write(f"discovery: {run.progress_text}")
