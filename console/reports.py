@@ -247,8 +247,10 @@ def report_restores(period: ReportPeriod) -> Iterator[dict[str, Any]]:
         }
 
 
-def report_summary(period: ReportPeriod) -> dict[str, Any]:
-    """Success rate, achieved RPO and measured RTO, streamed over timestamps only."""
+def report_summary(period: ReportPeriod, *, gaps: list[dict] | None = None) -> dict[str, Any]:
+    """Success rate, achieved RPO and measured RTO, streamed over timestamps only.
+
+    `gaps`: `recovery_gaps(period)` when the caller already has them."""
     sets = BackupSet.objects.filter(
         cluster=period.cluster, created_at__gte=period.since, created_at__lt=period.until
     )
@@ -256,7 +258,8 @@ def report_summary(period: ReportPeriod) -> dict[str, Any]:
     for status in sets.values_list("status", flat=True).iterator():
         counts[status] += 1
     finished = counts["succeeded"] + counts["failed"]
-    gaps = list(recovery_gaps(period))
+    if gaps is None:
+        gaps = list(recovery_gaps(period))
     worst = max(gaps, key=lambda g: g["gap_seconds"]) if gaps else None
     rtos = [
         v
@@ -458,13 +461,14 @@ def report_check(content: bytes) -> bool:
 
 def report_data(period: ReportPeriod) -> dict[str, Any]:
     """The whole report as one dict (the PDF is small enough to lay out in memory)."""
+    gaps = list(recovery_gaps(period))
     return {
         **_header(period, "pdf"),
         "sets": list(report_sets(period)),
         "drills": list(report_drills(period)),
         "restores": list(report_restores(period)),
-        "gaps": list(recovery_gaps(period)),
-        "summary": report_summary(period),
+        "gaps": gaps,
+        "summary": report_summary(period, gaps=gaps),
     }
 
 
