@@ -587,8 +587,13 @@ def backup_execute(
 
 def _execute_engine(backup_set: BackupSet, progress, on_progress, state: dict):
     """Slots, heartbeat, preflight, engine; records what it started in `state` for cleanup."""
+    from backups.engine.types import EngineError
     from backups.services.connection_slots import SlotsUnavailable
 
+    try:
+        storage = _storage_for(backup_set)
+    except EngineError as exc:  # a misconfigured storage URL: one sentence on the set
+        raise _Outcome(f"backup could not start: {exc}") from None
     shard_backups = list(
         backup_set.shard_backups.select_related("shard__instance").order_by("shard_name")
     )
@@ -610,7 +615,6 @@ def _execute_engine(backup_set: BackupSet, progress, on_progress, state: dict):
     if heartbeat.cancel.is_set():
         raise _Outcome(cancelled=True)
     spec = _backup_spec(backup_set, shard_backups, slots)
-    storage = _storage_for(backup_set)
     result = _run_engine(spec, storage, progress, heartbeat.cancel.is_set)
     state["engine_done"] = True
     return result
@@ -770,8 +774,14 @@ def _run_engine(spec, storage, progress, should_cancel):
 
 def _delete_objects(backup_set: BackupSet) -> str:
     """Delete what the set stored; returns a sentence to append to its error, if that failed."""
+    from backups.engine.types import EngineError
+
     try:
-        _storage_for(backup_set).delete_prefix(backup_set.object_prefix)
+        storage = _storage_for(backup_set)
+    except EngineError:
+        return ""  # an unusable storage URL: nothing can have been stored there
+    try:
+        storage.delete_prefix(backup_set.object_prefix)
     except Exception as exc:  # noqa: BLE001 - reported on the set instead
         log.exception("deleting objects of set %s failed", backup_set.pk)
         return (

@@ -149,3 +149,13 @@ def test_an_encrypted_backup_with_a_bad_master_key_is_one_line_and_nothing_is_re
     assert code == 1 and "SHARDVAULT_DATA_KEY" in err
     assert len(err.strip().splitlines()) == 1
     assert not BackupSet.objects.filter(cluster=cluster).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_backup_to_a_misconfigured_storage_url_fails_with_one_line(cluster, settings):
+    settings.STORAGE_URL = "file://relative/backups"
+    code, out, err = run("backup", cluster.name, "--wait")
+    assert code == 1 and "must be file:///absolute/path" in err
+    assert len(err.strip().splitlines()) == 1
+    backup_set = BackupSet.objects.get(cluster=cluster)
+    assert backup_set.status == "failed" and "must be file:///absolute/path" in backup_set.error
