@@ -14,10 +14,14 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.db.models import F, Sum
 
+from backups.crypto import unwrap_data_key
+from backups.engine.manifest import manifest_hmac_key, manifest_read
 from backups.models import BackupSet, RestoreRun
 from backups.services.restores import RestoreError, Target
+from backups.storage import Storage, StorageError, default_storage, storage_from_url
 from shards.models import Cluster, Instance, LogicalTable
 from shards.mysql import ConnectError, connect
 from shards.selectors import MissingPassword, instance_endpoint
@@ -31,11 +35,7 @@ OLD_SUFFIX = "__sv_old_{id}"
 # -- the set's manifest and storage ---------------------------------------------------
 
 
-def set_storage(backup_set: BackupSet):
-    from django.conf import settings
-
-    from backups.storage import default_storage, storage_from_url
-
+def set_storage(backup_set: BackupSet) -> Storage:
     if not backup_set.storage_url:
         return default_storage()
     return storage_from_url(backup_set.storage_url, endpoint_url=settings.S3_ENDPOINT_URL)
@@ -45,25 +45,18 @@ def set_prefix(backup_set: BackupSet) -> str:
     return backup_set.object_prefix or f"{backup_set.cluster.name}/{backup_set.pk}"
 
 
-def _hmac_key() -> bytes:
-    from django.conf import settings
-
-    from backups.engine import manifest
-
-    try:
-        return manifest.manifest_hmac_key()
-    except TypeError:
-        return manifest.manifest_hmac_key(settings.SHARDVAULT_DATA_KEY)
+def set_data_key(backup_set: BackupSet) -> bytes | None:
+    """The set's data key, None when it is not encrypted; EngineError when it cannot be opened."""
+    if not backup_set.encrypted:
+        return None
+    return unwrap_data_key(backup_set.wrapped_key, settings.SHARDVAULT_DATA_KEY)
 
 
-def set_manifest(backup_set: BackupSet, storage=None) -> dict:
+def set_manifest(backup_set: BackupSet, storage: Storage | None = None) -> dict:
     """The set's manifest, its signature checked; RestoreError when it cannot be read."""
-    from backups.engine import manifest as manifest_module
-
     storage = storage or set_storage(backup_set)
-    read = getattr(manifest_module, "manifest_read", None) or manifest_module.read_manifest
     try:
-        return read(storage, set_prefix(backup_set), _hmac_key())
+        return manifest_read(storage, set_prefix(backup_set), manifest_hmac_key())
     except Exception as exc:  # noqa: BLE001 - any failure here means: cannot restore from it
         raise RestoreError(
             f"the manifest of backup set {backup_set.pk} cannot be read: {exc}"
@@ -71,40 +64,24 @@ def set_manifest(backup_set: BackupSet, storage=None) -> dict:
 
 
 def manifest_shards(doc: dict) -> list[dict]:
-    shards = doc.get("shards", [])
-    if isinstance(shards, dict):
-        return [dict(value, name=value.get("name", name)) for name, value in shards.items()]
-    return list(shards)
+    return list(doc.get("shards") or [])
 
 
 def manifest_tables(shard: dict) -> list[dict]:
-    tables = shard.get("tables", [])
-    if isinstance(tables, dict):
-        return [dict(value, name=value.get("name", name)) for name, value in tables.items()]
-    return list(tables)
+    return list(shard.get("tables") or [])
 
 
 def chunk_size(chunk: dict) -> int:
-    return int(chunk.get("stored_bytes", chunk.get("size", 0)) or 0)
+    return int(chunk.get("stored_bytes") or 0)
 
 
-def _object_size(storage, key: str) -> int | None:
+def _object_size(storage: Storage, key: str) -> int | None:
     """Size of a stored object, None when it is missing."""
     try:
         head = storage.head(key)
-    except (FileNotFoundError, KeyError, LookupError):
-        return None
-    except Exception as exc:  # noqa: BLE001 - backends raise their own "not found" types
-        if "not found" in str(exc).lower() or "nosuchkey" in str(exc).lower() or "404" in str(exc):
-            return None
+    except StorageError as exc:
         raise RestoreError(f"storage check failed for {key}: {exc}") from exc
-    if head is None:
-        return None
-    if isinstance(head, int):
-        return head
-    if isinstance(head, dict):
-        return int(head.get("size", head.get("ContentLength", -1)))
-    return int(getattr(head, "size", -1))
+    return None if head is None else head.size
 
 
 # -- names ---------------------------------------------------------------------------

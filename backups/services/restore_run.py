@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import rq
 from django.conf import settings
 from django.db import close_old_connections, connections
 from django.utils import timezone
@@ -25,6 +26,7 @@ from backups.services.restore_plan import (
     manifest_shards,
     manifest_tables,
     old_table,
+    set_data_key,
     set_manifest,
     set_storage,
 )
@@ -134,13 +136,9 @@ class Tracker:
 
 
 def _set_data_key(backup_set: BackupSet) -> bytes | None:
-    if not backup_set.encrypted:
-        return None
-    from backups import crypto
-
     try:
-        return crypto.unwrap_data_key(backup_set.wrapped_key, settings.SHARDVAULT_DATA_KEY)
-    except Exception as exc:  # noqa: BLE001
+        return set_data_key(backup_set)
+    except EngineError as exc:
         raise RestoreError(
             f"the data key of backup set {backup_set.pk} cannot be unwrapped: {exc}"
         ) from exc
@@ -612,13 +610,9 @@ def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
         pk=run.request_id
     )
     plan = request.plan
-    try:
-        import rq
-
-        rq_job = rq.get_current_job()
-    except Exception:  # noqa: BLE001
-        rq_job = None
-    tracker = Tracker(run_id=run.pk, rows_estimate=int(plan.get("rows", 0)), rq_job=rq_job)
+    tracker = Tracker(
+        run_id=run.pk, rows_estimate=int(plan.get("rows", 0)), rq_job=rq.get_current_job()
+    )
     if resume:
         tracker.rows_done = sum(LoadedChunk.objects.filter(run=run).values_list("rows", flat=True))
     stop = threading.Event()

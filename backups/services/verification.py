@@ -15,8 +15,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from backups.engine import verify as engine
+from backups.engine.manifest import manifest_hmac_key
 from backups.engine.types import ProgressEvent
 from backups.models import BackupPolicy, BackupSet, VerificationRun
+from backups.services.restore_plan import set_data_key, set_prefix, set_storage
 from console.audit import audit_record
 from console.roles import ADMIN, OPERATOR, require_role
 
@@ -179,35 +181,6 @@ def _drill_chain(backup_set: BackupSet) -> tuple[BackupSet, list[BackupSet]]:
     return current, chain
 
 
-def _storage_for(backup_set: BackupSet):
-    from backups.storage import default_storage, storage_from_url
-
-    if not backup_set.storage_url:
-        return default_storage()
-    return storage_from_url(backup_set.storage_url, endpoint_url=settings.S3_ENDPOINT_URL)
-
-
-def _set_prefix(backup_set: BackupSet) -> str:
-    return backup_set.object_prefix or f"{backup_set.cluster.name}/{backup_set.pk}"
-
-
-def _data_key(backup_set: BackupSet) -> bytes | None:
-    if not backup_set.encrypted or not backup_set.wrapped_key:
-        return None
-    from backups.crypto import unwrap_data_key
-
-    return unwrap_data_key(backup_set.wrapped_key, settings.SHARDVAULT_DATA_KEY)
-
-
-def _hmac_key() -> bytes:
-    from backups.engine import manifest
-
-    try:
-        return manifest.manifest_hmac_key()
-    except TypeError:
-        return manifest.manifest_hmac_key(settings.SHARDVAULT_DATA_KEY)
-
-
 def _drill_targets(backup_set: BackupSet, doc: dict) -> tuple[dict, str, str]:
     """Shard name -> endpoint; the drill instance's name; a warning when there is none."""
     from shards.models import Shard
@@ -334,10 +307,10 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
                 roll_forward = _roll_forward_through(chain, until=backup_set.consistent_at)
             outcome = engine.drill_run(
                 check.manifest,
-                _storage_for(full_set),
+                set_storage(full_set),
                 verification_id=run.pk,
                 targets=targets,
-                data_key=_data_key(full_set),
+                data_key=set_data_key(full_set),
                 progress=progress,
                 roll_forward=roll_forward,
             )
@@ -382,10 +355,10 @@ def _chain_storage_check(sets: list[BackupSet], *, progress) -> engine.StorageCh
     manifests_ok = True
     for index, member in enumerate(sets):
         check = engine.storage_check(
-            _storage_for(member),
-            _set_prefix(member),
-            hmac_key=_hmac_key(),
-            data_key=_data_key(member),
+            set_storage(member),
+            set_prefix(member),
+            hmac_key=manifest_hmac_key(),
+            data_key=set_data_key(member),
             progress=progress,
         )
         combined.objects_total += check.objects_total
@@ -424,10 +397,10 @@ def _binlog_details(outcome: engine.DrillOutcome, backup_set: BackupSet) -> dict
         "events": outcome.binlog_events,
         "shards": {
             name: {
-                "transactions": getattr(result, "transactions", 0),
-                "events": getattr(result, "events", 0),
-                "last_file": getattr(result, "last_file", ""),
-                "last_pos": getattr(result, "last_pos", 0),
+                "transactions": result.transactions,
+                "events": result.events,
+                "last_file": result.last_file,
+                "last_pos": result.last_pos,
             }
             for name, result in sorted(outcome.rolled_forward.items())
         },

@@ -183,11 +183,15 @@ def test_drill_with_a_damaged_chunk_fails_that_table_and_still_drops_scratch(
 def test_drill_stopped_in_the_middle_drops_every_scratch_database(backed_up, mariadb_servers):
     """Cancel after the first table loaded: the scratch databases existed, and are gone after."""
     from backups.engine import verify as engine
-    from backups.services.verification import _data_key, _hmac_key, _set_prefix, _storage_for
+    from backups.engine.manifest import manifest_hmac_key
+    from backups.services.restore_plan import set_data_key, set_prefix, set_storage
 
-    storage = _storage_for(backed_up)
+    storage = set_storage(backed_up)
     doc = engine.storage_check(
-        storage, _set_prefix(backed_up), hmac_key=_hmac_key(), data_key=_data_key(backed_up)
+        storage,
+        set_prefix(backed_up),
+        hmac_key=manifest_hmac_key(),
+        data_key=set_data_key(backed_up),
     ).manifest
     targets = {s["name"]: mariadb_servers[i].endpoint for i, s in enumerate(doc["shards"])}
     seen = []
