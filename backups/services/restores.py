@@ -25,6 +25,10 @@ class RestoreError(Exception):
     """A restore rule or a bad input, named in one sentence for a person."""
 
 
+class RestoreDenied(RestoreError):
+    """The person may not do this (wrong role, or deciding their own request)."""
+
+
 State = RestoreRequest.State
 Target = RestoreRequest.Target
 RunStatus = BackupSet.Status
@@ -110,7 +114,7 @@ def restore_request_file(
     from backups.services.restore_plan import restore_plan_build
 
     if not has_role(requester, OPERATOR):
-        raise RestoreError(f"{requester.get_username()} may not request restores (operators only)")
+        raise RestoreDenied(f"{requester.get_username()} may not request restores (operators only)")
     reason = (reason or "").strip()
     if not reason:
         raise RestoreError("a restore request needs a reason")
@@ -187,9 +191,9 @@ def _expire_if_due(locked: RestoreRequest, now: datetime) -> bool:
 def _check_decider(locked: RestoreRequest, approver, verb: str) -> None:
     # The requester is refused first: no role, superuser or admin shortcut overrides this.
     if locked.requested_by_id == getattr(approver, "pk", None):
-        raise RestoreError(f"you requested restore {locked.pk}; someone else must {verb} it")
+        raise RestoreDenied(f"you requested restore {locked.pk}; someone else must {verb} it")
     if not has_role(approver, APPROVER):
-        raise RestoreError(f"{approver.get_username()} may not {verb} restores (approvers only)")
+        raise RestoreDenied(f"{approver.get_username()} may not {verb} restores (approvers only)")
 
 
 def restore_request_approve(
@@ -294,7 +298,7 @@ def restore_run_start(*, request: RestoreRequest, actor=None) -> RestoreRun:
     from backups.jobs.restores import restore_run_enqueue
 
     if actor is not None and not has_role(actor, OPERATOR):
-        raise RestoreError(f"{actor.get_username()} may not run restores (operators only)")
+        raise RestoreDenied(f"{actor.get_username()} may not run restores (operators only)")
     now = timezone.now()
     expired = False
     with transaction.atomic():
@@ -472,7 +476,7 @@ def restore_run_finish(
 def restore_run_cancel(*, run: RestoreRun, actor) -> RestoreRun:
     """Ask a run to stop. A run no worker has begun is cancelled at once."""
     if not has_role(actor, OPERATOR):
-        raise RestoreError(f"{actor.get_username()} may not cancel restores (operators only)")
+        raise RestoreDenied(f"{actor.get_username()} may not cancel restores (operators only)")
     with transaction.atomic():
         request = RestoreRequest.objects.select_for_update().get(pk=run.request_id)
         locked = RestoreRun.objects.select_for_update().get(pk=run.pk)

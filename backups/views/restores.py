@@ -21,6 +21,7 @@ from backups.selectors.restores import (
 )
 from backups.services.restore_plan import restore_plan_build
 from backups.services.restores import (
+    RestoreDenied,
     RestoreError,
     parse_target,
     restore_request_approve,
@@ -163,7 +164,7 @@ def _act(request, pk: int, action) -> object:
             request,
             "backups/restore_detail.html",
             _detail_context(request, restore, error=str(exc)),
-            status=403 if "may not" in str(exc) or "someone else" in str(exc) else 409,
+            status=403 if isinstance(exc, RestoreDenied) else 409,
         )
     return redirect("restores:request_detail", pk=restore.pk)
 
