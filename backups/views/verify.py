@@ -18,10 +18,7 @@ def _back(request, backup_set: BackupSet) -> str:
     nxt = request.POST.get("next", "")
     if nxt.startswith("/") and not nxt.startswith("//"):
         return nxt
-    try:
-        return reverse("backups:set_detail", args=[backup_set.pk])
-    except Exception:
-        return reverse("backups:set_list")
+    return reverse("backups:set_detail", args=[backup_set.pk])
 
 
 @require_POST
