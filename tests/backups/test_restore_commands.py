@@ -27,6 +27,22 @@ def restore(*args) -> dict | str:
     return json.loads(text) if "--json" in args else text
 
 
+def file_args(cluster, user, *selection, target: str = "side") -> list[str]:
+    """`restore request` arguments; `selection` names the set (--set N or --at T) and scope."""
+    return [
+        "request",
+        "--cluster",
+        cluster.name,
+        *selection,
+        "--target",
+        target,
+        "--reason",
+        "r",
+        "--as",
+        user.username,
+    ]
+
+
 @pytest.fixture
 def cluster(mariadb_servers, unique_name):
     return make_cluster(mariadb_servers[:2], name=f"rc{unique_name}")
@@ -102,17 +118,7 @@ def test_request_approve_run_show_with_json(cluster, mariadb_servers, run_jobs):
 def test_plain_request_prints_only_the_id(cluster, run_jobs):
     backup_set = make_backup(cluster, run_jobs)
     out = restore(
-        "request",
-        "--cluster",
-        cluster.name,
-        "--set",
-        str(backup_set.pk),
-        "--target",
-        "inplace",
-        "--reason",
-        "r",
-        "--as",
-        make_user("operator").username,
+        *file_args(cluster, make_user("operator"), "--set", str(backup_set.pk), target="inplace")
     )
     request = RestoreRequest.objects.get()
     assert out == str(request.pk)
@@ -124,71 +130,21 @@ def test_at_without_offset_means_utc_and_picks_the_newest_set_before_it(cluster,
     second = make_backup(cluster, run_jobs)
     at = second.consistent_at + timedelta(microseconds=0)
     naive = at.replace(tzinfo=None).isoformat()  # no offset: UTC
-    filed = restore(
-        "request",
-        "--cluster",
-        cluster.name,
-        "--at",
-        naive,
-        "--target",
-        "side",
-        "--reason",
-        "r",
-        "--as",
-        make_user("operator").username,
-        "--json",
-    )
+    filed = restore(*file_args(cluster, make_user("operator"), "--at", naive), "--json")
     request = RestoreRequest.objects.get(pk=filed["id"])
     assert request.source_set_id == second.pk != first.pk
     assert request.at == at
     with pytest.raises(CommandError, match="not an ISO 8601 time"):
-        restore(
-            "request",
-            "--cluster",
-            cluster.name,
-            "--at",
-            "yesterday",
-            "--target",
-            "side",
-            "--reason",
-            "r",
-            "--as",
-            make_user("operator").username,
-        )
+        restore(*file_args(cluster, make_user("operator"), "--at", "yesterday"))
     earlier = (first.consistent_at - timedelta(days=1)).isoformat()
     with pytest.raises(CommandError, match="no succeeded full backup"):
-        restore(
-            "request",
-            "--cluster",
-            cluster.name,
-            "--at",
-            earlier,
-            "--target",
-            "side",
-            "--reason",
-            "r",
-            "--as",
-            make_user("operator").username,
-        )
+        restore(*file_args(cluster, make_user("operator"), "--at", earlier))
 
 
 def test_errors_are_one_line_with_json_still_printed(cluster, run_jobs):
     backup_set = make_backup(cluster, run_jobs)
     operator = make_user("operator")
-    filed = restore(
-        "request",
-        "--cluster",
-        cluster.name,
-        "--set",
-        str(backup_set.pk),
-        "--target",
-        "side",
-        "--reason",
-        "r",
-        "--as",
-        operator.username,
-        "--json",
-    )
+    filed = restore(*file_args(cluster, operator, "--set", str(backup_set.pk)), "--json")
     out = StringIO()
     with pytest.raises(CommandError, match="only approved requests can run"):
         call_command("restore", "run", str(filed["id"]), "--json", stdout=out)
@@ -201,19 +157,7 @@ def test_errors_are_one_line_with_json_still_printed(cluster, run_jobs):
     with pytest.raises(CommandError, match="no restore request 999999"):
         restore("show", "999999")
     with pytest.raises(CommandError, match="operators only"):
-        restore(
-            "request",
-            "--cluster",
-            cluster.name,
-            "--set",
-            str(backup_set.pk),
-            "--target",
-            "side",
-            "--reason",
-            "r",
-            "--as",
-            make_user("approver").username,
-        )
+        restore(*file_args(cluster, make_user("approver"), "--set", str(backup_set.pk)))
 
 
 def test_command_line_exit_code_and_stderr(cluster, run_jobs, settings):

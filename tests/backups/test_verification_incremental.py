@@ -7,11 +7,9 @@ made by the backup services, and the real `verify` command.
 from __future__ import annotations
 
 import json
-from io import StringIO
 from pathlib import Path
 
 import pytest
-from django.core.management import call_command
 
 from backups.engine import verify as engine
 from backups.engine.checksum import table_checksum
@@ -20,6 +18,7 @@ from backups.services.backups import backup_execute, backup_start
 from backups.services.incrementals import incremental_execute, incremental_start
 from console.models import AuditEvent
 from shards.mysql import connect
+from tests.backups.test_verification import _scratch_databases, _verify_cli
 from tests.factories import make_cluster
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -95,24 +94,6 @@ def _incremental(cluster) -> BackupSet:
     assert backup_set.status == "succeeded", backup_set.error
     assert backup_set.kind == "incremental"
     return backup_set
-
-
-def _verify_cli(set_id, *args):
-    out, err = StringIO(), StringIO()
-    code = 0
-    try:
-        call_command("verify", str(set_id), "--json", *args, stdout=out, stderr=err)
-    except SystemExit as exc:
-        code = exc.code
-    return code, json.loads(out.getvalue()), err.getvalue()
-
-
-def _scratch_databases(servers, verification_id):
-    names = []
-    for server in servers:
-        rows = server.execute(f"SHOW DATABASES LIKE '\\_\\_svdrill\\_{verification_id}\\_%'")
-        names.extend(r[0] for r in rows)
-    return names
 
 
 @pytest.fixture
