@@ -169,30 +169,26 @@ def _act(request, pk: int, action) -> object:
     return redirect("restores:request_detail", pk=restore.pk)
 
 
+def _decide(request, pk: int, decide, verb: str):
+    def act(restore):
+        decide(request=restore, approver=request.user, comment=request.POST.get("comment", ""))
+        messages.success(request, f"You {verb} restore {restore.pk}.")
+
+    return _act(request, pk, act)
+
+
 @require_POST
 @role_required()
 def request_approve(request, pk: int):
     # No role decorator beyond "signed in with a role": the service refuses the requester
     # first and non-approvers second, with the same sentences the command prints.
-    def approve(restore):
-        restore_request_approve(
-            request=restore, approver=request.user, comment=request.POST.get("comment", "")
-        )
-        messages.success(request, f"You approved restore {restore.pk}.")
-
-    return _act(request, pk, approve)
+    return _decide(request, pk, restore_request_approve, "approved")
 
 
 @require_POST
 @role_required()
 def request_reject(request, pk: int):
-    def reject(restore):
-        restore_request_reject(
-            request=restore, approver=request.user, comment=request.POST.get("comment", "")
-        )
-        messages.success(request, f"You rejected restore {restore.pk}.")
-
-    return _act(request, pk, reject)
+    return _decide(request, pk, restore_request_reject, "rejected")
 
 
 @require_POST
