@@ -20,6 +20,7 @@ from django.conf import settings
 from django.db import close_old_connections, connections
 from django.utils import timezone
 
+from backups.engine.binlog_apply import APPLIED_TABLE, applied_marker_drop
 from backups.engine.types import Cancelled, EngineError, IntegrityError, ProgressEvent, TableLoadJob
 from backups.models import BackupSet, LoadedChunk, RestoreRequest, RestoreRun, RestoreTableResult
 from backups.services.restore_plan import (
@@ -543,6 +544,25 @@ def _swap_database(
             tracker.notes.append(f"{shard_name}: {note}")
 
 
+def _drop_applied_markers(outcomes: list[TableOutcome], tracker: Tracker) -> None:
+    """Remove the binlog apply's position table from every target once the run succeeded.
+
+    It stays until then so a crashed run resumes without applying a transaction twice; a
+    finished restore must not leave ShardVault's bookkeeping in a live or side database.
+    """
+    targets = sorted(
+        {(o.entry["target_instance_id"], o.entry["target_database"]) for o in outcomes}
+    )
+    for instance_pk, database in targets:
+        try:
+            endpoint = instance_endpoint(Instance.objects.get(pk=instance_pk))
+            applied_marker_drop(endpoint, database)
+        except Exception as exc:  # noqa: BLE001 - the restore itself is done; say what is left
+            tracker.notes.append(
+                f"could not drop {APPLIED_TABLE} from {database} ({exc}); drop it by hand"
+            )
+
+
 def _drop_shadows(outcomes: list[TableOutcome]) -> None:
     for outcome in outcomes:
         e = outcome.entry
@@ -697,6 +717,8 @@ def _execute(
         _save_results(run, outcomes, applied=applied)
         t, d, a = _factors(plan, outcomes, applied=applied)
         if all_ok:
+            if plan.get("needs_incrementals"):
+                _drop_applied_markers(outcomes, tracker)
             return restore_run_finish(
                 run=run, status=Status.SUCCEEDED, t=t, d=d, a=a, note="; ".join(tracker.notes)
             )

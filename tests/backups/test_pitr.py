@@ -187,6 +187,10 @@ def test_point_in_time_restore_reaches_the_moment_before_an_accidental_delete(
             )
         columns = [row[0] for row in server.execute("SHOW COLUMNS FROM t_order", database=target)]
         assert "channel" in columns
+        # The apply's bookkeeping table does not outlive a finished restore.
+        assert (
+            server.execute("SHOW TABLES LIKE '\\_\\_shardvault\\_applied'", database=target) == []
+        )
 
 
 def test_incremental_needs_a_full_backup_first(cluster):
