@@ -1,20 +1,16 @@
 # ShardVault: `make run` starts a demo console, `make test` runs the whole suite.
+# Each target installs what it needs itself through the one script .ci/install-deps
+# (Debian packages when missing and running as root; Python packages into .venv).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
-export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PYTHON VENV
 
 .PHONY: install run seed migrate test bench lint format clean
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
-	$(PY) -m pip install -q -e ".[dev]" > $(VENV)/pip.log 2>&1 || { grep -v "^WARNING: Location" $(VENV)/pip.log; exit 1; }
-	$(PY) -c "import django, rq, pymysql, zstandard, playwright, boto3, yaml" 
-	touch $@
-
-install: $(VENV)/.installed
+install:
+	@.ci/install-deps run
 
 migrate: install
 	SHARDVAULT_DEBUG=1 $(PY) manage.py migrate --noinput
@@ -30,17 +26,22 @@ run: seed
 	  SHARDVAULT_DEBUG=1 $(PY) manage.py demo_logins; echo ""; \
 	  SHARDVAULT_DEBUG=1 $(PY) manage.py runserver 127.0.0.1:$(PORT)
 
-test: install
+test:
+	@.ci/install-deps test
 	$(PY) -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
-bench: install
+bench:
+	@.ci/install-deps bench
 	$(PY) -m pytest tests/bench -s -q -p no:xdist $(PYTEST_ARGS)
 
-lint: install
+lint:
+	@.ci/install-deps lint
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 
-format: install
+format:
+	@.ci/install-deps lint
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
