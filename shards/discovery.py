@@ -1,7 +1,7 @@
 """Discovery and preflight: what each shard holds and whether each server can be backed up.
 
 Plain Python (no Django): takes Endpoints and shard targets, connects through
-`shards.mysql.connect`, and returns tables and findings. Every finding carries a
+`backups.engine.mysql.connect`, and returns tables and findings. Every finding carries a
 severity and one sentence telling the user what to change.
 """
 
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import pymysql
 
-from shards.mysql import ConnectError, Endpoint, connect, describe_error, server_flavour
+from backups.engine.errors import ConnectError
+from backups.engine.mysql import Endpoint, connect, describe_error, server_flavour
 
 OK = "ok"
 WARNING = "warning"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
+from backups.engine.mysql import Endpoint
 from console.keys import decrypt_secret
 from shards.models import Instance
-from shards.mysql import Endpoint
 
 
 class MissingPassword(Exception):

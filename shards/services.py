@@ -15,8 +15,10 @@ from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 from django.utils import timezone
 
+from backups.engine.errors import KeyMaterialError
+from backups.engine.mysql import Endpoint
 from console.audit import audit_record
-from console.keys import KeyError_, decrypt_secret, encrypt_secret
+from console.keys import decrypt_secret, encrypt_secret
 from console.roles import OPERATOR, require_role
 from shards import discovery as discovery_engine
 from shards.models import (
@@ -29,7 +31,6 @@ from shards.models import (
     PhysicalTable,
     Shard,
 )
-from shards.mysql import Endpoint
 from shards.selectors import MissingPassword, instance_endpoint
 from shards.topology_file import ClusterSpec, TopologyDocument
 
@@ -135,7 +136,7 @@ def _password_fields(instance: Instance, password: str | None, password_env: str
     elif password is not None:
         try:
             current = decrypt_secret(instance.password_encrypted)
-        except KeyError_:
+        except KeyMaterialError:
             current = None  # stored under another data key: the new password replaces it
         if current != password or instance.password_env:
             instance.password_encrypted = encrypt_secret(password)
@@ -566,7 +567,10 @@ def discovery_run(
     for instance in instances:
         try:
             endpoints[instance.name] = instance_endpoint(instance)
-        except (MissingPassword, KeyError_) as exc:  # a key that cannot decrypt is a finding too
+        except (
+            MissingPassword,
+            KeyMaterialError,
+        ) as exc:  # a key that cannot decrypt is a finding too
             unavailable[instance.name] = str(exc)
     targets = [discovery_engine.ShardTarget(s.name, s.instance.name, s.database) for s in shards]
 

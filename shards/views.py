@@ -9,11 +9,11 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
-from console.keys import KeyError_
+from backups.engine.errors import KeyMaterialError
+from backups.engine.mysql import Endpoint
 from console.roles import OPERATOR, has_role, role_required
 from shards.forms import ClusterForm, ImportForm, InstanceForm, ShardForm
 from shards.models import DiscoveryRun, Instance
-from shards.mysql import Endpoint
 from shards.selectors import (
     MissingPassword,
     cluster_by_name,
@@ -172,7 +172,7 @@ def instance_test(request, cluster: str):
     else:
         try:
             endpoint = _endpoint_for_test(stored, form)
-        except (MissingPassword, KeyError_) as exc:
+        except (MissingPassword, KeyMaterialError) as exc:
             message = str(exc)
         else:
             ok, message = instance_connection_test(actor=request.user, endpoint=endpoint)
@@ -274,7 +274,7 @@ def shard_test(request, cluster: str):
     else:
         try:
             endpoint = instance_endpoint(instance)
-        except (MissingPassword, KeyError_) as exc:
+        except (MissingPassword, KeyMaterialError) as exc:
             message = str(exc)
         else:
             ok, message = instance_connection_test(

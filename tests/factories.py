@@ -12,9 +12,9 @@ import uuid
 
 from django.contrib.auth.models import Group, User
 
+from backups.engine.mysql import quote_ident
 from console.keys import encrypt_secret
 from shards.models import Cluster, Instance, Shard
-from shards.mysql import quote_ident
 
 DEFAULT_TABLES = {"t_order": 20, "t_user": 10}
 

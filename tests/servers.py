@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pymysql
 
-from shards.mysql import Endpoint, connect
+from backups.engine.mysql import Endpoint, connect
 
 MARIADBD = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
 INSTALL_DB = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"

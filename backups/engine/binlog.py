@@ -24,8 +24,9 @@ from datetime import UTC, datetime
 import pymysql
 from pymysql.constants.COMMAND import COM_BINLOG_DUMP, COM_REGISTER_SLAVE
 
-from backups.engine.types import CancelFn, Cancelled, EngineError, ProgressEvent, ProgressFn
-from shards.mysql import ConnectError, Endpoint, connect, describe_error
+from backups.engine.errors import Cancelled, ConnectError, EngineError
+from backups.engine.mysql import Endpoint, connect, describe_error
+from backups.engine.types import CancelFn, ProgressEvent, ProgressFn
 
 BINLOG_MAGIC = b"\xfebin"
 HEADER_LEN = 19

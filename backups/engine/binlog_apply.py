@@ -51,8 +51,9 @@ from backups.engine.binlog import (
     query_of,
     table_map_names,
 )
-from backups.engine.types import CancelFn, Cancelled, EngineError, ProgressEvent, ProgressFn
-from shards.mysql import Endpoint, connect, quote_ident, quote_qualified
+from backups.engine.errors import Cancelled, EngineError
+from backups.engine.mysql import Endpoint, connect, quote_ident, quote_qualified
+from backups.engine.types import CancelFn, ProgressEvent, ProgressFn
 
 APPLIED_TABLE = "__shardvault_applied"
 SPOOL_BYTES = 64 << 20  # a transaction larger than this spills to a temporary file

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import zlib
 
+from backups.engine.errors import EngineError
+from backups.engine.mysql import quote_ident, quote_qualified
 from backups.engine.schema import PLAIN_TYPES, Column, table_columns
-from backups.engine.types import EngineError
-from shards.mysql import quote_ident, quote_qualified
 
 ALGORITHM = "crc32-sum-xor-outfile-line-v1"
 

@@ -22,8 +22,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from backups.engine.mysql import quote_ident, quote_qualified
 from backups.engine.schema import INTEGER_TYPES, TableInfo
-from shards.mysql import quote_ident, quote_qualified
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from backups.engine.types import EngineError, IntegrityError
+from backups.engine.errors import EngineError, IntegrityError
 
 FRAME_BYTES = 1024 * 1024
 OUTPUT_BYTES = 1024 * 1024

@@ -19,7 +19,9 @@ import pymysql
 
 from backups.engine import checksum, codec, schema
 from backups.engine.chunking import ChunkRange, TablePlan
+from backups.engine.errors import Cancelled, ConnectError, EngineError
 from backups.engine.manifest import manifest_write
+from backups.engine.mysql import connect, describe_error, quote_qualified
 from backups.engine.snapshot import (
     Coordinates,
     GlobalLock,
@@ -35,9 +37,7 @@ from backups.engine.types import (
     BackupResult,
     BackupSpec,
     CancelFn,
-    Cancelled,
     ChunkResult,
-    EngineError,
     ProgressEvent,
     ProgressFn,
     ShardResult,
@@ -46,7 +46,6 @@ from backups.engine.types import (
 )
 from backups.engine.wire import stream_lines
 from backups.storage import key_part
-from shards.mysql import ConnectError, connect, describe_error, quote_qualified
 
 PROGRESS_INTERVAL = 0.5
 CANCEL_POLL = 0.25

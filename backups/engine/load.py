@@ -20,24 +20,9 @@ import pymysql
 import pymysql.connections
 
 from backups.engine import checksum, codec, schema
-from backups.engine.types import (
-    CancelFn,
-    Cancelled,
-    EngineError,
-    IntegrityError,
-    ProgressEvent,
-    ProgressFn,
-    TableLoadJob,
-    TableLoadResult,
-)
-from shards.mysql import (
-    ConnectError,
-    Endpoint,
-    connect,
-    describe_error,
-    quote_ident,
-    quote_qualified,
-)
+from backups.engine.errors import Cancelled, ConnectError, EngineError, IntegrityError
+from backups.engine.mysql import Endpoint, connect, describe_error, quote_ident, quote_qualified
+from backups.engine.types import CancelFn, ProgressEvent, ProgressFn, TableLoadJob, TableLoadResult
 
 STREAM_NAME = "shardvault-chunk-stream"
 PACKET_BYTES = 1 << 20

@@ -33,7 +33,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from backups.engine.types import EngineError
+from backups.engine.errors import EngineError
 from backups.storage.base import Storage, StoredObject
 
 FORMAT = 1
@@ -188,17 +188,3 @@ def manifest_objects(doc: dict) -> Iterator[dict]:
             }
         )
         yield item
-
-
-def manifest_hmac_key(master_key: str | None = None) -> bytes:
-    """The manifest signing key, derived from `master_key` or settings.SHARDVAULT_DATA_KEY."""
-    from console.keys import KeyError_, derive_key
-
-    if master_key is None:
-        from django.conf import settings
-
-        master_key = settings.SHARDVAULT_DATA_KEY
-    try:
-        return derive_key(master_key, "manifest-hmac")
-    except KeyError_ as exc:
-        raise EngineError(str(exc)) from exc

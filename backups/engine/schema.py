@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from shards.mysql import quote_ident, quote_qualified
+from backups.engine.mysql import quote_ident, quote_qualified
 
 # Column types whose text form can never contain a tab, newline, backslash or NUL,
 # so the dump expression needs no escaping for them.

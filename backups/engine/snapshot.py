@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 
 import pymysql
 
-from backups.engine.types import EngineError
-from shards.mysql import Endpoint, connect, describe_error
+from backups.engine.errors import EngineError
+from backups.engine.mysql import Endpoint, connect, describe_error
 
 ER_LOCK_WAIT_TIMEOUT = 1205
 ER_SPECIFIC_ACCESS_DENIED = 1227
@@ -165,7 +165,7 @@ class GlobalLock:
                     f" after {attempt} attempts{detail}"
                 )
             if self.should_cancel():
-                from backups.engine.types import Cancelled
+                from backups.engine.errors import Cancelled
 
                 raise Cancelled("backup cancelled while waiting for the global read lock")
             time.sleep(self.retry_sleep)

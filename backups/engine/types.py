@@ -21,24 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from shards.mysql import Endpoint
-
-
-class EngineError(Exception):
-    """A failure the engine can name in one sentence (shown to the user as is)."""
-
-
-class Cancelled(EngineError):
-    """`should_cancel()` returned True; everything was released."""
-
-
-class IntegrityError(EngineError):
-    """A stored object does not match its recorded size or sha256, or fails to decrypt."""
-
-    def __init__(self, key: str, reason: str):
-        super().__init__(f"object {key}: {reason}")
-        self.key = key
-        self.reason = reason
+from backups.engine.mysql import Endpoint
 
 
 @dataclass(frozen=True)

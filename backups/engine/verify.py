@@ -17,16 +17,10 @@ from typing import Any
 
 from backups.engine.binlog_apply import ApplyResult
 from backups.engine.codec import decode
+from backups.engine.errors import Cancelled, IntegrityError
 from backups.engine.manifest import manifest_key, manifest_objects, manifest_read
-from backups.engine.types import (
-    CancelFn,
-    Cancelled,
-    IntegrityError,
-    ProgressEvent,
-    ProgressFn,
-    TableLoadJob,
-)
-from shards.mysql import Endpoint, connect, quote_ident
+from backups.engine.mysql import Endpoint, connect, quote_ident
+from backups.engine.types import CancelFn, ProgressEvent, ProgressFn, TableLoadJob
 
 # roll_forward(shard manifest entry, target endpoint, scratch database) -> what was applied
 RollForwardFn = Callable[[dict[str, Any], Endpoint, str], ApplyResult]

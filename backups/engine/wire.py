@@ -11,7 +11,7 @@ import pymysql
 import pymysql.cursors
 import pymysql.protocol
 
-from backups.engine.types import EngineError
+from backups.engine.errors import EngineError
 
 BATCH_ROWS = 10_000
 

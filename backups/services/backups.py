@@ -218,8 +218,8 @@ def backup_set_record(
 
 def _wrap_new_data_key(backup_set: BackupSet) -> None:
     """A new data key for `backup_set`, wrapped under the master key; BackupError if unusable."""
-    from backups import crypto
-    from backups.engine.types import EngineError
+    from backups.engine import keys as crypto
+    from backups.engine.errors import EngineError
 
     master = settings.SHARDVAULT_DATA_KEY
     try:
@@ -232,7 +232,7 @@ def _wrap_new_data_key(backup_set: BackupSet) -> None:
 def _unwrap_data_key(backup_set: BackupSet) -> bytes | None:
     if not backup_set.encrypted:
         return None
-    from backups import crypto
+    from backups.engine import keys as crypto
 
     return crypto.unwrap_data_key(backup_set.wrapped_key, settings.SHARDVAULT_DATA_KEY)
 
@@ -587,7 +587,7 @@ def backup_execute(
 
 def _execute_engine(backup_set: BackupSet, progress, on_progress, state: dict):
     """Slots, heartbeat, preflight, engine; records what it started in `state` for cleanup."""
-    from backups.engine.types import EngineError
+    from backups.engine.errors import EngineError
     from backups.services.connection_slots import SlotsUnavailable
 
     try:
@@ -661,9 +661,10 @@ def _connection_slots(backup_set, shard_backups):
 
 
 def _backup_spec(backup_set: BackupSet, shard_backups, slots):
-    from backups.engine.manifest import manifest_hmac_key
+    from backups.engine.errors import ConnectError
+    from backups.engine.mysql import connect
     from backups.engine.types import BackupSpec, ShardSpec
-    from shards.mysql import ConnectError, connect
+    from console.keys import manifest_hmac_key
     from shards.selectors import instance_endpoint
 
     specs = []
@@ -758,7 +759,7 @@ def _storage_for(backup_set: BackupSet):
 
 def _run_engine(spec, storage, progress, should_cancel):
     from backups.engine.dump import dump_cluster
-    from backups.engine.types import Cancelled, EngineError
+    from backups.engine.errors import Cancelled, EngineError
 
     try:
         return dump_cluster(spec, storage, progress=progress, should_cancel=should_cancel)
@@ -774,7 +775,7 @@ def _run_engine(spec, storage, progress, should_cancel):
 
 def _delete_objects(backup_set: BackupSet) -> str:
     """Delete what the set stored; returns a sentence to append to its error, if that failed."""
-    from backups.engine.types import EngineError
+    from backups.engine.errors import EngineError
 
     try:
         storage = _storage_for(backup_set)

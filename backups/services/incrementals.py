@@ -207,7 +207,7 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
     a message saying a new full backup is needed; no event is ever skipped.
     """
     from backups.engine.binlog import capture_instance, coordinate_key, master_status_at
-    from backups.engine.types import Cancelled, EngineError
+    from backups.engine.errors import Cancelled, EngineError
 
     if not _begin(backup_set):
         return BackupSet.objects.get(pk=backup_set.pk)
@@ -369,7 +369,8 @@ def _manifest(backup_set: BackupSet, captures, covered: datetime) -> dict:
 
 
 def _write_manifest(storage, backup_set: BackupSet, doc: dict) -> str:
-    from backups.engine.manifest import manifest_hmac_key, manifest_write
+    from backups.engine.manifest import manifest_write
+    from console.keys import manifest_hmac_key
 
     return manifest_write(storage, backup_set.object_prefix, doc, manifest_hmac_key()).sha256
 

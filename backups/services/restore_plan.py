@@ -17,13 +17,15 @@ from typing import Any
 from django.conf import settings
 from django.db.models import F, Sum
 
-from backups.crypto import unwrap_data_key
-from backups.engine.manifest import manifest_hmac_key, manifest_read
+from backups.engine.errors import ConnectError
+from backups.engine.keys import unwrap_data_key
+from backups.engine.manifest import manifest_read
+from backups.engine.mysql import connect
 from backups.models import BackupSet, RestoreRun
 from backups.services.restores import RestoreError, Target
 from backups.storage import Storage, StorageError, default_storage, storage_from_url
+from console.keys import manifest_hmac_key
 from shards.models import Cluster, Instance, LogicalTable
-from shards.mysql import ConnectError, connect
 from shards.selectors import MissingPassword, instance_endpoint
 
 MAX_NAME = 64
@@ -166,7 +168,7 @@ def _target_instance(kind: str, shard: dict, instances: dict[str, Instance], tar
 
 def _row_counts(instance: Instance, database: str, tables: list[str]) -> dict[str, int]:
     """Rows in those of `tables` that exist on the target (COUNT(*) on up to one row)."""
-    from shards.mysql import quote_qualified
+    from backups.engine.mysql import quote_qualified
 
     try:
         conn = connect(instance_endpoint(instance), connect_timeout=5)

@@ -21,7 +21,9 @@ from django.db import close_old_connections, connections
 from django.utils import timezone
 
 from backups.engine.binlog_apply import APPLIED_TABLE, applied_marker_drop
-from backups.engine.types import Cancelled, EngineError, IntegrityError, ProgressEvent, TableLoadJob
+from backups.engine.errors import Cancelled, ConnectError, EngineError, IntegrityError
+from backups.engine.mysql import Endpoint, connect, quote_ident, quote_qualified
+from backups.engine.types import ProgressEvent, TableLoadJob
 from backups.models import BackupSet, LoadedChunk, RestoreRequest, RestoreRun, RestoreTableResult
 from backups.services.restore_plan import (
     manifest_shards,
@@ -38,7 +40,6 @@ from backups.services.restores import (
     restore_run_finish,
 )
 from shards.models import Instance
-from shards.mysql import ConnectError, Endpoint, connect, quote_ident, quote_qualified
 from shards.selectors import MissingPassword, instance_endpoint
 
 log = logging.getLogger(__name__)

@@ -15,11 +15,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from backups.engine import verify as engine
-from backups.engine.manifest import manifest_hmac_key
 from backups.engine.types import ProgressEvent
 from backups.models import BackupPolicy, BackupSet, VerificationRun
 from backups.services.restore_plan import set_data_key, set_prefix, set_storage
 from console.audit import audit_record
+from console.keys import manifest_hmac_key
 from console.roles import ADMIN, OPERATOR, require_role
 
 QUEUE = "verify"

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from backups.engine.types import EngineError, IntegrityError
+from backups.engine.errors import EngineError, IntegrityError
 
 READ_SIZE = 1024 * 1024
 

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from backups.engine.types import IntegrityError
+from backups.engine.errors import IntegrityError
 from backups.storage.base import (
     READ_SIZE,
     ObjectInfo,

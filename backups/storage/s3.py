@@ -30,7 +30,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from backups.engine.types import IntegrityError
+from backups.engine.errors import IntegrityError
 from backups.storage.base import (
     READ_SIZE,
     ObjectInfo,

@@ -38,7 +38,7 @@ def storage(tmp_path):
 
 
 def drop_database(server, name: str) -> None:
-    from shards.mysql import quote_ident
+    from backups.engine.mysql import quote_ident
 
     server.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)}")
 
@@ -73,7 +73,7 @@ def build_hostile_database(
     server, database: str, *, big_row_bytes: int = 3 * 1024 * 1024
 ) -> dict[str, int]:
     """Create `database` with tables of hostile data; returns rows per table."""
-    from shards.mysql import quote_ident
+    from backups.engine.mysql import quote_ident
 
     drop_database(server, database)
     server.execute(f"CREATE DATABASE {quote_ident(database)} CHARACTER SET utf8mb4")

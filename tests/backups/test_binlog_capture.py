@@ -12,8 +12,8 @@ from backups.engine import codec
 from backups.engine.binlog import StoredObject, capture_instance, master_status
 from backups.engine.binlog_apply import SegmentSource, apply_segments
 from backups.engine.checksum import table_checksum
-from backups.engine.types import EngineError
-from shards.mysql import quote_ident
+from backups.engine.errors import EngineError
+from backups.engine.mysql import quote_ident
 
 
 @pytest.fixture

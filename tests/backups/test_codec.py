@@ -11,7 +11,11 @@ import time
 import psutil
 import pytest
 
-from backups.crypto import (
+from backups.engine import codec
+from backups.engine.codec import CodecError, decode, encode, object_suffix
+from backups.engine.errors import EngineError, IntegrityError
+from backups.engine.keys import (
+    key_id,
     master_key_id,
     new_data_key,
     new_wrapped_data_key,
@@ -19,10 +23,6 @@ from backups.crypto import (
     wrap_data_key,
     wrapped_key_id,
 )
-from backups.engine import codec
-from backups.engine.codec import CodecError, decode, encode, object_suffix
-from backups.engine.types import EngineError, IntegrityError
-from console.keys import key_id
 
 MIB = 1024 * 1024
 

@@ -13,8 +13,8 @@ import time
 
 from backups.engine.dump import dump_cluster
 from backups.engine.load import create_database_objects, load_table
+from backups.engine.mysql import quote_ident
 from backups.engine.types import TableLoadJob
-from shards.mysql import quote_ident
 from tests.backups.conftest import drop_database, make_spec, read_manifest
 
 

@@ -7,7 +7,7 @@ import os
 from backups.engine import codec
 from backups.engine.checksum import table_checksum
 from backups.engine.dump import dump_cluster
-from shards.mysql import quote_ident, quote_qualified
+from backups.engine.mysql import quote_ident, quote_qualified
 from tests.backups.conftest import WEIRD_TABLE, make_spec, read_manifest
 
 

@@ -10,8 +10,9 @@ import pymysql
 import pytest
 
 from backups.engine.dump import dump_cluster
-from backups.engine.types import Cancelled, ShardSpec
-from shards.mysql import quote_ident
+from backups.engine.errors import Cancelled
+from backups.engine.mysql import quote_ident
+from backups.engine.types import ShardSpec
 from tests.backups.conftest import drop_database, make_spec, no_backup_sessions
 from tests.servers import free_port
 

@@ -7,8 +7,9 @@ import os
 import pytest
 
 from backups.engine.dump import dump_cluster
+from backups.engine.errors import EngineError, IntegrityError
 from backups.engine.load import create_database_objects, load_table, recreate_database_objects
-from backups.engine.types import EngineError, IntegrityError, TableLoadJob
+from backups.engine.types import TableLoadJob
 from tests.backups.conftest import WEIRD_TABLE, drop_database, make_spec, read_manifest
 
 
@@ -227,7 +228,7 @@ def test_unreachable_target_is_an_engine_error_not_a_crash():
     """Restores catch EngineError; a server that went away must not escape as ConnectError."""
     import socket
 
-    from shards.mysql import Endpoint
+    from backups.engine.mysql import Endpoint
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 
 import pytest
 
+from backups.engine import keys as engine_keys
+from backups.engine.errors import EngineError, IntegrityError
+from backups.engine.keys import derive_key
 from backups.engine.manifest import (
-    manifest_hmac_key,
     manifest_objects,
     manifest_read,
     manifest_sign,
@@ -17,9 +19,8 @@ from backups.engine.manifest import (
     manifest_write,
     read_manifest,
 )
-from backups.engine.types import EngineError, IntegrityError
 from backups.storage.local import LocalStorage
-from console.keys import derive_key
+from console.keys import manifest_hmac_key
 
 KEY = b"k" * 32
 
@@ -255,6 +256,6 @@ def test_manifest_objects_lists_binlog_segments():
 def test_settings_hmac_key_is_derived_from_the_data_key(settings):
     assert manifest_hmac_key() == derive_key(settings.SHARDVAULT_DATA_KEY, "manifest-hmac")
     assert manifest_hmac_key() != derive_key(settings.SHARDVAULT_DATA_KEY, "backup-kek")
-    assert manifest_hmac_key(settings.SHARDVAULT_DATA_KEY) == manifest_hmac_key()
+    assert engine_keys.manifest_hmac_key(settings.SHARDVAULT_DATA_KEY) == manifest_hmac_key()
     with pytest.raises(EngineError, match="SHARDVAULT_DATA_KEY must decode to 32 bytes"):
-        manifest_hmac_key("c2hvcnQ")
+        engine_keys.manifest_hmac_key("c2hvcnQ")

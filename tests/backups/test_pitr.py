@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from backups.engine.checksum import table_checksum
+from backups.engine.mysql import quote_ident
 from backups.models import BackupSet, BinlogSegment, RestoreRequest
 from backups.selectors.incrementals import chain_after, recoverable_window
 from backups.services.backups import backup_start
@@ -20,7 +21,6 @@ from backups.services.incrementals import (
     incremental_start,
     pitr_resolve,
 )
-from shards.mysql import quote_ident
 from tests.factories import make_cluster, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -11,8 +11,8 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
+from backups.engine.mysql import quote_ident
 from backups.models import RestoreRequest
-from shards.mysql import quote_ident
 from tests.backups.test_restore_rules import make_backup, server_for
 from tests.factories import make_cluster, make_user
 

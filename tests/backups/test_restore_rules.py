@@ -13,6 +13,7 @@ from django.core import mail
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
+from backups.engine.mysql import quote_ident
 from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun
 from backups.services.restores import (
     RestoreError,
@@ -24,7 +25,6 @@ from backups.services.restores import (
 )
 from console.models import AuditEvent
 from shards.models import Instance
-from shards.mysql import quote_ident
 from tests.factories import make_cluster, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from backups.engine.checksum import table_checksum
+from backups.engine.mysql import connect, quote_ident
 from backups.models import LoadedChunk, RestoreRun
 from backups.services import restore_run as executor
 from backups.services.restores import restore_request_approve, restore_run_start
 from shards.models import Instance, LogicalTable
-from shards.mysql import connect, quote_ident
 from tests.backups.test_restore_rules import file_request, make_backup, server_for
 from tests.factories import make_cluster, make_user
 

@@ -16,7 +16,7 @@ import boto3
 import psutil
 import pytest
 
-from backups.engine.types import IntegrityError
+from backups.engine.errors import IntegrityError
 from backups.storage import default_storage, key_part, storage_from_url
 from backups.storage.base import StorageError
 from backups.storage.local import LocalStorage
@@ -409,8 +409,8 @@ def test_s3_read_resumes_after_the_connection_breaks(s3_env):
 
 
 def test_encoded_chunks_survive_a_round_trip_through_storage(storage):
-    from backups.crypto import new_data_key
     from backups.engine.codec import decode, encode
+    from backups.engine.keys import new_data_key
 
     key = "orders/3/s00/db/t/chunk-000001.tsv.zst.enc"
     data_key = new_data_key()
@@ -448,8 +448,8 @@ def test_parallel_writers_and_readers_share_one_storage(storage):
     """The dump engine writes chunks from several threads through one storage object."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from backups.crypto import new_data_key
     from backups.engine.codec import decode, encode
+    from backups.engine.keys import new_data_key
 
     data_key = new_data_key()
 

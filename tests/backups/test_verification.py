@@ -183,8 +183,8 @@ def test_drill_with_a_damaged_chunk_fails_that_table_and_still_drops_scratch(
 def test_drill_stopped_in_the_middle_drops_every_scratch_database(backed_up, mariadb_servers):
     """Cancel after the first table loaded: the scratch databases existed, and are gone after."""
     from backups.engine import verify as engine
-    from backups.engine.manifest import manifest_hmac_key
     from backups.services.restore_plan import set_data_key, set_prefix, set_storage
+    from console.keys import manifest_hmac_key
 
     storage = set_storage(backed_up)
     doc = engine.storage_check(

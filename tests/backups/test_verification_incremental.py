@@ -13,11 +13,11 @@ import pytest
 
 from backups.engine import verify as engine
 from backups.engine.checksum import table_checksum
+from backups.engine.mysql import connect
 from backups.models import BackupPolicy, BackupSet, BinlogSegment, VerificationRun
 from backups.services.backups import backup_execute, backup_start
 from backups.services.incrementals import incremental_execute, incremental_start
 from console.models import AuditEvent
-from shards.mysql import connect
 from tests.backups.test_verification import _scratch_databases, _verify_cli
 from tests.factories import make_cluster
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from shards.mysql import connect, quote_ident, quote_qualified
+from backups.engine.mysql import connect, quote_ident, quote_qualified
 from tests.servers import MariaDBServer
 
 DATABASES = ("bench_0", "bench_1")

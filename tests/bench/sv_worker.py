@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from shards.mysql import Endpoint  # noqa: E402
+from backups.engine.mysql import Endpoint  # noqa: E402
 
 
 def _endpoint(entry: dict, name: str) -> Endpoint:

@@ -26,8 +26,8 @@ from backups.engine import codec
 from backups.engine.binlog import StoredObject, capture_instance, master_status
 from backups.engine.binlog_apply import SegmentSource, apply_segments
 from backups.engine.checksum import table_checksum
+from backups.engine.mysql import quote_ident
 from backups.storage.local import LocalStorage
-from shards.mysql import quote_ident
 from tests.servers import start_servers, stop_servers
 
 ROOT = Path(__file__).resolve().parents[2]

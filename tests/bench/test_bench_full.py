@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.mysql import quote_ident, quote_qualified
+from backups.engine.mysql import quote_ident, quote_qualified
 from tests.bench.conftest import Measurement
 from tests.bench.dataset import (
     TABLES,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
+from backups.engine.mysql import quote_ident
 from backups.models import RestoreRequest
 from shards.models import LogicalTable
-from shards.mysql import quote_ident
 from tests.backups.test_restore_rules import make_backup, server_for
 from tests.factories import make_cluster
 

@@ -7,8 +7,8 @@ import time
 import pytest
 from playwright.sync_api import expect
 
+from backups.engine.mysql import quote_ident
 from shards.models import Cluster, DiscoveryRun
-from shards.mysql import quote_ident
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -9,9 +9,9 @@ import time
 import pytest
 from django.core.management import call_command
 
+from backups.engine.mysql import quote_ident
 from shards.discovery import parse_grants
 from shards.models import Cluster, Finding, Instance, PhysicalTable
-from shards.mysql import quote_ident
 from shards.services import discovery_run
 from tests.servers import free_port
 from tests.shards.conftest import topology_yaml

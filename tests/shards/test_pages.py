@@ -6,9 +6,9 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
+from backups.engine.mysql import quote_ident
 from console.models import AuditEvent
 from shards.models import Cluster, DiscoveryRun, Instance, PhysicalTable, Shard
-from shards.mysql import quote_ident
 from shards.services import cluster_create, discovery_run, instance_create, shard_create
 from tests.factories import make_cluster, make_user
 from tests.servers import free_port

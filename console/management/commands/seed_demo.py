@@ -10,9 +10,10 @@ import pymysql
 from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand, CommandError
 
+from backups.engine.errors import ConnectError
+from backups.engine.mysql import Endpoint, connect, quote_ident, quote_qualified
 from console.services import UserError, user_create
 from shards.models import Cluster
-from shards.mysql import ConnectError, Endpoint, connect, quote_ident, quote_qualified
 from shards.services import TopologyError, discovery_run, topology_import
 from shards.topology_file import (
     ClusterSpec,

@@ -1,8 +1,14 @@
-"""Data keys for encrypted backup sets, wrapped by the master key (SHARDVAULT_DATA_KEY).
+"""Keys: the master key's id, keys derived from it, set data keys, stored secrets.
+
+The master key (SHARDVAULT_DATA_KEY) is always passed in: this module reads no settings.
+Each purpose gets its own key through HKDF, so the key that encrypts shard passwords
+never signs a manifest.
+
+Data keys for encrypted backup sets are wrapped by the master key.
 
 Every backup set gets a fresh random 256-bit data key. The manifest and the database keep
 it only wrapped: AES-256-GCM under a key-encryption key derived from the master key with
-HKDF (`console.keys.derive_key(master, "backup-kek")`), with the master key's public id as
+HKDF (`derive_key(master, "backup-kek")`), with the master key's public id as
 associated data. The key id is recorded beside the wrapped key so that, after a rotation,
 the right master key can be found (`unwrap_data_key(..., older_keys=[...])`).
 
@@ -14,19 +20,73 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from backups.engine.types import EngineError
-from console.keys import KeyError_, derive_key, key_id
+from backups.engine.errors import EngineError, KeyMaterialError
 
 DATA_KEY_BYTES = 32
 _WRAP_VERSION = "sv1"
 _NONCE_BYTES = 12
+
+
+def decode_master_key(master_key: str) -> bytes:
+    try:
+        raw = base64.urlsafe_b64decode(master_key.encode() + b"=" * (-len(master_key) % 4))
+    except ValueError as exc:
+        raise KeyMaterialError("SHARDVAULT_DATA_KEY is not URL-safe base64") from exc
+    if len(raw) != 32:
+        raise KeyMaterialError("SHARDVAULT_DATA_KEY must decode to 32 bytes")
+    return raw
+
+
+def derive_key(master_key: str, purpose: str) -> bytes:
+    """32 bytes for one purpose ("shard-passwords", "manifest-hmac", "backup-kek")."""
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=b"shardvault", info=purpose.encode()
+    ).derive(decode_master_key(master_key))
+
+
+def key_id(master_key: str) -> str:
+    """A short public fingerprint of the master key, recorded so keys can rotate."""
+    return hashlib.sha256(b"key-id:" + decode_master_key(master_key)).hexdigest()[:16]
+
+
+def encrypt_secret(plaintext: str, master_key: str) -> str:
+    """Encrypt a shard password for storage (Fernet: AES-128-CBC + HMAC)."""
+    if not plaintext:
+        return ""
+    key = base64.urlsafe_b64encode(derive_key(master_key, "shard-passwords"))
+    return Fernet(key).encrypt(plaintext.encode()).decode()
+
+
+def decrypt_secret(token: str, master_key: str) -> str:
+    """The plaintext of `encrypt_secret`; KeyMaterialError when this key cannot open it."""
+    if not token:
+        return ""
+    key = base64.urlsafe_b64encode(derive_key(master_key, "shard-passwords"))
+    try:
+        return Fernet(key).decrypt(token.encode()).decode()
+    except InvalidToken as exc:
+        raise KeyMaterialError(
+            "a stored password cannot be decrypted with the current SHARDVAULT_DATA_KEY"
+        ) from exc
+
+
+def manifest_hmac_key(master_key: str) -> bytes:
+    """The manifest signing key derived from `master_key` (EngineError if it is unusable)."""
+    try:
+        return derive_key(master_key, "manifest-hmac")
+    except KeyMaterialError as exc:
+        raise EngineError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -47,14 +107,14 @@ def master_key_id(master_key: str) -> str:
     """The public fingerprint of a master key (safe to store and show)."""
     try:
         return key_id(master_key)
-    except KeyError_ as exc:
+    except KeyMaterialError as exc:
         raise EngineError(str(exc)) from exc
 
 
 def _kek(master_key: str) -> bytes:
     try:
         return derive_key(master_key, "backup-kek")
-    except KeyError_ as exc:
+    except KeyMaterialError as exc:
         raise EngineError(str(exc)) from exc
 
 
@@ -114,7 +174,7 @@ def unwrap_data_key(wrapped: str, master_key: str, *, older_keys: Iterable[str] 
 def _safe_id(master_key: str) -> str:
     try:
         return key_id(master_key)
-    except KeyError_:
+    except KeyMaterialError:
         return ""
 
 

@@ -13,6 +13,8 @@ import pymysql
 import pymysql.constants.CLIENT as CLIENT
 from pymysql.constants import ER
 
+from backups.engine.errors import ConnectError
+
 CONNECT_TIMEOUT_SECONDS = 5
 
 
@@ -31,10 +33,6 @@ class Endpoint:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
-
-
-class ConnectError(Exception):
-    """A connection could not be made; the message is one sentence for a person."""
 
 
 def quote_ident(name: str) -> str:
