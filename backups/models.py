@@ -3,6 +3,14 @@
 from django.conf import settings
 from django.db import models
 
+from backups.status import (
+    PartStatus,
+    RequestState,
+    ResultStatus,
+    RunStatus,
+    SetStatus,
+    VerificationStatus,
+)
 from shards.models import Cluster, Instance, Shard
 
 USER = settings.AUTH_USER_MODEL
@@ -32,13 +40,7 @@ class BackupSet(models.Model):
         FULL = "full"
         INCREMENTAL = "incremental"
 
-    class Status(models.TextChoices):
-        PENDING = "pending"
-        RUNNING = "running"
-        SUCCEEDED = "succeeded"
-        FAILED = "failed"
-        CANCELLED = "cancelled"
-        EXPIRED = "expired"
+    Status = SetStatus
 
     class Consistency(models.TextChoices):
         LOCKED = "locked"
@@ -105,11 +107,17 @@ class BackupSet(models.Model):
 
     @property
     def is_active(self) -> bool:
-        return self.status in (self.Status.PENDING, self.Status.RUNNING)
+        return self.status in SetStatus.ACTIVE
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in SetStatus.FINAL
 
 
 class ShardBackup(models.Model):
     """One shard's part of a set: its coordinates, counts and outcome."""
+
+    Status = PartStatus
 
     backup_set = models.ForeignKey(
         BackupSet, on_delete=models.CASCADE, related_name="shard_backups"
@@ -119,7 +127,7 @@ class ShardBackup(models.Model):
     shard_name = models.CharField(max_length=63)
     instance_name = models.CharField(max_length=63)
     database = models.CharField(max_length=64)
-    status = models.CharField(max_length=12, choices=BackupSet.Status.choices, default="pending")
+    status = models.CharField(max_length=12, choices=PartStatus.choices, default="pending")
     binlog_file = models.CharField(max_length=255, blank=True)
     binlog_pos = models.BigIntegerField(null=True, blank=True)
     gtid = models.TextField(blank=True)
@@ -149,12 +157,14 @@ class ShardBackup(models.Model):
 
 
 class TableBackup(models.Model):
+    Status = PartStatus
+
     shard_backup = models.ForeignKey(ShardBackup, on_delete=models.CASCADE, related_name="tables")
     database = models.CharField(max_length=64)
     name = models.CharField(max_length=64)
     engine = models.CharField(max_length=32, blank=True)
     has_primary_key = models.BooleanField(default=True)
-    status = models.CharField(max_length=12, choices=BackupSet.Status.choices, default="pending")
+    status = models.CharField(max_length=12, choices=PartStatus.choices, default="pending")
     rows = models.BigIntegerField(default=0)
     rows_estimate = models.BigIntegerField(default=0)
     raw_bytes = models.BigIntegerField(default=0)
@@ -224,15 +234,7 @@ class BinlogSegment(models.Model):
 
 
 class RestoreRequest(models.Model):
-    class State(models.TextChoices):
-        PENDING_APPROVAL = "pending_approval"
-        APPROVED = "approved"
-        REJECTED = "rejected"
-        EXPIRED = "expired"
-        RUNNING = "running"
-        SUCCEEDED = "succeeded"
-        FAILED = "failed"
-        CANCELLED = "cancelled"
+    State = RequestState
 
     class Target(models.TextChoices):
         SIDE = "side"
@@ -298,10 +300,10 @@ class Approval(models.Model):
 
 
 class RestoreRun(models.Model):
+    Status = RunStatus
+
     request = models.ForeignKey(RestoreRequest, on_delete=models.PROTECT, related_name="runs")
-    status = models.CharField(
-        max_length=12, choices=BackupSet.Status.choices, default=BackupSet.Status.PENDING
-    )
+    status = models.CharField(max_length=12, choices=RunStatus.choices, default=RunStatus.PENDING)
     job_id = models.CharField(max_length=100, blank=True)
     started_by = models.ForeignKey(
         USER, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -331,6 +333,8 @@ class RestoreRun(models.Model):
 
 
 class RestoreTableResult(models.Model):
+    Status = ResultStatus
+
     run = models.ForeignKey(RestoreRun, on_delete=models.CASCADE, related_name="results")
     shard_name = models.CharField(max_length=63)
     database = models.CharField(max_length=64)
@@ -338,7 +342,7 @@ class RestoreTableResult(models.Model):
     target_instance_name = models.CharField(max_length=63)
     target_database = models.CharField(max_length=64)
     target_table = models.CharField(max_length=64)
-    status = models.CharField(max_length=12, choices=BackupSet.Status.choices, default="pending")
+    status = models.CharField(max_length=12, choices=ResultStatus.choices, default="pending")
     rows_expected = models.BigIntegerField(default=0)
     rows = models.BigIntegerField(default=0)
     checksum_expected = models.CharField(max_length=64, blank=True)
@@ -374,12 +378,14 @@ class LoadedChunk(models.Model):
 
 
 class VerificationRun(models.Model):
+    Status = VerificationStatus
+
     backup_set = models.ForeignKey(
         BackupSet, on_delete=models.CASCADE, related_name="verifications"
     )
     drill = models.BooleanField(default=False)
     status = models.CharField(
-        max_length=12, choices=BackupSet.Status.choices, default=BackupSet.Status.PENDING
+        max_length=12, choices=VerificationStatus.choices, default=VerificationStatus.PENDING
     )
     job_id = models.CharField(max_length=100, blank=True)
     triggered_by = models.ForeignKey(

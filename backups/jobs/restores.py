@@ -22,8 +22,8 @@ def restore_job_id(run_id: int) -> str:
 
 def restore_run_job(run_id: int) -> str:
     """Load the run and hand it to the executor, which re-checks the approval itself."""
+    from backups.services.errors import RestoreError
     from backups.services.restore_run import restore_run_execute
-    from backups.services.restores import RestoreError
 
     run = RestoreRun.objects.get(pk=run_id)
     try:

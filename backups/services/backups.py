@@ -26,6 +26,7 @@ from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
 from backups.models import BackupPolicy, BackupSet, Chunk, ShardBackup, TableBackup
+from backups.services.errors import BackupError, BackupRefused
 from console.audit import audit_record
 from console.roles import ADMIN, OPERATOR, require_role
 from shards.models import Cluster, PhysicalTable
@@ -42,18 +43,6 @@ SLOT_WAIT_SECONDS = 15 * 60
 
 ACTIVE = (BackupSet.Status.PENDING, BackupSet.Status.RUNNING)
 FINISHED = (BackupSet.Status.SUCCEEDED, BackupSet.Status.FAILED, BackupSet.Status.CANCELLED)
-
-
-class BackupError(Exception):
-    """A backup request that cannot be honoured; the message is one sentence for a person."""
-
-
-class BackupRefused(BackupError):
-    """The backup could not start; it is still recorded as a `failed` set (`backup_set`)."""
-
-    def __init__(self, message: str, backup_set: BackupSet):
-        super().__init__(message)
-        self.backup_set = backup_set
 
 
 def job_id_for(set_id: int) -> str:

@@ -30,8 +30,6 @@ from backups.selectors.incrementals import (
 from backups.services.backups import (
     ACTIVE,
     WORKER_ACTOR,
-    BackupError,
-    BackupRefused,
     _authorise,
     _finish_cancelled,
     _finish_failed,
@@ -40,6 +38,7 @@ from backups.services.backups import (
     backup_set_record,
     busy_reason,
 )
+from backups.services.errors import BackupError, BackupRefused, ChainError, ChainRefused
 from console.audit import audit_record
 from shards.models import Cluster, Instance
 from shards.selectors import instance_endpoint
@@ -50,10 +49,6 @@ QUEUE = "backups"
 SCHEDULE_QUEUE = "default"
 # Replica server ids used for capture: far from any real server's id.
 CAPTURE_SERVER_ID_BASE = 3_900_000_000
-
-
-class ChainError(BackupError):
-    """The chain of sets cannot serve this request; the message says what to do."""
 
 
 # ------------------------------------------------------------------------------ start
@@ -75,13 +70,6 @@ def _chain_end_coordinates(parent: BackupSet) -> dict[int, tuple[str, int, str]]
             )
         ends[sb.shard_id] = (file, int(pos), gtid or "")
     return ends
-
-
-class ChainRefused(ChainError, BackupRefused):
-    """An incremental that cannot start; recorded as a `failed` set saying why."""
-
-    def __init__(self, message: str, backup_set: BackupSet):
-        BackupRefused.__init__(self, message, backup_set)
 
 
 def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> BackupSet:

@@ -14,17 +14,15 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from django.conf import settings
 from django.db.models import F, Sum
 
 from backups.engine.errors import ConnectError
-from backups.engine.keys import unwrap_data_key
-from backups.engine.manifest import manifest_read
 from backups.engine.mysql import connect
 from backups.models import BackupSet, RestoreRun
-from backups.services.restores import RestoreError, Target
-from backups.storage import Storage, StorageError, default_storage, storage_from_url
-from console.keys import manifest_hmac_key
+from backups.services.errors import RestoreError
+from backups.services.restores import Target
+from backups.services.sets import set_manifest, set_prefix, set_storage
+from backups.storage import Storage, StorageError
 from shards.models import Cluster, Instance, LogicalTable
 from shards.selectors import MissingPassword, instance_endpoint
 
@@ -32,37 +30,6 @@ MAX_NAME = 64
 SIDE_SUFFIX = "__r{id}"
 SHADOW_SUFFIX = "__sv_new_{id}"
 OLD_SUFFIX = "__sv_old_{id}"
-
-
-# -- the set's manifest and storage ---------------------------------------------------
-
-
-def set_storage(backup_set: BackupSet) -> Storage:
-    if not backup_set.storage_url:
-        return default_storage()
-    return storage_from_url(backup_set.storage_url, endpoint_url=settings.S3_ENDPOINT_URL)
-
-
-def set_prefix(backup_set: BackupSet) -> str:
-    return backup_set.object_prefix or f"{backup_set.cluster.name}/{backup_set.pk}"
-
-
-def set_data_key(backup_set: BackupSet) -> bytes | None:
-    """The set's data key, None when it is not encrypted; EngineError when it cannot be opened."""
-    if not backup_set.encrypted:
-        return None
-    return unwrap_data_key(backup_set.wrapped_key, settings.SHARDVAULT_DATA_KEY)
-
-
-def set_manifest(backup_set: BackupSet, storage: Storage | None = None) -> dict:
-    """The set's manifest, its signature checked; RestoreError when it cannot be read."""
-    storage = storage or set_storage(backup_set)
-    try:
-        return manifest_read(storage, set_prefix(backup_set), manifest_hmac_key())
-    except Exception as exc:  # noqa: BLE001 - any failure here means: cannot restore from it
-        raise RestoreError(
-            f"the manifest of backup set {backup_set.pk} cannot be read: {exc}"
-        ) from exc
 
 
 def manifest_shards(doc: dict) -> list[dict]:

@@ -25,20 +25,10 @@ from backups.engine.errors import Cancelled, ConnectError, EngineError, Integrit
 from backups.engine.mysql import Endpoint, connect, quote_ident, quote_qualified
 from backups.engine.types import ProgressEvent, TableLoadJob
 from backups.models import BackupSet, LoadedChunk, RestoreRequest, RestoreRun, RestoreTableResult
-from backups.services.restore_plan import (
-    manifest_shards,
-    manifest_tables,
-    old_table,
-    set_data_key,
-    set_manifest,
-    set_storage,
-)
-from backups.services.restores import (
-    RestoreError,
-    Target,
-    restore_run_begin,
-    restore_run_finish,
-)
+from backups.services.errors import RestoreError, SwapIncomplete
+from backups.services.restore_plan import manifest_shards, manifest_tables, old_table
+from backups.services.restores import Target, restore_run_begin, restore_run_finish
+from backups.services.sets import set_data_key, set_manifest, set_storage
 from shards.models import Instance
 from shards.selectors import MissingPassword, instance_endpoint
 
@@ -495,10 +485,6 @@ def _swap_inplace(
                 f"{database} and any later databases still hold their live tables"
             ) from exc
         swapped.append(database)
-
-
-class SwapIncomplete(RestoreError):
-    """Some databases were swapped in place before another one failed (never 'untouched')."""
 
 
 def _swap_database(

@@ -14,20 +14,12 @@ from django.db import transaction
 from django.utils import timezone
 
 from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun
-from backups.services.incrementals import ChainError, pitr_resolve
+from backups.services.errors import ChainError, RestoreDenied, RestoreError
+from backups.services.incrementals import pitr_resolve
 from console.audit import audit_record
 from console.models import AuditEvent
 from console.roles import APPROVER, OPERATOR, has_role
 from shards.models import Cluster, Instance
-
-
-class RestoreError(Exception):
-    """A restore rule or a bad input, named in one sentence for a person."""
-
-
-class RestoreDenied(RestoreError):
-    """The person may not do this (wrong role, or deciding their own request)."""
-
 
 State = RestoreRequest.State
 Target = RestoreRequest.Target

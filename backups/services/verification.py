@@ -17,17 +17,14 @@ from django.utils import timezone
 from backups.engine import verify as engine
 from backups.engine.types import ProgressEvent
 from backups.models import BackupPolicy, BackupSet, VerificationRun
-from backups.services.restore_plan import set_data_key, set_prefix, set_storage
+from backups.services.errors import VerificationError
+from backups.services.sets import set_data_key, set_prefix, set_storage
 from console.audit import audit_record
 from console.keys import manifest_hmac_key
 from console.roles import ADMIN, OPERATOR, require_role
 
 QUEUE = "verify"
 ACTIVE = (BackupSet.Status.PENDING, BackupSet.Status.RUNNING)
-
-
-class VerificationError(Exception):
-    """A verification cannot start or run; the message is one sentence for a person."""
 
 
 def verification_job_id(verification: VerificationRun) -> str:

@@ -1,8 +1,8 @@
 """Backup storage: where chunks, schema files and manifests live.
 
 `storage_from_url("file:///abs/path")` or `storage_from_url("s3://bucket/prefix?sse=AES256")`
-builds a backend; `default_storage()` builds the one configured by STORAGE_URL (the only
-function here that reads Django settings). See `base.Storage` for the interface.
+builds a backend; `backups.services.sets.storage_for_url` binds it to the settings.
+See `base.Storage` for the interface. Storage imports nothing of the engine but its errors.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ __all__ = [
     "Storage",
     "StorageError",
     "StoredObject",
-    "default_storage",
     "key_part",
     "storage_from_url",
 ]
@@ -41,10 +40,3 @@ def storage_from_url(url: str, *, endpoint_url: str | None = None) -> Storage:
     raise StorageError(
         f"storage URL {url!r} is not supported (use file:///absolute/path or s3://bucket/prefix)"
     )
-
-
-def default_storage() -> Storage:
-    """The storage configured by settings.STORAGE_URL (and S3_ENDPOINT_URL)."""
-    from django.conf import settings
-
-    return storage_from_url(settings.STORAGE_URL, endpoint_url=settings.S3_ENDPOINT_URL)

@@ -19,10 +19,9 @@ from backups.selectors.restores import (
     restore_request_timeline,
     restore_requests_awaiting,
 )
+from backups.services.errors import RestoreDenied, RestoreError
 from backups.services.restore_plan import restore_plan_build
 from backups.services.restores import (
-    RestoreDenied,
-    RestoreError,
     parse_target,
     restore_request_approve,
     restore_request_file,

@@ -19,13 +19,8 @@ from backups.selectors.backups import (
     progress_of,
 )
 from backups.selectors.incrementals import RecoveryPoint, cluster_chains, recoverable_window
-from backups.services.backups import (
-    BackupError,
-    BackupRefused,
-    backup_cancel,
-    backup_start,
-    backups_reap_stale,
-)
+from backups.services.backups import backup_cancel, backup_start, backups_reap_stale
+from backups.services.errors import BackupError, BackupRefused
 from console.roles import ADMIN, OPERATOR, has_role, role_required
 
 REAP_EVERY_SECONDS = 10

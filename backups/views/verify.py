@@ -10,7 +10,8 @@ from django.views.decorators.http import require_GET, require_POST
 
 from backups.models import BackupSet
 from backups.selectors.verification import set_quality
-from backups.services.verification import VerificationError, verification_start
+from backups.services.errors import VerificationError
+from backups.services.verification import verification_start
 from console.roles import ADMIN, OPERATOR, role_required
 
 

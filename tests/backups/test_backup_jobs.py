@@ -8,12 +8,8 @@ import psutil
 import pytest
 
 from backups.models import BackupSet
-from backups.services.backups import (
-    BackupRefused,
-    backup_cancel,
-    backup_start,
-    backups_reap_stale,
-)
+from backups.services.backups import backup_cancel, backup_start, backups_reap_stale
+from backups.services.errors import BackupRefused
 from backups.storage import storage_from_url
 from shards.models import Instance, Shard
 from tests.factories import make_cluster, make_user

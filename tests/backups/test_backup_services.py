@@ -7,19 +7,14 @@ from django.utils import timezone
 from rq.job import Job
 
 from backups.models import BackupSet
-from backups.services.backups import (
-    BackupError,
-    BackupRefused,
-    backup_cancel,
-    backup_start,
-    backups_reap_stale,
-)
+from backups.services.backups import backup_cancel, backup_start, backups_reap_stale
 from backups.services.connection_slots import (
     ConnectionSlots,
     SlotNeed,
     SlotsUnavailable,
     slots_in_use,
 )
+from backups.services.errors import BackupError, BackupRefused
 from console.models import AuditEvent
 from console.roles import RoleDenied
 from tests.factories import make_cluster, make_user

@@ -12,8 +12,8 @@ from backups.engine.mysql import quote_ident
 from backups.models import BackupSet, BinlogSegment, RestoreRequest
 from backups.selectors.incrementals import chain_after, recoverable_window
 from backups.services.backups import backup_start
+from backups.services.errors import ChainError
 from backups.services.incrementals import (
-    ChainError,
     aligned_instant,
     backup_set_delete_check,
     backup_set_expire,

@@ -15,8 +15,8 @@ from django.utils import timezone
 
 from backups.engine.mysql import quote_ident
 from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun
+from backups.services.errors import RestoreError
 from backups.services.restores import (
-    RestoreError,
     restore_request_approve,
     restore_request_file,
     restore_request_reject,

@@ -17,7 +17,8 @@ import psutil
 import pytest
 
 from backups.engine.errors import IntegrityError
-from backups.storage import default_storage, key_part, storage_from_url
+from backups.services.sets import default_storage
+from backups.storage import key_part, storage_from_url
 from backups.storage.base import StorageError
 from backups.storage.local import LocalStorage
 from backups.storage.s3 import MIN_PART_SIZE, S3Storage

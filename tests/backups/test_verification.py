@@ -17,10 +17,7 @@ from django.urls import reverse
 
 from backups.models import BackupPolicy, BackupSet, VerificationRun
 from backups.services.backups import backup_execute, backup_start
-from backups.services.verification import (
-    verification_run_now,
-    verification_start,
-)
+from backups.services.verification import verification_run_now, verification_start
 from console.models import AuditEvent
 from tests.factories import make_cluster, make_user
 
@@ -183,7 +180,7 @@ def test_drill_with_a_damaged_chunk_fails_that_table_and_still_drops_scratch(
 def test_drill_stopped_in_the_middle_drops_every_scratch_database(backed_up, mariadb_servers):
     """Cancel after the first table loaded: the scratch databases existed, and are gone after."""
     from backups.engine import verify as engine
-    from backups.services.restore_plan import set_data_key, set_prefix, set_storage
+    from backups.services.sets import set_data_key, set_prefix, set_storage
     from console.keys import manifest_hmac_key
 
     storage = set_storage(backed_up)
@@ -266,7 +263,7 @@ def test_policy_verifies_new_sets_automatically_and_can_be_turned_off(cluster, r
 
 
 def test_only_succeeded_sets_and_operators(backed_up):
-    from backups.services.verification import VerificationError
+    from backups.services.errors import VerificationError
     from console.roles import RoleDenied
 
     with pytest.raises(RoleDenied):
@@ -391,7 +388,7 @@ def test_rpo_breach_and_failed_backup_alert_once(settings):
 
 
 def test_drill_of_an_incremental_set_with_a_broken_chain_is_refused_in_one_sentence():
-    from backups.services.verification import VerificationError
+    from backups.services.errors import VerificationError
     from shards.models import Cluster
 
     cluster = Cluster.objects.create(name="incr")

@@ -11,8 +11,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from backups.models import BackupSet, RestoreRequest, RestoreRun
 from backups.selectors.restores import restore_request_as_dict
+from backups.services.errors import RestoreError
 from backups.services.restores import (
-    RestoreError,
     restore_request_approve,
     restore_request_file,
     restore_request_reject,

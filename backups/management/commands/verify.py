@@ -9,11 +9,8 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from backups.models import BackupSet
-from backups.services.verification import (
-    VerificationError,
-    verification_run_now,
-    verification_summary,
-)
+from backups.services.errors import VerificationError
+from backups.services.verification import verification_run_now, verification_summary
 from console.roles import RoleDenied
 
 

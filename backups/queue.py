@@ -1,0 +1,224 @@
+"""The one module that talks to RQ: queue names, enqueue by dotted path, job ids, periodic jobs.
+
+Services enqueue through here by the job function's dotted path, so they never import a
+job module; no other module imports `rq` or `django_rq` (`make lint` holds this).
+
+Job ids are derived from what a job works on (`backup-<set>`, `restore-<run>`, ...): a
+second `enqueue` of an id whose job is still waiting or running is refused (returns None).
+
+Every periodic job is declared once, in PERIODIC. `periodic_ensure_scheduled()` arms them
+on RQ's scheduler (workers started with `--with-scheduler`); each run re-arms itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import django_rq
+from django.conf import settings
+from redis.exceptions import RedisError
+from rq import Callback, get_current_job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+log = logging.getLogger(__name__)
+
+BACKUPS = "backups"
+RESTORES = "restores"
+VERIFY = "verify"
+DEFAULT = "default"  # discovery and housekeeping
+QUEUES = (BACKUPS, RESTORES, VERIFY, DEFAULT)
+
+# RQ statuses of a job that still counts as waiting or running.
+LIVE_STATUSES = ("queued", "started", "deferred", "scheduled")
+
+QueueUnavailable = RedisError  # what callers catch when Redis cannot be reached
+
+
+def redis_connection(queue: str = DEFAULT):
+    """The Redis connection RQ uses (for connection slots and barriers)."""
+    return django_rq.get_connection(queue)
+
+
+def job_status(job_id: str, *, queue: str = DEFAULT) -> str:
+    """RQ's status of a job: `queued`, `started`, `finished`, `failed`, ..., `missing` when
+    RQ has no such job, `unknown` when Redis cannot be asked (never guess a death from it)."""
+    if not job_id:
+        return "missing"
+    try:
+        job = Job.fetch(job_id, connection=redis_connection(queue))
+    except NoSuchJobError:
+        return "missing"
+    except Exception:  # noqa: BLE001 - Redis down
+        return "unknown"
+    status = job.get_status(refresh=False)
+    return str(getattr(status, "value", status) or "unknown")
+
+
+def enqueue(
+    path: str,
+    *args: Any,
+    queue: str,
+    job_id: str | None = None,
+    description: str = "",
+    timeout: int | None = None,
+    on_failure: str | None = None,
+    at: datetime | None = None,
+    after: timedelta | None = None,
+    result_ttl: int = 7 * 24 * 3600,
+    failure_ttl: int = 30 * 24 * 3600,
+) -> str | None:
+    """Queue `path(*args)` on `queue` (now, `at` a time, or `after` a delay).
+
+    Returns the job id, or None when a job with `job_id` is still waiting or running (a
+    duplicate is never queued). Raises QueueUnavailable when Redis cannot be reached.
+    """
+    rq_queue = django_rq.get_queue(queue)
+    if job_id and job_status(job_id, queue=queue) in LIVE_STATUSES:
+        return None
+    options: dict[str, Any] = {
+        "job_id": job_id,
+        "description": description or None,
+        "result_ttl": result_ttl,
+        "failure_ttl": failure_ttl,
+    }
+    if timeout is not None:
+        options["job_timeout"] = timeout
+    if on_failure:
+        options["on_failure"] = Callback(on_failure)
+    if at is not None:
+        job = rq_queue.enqueue_at(at, path, *args, **options)
+    elif after is not None:
+        job = rq_queue.enqueue_in(after, path, *args, **options)
+    else:
+        job = rq_queue.enqueue(path, *args, **options)
+    return job.id
+
+
+def cancel(job_id: str, *, queue: str = DEFAULT) -> None:
+    """Cancel a job that has not run yet; a job already gone is not an error."""
+    if not job_id:
+        return
+    try:
+        Job.fetch(job_id, connection=redis_connection(queue)).cancel()
+    except Exception:  # noqa: BLE001 - the job may be gone already; the database state decides
+        log.info("RQ job %s could not be cancelled (already gone?)", job_id)
+
+
+def dequeue_if_waiting(job_id: str, *, queue: str) -> bool:
+    """Take a job off its queue if no worker has picked it up yet (to run it in-process)."""
+    rq_queue = django_rq.get_queue(queue)
+    try:
+        job = Job.fetch(job_id, connection=rq_queue.connection)
+    except NoSuchJobError:
+        return False
+    if job.get_status(refresh=True) != "queued":
+        return False
+    return rq_queue.remove(job_id) > 0
+
+
+def scheduled_job_ids(queue: str) -> list[str]:
+    """Ids of the jobs waiting on `queue`'s scheduler."""
+    return list(django_rq.get_queue(queue).scheduled_job_registry.get_job_ids())
+
+
+def queue_lengths() -> dict[str, int]:
+    """Jobs waiting per queue (for pages and metrics)."""
+    return {name: django_rq.get_queue(name).count for name in QUEUES}
+
+
+class CurrentJob:
+    """The RQ job this code runs in, if any: its id and a best-effort `job.meta` writer."""
+
+    def __init__(self) -> None:
+        self._job = get_current_job()
+
+    @property
+    def id(self) -> str:
+        return self._job.id if self._job is not None else ""
+
+    def publish(self, meta: dict[str, Any]) -> None:
+        """Merge `meta` into the job's meta (RQ's own dashboard reads it)."""
+        if self._job is None:
+            return
+        try:
+            self._job.meta.update(meta)
+            self._job.save_meta()
+        except Exception:  # noqa: BLE001 - RQ's dashboard is a convenience, never a failure
+            log.debug("could not save job.meta of %s", self._job.id)
+
+
+# ------------------------------------------------------------------------- periodic jobs
+
+
+@dataclass(frozen=True)
+class Periodic:
+    """A job that runs every `every()` seconds on `queue`, re-armed by each run."""
+
+    name: str
+    path: str
+    every: Callable[[], int]
+    description: str
+    queue: str = DEFAULT
+
+    @property
+    def gate_key(self) -> str:
+        return f"shardvault:periodic:{self.name}"
+
+
+def _reap_interval() -> int:
+    return max(10, int(settings.JOB_HEARTBEAT_STALE_SECONDS))
+
+
+PERIODIC: dict[str, Periodic] = {
+    p.name: p
+    for p in (
+        Periodic(
+            name="reap",
+            path="backups.services.housekeeping.housekeeping_reap",
+            every=_reap_interval,
+            description="fail or resume work whose worker died; expire restore requests",
+        ),
+        Periodic(
+            name="checks",
+            path="backups.services.housekeeping.housekeeping_checks",
+            every=lambda: 3600,
+            description="storage checks, due drills, RPO and failed-backup alerts",
+        ),
+    )
+}
+
+
+def periodic_ensure_scheduled(names: tuple[str, ...] | None = None) -> list[str]:
+    """Arm each periodic job (all, or `names`) unless it is already armed.
+
+    A Redis key set with NX for a little under one interval gates each, so any number of
+    callers arm one job. Returns the names armed by this call. Never raises: housekeeping
+    is best effort, and the next call tries again.
+    """
+    armed = []
+    for periodic in PERIODIC.values():
+        if names is not None and periodic.name not in names:
+            continue
+        seconds = periodic.every()
+        try:
+            conn = redis_connection(periodic.queue)
+            if not conn.set(periodic.gate_key, "1", nx=True, ex=max(1, seconds - 5)):
+                continue
+            django_rq.get_queue(periodic.queue).enqueue_in(
+                timedelta(seconds=seconds),
+                "backups.jobs.housekeeping.periodic_job",
+                periodic.name,
+                description=periodic.description,
+                result_ttl=600,
+                failure_ttl=24 * 3600,
+            )
+        except Exception:  # noqa: BLE001 - the next caller arms it
+            log.exception("could not schedule the periodic job %s", periodic.name)
+            continue
+        armed.append(periodic.name)
+    return armed
