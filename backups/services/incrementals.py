@@ -1,14 +1,12 @@
-"""Incremental (binlog) backup sets, chains and point-in-time restores (issue 5).
+"""Incremental (binlog) backup sets and continuous capture (issue 5).
 
 * `incremental_start(*, cluster, actor)` records an incremental set whose parent is the
   newest succeeded set of the cluster and queues `backup-<id>` on `backups`.
 * `incremental_execute(*, backup_set)` (the job) copies each instance's binlog from the
   parent's end coordinates to the coordinates read when it starts, writes `BinlogSegment`
   rows and a signed manifest (`kind: "incremental"`, `parent`, `binlog: [...]`).
-* `pitr_resolve(*, cluster, at)` -> (full set, [incrementals in order]) for a restore `--at`.
-* `pitr_apply(...)` rolls one restored shard forward to `at` (called by the restore run);
-  `chain_apply(...)` does the same through a given chain with plain arguments (drills).
-* `backup_set_delete_check(*, backup_set)` refuses deleting/expiring a set others depend on.
+* Point-in-time resolution and roll-forward live in `backups.services.pitr`; expiring a
+  set (and the check that nothing depends on it) in `backups.services.sets`.
 * `continuous_capture_schedule(*, cluster)` keeps an incremental every N minutes queued.
 """
 
@@ -17,18 +15,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from django.db import transaction
 from django.utils import timezone
 
 from backups.models import BackupPolicy, BackupSet, BinlogSegment, ShardBackup
-from backups.selectors.incrementals import (
-    aligned_instant,  # noqa: F401 - re-exported
-    chain_after,
-)
 from backups.services.backups import (
-    ACTIVE,
     WORKER_ACTOR,
     _authorise,
     _finish_cancelled,
@@ -452,226 +445,6 @@ def _reschedule_quietly(cluster_id: int) -> None:
         continuous_capture_schedule(cluster=Cluster.objects.get(pk=cluster_id))
     except Exception:  # noqa: BLE001 - scheduling must never fail a finished backup
         log.exception("scheduling continuous capture of cluster %s failed", cluster_id)
-
-
-# ------------------------------------------------------------------------------ chains
-
-
-def backup_set_delete_check(*, backup_set: BackupSet) -> None:
-    """Raise ChainError when a later set depends on `backup_set` (delete and expiry call this)."""
-    child = (
-        BackupSet.objects.filter(parent=backup_set)
-        .exclude(
-            status__in=[
-                BackupSet.Status.FAILED,
-                BackupSet.Status.CANCELLED,
-                BackupSet.Status.EXPIRED,
-            ]
-        )
-        .order_by("id")
-        .first()
-    )
-    if child is not None:
-        raise ChainError(
-            f"set {backup_set.pk} cannot be removed: incremental set {child.pk} depends on it; "
-            "remove the later sets of the chain first"
-        )
-
-
-def backup_set_expire(*, backup_set: BackupSet, actor) -> BackupSet:
-    """Mark a finished set `expired` and delete its objects (after commit).
-
-    Refused (ChainError) while a later set of its chain depends on it, and for sets that
-    are still pending or running. Operators and admins only.
-    """
-    _authorise(actor)
-    with transaction.atomic():
-        locked = BackupSet.objects.select_for_update().get(pk=backup_set.pk)
-        if locked.status in ACTIVE:
-            raise ChainError(
-                f"set {locked.pk} is {locked.status}; cancel it instead of expiring it"
-            )
-        if locked.status == BackupSet.Status.EXPIRED:
-            return locked
-        backup_set_delete_check(backup_set=locked)
-        previous = locked.status
-        locked.status = BackupSet.Status.EXPIRED
-        locked.save(update_fields=["status"])
-        audit_record(
-            actor=actor,
-            action="backup.expired",
-            obj=locked,
-            details={"previous_status": previous, "kind": locked.kind},
-        )
-        set_id = locked.pk
-        transaction.on_commit(lambda: _delete_objects_quietly(set_id))
-    return locked
-
-
-def _delete_objects_quietly(set_id: int) -> None:
-    backup_set = BackupSet.objects.get(pk=set_id)
-    try:
-        _storage_for(backup_set).delete_prefix(backup_set.object_prefix)
-    except Exception:  # noqa: BLE001 - the set is expired either way; the log says what is left
-        log.exception("deleting the objects of expired set %s failed", set_id)
-
-
-def pitr_resolve(*, cluster: Cluster, at: datetime) -> tuple[BackupSet, list[BackupSet]]:
-    """The newest succeeded full set at or before `at` and the unbroken incrementals up to `at`.
-
-    ChainError when no full set precedes `at` or the chain does not reach it (the
-    message names the newest recoverable point).
-    """
-    if timezone.is_naive(at):
-        at = at.replace(tzinfo=UTC)
-    # Only the newest full set at or before `at` counts: older chains end before it.
-    full = (
-        BackupSet.objects.filter(
-            cluster=cluster,
-            kind=BackupSet.Kind.FULL,
-            status=BackupSet.Status.SUCCEEDED,
-            consistent_at__lte=at,
-        )
-        .order_by("-consistent_at", "-id")
-        .first()
-    )
-    if full is None:
-        raise ChainError(
-            f"no succeeded full backup of {cluster.name} at or before {at.isoformat()}"
-        )
-    if full.consistent_at >= at:
-        return full, []
-    chain = chain_after(full)
-    needed: list[BackupSet] = []
-    for incremental in chain:
-        needed.append(incremental)
-        if incremental.consistent_at and incremental.consistent_at >= at:
-            return full, needed
-    newest_point = (chain[-1].consistent_at if chain else None) or full.consistent_at
-    raise ChainError(
-        f"the backups of {cluster.name} do not reach {at.isoformat()}: "
-        f"the newest recoverable point is {newest_point.isoformat()}"
-    )
-
-
-def _segment_sources(chain: list[BackupSet], instance_name: str, storage_for):
-    from backups.engine import codec
-    from backups.engine.binlog_apply import SegmentSource
-
-    sources = []
-    for incremental in chain:
-        storage = storage_for(incremental)
-        data_key = _unwrap_data_key(incremental)
-        for seg in incremental.segments.filter(instance_name=instance_name).order_by("index"):
-            entry = {
-                "key": seg.key,
-                "first_file": seg.first_file,
-                "first_pos": seg.first_pos,
-                "last_file": seg.last_file,
-                "last_pos": seg.last_pos,
-                "tables": seg.tables,
-            }
-
-            def open_segment(seg=seg, storage=storage, data_key=data_key):
-                stored = storage.get_stream(
-                    seg.key, expect_sha256=seg.sha256, expect_size=seg.stored_bytes
-                )
-                return codec.decode(
-                    stored, data_key=data_key, aad=seg.key.encode(), object_key=seg.key
-                )
-
-            sources.append(SegmentSource(entry=entry, open=open_segment))
-    return sources
-
-
-def pitr_apply(
-    *,
-    run=None,
-    shard: dict,
-    target,
-    target_database: str,
-    at: datetime,
-    table_renames: dict[str, str] | None = None,
-    full_set: BackupSet | None = None,
-    progress=None,
-    should_cancel=None,
-):
-    """Roll one restored shard forward from its full set's coordinates to `at`.
-
-    `shard` is the full set's manifest entry for the shard (name, instance, database,
-    binlog_file, binlog_pos); `table_renames` maps source tables to the names they were
-    loaded under (None: every table, same names). Applies whole transactions committed
-    at or before `at` (to the second), idempotently; returns the engine's ApplyResult
-    and records the instant on `run.restored_to`.
-    """
-    if full_set is None:
-        full_set = run.request.source_set
-    if timezone.is_naive(at):
-        at = at.replace(tzinfo=UTC)
-    chain = _cut_chain(chain_after(full_set), at)
-    result = chain_apply(
-        chain=chain,
-        shard=shard,
-        target=target,
-        target_database=target_database,
-        until=at,
-        table_renames=table_renames,
-        progress=progress,
-        should_cancel=should_cancel,
-    )
-    if run is not None:
-        type(run).objects.filter(pk=run.pk).update(restored_to=at.replace(microsecond=0))
-    return result
-
-
-def chain_apply(
-    *,
-    chain: list[BackupSet],
-    shard: dict,
-    target,
-    target_database: str,
-    until: datetime,
-    table_renames: dict[str, str] | None = None,
-    progress=None,
-    should_cancel=None,
-):
-    """Roll one restored shard forward through the segments of `chain`, up to `until`.
-
-    `chain` is the incrementals to apply, parent to child (the caller resolved them);
-    `shard` is the full set's manifest entry for the shard. No run is recorded: restores
-    (`pitr_apply`) and restore drills both call this. Returns the engine's ApplyResult.
-    """
-    from backups.engine.binlog_apply import apply_segments
-
-    if timezone.is_naive(until):
-        until = until.replace(tzinfo=UTC)
-    sources = _segment_sources(chain, shard["instance"], _storage_for)
-    return apply_segments(
-        target=target,
-        source_database=shard["database"],
-        target_database=target_database,
-        stream=shard["instance"],
-        segments=sources,
-        start_file=shard["binlog_file"],
-        start_pos=int(shard["binlog_pos"]),
-        until=until,
-        tables=table_renames,
-        progress=progress,
-        should_cancel=should_cancel,
-    )
-
-
-def _cut_chain(chain: list[BackupSet], at: datetime) -> list[BackupSet]:
-    needed = []
-    for incremental in chain:
-        needed.append(incremental)
-        if incremental.consistent_at and incremental.consistent_at >= at:
-            return needed
-    newest = chain[-1].consistent_at if chain else None
-    raise ChainError(
-        f"the chain does not reach {at.isoformat()}: the newest recoverable point is "
-        f"{newest.isoformat() if newest else 'the full set itself'}"
-    )
 
 
 # ---------------------------------------------------------------------- continuous capture

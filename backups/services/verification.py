@@ -373,7 +373,7 @@ def _chain_storage_check(sets: list[BackupSet], *, progress) -> engine.StorageCh
 def _roll_forward_through(chain: list[BackupSet], *, until) -> engine.RollForwardFn:
     """The drill's roll-forward: one shard's scratch database through `chain`'s binlog
     segments up to `until` (the drilled set's consistent point), with the restore's code."""
-    from backups.services.incrementals import chain_apply
+    from backups.services.pitr import chain_apply
 
     def roll_forward(shard: dict, target, database: str):
         return chain_apply(

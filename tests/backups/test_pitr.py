@@ -10,17 +10,12 @@ import pytest
 from backups.engine.checksum import table_checksum
 from backups.engine.mysql import quote_ident
 from backups.models import BackupSet, BinlogSegment, RestoreRequest
-from backups.selectors.incrementals import chain_after, recoverable_window
+from backups.selectors.incrementals import aligned_instant, chain_after, recoverable_window
 from backups.services.backups import backup_start
 from backups.services.errors import ChainError
-from backups.services.incrementals import (
-    aligned_instant,
-    backup_set_delete_check,
-    backup_set_expire,
-    continuous_capture_schedule,
-    incremental_start,
-    pitr_resolve,
-)
+from backups.services.incrementals import continuous_capture_schedule, incremental_start
+from backups.services.pitr import pitr_resolve
+from backups.services.sets import backup_set_delete_check, backup_set_expire
 from tests.factories import make_cluster, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -159,7 +154,7 @@ def test_point_in_time_restore_reaches_the_moment_before_an_accidental_delete(
     earliest, latest = recoverable_window(cluster)
     assert earliest == full.consistent_at and latest == second.consistent_at
 
-    from backups.services.restores import (
+    from backups.services.restore_requests import (
         restore_request_approve,
         restore_request_file,
         restore_run_start,
@@ -297,7 +292,7 @@ def test_sets_and_incrementals_restore_a_gap_free_sequence_at_a_second(
             conn.close()
     run_backup("incremental", cluster, run_jobs)
 
-    from backups.services.restores import (
+    from backups.services.restore_requests import (
         restore_request_approve,
         restore_request_file,
         restore_run_start,

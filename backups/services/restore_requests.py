@@ -1,0 +1,561 @@
+"""Restore requests and runs: every state transition, one function each (DESIGN.md).
+
+Nothing else changes `RestoreRequest.state` or `RestoreRun.status`. Each transition
+locks its rows, checks the current state, writes an audit event in the same
+transaction and defers mail and enqueues to `transaction.on_commit`. The executor
+(`restore_runs`) calls `restore_run_begin` and `restore_run_finish`; runs are enqueued
+through `backups.queue` by the job's dotted path.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from backups import queue
+from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun
+from backups.notifications import notify_decision, notify_request_filed, notify_run_finished
+from backups.services.errors import ChainError, RestoreDenied, RestoreError
+from backups.services.pitr import pitr_resolve
+from backups.services.restore_plan import restore_plan_build
+from backups.status import RequestState, RunStatus, SetStatus
+from console.audit import audit_record
+from console.models import AuditEvent
+from console.roles import APPROVER, OPERATOR, has_role
+from shards.models import Cluster, Instance
+
+State = RequestState
+Target = RestoreRequest.Target
+Decision = Approval.Decision
+MAX_RESUMES = 3  # a run that keeps killing its worker stops being retried
+RUN_JOB = "backups.jobs.restores.restore_run_job"
+RUN_JOB_TIMEOUT_SECONDS = 24 * 3600
+
+
+def parse_target(*, cluster: Cluster, target: str) -> tuple[str, Instance | None]:
+    """`side`, `inplace` or `instance:NAME` -> (kind, instance); unknown names are refused."""
+    target = (target or "").strip()
+    if target in (Target.SIDE, Target.INPLACE):
+        return target, None
+    if target.startswith("instance:"):
+        name = target.split(":", 1)[1].strip()
+        if not name:
+            raise RestoreError("the target instance:NAME needs an instance name")
+        instance = Instance.objects.filter(cluster=cluster, name=name).first()
+        if instance is None:
+            candidates = list(Instance.objects.filter(name=name)[:2])
+            if len(candidates) == 1:
+                instance = candidates[0]
+        if instance is None:
+            raise RestoreError(f"no registered instance named {name!r}")
+        return Target.INSTANCE, instance
+    raise RestoreError(f"unknown target {target!r}: use side, inplace or instance:NAME")
+
+
+def _required_approvals(cluster: Cluster, kind: str) -> int:
+    if kind == Target.INPLACE:
+        return max(2, cluster.approvals_required_inplace or 2)
+    return max(1, cluster.approvals_required_side or 1)
+
+
+def _resolve_source(*, cluster: Cluster, source_set: BackupSet | None, at: datetime | None):
+    """The full set to restore from, and whether incrementals must roll it forward."""
+    if source_set is not None and at is not None:
+        raise RestoreError("give either a backup set or a point in time, not both")
+    if source_set is None and at is None:
+        raise RestoreError("give a backup set or a point in time to restore from")
+    if source_set is not None:
+        if source_set.cluster_id != cluster.pk:
+            raise RestoreError(f"backup set {source_set.pk} belongs to another cluster")
+        if source_set.status != SetStatus.SUCCEEDED:
+            raise RestoreError(
+                f"backup set {source_set.pk} is {source_set.status}; only succeeded sets can be restored"
+            )
+        if source_set.kind != BackupSet.Kind.FULL:
+            raise RestoreError(
+                f"backup set {source_set.pk} is an incremental; restore it with --at instead"
+            )
+        return source_set
+    if timezone.is_naive(at):
+        at = at.replace(tzinfo=UTC)
+    try:
+        full_set, _chain = pitr_resolve(cluster=cluster, at=at)
+    except ChainError as exc:
+        raise RestoreError(str(exc)) from exc
+    return full_set
+
+
+def restore_source_resolve(*, cluster: Cluster, source_set: BackupSet | None, at: datetime | None):
+    """The full set a request for `source_set` or `at` restores from (RestoreError if none)."""
+    return _resolve_source(cluster=cluster, source_set=source_set, at=at)
+
+
+def restore_request_file(
+    *,
+    cluster: Cluster,
+    requester,
+    source_set: BackupSet | None = None,
+    at: datetime | None = None,
+    shards=(),
+    tables=(),
+    target: str,
+    reason: str,
+) -> RestoreRequest:
+    """File a request (operators, admins). Refuses bad scope, conflicts and unreadable sets.
+
+    The plan (objects, rows, bytes, targets, storage check, estimate) is computed in the
+    same transaction, after the row exists, because side databases are named by its id.
+    """
+    if not has_role(requester, OPERATOR):
+        raise RestoreDenied(f"{requester.get_username()} may not request restores (operators only)")
+    reason = (reason or "").strip()
+    if not reason:
+        raise RestoreError("a restore request needs a reason")
+    kind, instance = parse_target(cluster=cluster, target=target)
+    full_set = _resolve_source(cluster=cluster, source_set=source_set, at=at)
+    shards = [s.strip() for s in shards if s and s.strip()]
+    tables = [t.strip() for t in tables if t and t.strip()]
+    now = timezone.now()
+    with transaction.atomic():
+        request = RestoreRequest.objects.create(
+            cluster=cluster,
+            source_set=full_set,
+            at=at,
+            scope={"shards": shards, "tables": tables},
+            target_kind=kind,
+            target_instance=instance,
+            reason=reason,
+            requested_by=requester,
+            approvals_required=_required_approvals(cluster, kind),
+            expires_at=now + timedelta(hours=settings.RESTORE_REQUEST_TTL_HOURS),
+        )
+        plan = restore_plan_build(
+            cluster=cluster,
+            source_set=full_set,
+            at=at,
+            shards=shards,
+            tables=tables,
+            target_kind=kind,
+            target_instance=instance,
+            request_id=request.pk,
+        )
+        RestoreRequest.objects.filter(pk=request.pk).update(plan=plan)
+        request.plan = plan
+        audit_record(
+            actor=requester,
+            action="restore.requested",
+            obj=request,
+            details={
+                "cluster": cluster.name,
+                "source_set": full_set.pk,
+                "at": at.isoformat() if at else None,
+                "scope": request.scope,
+                "target": request.target_label,
+                "reason": reason,
+                "approvals_required": request.approvals_required,
+            },
+        )
+        transaction.on_commit(lambda: notify_request_filed(request_id=request.pk))
+    return request
+
+
+def _lock_request(request: RestoreRequest) -> RestoreRequest:
+    return RestoreRequest.objects.select_for_update().select_related("cluster").get(pk=request.pk)
+
+
+def _expire_if_due(locked: RestoreRequest, now: datetime) -> bool:
+    """Move a pending or approved (not yet run) request past its deadline to expired."""
+    if locked.state in (State.PENDING_APPROVAL, State.APPROVED) and locked.expires_at <= now:
+        if locked.state == State.APPROVED and locked.runs.exists():
+            return False
+        previous = locked.state
+        locked.state = State.EXPIRED
+        locked.save(update_fields=["state"])
+        audit_record(
+            actor="system",
+            action="restore.expired",
+            obj=locked,
+            details={"was": previous, "expires_at": locked.expires_at.isoformat()},
+        )
+        return True
+    return False
+
+
+_VERBS = {Decision.APPROVE: ("approve", "approved"), Decision.REJECT: ("reject", "rejected")}
+
+
+def _decider_refusal(request: RestoreRequest, user, verb: str) -> RestoreError | None:
+    """Who may decide: never the requester, and only approvers."""
+    # The requester is refused first: no role, superuser or admin shortcut overrides this.
+    if request.requested_by_id == getattr(user, "pk", None):
+        return RestoreDenied(f"you requested restore {request.pk}; someone else must {verb} it")
+    if not has_role(user, APPROVER):
+        return RestoreDenied(f"{user.get_username()} may not {verb} restores (approvers only)")
+    return None
+
+
+def _decision_state_refusal(
+    request: RestoreRequest, user, participle: str
+) -> RestoreError | None:
+    """When a decision is possible: while the request waits, once per approver."""
+    if request.state != State.PENDING_APPROVAL:
+        return RestoreError(f"restore {request.pk} is {request.state}; it cannot be {participle}")
+    if request.approvals.filter(approver=user).exists():
+        return RestoreError(f"you already decided on restore {request.pk}")
+    return None
+
+
+def restore_request_decision_allowed(*, request: RestoreRequest, user) -> tuple[bool, str]:
+    """Whether `user` may approve or reject `request` now, and if not, why.
+
+    The same rule `restore_request_approve` and `restore_request_reject` enforce (they
+    also expire a request past its deadline first); pages ask it to offer the buttons.
+    """
+    refusal = _decider_refusal(request, user, "decide on") or _decision_state_refusal(
+        request, user, "decided"
+    )
+    return refusal is None, str(refusal or "")
+
+
+def _decide(
+    *, request: RestoreRequest, approver, comment: str, decision: str
+) -> RestoreRequest:
+    """The one decision path: lock, check the rule, expire if due, record, audit, notify."""
+    verb, participle = _VERBS[decision]
+    now = timezone.now()
+    expired = False
+    with transaction.atomic():
+        locked = _lock_request(request)
+        refusal = _decider_refusal(locked, approver, verb)
+        if refusal is not None:
+            raise refusal
+        if decision == Decision.REJECT and not comment:
+            raise RestoreError("a rejection needs a comment saying why")
+        expired = _expire_if_due(locked, now)
+        if not expired:
+            refusal = _decision_state_refusal(locked, approver, participle)
+            if refusal is not None:
+                raise refusal
+            Approval.objects.create(
+                request=locked, approver=approver, decision=decision, comment=comment
+            )
+            if decision == Decision.APPROVE:
+                count = locked.approvals.filter(decision=Decision.APPROVE).count()
+                details = {
+                    "comment": comment,
+                    "approvals": count,
+                    "required": locked.approvals_required,
+                }
+                if count >= locked.approvals_required:
+                    locked.state = State.APPROVED
+                    locked.approved_at = now
+                    locked.decided_at = now
+                    # From here the clock is the approval's: it lapses if no run starts in time.
+                    locked.expires_at = now + timedelta(hours=settings.RESTORE_APPROVAL_TTL_HOURS)
+                    locked.save(update_fields=["state", "approved_at", "decided_at", "expires_at"])
+                details["state"] = locked.state
+            else:
+                locked.state = State.REJECTED
+                locked.decided_at = now
+                locked.save(update_fields=["state", "decided_at"])
+                details = {"comment": comment}
+            audit_record(
+                actor=approver, action=f"restore.{participle}", obj=locked, details=details
+            )
+            transaction.on_commit(
+                lambda: notify_decision(request_id=locked.pk, decision=decision, by=approver.pk)
+            )
+    if expired:
+        raise RestoreError(f"restore {locked.pk} has expired; file a new request")
+    request.refresh_from_db()
+    return request
+
+
+def restore_request_approve(
+    *, request: RestoreRequest, approver, comment: str = ""
+) -> RestoreRequest:
+    """One approval; the request becomes `approved` once enough distinct approvers signed."""
+    return _decide(request=request, approver=approver, comment=comment, decision=Decision.APPROVE)
+
+
+def restore_request_reject(*, request: RestoreRequest, approver, comment: str) -> RestoreRequest:
+    """Reject (final). A comment saying why is required."""
+    return _decide(
+        request=request,
+        approver=approver,
+        comment=(comment or "").strip(),
+        decision=Decision.REJECT,
+    )
+
+
+def restore_run_is_stale(run: RestoreRun, now: datetime) -> bool:
+    """True when the run's worker has not beaten for JOB_HEARTBEAT_STALE_SECONDS."""
+    limit = timedelta(seconds=settings.JOB_HEARTBEAT_STALE_SECONDS)
+    seen = run.heartbeat_at or run.started_at or run.created_at
+    return seen is None or now - seen >= limit
+
+
+def restore_run_start(*, request: RestoreRequest, actor=None) -> RestoreRun:
+    """Start (enqueue) the run of an approved request, or resume a crashed one.
+
+    Refused unless the request is `approved` and its approval has not lapsed. A request
+    that is `running` but whose run stopped beating (its worker died) is re-enqueued: the
+    run resumes and skips the chunks it already loaded.
+    """
+    if actor is not None and not has_role(actor, OPERATOR):
+        raise RestoreDenied(f"{actor.get_username()} may not run restores (operators only)")
+    now = timezone.now()
+    expired = False
+    with transaction.atomic():
+        locked = _lock_request(request)
+        expired = _expire_if_due(locked, now)
+        if not expired:
+            if locked.state == State.RUNNING:
+                run = RestoreRun.objects.select_for_update().filter(request=locked).first()
+                if run is None or not restore_run_is_stale(run, now):
+                    raise RestoreError(f"restore {locked.pk} is already running")
+                resumes = AuditEvent.objects.filter(
+                    action="restore.run_resumed",
+                    object_id=str(locked.pk),
+                    object_type="backups.restorerequest",
+                ).count()
+                if resumes >= MAX_RESUMES:
+                    raise RestoreError(
+                        f"restore {locked.pk} was resumed {resumes} times and died each time; "
+                        "look at the worker's log, then file a new request"
+                    )
+                audit_record(
+                    actor=actor or "system",
+                    action="restore.run_resumed",
+                    obj=locked,
+                    details={"run": run.pk, "last_heartbeat": run.heartbeat_at},
+                )
+            elif locked.state != State.APPROVED:
+                raise RestoreError(
+                    f"restore {locked.pk} is {locked.state}; only approved requests can run"
+                )
+            else:
+                run = RestoreRun.objects.filter(
+                    request=locked, status=RunStatus.PENDING
+                ).first() or RestoreRun.objects.create(
+                    request=locked,
+                    started_by=actor,
+                    rows_estimate=int(locked.plan.get("rows", 0)),
+                )
+                run.job_id = restore_job_id(run.pk)
+                run.save(update_fields=["job_id"])
+                audit_record(
+                    actor=actor or "system",
+                    action="restore.run_queued",
+                    obj=locked,
+                    details={"run": run.pk, "job_id": run.job_id},
+                )
+            transaction.on_commit(lambda: _enqueue_or_explain(run.pk))
+    if expired:
+        raise RestoreError(f"the approval of restore {locked.pk} has expired; file a new request")
+    return run
+
+
+def restore_job_id(run_id: int) -> str:
+    return f"restore-{run_id}"
+
+
+def restore_run_enqueue(*, run_id: int) -> str | None:
+    """Queue the run's job (`restore-<run id>` on `restores`) unless it is already waiting.
+
+    A job RQ still counts as started, deferred or scheduled is cancelled first: the run is
+    only (re-)enqueued once its worker stopped beating, so that job's worker is gone.
+    """
+    job_id = restore_job_id(run_id)
+    status = queue.job_status(job_id, queue=queue.RESTORES)
+    if status == "queued":
+        return None
+    queue.periodic_ensure_scheduled()  # the reaper that resumes this run if its worker dies
+    if status in queue.LIVE_STATUSES:
+        queue.cancel(job_id, queue=queue.RESTORES)
+    return queue.enqueue(
+        RUN_JOB,
+        run_id,
+        queue=queue.RESTORES,
+        job_id=job_id,
+        timeout=RUN_JOB_TIMEOUT_SECONDS,
+    )
+
+
+def restore_run_dequeue(*, run_id: int) -> bool:
+    """Take a run's job off the queue if no worker has picked it up (to run it in-process)."""
+    return queue.dequeue_if_waiting(restore_job_id(run_id), queue=queue.RESTORES)
+
+
+def _enqueue_or_explain(run_id: int) -> None:
+    try:
+        restore_run_enqueue(run_id=run_id)
+    except Exception as exc:  # noqa: BLE001 - Redis down: the run stays pending, retry later
+        raise RestoreError(
+            f"restore run {run_id} is recorded but could not be queued: the job queue (Redis) "
+            f"is unreachable ({exc}); run it again once Redis is back"
+        ) from exc
+
+
+def restore_run_begin(*, run: RestoreRun) -> bool:
+    """Called by the worker before touching any target. True when this is a resume.
+
+    The job re-checks the rules itself: a job enqueued by hand for a request that is not
+    approved (or whose approval lapsed) is refused here, before anything is written.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        request = RestoreRequest.objects.select_for_update().get(pk=run.request_id)
+        locked = RestoreRun.objects.select_for_update().get(pk=run.pk)
+        if request.state == State.RUNNING and locked.status == RunStatus.RUNNING:
+            if not restore_run_is_stale(locked, now):
+                # Another worker is still beating for this run: never load twice at once.
+                raise RestoreError(f"restore run {locked.pk} is already running in another worker")
+            locked.heartbeat_at = now
+            locked.save(update_fields=["heartbeat_at"])
+            audit_record(
+                actor="worker", action="restore.run_resuming", obj=request, details={"run": run.pk}
+            )
+            resume = True
+        else:
+            if request.state != State.APPROVED:
+                raise RestoreError(
+                    f"restore {request.pk} is {request.state}, not approved; the run refuses to start"
+                )
+            if locked.status != RunStatus.PENDING:
+                raise RestoreError(
+                    f"restore run {locked.pk} is {locked.status}; it cannot start again"
+                )
+            if request.expires_at <= locked.created_at:
+                raise RestoreError(
+                    f"the approval of restore {request.pk} had expired; the run refuses to start"
+                )
+            if locked.cancel_requested:
+                raise RestoreError(f"restore run {locked.pk} was cancelled")
+            request.state = State.RUNNING
+            request.save(update_fields=["state"])
+            locked.status = RunStatus.RUNNING
+            locked.started_at = now
+            locked.heartbeat_at = now
+            locked.save(update_fields=["status", "started_at", "heartbeat_at"])
+            audit_record(
+                actor="worker", action="restore.run_started", obj=request, details={"run": run.pk}
+            )
+            resume = False
+    run.refresh_from_db()
+    return resume
+
+
+def restore_run_finish(
+    *, run: RestoreRun, status: str, error: str = "", t=None, d=None, a=None, note: str = ""
+) -> RestoreRun:
+    """Record a run's outcome (succeeded, failed or cancelled) and tell the requester."""
+    if status not in RunStatus.FINAL:
+        raise ValueError(f"not a final run status: {status}")
+    now = timezone.now()
+    with transaction.atomic():
+        request = RestoreRequest.objects.select_for_update().get(pk=run.request_id)
+        locked = RestoreRun.objects.select_for_update().get(pk=run.pk)
+        if locked.status in RunStatus.FINAL:
+            return locked
+        q = t * d * a if None not in (t, d, a) else None
+        locked.status = status
+        locked.error = error[:2000]
+        locked.finished_at = now
+        locked.heartbeat_at = now
+        locked.t, locked.d, locked.a, locked.q = t, d, a, q
+        locked.progress_text = (
+            {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}[status]
+            + (f"; note: {note}" if note else "")
+        )[:300]
+        locked.save(
+            update_fields=[
+                "status",
+                "error",
+                "finished_at",
+                "heartbeat_at",
+                "t",
+                "d",
+                "a",
+                "q",
+                "progress_text",
+            ]
+        )
+        request.state = {
+            RunStatus.SUCCEEDED: State.SUCCEEDED,
+            RunStatus.FAILED: State.FAILED,
+            RunStatus.CANCELLED: State.CANCELLED,
+        }[status]
+        request.error = error[:2000]
+        request.save(update_fields=["state", "error"])
+        audit_record(
+            actor="worker",
+            action=f"restore.run_{status}",
+            obj=request,
+            details={
+                "run": locked.pk,
+                "error": error,
+                "note": note,
+                "t": t,
+                "d": d,
+                "a": a,
+                "q": q,
+            },
+        )
+        transaction.on_commit(lambda: notify_run_finished(run_id=locked.pk))
+    run.refresh_from_db()
+    return locked
+
+
+def restore_run_cancel(*, run: RestoreRun, actor) -> RestoreRun:
+    """Ask a run to stop. A run no worker has begun is cancelled at once."""
+    if not has_role(actor, OPERATOR):
+        raise RestoreDenied(f"{actor.get_username()} may not cancel restores (operators only)")
+    with transaction.atomic():
+        request = RestoreRequest.objects.select_for_update().get(pk=run.request_id)
+        locked = RestoreRun.objects.select_for_update().get(pk=run.pk)
+        if locked.status not in RunStatus.ACTIVE:
+            raise RestoreError(f"restore run {locked.pk} is {locked.status}; nothing to cancel")
+        locked.cancel_requested = True
+        locked.save(update_fields=["cancel_requested"])
+        audit_record(
+            actor=actor, action="restore.cancel_requested", obj=request, details={"run": locked.pk}
+        )
+        if locked.status == RunStatus.PENDING:
+            locked.status = RunStatus.CANCELLED
+            locked.finished_at = timezone.now()
+            locked.progress_text = "cancelled before it started"
+            locked.save(update_fields=["status", "finished_at", "progress_text"])
+            request.state = State.CANCELLED
+            request.save(update_fields=["state"])
+            audit_record(
+                actor=actor, action="restore.run_cancelled", obj=request, details={"run": locked.pk}
+            )
+            transaction.on_commit(lambda: _dequeue_quietly(locked.pk))
+    run.refresh_from_db()
+    return run
+
+
+def _dequeue_quietly(run_id: int) -> None:
+    try:
+        restore_run_dequeue(run_id=run_id)
+    except Exception:  # noqa: BLE001 - the job refuses a cancelled run anyway
+        pass
+
+
+def restore_requests_expire(*, now: datetime | None = None) -> int:
+    """Expire pending requests past their deadline and approvals that were never run."""
+    now = now or timezone.now()
+    count = 0
+    due = RestoreRequest.objects.filter(
+        state__in=(State.PENDING_APPROVAL, State.APPROVED), expires_at__lte=now
+    ).order_by("pk")
+    for pk in due.values_list("pk", flat=True):
+        with transaction.atomic():
+            locked = RestoreRequest.objects.select_for_update().get(pk=pk)
+            if _expire_if_due(locked, now):
+                count += 1
+    return count

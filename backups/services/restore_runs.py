@@ -1,0 +1,741 @@
+"""The restore executor: load, verify, (for inplace) swap, and record what was proven.
+
+Called by the thin RQ job. Shards run in parallel threads, chunks in parallel inside
+`load_table`. Every loaded chunk is recorded (`LoadedChunk`) as soon as it is committed,
+so a run whose worker died resumes and skips them. `inplace` loads into shadow tables,
+verifies every checksum, then swaps with one `RENAME TABLE` per database; a failure or a
+cancellation before the swap drops the shadows and leaves the live tables as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import rq
+from django.conf import settings
+from django.db import close_old_connections, connections
+from django.utils import timezone
+
+from backups.engine.binlog_apply import APPLIED_TABLE, applied_marker_drop
+from backups.engine.errors import Cancelled, ConnectError, EngineError, IntegrityError
+from backups.engine.mysql import Endpoint, connect, quote_ident, quote_qualified
+from backups.engine.types import ProgressEvent, TableLoadJob
+from backups.models import BackupSet, LoadedChunk, RestoreRequest, RestoreRun, RestoreTableResult
+from backups.services.errors import RestoreError, SwapIncomplete
+from backups.services.restore_plan import manifest_shards, manifest_tables, old_table
+from backups.services.restore_requests import Target, restore_run_begin, restore_run_finish
+from backups.services.sets import set_data_key, set_manifest, set_storage
+from shards.models import Instance
+from shards.selectors import MissingPassword, instance_endpoint
+
+log = logging.getLogger(__name__)
+Status = BackupSet.Status
+PROGRESS_EVERY_SECONDS = 1.0
+SHARD_THREADS = 4
+CHUNK_PARALLEL = 2
+HEARTBEAT_SECONDS = 5.0
+SLOT_WAIT_SECONDS = 600
+
+
+@dataclass
+class TableOutcome:
+    entry: dict
+    rows: int = 0
+    checksum: str = ""
+    checksum_ok: bool = False
+    loaded: bool = False
+    error: str = ""
+    bad_object: str = ""
+
+
+@dataclass
+class Tracker:
+    """Progress and cancellation shared by the shard threads; DB writes at most once a second."""
+
+    run_id: int
+    rows_estimate: int
+    rows_done: int = 0
+    bytes_done: int = 0
+    text: str = ""
+    cancelled: bool = False
+    rq_job: object = None
+    notes: list[str] = field(default_factory=list)
+    slots: object = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_write: float = 0.0
+    last_cancel_check: float = 0.0
+
+    def progress(self, event: ProgressEvent) -> None:
+        with self.lock:
+            self.rows_done += max(0, event.rows_done)
+            self.bytes_done += max(0, event.bytes_done)
+            if event.table:
+                self.text = f"{event.stage or 'load'} {event.shard + ' ' if event.shard else ''}{event.table}"
+        self.flush()
+
+    def say(self, text: str) -> None:
+        with self.lock:
+            self.text = text
+        self.flush(force=True)
+
+    def flush(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if not force and now - self.last_write < PROGRESS_EVERY_SECONDS:
+                return
+            self.last_write = now
+            values = {
+                "rows_done": self.rows_done,
+                "bytes_done": self.bytes_done,
+                "progress_text": self.text[:300],
+                "heartbeat_at": timezone.now(),
+            }
+        RestoreRun.objects.filter(pk=self.run_id).update(**values)
+        if self.slots is not None:
+            try:
+                self.slots.refresh()
+            except Exception:  # noqa: BLE001 - slots expire on their own if Redis is gone
+                pass
+        if self.rq_job is not None:
+            try:
+                self.rq_job.meta.update(
+                    {"rows_done": values["rows_done"], "progress": values["progress_text"]}
+                )
+                self.rq_job.save_meta()
+            except Exception:  # noqa: BLE001 - RQ's dashboard is a convenience, never a failure
+                pass
+
+    def should_cancel(self) -> bool:
+        now = time.monotonic()
+        if self.cancelled:
+            return True
+        if now - self.last_cancel_check >= PROGRESS_EVERY_SECONDS:
+            self.last_cancel_check = now
+            self.cancelled = bool(
+                RestoreRun.objects.filter(pk=self.run_id)
+                .values_list("cancel_requested", flat=True)
+                .first()
+            )
+        return self.cancelled
+
+    def chunk_done(self, key: str, rows: int) -> None:
+        # Recorded synchronously: a chunk is skipped on retry only once this row exists.
+        LoadedChunk.objects.create(run_id=self.run_id, key=key, rows=rows)
+
+
+def _set_data_key(backup_set: BackupSet) -> bytes | None:
+    try:
+        return set_data_key(backup_set)
+    except EngineError as exc:
+        raise RestoreError(
+            f"the data key of backup set {backup_set.pk} cannot be unwrapped: {exc}"
+        ) from exc
+
+
+def _existing_tables(endpoint: Endpoint, database: str) -> set[str] | None:
+    """Base tables of `database`, or None when the database does not exist."""
+    conn = connect(endpoint)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (database,)
+            )
+            if cur.fetchone() is None:
+                return None
+            cur.execute(
+                "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s",
+                (database,),
+            )
+            return {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def _has_rows(endpoint: Endpoint, database: str, tables: list[str]) -> list[str]:
+    conn = connect(endpoint, database)
+    try:
+        with conn.cursor() as cur:
+            full = []
+            for table in tables:
+                cur.execute(f"SELECT EXISTS (SELECT 1 FROM {quote_qualified(database, table)})")  # noqa: S608
+                if cur.fetchone()[0]:
+                    full.append(table)
+            return full
+    finally:
+        conn.close()
+
+
+def _drop_tables(endpoint: Endpoint, database: str, tables: list[str]) -> None:
+    if not tables:
+        return
+    conn = connect(endpoint, database)
+    try:
+        with conn.cursor() as cur:
+            names = ", ".join(quote_qualified(database, t) for t in tables)
+            cur.execute(f"DROP TABLE IF EXISTS {names}")
+    finally:
+        conn.close()
+
+
+def _reconcile_partial_table(
+    run: RestoreRun,
+    endpoint: Endpoint,
+    database: str,
+    table: str,
+    manifest_table: dict,
+    done_keys: set[str],
+) -> None:
+    """Make a resumed table agree with the recorded chunks before skipping them.
+
+    A worker can die between a chunk's commit and its record. Then the table holds more
+    rows than the recorded chunks; loading that chunk again would duplicate it, so the
+    table is emptied and reloaded whole instead.
+    """
+    recorded = sum(
+        int(c["rows"]) for c in manifest_table.get("chunks", []) if c["key"] in done_keys
+    )
+    conn = connect(endpoint, database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT COUNT(*) FROM {quote_qualified(database, table)}")  # noqa: S608
+            actual = int(cur.fetchone()[0])
+            if actual != recorded:
+                cur.execute(f"TRUNCATE TABLE {quote_qualified(database, table)}")
+                keys = [c["key"] for c in manifest_table.get("chunks", [])]
+                done_keys.difference_update(keys)
+                LoadedChunk.objects.filter(run=run, key__in=keys).delete()
+    finally:
+        conn.close()
+
+
+def _recreate_objects(
+    endpoint: Endpoint, database: str, shard_doc: dict, tables: set[str], *, whole_database: bool
+) -> str:
+    """Triggers of the restored tables (and, for a whole database, views, routines, events).
+
+    Returns a note for the run when an object could not be created (a view may refer to a
+    table outside the scope); the data itself is proven by the checksums either way.
+    """
+    from backups.engine.load import recreate_database_objects
+
+    triggers = [t for t in shard_doc.get("triggers", []) if t.get("table") in tables]
+    doc = dict(shard_doc, triggers=triggers)
+    kinds = ("triggers",) + (("routines", "views", "events") if whole_database else ())
+    if not any(doc.get(kind) for kind in kinds):
+        return ""
+    try:
+        recreate_database_objects(endpoint, database, doc, kinds=kinds)
+    except EngineError as exc:
+        return str(exc)
+    return ""
+
+
+@dataclass
+class InstanceGate:
+    """How many connections this run may open on one target server, shared by its shards."""
+
+    permits: threading.Semaphore
+    per_shard: int
+
+
+def _connection_slots(run: RestoreRun, groups: dict[str, list[dict]]):
+    """Slots on every target server (None when this process has no Redis), and the gates.
+
+    Each shard loads over `per_shard` connections while it holds one permit of its server;
+    so the run never opens more connections on a server than its slots allow.
+    """
+    from backups.services.connection_slots import ConnectionSlots, SlotNeed
+
+    shards_on: dict[int, int] = {}
+    for entries in groups.values():
+        shards_on[entries[0]["target_instance_id"]] = (
+            shards_on.get(entries[0]["target_instance_id"], 0) + 1
+        )
+    instances = {i.pk: i for i in Instance.objects.filter(pk__in=shards_on)}
+    needs = {}
+    for pk, count in shards_on.items():
+        instance = instances[pk]
+        cap = instance.max_connections
+        needs[f"{instance.host}:{instance.port}"] = SlotNeed(
+            cap=cap, minimum=1, wanted=min(cap, count * CHUNK_PARALLEL)
+        )
+    slots = None
+    try:
+        import django_rq
+
+        slots = ConnectionSlots(
+            django_rq.get_connection("restores"),
+            needs,
+            holder=f"restore-{run.pk}",
+            ttl=max(60, settings.JOB_HEARTBEAT_STALE_SECONDS),
+        )
+    except Exception:  # noqa: BLE001 - without Redis there is nobody to share servers with
+        slots = None
+    return slots, shards_on, instances
+
+
+def _gates(
+    granted: dict[str, int] | None, shards_on: dict[int, int], instances
+) -> dict[int, InstanceGate]:
+    gates = {}
+    for pk, count in shards_on.items():
+        instance = instances[pk]
+        allowed = (granted or {}).get(f"{instance.host}:{instance.port}") or min(
+            instance.max_connections, count * CHUNK_PARALLEL
+        )
+        gates[pk] = InstanceGate(
+            permits=threading.Semaphore(max(1, min(count, allowed))),
+            per_shard=max(1, min(CHUNK_PARALLEL, allowed // count)),
+        )
+    return gates
+
+
+def _preflight_targets(request: RestoreRequest, entries: list[dict]) -> None:
+    """Before any shard starts: every target reachable, no side/instance target table non-empty."""
+    groups: dict[tuple[int, str], list[str]] = {}
+    for e in entries:
+        groups.setdefault((e["target_instance_id"], e["target_database"]), []).append(
+            e["target_table"]
+        )
+    for (instance_pk, database), tables in sorted(groups.items()):
+        instance = Instance.objects.get(pk=instance_pk)
+        try:
+            endpoint = instance_endpoint(instance)
+            existing = _existing_tables(endpoint, database)
+            if request.target_kind == Target.INPLACE or not existing:
+                continue
+            full = _has_rows(endpoint, database, [t for t in tables if t in existing])
+        except (ConnectError, MissingPassword) as exc:
+            raise RestoreError(f"target instance {instance.name} is unreachable: {exc}") from exc
+        if full:
+            raise RestoreError(
+                f"target tables on {instance.name} are not empty (only inplace may overwrite): "
+                + ", ".join(f"{database}.{t}" for t in full)
+            )
+
+
+def _apply_incrementals(
+    run: RestoreRun, shard: dict, *, endpoint, target_database, table_names, tracker
+) -> None:
+    """Roll one shard forward to `request.at` with issue 5's binlog chain, when asked for."""
+    request = run.request
+    if not request.plan.get("needs_incrementals"):
+        return
+    from backups.services.pitr import pitr_apply
+
+    pitr_apply(
+        run=run,
+        shard=shard,
+        target=endpoint,
+        target_database=target_database,
+        table_renames=table_names,
+        at=request.at,
+        progress=tracker.progress,
+        should_cancel=tracker.should_cancel,
+    )
+
+
+def _restore_shard(
+    *,
+    run: RestoreRun,
+    request: RestoreRequest,
+    shard_doc: dict,
+    entries: list[dict],
+    storage,
+    data_key: bytes | None,
+    tracker: Tracker,
+    done_keys: set[str],
+    resume: bool,
+    gate: InstanceGate | None = None,
+) -> list[TableOutcome]:
+    from backups.engine.load import create_database_objects, load_table
+
+    close_old_connections()
+    outcomes = [TableOutcome(entry=e) for e in entries]
+    if gate is not None:
+        gate.permits.acquire()
+    parallel = gate.per_shard if gate is not None else CHUNK_PARALLEL
+    try:
+        inplace = request.target_kind == Target.INPLACE
+        instance = Instance.objects.get(pk=entries[0]["target_instance_id"])
+        try:
+            endpoint = instance_endpoint(instance)
+            existing = _existing_tables(endpoint, entries[0]["target_database"])
+        except (ConnectError, MissingPassword) as exc:
+            raise RestoreError(f"target instance {instance.name} is unreachable: {exc}") from exc
+        target_db = entries[0]["target_database"]
+        load_names = {
+            e["table"]: (e["shadow_table"] if inplace else e["target_table"]) for e in entries
+        }
+        present = existing or set()
+        tables_by_name = {t["name"]: t for t in manifest_tables(shard_doc)}
+        if inplace and not resume:
+            # Leftover shadows of an earlier attempt of this same request are ours to drop.
+            _drop_tables(endpoint, target_db, [n for n in load_names.values() if n in present])
+            present = present - set(load_names.values())
+        for table, name in load_names.items():
+            keys = {c["key"] for c in tables_by_name[table].get("chunks", [])}
+            if name not in present:
+                done_keys.difference_update(keys)  # created again: load it from scratch
+            elif resume and keys & done_keys:
+                _reconcile_partial_table(
+                    run, endpoint, target_db, name, tables_by_name[table], done_keys
+                )
+        tracker.say(f"schema {shard_doc['name']}")
+        create_database_objects(
+            endpoint,
+            target_db,
+            shard_doc,
+            tables=list(load_names),
+            table_renames={t: n for t, n in load_names.items() if n != t} or None,
+            create_database=True,
+            resume=resume,
+        )
+        for outcome in outcomes:
+            if tracker.should_cancel():
+                raise Cancelled("the restore was cancelled")
+            table = outcome.entry["table"]
+            job = TableLoadJob(
+                manifest_table=tables_by_name[table],
+                target=endpoint,
+                target_database=target_db,
+                target_table=load_names[table],
+                data_key=data_key,
+            )
+            try:
+                result = load_table(
+                    job,
+                    storage,
+                    progress=tracker.progress,
+                    should_cancel=tracker.should_cancel,
+                    is_chunk_done=lambda key: key in done_keys,
+                    on_chunk_done=tracker.chunk_done,
+                    parallel=parallel,
+                )
+            except Cancelled:
+                raise
+            except IntegrityError as exc:
+                outcome.error = str(exc)
+                outcome.bad_object = exc.key
+                continue
+            except EngineError as exc:
+                outcome.error = str(exc)
+                continue
+            outcome.loaded = True
+            outcome.rows = result.rows
+            outcome.checksum = result.checksum
+            outcome.checksum_ok = bool(result.checksum_ok) and not result.error
+            outcome.error = result.error or (
+                "" if outcome.checksum_ok else "checksum does not match the manifest"
+            )
+        if all(o.checksum_ok for o in outcomes):
+            _apply_incrementals(
+                run,
+                shard_doc,
+                endpoint=endpoint,
+                target_database=target_db,
+                table_names=load_names,
+                tracker=tracker,
+            )
+            if not inplace:
+                note = _recreate_objects(
+                    endpoint,
+                    target_db,
+                    shard_doc,
+                    set(load_names.values()),
+                    whole_database=not request.scope.get("tables"),
+                )
+                if note:
+                    tracker.notes.append(f"{shard_doc['name']}: {note}")
+    except (RestoreError, EngineError, ConnectError) as exc:
+        if isinstance(exc, Cancelled):
+            raise
+        for outcome in outcomes:
+            if not outcome.error and not outcome.checksum_ok:
+                outcome.error = str(exc)
+    finally:
+        if gate is not None:
+            gate.permits.release()
+        connections.close_all()
+    return outcomes
+
+
+def _swap_inplace(
+    request: RestoreRequest, outcomes: list[TableOutcome], tracker: Tracker, shard_docs: dict
+) -> None:
+    """One atomic RENAME TABLE per database, then drop the old tables."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for outcome in outcomes:
+        e = outcome.entry
+        groups.setdefault((e["target_instance_id"], e["target_database"]), []).append(e)
+    swapped: list[str] = []
+    for (instance_pk, database), entries in sorted(groups.items()):
+        try:
+            _swap_database(request, database, entries, instance_pk, tracker, shard_docs)
+        except Exception as exc:  # noqa: BLE001 - reported with what was already swapped
+            if not swapped:
+                raise
+            raise SwapIncomplete(
+                f"swapping the restored tables into {database} failed ({exc}); "
+                f"{', '.join(swapped)} had already been swapped and hold the restored data, "
+                f"{database} and any later databases still hold their live tables"
+            ) from exc
+        swapped.append(database)
+
+
+def _swap_database(
+    request: RestoreRequest,
+    database: str,
+    entries: list[dict],
+    instance_pk: int,
+    tracker: Tracker,
+    shard_docs: dict,
+) -> None:
+    """Swap one database's shadow tables in with one atomic RENAME TABLE."""
+    endpoint = instance_endpoint(Instance.objects.get(pk=instance_pk))
+    live = _existing_tables(endpoint, database) or set()
+    renames, old = [], []
+    for e in entries:
+        if e["target_table"] in live:
+            old_name = old_table(e["target_table"], request.pk)
+            renames.append(
+                f"{quote_qualified(database, e['target_table'])} TO {quote_qualified(database, old_name)}"
+            )
+            old.append(old_name)
+        renames.append(
+            f"{quote_qualified(database, e['shadow_table'])} TO {quote_qualified(database, e['target_table'])}"
+        )
+    tracker.say(f"swapping {len(entries)} tables into {database}")
+    conn = connect(endpoint, database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("RENAME TABLE " + ", ".join(renames))
+            if old:
+                cur.execute("DROP TABLE " + ", ".join(quote_ident(t) for t in old))
+    finally:
+        conn.close()
+    # The old tables took their triggers with them: the backup's triggers come back.
+    for shard_name in sorted({e["shard"] for e in entries}):
+        note = _recreate_objects(
+            endpoint,
+            database,
+            shard_docs[shard_name],
+            {e["target_table"] for e in entries if e["shard"] == shard_name},
+            whole_database=False,
+        )
+        if note:
+            tracker.notes.append(f"{shard_name}: {note}")
+
+
+def _drop_applied_markers(outcomes: list[TableOutcome], tracker: Tracker) -> None:
+    """Remove the binlog apply's position table from every target once the run succeeded.
+
+    It stays until then so a crashed run resumes without applying a transaction twice; a
+    finished restore must not leave ShardVault's bookkeeping in a live or side database.
+    """
+    targets = sorted(
+        {(o.entry["target_instance_id"], o.entry["target_database"]) for o in outcomes}
+    )
+    for instance_pk, database in targets:
+        try:
+            endpoint = instance_endpoint(Instance.objects.get(pk=instance_pk))
+            applied_marker_drop(endpoint, database)
+        except Exception as exc:  # noqa: BLE001 - the restore itself is done; say what is left
+            tracker.notes.append(
+                f"could not drop {APPLIED_TABLE} from {database} ({exc}); drop it by hand"
+            )
+
+
+def _drop_shadows(outcomes: list[TableOutcome]) -> None:
+    for outcome in outcomes:
+        e = outcome.entry
+        try:
+            endpoint = instance_endpoint(Instance.objects.get(pk=e["target_instance_id"]))
+            _drop_tables(endpoint, e["target_database"], [e["shadow_table"]])
+        except Exception:  # noqa: BLE001 - best effort; the live table is untouched either way
+            log.exception(
+                "could not drop shadow table %s.%s", e["target_database"], e["shadow_table"]
+            )
+
+
+def _save_results(run: RestoreRun, outcomes: list[TableOutcome], *, applied: bool) -> None:
+    RestoreTableResult.objects.filter(run=run).delete()
+    RestoreTableResult.objects.bulk_create(
+        RestoreTableResult(
+            run=run,
+            shard_name=o.entry["shard"],
+            database=o.entry["database"],
+            table=o.entry["table"],
+            target_instance_name=o.entry["target_instance"],
+            target_database=o.entry["target_database"],
+            target_table=o.entry["target_table"],
+            status=Status.SUCCEEDED if (o.checksum_ok and applied) else Status.FAILED,
+            rows_expected=o.entry["rows"],
+            rows=o.rows,
+            checksum_expected=o.entry.get("checksum", "")[:64],
+            checksum=(o.checksum or "")[:64],
+            checksum_ok=o.checksum_ok if o.loaded or o.error else None,
+            error=o.error[:2000],
+        )
+        for o in outcomes
+    )
+
+
+def _factors(
+    plan: dict, outcomes: list[TableOutcome], *, applied: bool
+) -> tuple[float, float, float]:
+    rows_total = sum(o.entry["rows"] for o in outcomes)
+    rows_restored = sum(min(o.rows, o.entry["rows"]) for o in outcomes if o.checksum_ok and applied)
+    t = rows_restored / rows_total if rows_total else (1.0 if applied else 0.0)
+    d = sum(1 for o in outcomes if o.checksum_ok and applied) / len(outcomes) if outcomes else 0.0
+    objects = int(plan.get("objects", 0))
+    bad = len({o.bad_object for o in outcomes if o.bad_object})
+    a = (objects - bad) / objects if objects else 1.0
+    return t, d, a
+
+
+def _heartbeat(tracker: Tracker, stop: threading.Event) -> None:
+    """Beat while the run works, also through long chunks and checksums without progress."""
+    try:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            tracker.flush(force=True)
+    except Exception:  # noqa: BLE001 - a missed beat only risks a needless resume
+        log.exception("restore run %s: heartbeat failed", tracker.run_id)
+    finally:
+        connections.close_all()
+
+
+def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
+    """Run (or resume) an approved restore to its end. Refuses unapproved requests untouched."""
+    resume = restore_run_begin(run=run)  # RestoreError here: nothing has been touched
+    run.refresh_from_db()
+    request = RestoreRequest.objects.select_related("source_set", "source_set__cluster").get(
+        pk=run.request_id
+    )
+    plan = request.plan
+    tracker = Tracker(
+        run_id=run.pk, rows_estimate=int(plan.get("rows", 0)), rq_job=rq.get_current_job()
+    )
+    if resume:
+        tracker.rows_done = sum(LoadedChunk.objects.filter(run=run).values_list("rows", flat=True))
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(tracker, stop), daemon=True, name="heartbeat")
+    beat.start()
+    try:
+        return _execute(run, request, plan, tracker, resume=resume)
+    finally:
+        stop.set()
+        beat.join(timeout=10)
+        if tracker.slots is not None:
+            try:
+                tracker.slots.release()
+            except Exception:  # noqa: BLE001 - they expire after their ttl anyway
+                log.exception("restore run %s: could not release connection slots", run.pk)
+
+
+def _execute(
+    run: RestoreRun, request: RestoreRequest, plan: dict, tracker: Tracker, *, resume: bool
+):
+    inplace = request.target_kind == Target.INPLACE
+    outcomes: list[TableOutcome] = []
+    try:
+        if not resume:
+            _preflight_targets(request, plan["tables"])
+        tracker.say("reading the manifest")
+        storage = set_storage(request.source_set)
+        doc = set_manifest(request.source_set, storage)
+        data_key = _set_data_key(request.source_set)
+        shard_docs = {s["name"]: s for s in manifest_shards(doc)}
+        groups: dict[str, list[dict]] = {}
+        for entry in plan["tables"]:
+            groups.setdefault(entry["shard"], []).append(entry)
+        done_keys = set(LoadedChunk.objects.filter(run=run).values_list("key", flat=True))
+        slots, shards_on, instances = _connection_slots(run, groups)
+        granted = None
+        if slots is not None:
+            tracker.say("waiting for connection slots on the target servers")
+            try:
+                granted = slots.acquire(wait=SLOT_WAIT_SECONDS, should_cancel=tracker.should_cancel)
+            except Exception as exc:  # noqa: BLE001 - SlotsUnavailable, or Redis gone
+                if tracker.should_cancel():
+                    raise Cancelled("the restore was cancelled") from exc
+                raise RestoreError(f"the restore could not start: {exc}") from exc
+            tracker.slots = slots
+        gates = _gates(granted, shards_on, instances)
+        with ThreadPoolExecutor(max_workers=max(1, min(SHARD_THREADS, len(groups)))) as pool:
+            futures = [
+                pool.submit(
+                    _restore_shard,
+                    run=run,
+                    request=request,
+                    shard_doc=shard_docs[name],
+                    entries=entries,
+                    storage=storage,
+                    data_key=data_key,
+                    tracker=tracker,
+                    done_keys=set(done_keys),
+                    resume=resume,
+                    gate=gates[entries[0]["target_instance_id"]],
+                )
+                for name, entries in sorted(groups.items())
+            ]
+            errors = []
+            for future in futures:
+                try:
+                    outcomes.extend(future.result())
+                except Cancelled as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+        all_ok = bool(outcomes) and all(o.checksum_ok for o in outcomes)
+        applied = not inplace
+        if inplace:
+            if all_ok:
+                _swap_inplace(request, outcomes, tracker, shard_docs)
+                applied = True
+            else:
+                tracker.say("verification failed: dropping shadow tables, live tables untouched")
+                _drop_shadows(outcomes)
+        tracker.flush(force=True)
+        _save_results(run, outcomes, applied=applied)
+        t, d, a = _factors(plan, outcomes, applied=applied)
+        if all_ok:
+            if plan.get("needs_incrementals"):
+                _drop_applied_markers(outcomes, tracker)
+            return restore_run_finish(
+                run=run, status=Status.SUCCEEDED, t=t, d=d, a=a, note="; ".join(tracker.notes)
+            )
+        failed = [o for o in outcomes if not o.checksum_ok]
+        first = failed[0]
+        error = (
+            f"{len(failed)} of {len(outcomes)} tables did not verify; first: "
+            f"{first.entry['shard']} {first.entry['database']}.{first.entry['table']}: {first.error or 'checksum mismatch'}"
+        )
+        if inplace:
+            error += "; the live tables were left untouched"
+        return restore_run_finish(run=run, status=Status.FAILED, error=error, t=t, d=d, a=a)
+    except Cancelled:
+        if inplace:
+            _drop_shadows([TableOutcome(entry=e) for e in plan["tables"]])
+        tracker.flush(force=True)
+        _save_results(run, outcomes, applied=False)
+        return restore_run_finish(
+            run=run,
+            status=Status.CANCELLED,
+            error="cancelled" + ("; the live tables were left untouched" if inplace else ""),
+        )
+    except Exception as exc:  # noqa: BLE001 - the run must end with its reason, whatever broke
+        if not isinstance(exc, (RestoreError, EngineError, ConnectError, MissingPassword)):
+            log.exception("restore run %s failed", run.pk)
+        if inplace and not isinstance(exc, SwapIncomplete):
+            _drop_shadows([TableOutcome(entry=e) for e in plan["tables"]])
+        _save_results(run, outcomes, applied=False)
+        t, d, a = _factors(plan, outcomes, applied=False) if outcomes else (0.0, 0.0, None)
+        message = str(exc) or exc.__class__.__name__
+        if inplace and not isinstance(exc, SwapIncomplete):
+            message += "; the live tables were left untouched"
+        return restore_run_finish(run=run, status=Status.FAILED, error=message, t=t, d=d, a=a)
