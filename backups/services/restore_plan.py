@@ -9,6 +9,7 @@ target tables unless the target is `inplace`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 from datetime import datetime
@@ -17,14 +18,16 @@ from typing import Any
 from django.db.models import F, Sum
 
 from backups.engine.errors import ConnectError
-from backups.engine.mysql import connect
-from backups.models import BackupSet, RestoreRun
+from backups.engine.target import non_empty_tables
+from backups.models import BackupSet, RestoreRequest, RestoreRun
 from backups.services.errors import RestoreError
-from backups.services.restores import Target
 from backups.services.sets import set_manifest, set_prefix, set_storage
+from backups.status import RunStatus, SetStatus
 from backups.storage import Storage, StorageError
 from shards.models import Cluster, Instance, LogicalTable
 from shards.selectors import MissingPassword, instance_endpoint
+
+Target = RestoreRequest.Target
 
 MAX_NAME = 64
 SIDE_SUFFIX = "__r{id}"
@@ -60,8 +63,6 @@ def _fit(name: str, suffix: str) -> str:
     """`name + suffix`, shortening `name` so the result stays a legal identifier length."""
     if len(name) + len(suffix) <= MAX_NAME:
         return name + suffix
-    import hashlib
-
     digest = hashlib.sha256(name.encode()).hexdigest()[:6]
     keep = MAX_NAME - len(suffix) - 7
     return f"{name[:keep]}_{digest}{suffix}"
@@ -133,29 +134,12 @@ def _target_instance(kind: str, shard: dict, instances: dict[str, Instance], tar
     return instance
 
 
-def _row_counts(instance: Instance, database: str, tables: list[str]) -> dict[str, int]:
-    """Rows in those of `tables` that exist on the target (COUNT(*) on up to one row)."""
-    from backups.engine.mysql import quote_qualified
-
+def _non_empty(instance: Instance, database: str, tables: list[str]) -> set[str]:
+    """Those of `tables` that exist on the target and hold rows."""
     try:
-        conn = connect(instance_endpoint(instance), connect_timeout=5)
+        return set(non_empty_tables(instance_endpoint(instance), database, tables))
     except (ConnectError, MissingPassword) as exc:
         raise RestoreError(f"target instance {instance.name} is unreachable: {exc}") from exc
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s",
-                (database,),
-            )
-            existing = {row[0] for row in cur.fetchall()}
-            counts = {}
-            for table in tables:
-                if table in existing:
-                    cur.execute(f"SELECT EXISTS (SELECT 1 FROM {quote_qualified(database, table)})")  # noqa: S608
-                    counts[table] = int(cur.fetchone()[0])
-            return counts
-    finally:
-        conn.close()
 
 
 # -- the estimate ----------------------------------------------------------------------
@@ -164,7 +148,7 @@ def _row_counts(instance: Instance, database: str, tables: list[str]) -> dict[st
 def measured_rows_per_second() -> float | None:
     """Throughput of earlier succeeded runs, rows per second, or None without history."""
     runs = RestoreRun.objects.filter(
-        status=BackupSet.Status.SUCCEEDED,
+        status=RunStatus.SUCCEEDED,
         started_at__isnull=False,
         finished_at__isnull=False,
         rows_done__gt=0,
@@ -209,7 +193,7 @@ def restore_plan_build(
     Without `request_id` (the wizard's preview) side databases are shown as `<db>__r<id>`
     and side conflicts cannot be checked yet; they are checked again at filing.
     """
-    if source_set.status != BackupSet.Status.SUCCEEDED:
+    if source_set.status != SetStatus.SUCCEEDED:
         raise RestoreError(
             f"backup set {source_set.pk} is {source_set.status}; only succeeded sets can be restored"
         )
@@ -289,11 +273,11 @@ def restore_plan_build(
             i.pk: i for i in Instance.objects.filter(pk__in={k[0] for k in by_target})
         }
         for (instance_pk, database), group in sorted(by_target.items()):
-            counts = _row_counts(
+            full = _non_empty(
                 instance_objects[instance_pk], database, [e["target_table"] for e in group]
             )
             for entry in group:
-                if counts.get(entry["target_table"]):
+                if entry["target_table"] in full:
                     conflicts.append(
                         {
                             "target": f"{entry['target_instance']}:{database}.{entry['target_table']}",

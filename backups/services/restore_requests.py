@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from backups import queue
 from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun
-from backups.notifications import notify_decision, notify_request_filed, notify_run_finished
+from backups.services.alerts import notify_decision, notify_request_filed, notify_run_finished
 from backups.services.errors import ChainError, RestoreDenied, RestoreError
 from backups.services.pitr import pitr_resolve
 from backups.services.restore_plan import restore_plan_build
@@ -197,9 +197,7 @@ def _decider_refusal(request: RestoreRequest, user, verb: str) -> RestoreError |
     return None
 
 
-def _decision_state_refusal(
-    request: RestoreRequest, user, participle: str
-) -> RestoreError | None:
+def _decision_state_refusal(request: RestoreRequest, user, participle: str) -> RestoreError | None:
     """When a decision is possible: while the request waits, once per approver."""
     if request.state != State.PENDING_APPROVAL:
         return RestoreError(f"restore {request.pk} is {request.state}; it cannot be {participle}")
@@ -220,9 +218,7 @@ def restore_request_decision_allowed(*, request: RestoreRequest, user) -> tuple[
     return refusal is None, str(refusal or "")
 
 
-def _decide(
-    *, request: RestoreRequest, approver, comment: str, decision: str
-) -> RestoreRequest:
+def _decide(*, request: RestoreRequest, approver, comment: str, decision: str) -> RestoreRequest:
     """The one decision path: lock, check the rule, expire if due, record, audit, notify."""
     verb, participle = _VERBS[decision]
     now = timezone.now()

@@ -11,33 +11,49 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime
 
-import rq
 from django.conf import settings
 from django.db import close_old_connections, connections
 from django.utils import timezone
 
+from backups import queue
 from backups.engine.binlog_apply import APPLIED_TABLE, applied_marker_drop
 from backups.engine.errors import Cancelled, ConnectError, EngineError, IntegrityError
-from backups.engine.mysql import Endpoint, connect, quote_ident, quote_qualified
-from backups.engine.types import ProgressEvent, TableLoadJob
+from backups.engine.load import create_database_objects, load_table, recreate_database_objects
+from backups.engine.mysql import Endpoint
+from backups.engine.target import (
+    existing_tables,
+    non_empty_tables,
+    table_truncate_unless_rows,
+    tables_drop,
+    tables_swap,
+)
+from backups.engine.types import TableLoadJob
 from backups.models import BackupSet, LoadedChunk, RestoreRequest, RestoreRun, RestoreTableResult
+from backups.services.connection_slots import ConnectionSlots, SlotNeed
 from backups.services.errors import RestoreError, SwapIncomplete
+from backups.services.pitr import pitr_apply
+from backups.services.progress import JobTracker
 from backups.services.restore_plan import manifest_shards, manifest_tables, old_table
-from backups.services.restore_requests import Target, restore_run_begin, restore_run_finish
+from backups.services.restore_requests import (
+    restore_run_begin,
+    restore_run_finish,
+    restore_run_is_stale,
+    restore_run_start,
+)
 from backups.services.sets import set_data_key, set_manifest, set_storage
+from backups.status import RequestState, ResultStatus, RunStatus
 from shards.models import Instance
 from shards.selectors import MissingPassword, instance_endpoint
 
 log = logging.getLogger(__name__)
-Status = BackupSet.Status
+Target = RestoreRequest.Target
 PROGRESS_EVERY_SECONDS = 1.0
 SHARD_THREADS = 4
 CHUNK_PARALLEL = 2
-HEARTBEAT_SECONDS = 5.0
 SLOT_WAIT_SECONDS = 600
 
 
@@ -53,74 +69,10 @@ class TableOutcome:
 
 
 @dataclass
-class Tracker:
-    """Progress and cancellation shared by the shard threads; DB writes at most once a second."""
+class ChunkLedger:
+    """The run's record of loaded chunks, shared by its shard threads."""
 
     run_id: int
-    rows_estimate: int
-    rows_done: int = 0
-    bytes_done: int = 0
-    text: str = ""
-    cancelled: bool = False
-    rq_job: object = None
-    notes: list[str] = field(default_factory=list)
-    slots: object = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    last_write: float = 0.0
-    last_cancel_check: float = 0.0
-
-    def progress(self, event: ProgressEvent) -> None:
-        with self.lock:
-            self.rows_done += max(0, event.rows_done)
-            self.bytes_done += max(0, event.bytes_done)
-            if event.table:
-                self.text = f"{event.stage or 'load'} {event.shard + ' ' if event.shard else ''}{event.table}"
-        self.flush()
-
-    def say(self, text: str) -> None:
-        with self.lock:
-            self.text = text
-        self.flush(force=True)
-
-    def flush(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        with self.lock:
-            if not force and now - self.last_write < PROGRESS_EVERY_SECONDS:
-                return
-            self.last_write = now
-            values = {
-                "rows_done": self.rows_done,
-                "bytes_done": self.bytes_done,
-                "progress_text": self.text[:300],
-                "heartbeat_at": timezone.now(),
-            }
-        RestoreRun.objects.filter(pk=self.run_id).update(**values)
-        if self.slots is not None:
-            try:
-                self.slots.refresh()
-            except Exception:  # noqa: BLE001 - slots expire on their own if Redis is gone
-                pass
-        if self.rq_job is not None:
-            try:
-                self.rq_job.meta.update(
-                    {"rows_done": values["rows_done"], "progress": values["progress_text"]}
-                )
-                self.rq_job.save_meta()
-            except Exception:  # noqa: BLE001 - RQ's dashboard is a convenience, never a failure
-                pass
-
-    def should_cancel(self) -> bool:
-        now = time.monotonic()
-        if self.cancelled:
-            return True
-        if now - self.last_cancel_check >= PROGRESS_EVERY_SECONDS:
-            self.last_cancel_check = now
-            self.cancelled = bool(
-                RestoreRun.objects.filter(pk=self.run_id)
-                .values_list("cancel_requested", flat=True)
-                .first()
-            )
-        return self.cancelled
 
     def chunk_done(self, key: str, rows: int) -> None:
         # Recorded synchronously: a chunk is skipped on retry only once this row exists.
@@ -134,51 +86,6 @@ def _set_data_key(backup_set: BackupSet) -> bytes | None:
         raise RestoreError(
             f"the data key of backup set {backup_set.pk} cannot be unwrapped: {exc}"
         ) from exc
-
-
-def _existing_tables(endpoint: Endpoint, database: str) -> set[str] | None:
-    """Base tables of `database`, or None when the database does not exist."""
-    conn = connect(endpoint)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (database,)
-            )
-            if cur.fetchone() is None:
-                return None
-            cur.execute(
-                "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s",
-                (database,),
-            )
-            return {row[0] for row in cur.fetchall()}
-    finally:
-        conn.close()
-
-
-def _has_rows(endpoint: Endpoint, database: str, tables: list[str]) -> list[str]:
-    conn = connect(endpoint, database)
-    try:
-        with conn.cursor() as cur:
-            full = []
-            for table in tables:
-                cur.execute(f"SELECT EXISTS (SELECT 1 FROM {quote_qualified(database, table)})")  # noqa: S608
-                if cur.fetchone()[0]:
-                    full.append(table)
-            return full
-    finally:
-        conn.close()
-
-
-def _drop_tables(endpoint: Endpoint, database: str, tables: list[str]) -> None:
-    if not tables:
-        return
-    conn = connect(endpoint, database)
-    try:
-        with conn.cursor() as cur:
-            names = ", ".join(quote_qualified(database, t) for t in tables)
-            cur.execute(f"DROP TABLE IF EXISTS {names}")
-    finally:
-        conn.close()
 
 
 def _reconcile_partial_table(
@@ -198,18 +105,10 @@ def _reconcile_partial_table(
     recorded = sum(
         int(c["rows"]) for c in manifest_table.get("chunks", []) if c["key"] in done_keys
     )
-    conn = connect(endpoint, database)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"SELECT COUNT(*) FROM {quote_qualified(database, table)}")  # noqa: S608
-            actual = int(cur.fetchone()[0])
-            if actual != recorded:
-                cur.execute(f"TRUNCATE TABLE {quote_qualified(database, table)}")
-                keys = [c["key"] for c in manifest_table.get("chunks", [])]
-                done_keys.difference_update(keys)
-                LoadedChunk.objects.filter(run=run, key__in=keys).delete()
-    finally:
-        conn.close()
+    if table_truncate_unless_rows(endpoint, database, table, recorded):
+        keys = [c["key"] for c in manifest_table.get("chunks", [])]
+        done_keys.difference_update(keys)
+        LoadedChunk.objects.filter(run=run, key__in=keys).delete()
 
 
 def _recreate_objects(
@@ -220,8 +119,6 @@ def _recreate_objects(
     Returns a note for the run when an object could not be created (a view may refer to a
     table outside the scope); the data itself is proven by the checksums either way.
     """
-    from backups.engine.load import recreate_database_objects
-
     triggers = [t for t in shard_doc.get("triggers", []) if t.get("table") in tables]
     doc = dict(shard_doc, triggers=triggers)
     kinds = ("triggers",) + (("routines", "views", "events") if whole_database else ())
@@ -248,8 +145,6 @@ def _connection_slots(run: RestoreRun, groups: dict[str, list[dict]]):
     Each shard loads over `per_shard` connections while it holds one permit of its server;
     so the run never opens more connections on a server than its slots allow.
     """
-    from backups.services.connection_slots import ConnectionSlots, SlotNeed
-
     shards_on: dict[int, int] = {}
     for entries in groups.values():
         shards_on[entries[0]["target_instance_id"]] = (
@@ -265,10 +160,8 @@ def _connection_slots(run: RestoreRun, groups: dict[str, list[dict]]):
         )
     slots = None
     try:
-        import django_rq
-
         slots = ConnectionSlots(
-            django_rq.get_connection("restores"),
+            queue.redis_connection(queue.RESTORES),
             needs,
             holder=f"restore-{run.pk}",
             ttl=max(60, settings.JOB_HEARTBEAT_STALE_SECONDS),
@@ -305,10 +198,10 @@ def _preflight_targets(request: RestoreRequest, entries: list[dict]) -> None:
         instance = Instance.objects.get(pk=instance_pk)
         try:
             endpoint = instance_endpoint(instance)
-            existing = _existing_tables(endpoint, database)
+            existing = existing_tables(endpoint, database)
             if request.target_kind == Target.INPLACE or not existing:
                 continue
-            full = _has_rows(endpoint, database, [t for t in tables if t in existing])
+            full = non_empty_tables(endpoint, database, [t for t in tables if t in existing])
         except (ConnectError, MissingPassword) as exc:
             raise RestoreError(f"target instance {instance.name} is unreachable: {exc}") from exc
         if full:
@@ -325,8 +218,6 @@ def _apply_incrementals(
     request = run.request
     if not request.plan.get("needs_incrementals"):
         return
-    from backups.services.pitr import pitr_apply
-
     pitr_apply(
         run=run,
         shard=shard,
@@ -347,13 +238,13 @@ def _restore_shard(
     entries: list[dict],
     storage,
     data_key: bytes | None,
-    tracker: Tracker,
+    tracker: JobTracker,
+    ledger: ChunkLedger,
+    notes: list[str],
     done_keys: set[str],
     resume: bool,
     gate: InstanceGate | None = None,
 ) -> list[TableOutcome]:
-    from backups.engine.load import create_database_objects, load_table
-
     close_old_connections()
     outcomes = [TableOutcome(entry=e) for e in entries]
     if gate is not None:
@@ -364,7 +255,7 @@ def _restore_shard(
         instance = Instance.objects.get(pk=entries[0]["target_instance_id"])
         try:
             endpoint = instance_endpoint(instance)
-            existing = _existing_tables(endpoint, entries[0]["target_database"])
+            existing = existing_tables(endpoint, entries[0]["target_database"])
         except (ConnectError, MissingPassword) as exc:
             raise RestoreError(f"target instance {instance.name} is unreachable: {exc}") from exc
         target_db = entries[0]["target_database"]
@@ -375,7 +266,7 @@ def _restore_shard(
         tables_by_name = {t["name"]: t for t in manifest_tables(shard_doc)}
         if inplace and not resume:
             # Leftover shadows of an earlier attempt of this same request are ours to drop.
-            _drop_tables(endpoint, target_db, [n for n in load_names.values() if n in present])
+            tables_drop(endpoint, target_db, [n for n in load_names.values() if n in present])
             present = present - set(load_names.values())
         for table, name in load_names.items():
             keys = {c["key"] for c in tables_by_name[table].get("chunks", [])}
@@ -413,7 +304,7 @@ def _restore_shard(
                     progress=tracker.progress,
                     should_cancel=tracker.should_cancel,
                     is_chunk_done=lambda key: key in done_keys,
-                    on_chunk_done=tracker.chunk_done,
+                    on_chunk_done=ledger.chunk_done,
                     parallel=parallel,
                 )
             except Cancelled:
@@ -450,7 +341,7 @@ def _restore_shard(
                     whole_database=not request.scope.get("tables"),
                 )
                 if note:
-                    tracker.notes.append(f"{shard_doc['name']}: {note}")
+                    notes.append(f"{shard_doc['name']}: {note}")
     except (RestoreError, EngineError, ConnectError) as exc:
         if isinstance(exc, Cancelled):
             raise
@@ -465,7 +356,11 @@ def _restore_shard(
 
 
 def _swap_inplace(
-    request: RestoreRequest, outcomes: list[TableOutcome], tracker: Tracker, shard_docs: dict
+    request: RestoreRequest,
+    outcomes: list[TableOutcome],
+    tracker: JobTracker,
+    notes: list[str],
+    shard_docs: dict,
 ) -> None:
     """One atomic RENAME TABLE per database, then drop the old tables."""
     groups: dict[tuple[int, str], list[dict]] = {}
@@ -475,7 +370,7 @@ def _swap_inplace(
     swapped: list[str] = []
     for (instance_pk, database), entries in sorted(groups.items()):
         try:
-            _swap_database(request, database, entries, instance_pk, tracker, shard_docs)
+            _swap_database(request, database, entries, instance_pk, tracker, notes, shard_docs)
         except Exception as exc:  # noqa: BLE001 - reported with what was already swapped
             if not swapped:
                 raise
@@ -492,32 +387,22 @@ def _swap_database(
     database: str,
     entries: list[dict],
     instance_pk: int,
-    tracker: Tracker,
+    tracker: JobTracker,
+    notes: list[str],
     shard_docs: dict,
 ) -> None:
     """Swap one database's shadow tables in with one atomic RENAME TABLE."""
     endpoint = instance_endpoint(Instance.objects.get(pk=instance_pk))
-    live = _existing_tables(endpoint, database) or set()
+    live = existing_tables(endpoint, database) or set()
     renames, old = [], []
     for e in entries:
         if e["target_table"] in live:
             old_name = old_table(e["target_table"], request.pk)
-            renames.append(
-                f"{quote_qualified(database, e['target_table'])} TO {quote_qualified(database, old_name)}"
-            )
+            renames.append((e["target_table"], old_name))
             old.append(old_name)
-        renames.append(
-            f"{quote_qualified(database, e['shadow_table'])} TO {quote_qualified(database, e['target_table'])}"
-        )
+        renames.append((e["shadow_table"], e["target_table"]))
     tracker.say(f"swapping {len(entries)} tables into {database}")
-    conn = connect(endpoint, database)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("RENAME TABLE " + ", ".join(renames))
-            if old:
-                cur.execute("DROP TABLE " + ", ".join(quote_ident(t) for t in old))
-    finally:
-        conn.close()
+    tables_swap(endpoint, database, renames, old)
     # The old tables took their triggers with them: the backup's triggers come back.
     for shard_name in sorted({e["shard"] for e in entries}):
         note = _recreate_objects(
@@ -528,10 +413,10 @@ def _swap_database(
             whole_database=False,
         )
         if note:
-            tracker.notes.append(f"{shard_name}: {note}")
+            notes.append(f"{shard_name}: {note}")
 
 
-def _drop_applied_markers(outcomes: list[TableOutcome], tracker: Tracker) -> None:
+def _drop_applied_markers(outcomes: list[TableOutcome], notes: list[str]) -> None:
     """Remove the binlog apply's position table from every target once the run succeeded.
 
     It stays until then so a crashed run resumes without applying a transaction twice; a
@@ -545,9 +430,7 @@ def _drop_applied_markers(outcomes: list[TableOutcome], tracker: Tracker) -> Non
             endpoint = instance_endpoint(Instance.objects.get(pk=instance_pk))
             applied_marker_drop(endpoint, database)
         except Exception as exc:  # noqa: BLE001 - the restore itself is done; say what is left
-            tracker.notes.append(
-                f"could not drop {APPLIED_TABLE} from {database} ({exc}); drop it by hand"
-            )
+            notes.append(f"could not drop {APPLIED_TABLE} from {database} ({exc}); drop it by hand")
 
 
 def _drop_shadows(outcomes: list[TableOutcome]) -> None:
@@ -555,7 +438,7 @@ def _drop_shadows(outcomes: list[TableOutcome]) -> None:
         e = outcome.entry
         try:
             endpoint = instance_endpoint(Instance.objects.get(pk=e["target_instance_id"]))
-            _drop_tables(endpoint, e["target_database"], [e["shadow_table"]])
+            tables_drop(endpoint, e["target_database"], [e["shadow_table"]])
         except Exception:  # noqa: BLE001 - best effort; the live table is untouched either way
             log.exception(
                 "could not drop shadow table %s.%s", e["target_database"], e["shadow_table"]
@@ -573,7 +456,7 @@ def _save_results(run: RestoreRun, outcomes: list[TableOutcome], *, applied: boo
             target_instance_name=o.entry["target_instance"],
             target_database=o.entry["target_database"],
             target_table=o.entry["target_table"],
-            status=Status.SUCCEEDED if (o.checksum_ok and applied) else Status.FAILED,
+            status=ResultStatus.SUCCEEDED if (o.checksum_ok and applied) else ResultStatus.FAILED,
             rows_expected=o.entry["rows"],
             rows=o.rows,
             checksum_expected=o.entry.get("checksum", "")[:64],
@@ -598,17 +481,6 @@ def _factors(
     return t, d, a
 
 
-def _heartbeat(tracker: Tracker, stop: threading.Event) -> None:
-    """Beat while the run works, also through long chunks and checksums without progress."""
-    try:
-        while not stop.wait(HEARTBEAT_SECONDS):
-            tracker.flush(force=True)
-    except Exception:  # noqa: BLE001 - a missed beat only risks a needless resume
-        log.exception("restore run %s: heartbeat failed", tracker.run_id)
-    finally:
-        connections.close_all()
-
-
 def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
     """Run (or resume) an approved restore to its end. Refuses unapproved requests untouched."""
     resume = restore_run_begin(run=run)  # RestoreError here: nothing has been touched
@@ -616,20 +488,16 @@ def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
     request = RestoreRequest.objects.select_related("source_set", "source_set__cluster").get(
         pk=run.request_id
     )
-    plan = request.plan
-    tracker = Tracker(
-        run_id=run.pk, rows_estimate=int(plan.get("rows", 0)), rq_job=rq.get_current_job()
-    )
+    rows_done = 0
     if resume:
-        tracker.rows_done = sum(LoadedChunk.objects.filter(run=run).values_list("rows", flat=True))
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(tracker, stop), daemon=True, name="heartbeat")
-    beat.start()
+        rows_done = sum(LoadedChunk.objects.filter(run=run).values_list("rows", flat=True))
+    # The tracker beats while the run works, also through long chunks and checksums.
+    tracker = JobTracker(RestoreRun, run.pk, rows_done=rows_done, interval=PROGRESS_EVERY_SECONDS)
+    tracker.start()
     try:
-        return _execute(run, request, plan, tracker, resume=resume)
+        return _execute(run, request, request.plan, tracker, resume=resume)
     finally:
-        stop.set()
-        beat.join(timeout=10)
+        tracker.stop()
         if tracker.slots is not None:
             try:
                 tracker.slots.release()
@@ -638,10 +506,17 @@ def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
 
 
 def _execute(
-    run: RestoreRun, request: RestoreRequest, plan: dict, tracker: Tracker, *, resume: bool
+    run: RestoreRun, request: RestoreRequest, plan: dict, tracker: JobTracker, *, resume: bool
 ):
+    """Load every shard, verify, swap (inplace); end the run with what was proven.
+
+    The tracker stops before each finish transition, so its last write never overwrites
+    the final progress line.
+    """
     inplace = request.target_kind == Target.INPLACE
     outcomes: list[TableOutcome] = []
+    ledger = ChunkLedger(run_id=run.pk)
+    notes: list[str] = []
     try:
         if not resume:
             _preflight_targets(request, plan["tables"])
@@ -677,6 +552,8 @@ def _execute(
                     storage=storage,
                     data_key=data_key,
                     tracker=tracker,
+                    ledger=ledger,
+                    notes=notes,
                     done_keys=set(done_keys),
                     resume=resume,
                     gate=gates[entries[0]["target_instance_id"]],
@@ -695,19 +572,19 @@ def _execute(
         applied = not inplace
         if inplace:
             if all_ok:
-                _swap_inplace(request, outcomes, tracker, shard_docs)
+                _swap_inplace(request, outcomes, tracker, notes, shard_docs)
                 applied = True
             else:
                 tracker.say("verification failed: dropping shadow tables, live tables untouched")
                 _drop_shadows(outcomes)
-        tracker.flush(force=True)
+        tracker.stop()
         _save_results(run, outcomes, applied=applied)
         t, d, a = _factors(plan, outcomes, applied=applied)
         if all_ok:
             if plan.get("needs_incrementals"):
-                _drop_applied_markers(outcomes, tracker)
+                _drop_applied_markers(outcomes, notes)
             return restore_run_finish(
-                run=run, status=Status.SUCCEEDED, t=t, d=d, a=a, note="; ".join(tracker.notes)
+                run=run, status=RunStatus.SUCCEEDED, t=t, d=d, a=a, note="; ".join(notes)
             )
         failed = [o for o in outcomes if not o.checksum_ok]
         first = failed[0]
@@ -717,15 +594,15 @@ def _execute(
         )
         if inplace:
             error += "; the live tables were left untouched"
-        return restore_run_finish(run=run, status=Status.FAILED, error=error, t=t, d=d, a=a)
+        return restore_run_finish(run=run, status=RunStatus.FAILED, error=error, t=t, d=d, a=a)
     except Cancelled:
         if inplace:
             _drop_shadows([TableOutcome(entry=e) for e in plan["tables"]])
-        tracker.flush(force=True)
+        tracker.stop()
         _save_results(run, outcomes, applied=False)
         return restore_run_finish(
             run=run,
-            status=Status.CANCELLED,
+            status=RunStatus.CANCELLED,
             error="cancelled" + ("; the live tables were left untouched" if inplace else ""),
         )
     except Exception as exc:  # noqa: BLE001 - the run must end with its reason, whatever broke
@@ -733,9 +610,24 @@ def _execute(
             log.exception("restore run %s failed", run.pk)
         if inplace and not isinstance(exc, SwapIncomplete):
             _drop_shadows([TableOutcome(entry=e) for e in plan["tables"]])
+        tracker.stop()
         _save_results(run, outcomes, applied=False)
         t, d, a = _factors(plan, outcomes, applied=False) if outcomes else (0.0, 0.0, None)
         message = str(exc) or exc.__class__.__name__
         if inplace and not isinstance(exc, SwapIncomplete):
             message += "; the live tables were left untouched"
-        return restore_run_finish(run=run, status=Status.FAILED, error=message, t=t, d=d, a=a)
+        return restore_run_finish(run=run, status=RunStatus.FAILED, error=message, t=t, d=d, a=a)
+
+
+def restore_runs_resume_stale(*, now: datetime | None = None) -> list[int]:
+    """The reaper: re-enqueue runs whose worker stopped beating; they resume where they were."""
+    now = now or timezone.now()
+    resumed = []
+    for run in RestoreRun.objects.filter(status=RunStatus.RUNNING).select_related("request"):
+        if restore_run_is_stale(run, now) and run.request.state == RequestState.RUNNING:
+            try:
+                restore_run_start(request=run.request, actor=None)
+            except RestoreError:
+                continue
+            resumed.append(run.pk)
+    return resumed

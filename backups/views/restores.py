@@ -9,7 +9,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseStopPolling
 
 from backups.forms_restores import RestoreRequestForm
-from backups.models import BackupSet, RestoreRequest
+from backups.models import RestoreRequest
 from backups.selectors.incrementals import RecoveryPoint, recoverable_window
 from backups.selectors.restores import (
     restore_request_approvals,
@@ -21,19 +21,19 @@ from backups.selectors.restores import (
 )
 from backups.services.errors import RestoreDenied, RestoreError
 from backups.services.restore_plan import restore_plan_build
-from backups.services.restores import (
+from backups.services.restore_requests import (
     parse_target,
     restore_request_approve,
+    restore_request_decision_allowed,
     restore_request_file,
     restore_request_reject,
     restore_run_cancel,
     restore_run_start,
     restore_source_resolve,
 )
+from backups.status import RequestState, RunStatus
 from console.roles import APPROVER, OPERATOR, has_role, role_required
 from shards.models import Cluster
-
-FINAL_RUN = (BackupSet.Status.SUCCEEDED, BackupSet.Status.FAILED, BackupSet.Status.CANCELLED)
 
 
 def _get_request(pk: int) -> RestoreRequest:
@@ -123,7 +123,7 @@ def request_new(request):
 def _detail_context(request, restore: RestoreRequest, error: str = "") -> dict:
     run = restore_request_latest_run(request=restore)
     user = request.user
-    decided = restore.approvals.filter(approver=user).exists()
+    can_decide, _why_not = restore_request_decision_allowed(request=restore, user=user)
     return {
         "restore": restore,
         "plan": restore.plan,
@@ -131,16 +131,11 @@ def _detail_context(request, restore: RestoreRequest, error: str = "") -> dict:
         "timeline": restore_request_timeline(request=restore),
         "run": run,
         "results": run.results.all() if run else [],
-        "can_decide": (
-            restore.state == RestoreRequest.State.PENDING_APPROVAL
-            and has_role(user, APPROVER)
-            and restore.requested_by_id != user.pk
-            and not decided
-        ),
+        "can_decide": can_decide,
         "is_requester": restore.requested_by_id == user.pk,
-        "can_run": restore.state == RestoreRequest.State.APPROVED and has_role(user, OPERATOR),
+        "can_run": restore.state == RequestState.APPROVED and has_role(user, OPERATOR),
         "can_cancel": run is not None
-        and run.status in (BackupSet.Status.PENDING, BackupSet.Status.RUNNING)
+        and RunStatus.is_active(run.status)
         and has_role(user, OPERATOR),
         "error": error,
     }
@@ -223,7 +218,7 @@ def run_progress(request, pk: int):
         return render(request, "backups/restore_detail.html", context)
     response = render(request, "backups/_restore_progress.html", context)
     run = context["run"]
-    if run is None or run.status in FINAL_RUN:
+    if run is None or RunStatus.is_final(run.status):
         stop = HttpResponseStopPolling()
         stop.content = response.content
         # Once, at the end: reload so the state, the timeline and the buttons are final too.

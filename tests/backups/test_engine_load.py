@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
+from backups.engine.checksum import table_checksum
 from backups.engine.dump import dump_cluster
 from backups.engine.errors import EngineError, IntegrityError
 from backups.engine.load import create_database_objects, load_table, recreate_database_objects
+from backups.engine.mysql import Endpoint
 from backups.engine.types import TableLoadJob
 from tests.backups.conftest import WEIRD_TABLE, drop_database, make_spec, read_manifest
 
@@ -226,9 +229,6 @@ def test_wrong_key_fails_clearly(storage, hostile_database, unique_name):
 
 def test_unreachable_target_is_an_engine_error_not_a_crash():
     """Restores catch EngineError; a server that went away must not escape as ConnectError."""
-    import socket
-
-    from backups.engine.mysql import Endpoint
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -243,7 +243,6 @@ def test_unreachable_target_is_an_engine_error_not_a_crash():
 
 def test_checksum_of_a_table_missing_a_manifest_column_is_an_engine_error(hostile_database):
     """load_table's callers catch EngineError; a target without a backed-up column is one."""
-    from backups.engine.checksum import table_checksum
 
     server, database, _rows = hostile_database
     conn = server.connect(database)

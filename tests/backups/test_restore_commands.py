@@ -10,6 +10,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 
 from backups.engine.mysql import quote_ident
 from backups.models import RestoreRequest
@@ -162,7 +163,6 @@ def test_errors_are_one_line_with_json_still_printed(cluster, run_jobs):
 
 def test_command_line_exit_code_and_stderr(cluster, run_jobs, settings):
     """The real process: exit 1 and a one-line reason on stderr, no traceback."""
-    from django.db import connection
 
     backup_set = make_backup(cluster, run_jobs)
     approver = make_user("approver")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import django_rq
 import pytest
 from django.core import mail
 from django.core.management import CommandError, call_command
@@ -16,16 +17,21 @@ from django.utils import timezone
 from backups.engine.mysql import quote_ident
 from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun
 from backups.services.errors import RestoreError
-from backups.services.restores import (
+from backups.services.full_backups import backup_start
+from backups.services.restore_requests import (
     restore_request_approve,
     restore_request_file,
     restore_request_reject,
     restore_requests_expire,
+    restore_run_cancel,
+    restore_run_enqueue,
     restore_run_start,
 )
+from backups.storage import storage_from_url
 from console.models import AuditEvent
 from shards.models import Instance
 from tests.factories import make_cluster, make_user
+from tests.servers import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -35,7 +41,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def make_backup(cluster, run_jobs) -> BackupSet:
     """A real full backup of `cluster`, run to its end by a real RQ worker."""
-    from backups.services.backups import backup_start
 
     backup_set = backup_start(cluster=cluster, actor=make_user("operator"))
     run_jobs("backups")
@@ -228,7 +233,6 @@ def test_rejection_needs_a_comment_and_is_final(cluster, backup_set):
 def test_job_enqueued_by_hand_refuses_an_unapproved_request(
     cluster, backup_set, run_jobs, mariadb_servers
 ):
-    from backups.jobs.restores import restore_run_enqueue
 
     request = file_request(cluster, backup_set)
     run = RestoreRun.objects.create(request=request)  # bypassing restore_run_start on purpose
@@ -308,7 +312,6 @@ def test_non_empty_instance_target_is_refused(cluster, backup_set, mariadb_serve
 
 
 def test_unreachable_target_instance_is_refused(cluster, backup_set):
-    from tests.servers import free_port
 
     Instance.objects.create(
         cluster=cluster, name="down", host="127.0.0.1", port=free_port(), user="root"
@@ -318,7 +321,6 @@ def test_unreachable_target_instance_is_refused(cluster, backup_set):
 
 
 def test_sets_that_cannot_restore_are_refused(cluster, backup_set, settings):
-    from backups.storage import storage_from_url
 
     failed = BackupSet.objects.create(
         cluster=cluster, status="failed", storage_url=settings.STORAGE_URL
@@ -393,9 +395,6 @@ def test_progress_fragment_stops_polling_when_the_run_has_ended(client, cluster,
 def test_cancelling_a_queued_run_ends_it_before_it_touches_anything(
     cluster, backup_set, run_jobs, mariadb_servers
 ):
-    import django_rq
-
-    from backups.services.restores import restore_run_cancel
 
     request = file_request(cluster, backup_set)
     restore_request_approve(request=request, approver=make_user("approver"))

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
+import django_rq
+import psutil
 import pytest
+from django.core import mail
 
 from backups.engine.checksum import table_checksum
 from backups.engine.mysql import connect, quote_ident
-from backups.models import LoadedChunk, RestoreRun
-from backups.services import restore_run as executor
-from backups.services.restores import restore_request_approve, restore_run_start
+from backups.models import BackupPolicy, LoadedChunk, RestoreRun
+from backups.services import restore_runs as executor
+from backups.services.connection_slots import ConnectionSlots, SlotNeed, slots_in_use
+from backups.services.restore_requests import (
+    restore_request_approve,
+    restore_run_cancel,
+    restore_run_start,
+)
+from backups.services.restore_runs import restore_runs_resume_stale
+from backups.storage import storage_from_url
 from shards.models import Instance, LogicalTable
 from tests.backups.test_restore_rules import file_request, make_backup, server_for
 from tests.factories import make_cluster, make_user
@@ -165,7 +179,6 @@ def test_inplace_restore_replaces_live_tables_with_the_backup(cluster, mariadb_s
 def test_inplace_verification_failure_leaves_live_tables_exactly_as_they_were(
     cluster, mariadb_servers, run_jobs
 ):
-    from backups.storage import storage_from_url
 
     backup_set = make_backup(cluster, run_jobs)
     _damage_live_data(cluster, mariadb_servers)
@@ -279,7 +292,7 @@ def test_crashed_run_resumes_and_skips_the_chunks_it_finished(
     # The enqueued job is not run by a worker here: the first attempt runs in this process
     # and dies after ten chunks were committed and recorded (the first table, 8 chunks,
     # complete; the second partly loaded, perhaps with a chunk committed but not recorded).
-    original = executor.Tracker.chunk_done
+    original = executor.ChunkLedger.chunk_done
     calls = {"n": 0}
 
     def dying_chunk_done(self, key, rows):
@@ -288,11 +301,11 @@ def test_crashed_run_resumes_and_skips_the_chunks_it_finished(
         if calls["n"] == 10:
             raise SimulatedCrash()
 
-    monkeypatch.setattr(executor.Tracker, "chunk_done", dying_chunk_done)
+    monkeypatch.setattr(executor.ChunkLedger, "chunk_done", dying_chunk_done)
     monkeypatch.setattr(executor, "SHARD_THREADS", 1)
     with pytest.raises(SimulatedCrash):
         executor.restore_run_execute(run=RestoreRun.objects.get(pk=run.pk))
-    monkeypatch.setattr(executor.Tracker, "chunk_done", original)
+    monkeypatch.setattr(executor.ChunkLedger, "chunk_done", original)
     run.refresh_from_db()
     request.refresh_from_db()
     assert (request.state, run.status) == ("running", "running")
@@ -343,7 +356,6 @@ def test_plan_estimate_uses_measured_throughput_after_a_run(cluster, mariadb_ser
 def test_cancelled_inplace_run_leaves_live_tables_and_drops_shadows(
     cluster, mariadb_servers, run_jobs, settings, monkeypatch
 ):
-    from backups.services.restores import restore_run_cancel
 
     settings.BACKUP_CHUNK_ROWS = 4
     backup_set = make_backup(cluster, run_jobs)
@@ -357,7 +369,7 @@ def test_cancelled_inplace_run_leaves_live_tables_and_drops_shadows(
     approve(request, count=2)
     operator = make_user("operator")
     run = restore_run_start(request=request, actor=operator)
-    original = executor.Tracker.chunk_done
+    original = executor.ChunkLedger.chunk_done
     calls = {"n": 0}
 
     def cancel_after_three(self, key, rows):
@@ -366,7 +378,7 @@ def test_cancelled_inplace_run_leaves_live_tables_and_drops_shadows(
         if calls["n"] == 3:
             restore_run_cancel(run=RestoreRun.objects.get(pk=run.pk), actor=operator)
 
-    monkeypatch.setattr(executor.Tracker, "chunk_done", cancel_after_three)
+    monkeypatch.setattr(executor.ChunkLedger, "chunk_done", cancel_after_three)
     monkeypatch.setattr(executor, "PROGRESS_EVERY_SECONDS", 0)
     run_jobs("restores")
     run.refresh_from_db()
@@ -382,9 +394,6 @@ def test_cancelled_inplace_run_leaves_live_tables_and_drops_shadows(
 def test_encrypted_set_restores_and_requester_hears_how_it_ended(
     cluster, mariadb_servers, run_jobs
 ):
-    from django.core import mail
-
-    from backups.models import BackupPolicy
 
     BackupPolicy.objects.create(cluster=cluster, encrypt=True)
     backup_set = make_backup(cluster, run_jobs)
@@ -413,13 +422,6 @@ def test_encrypted_set_restores_and_requester_hears_how_it_ended(
 def test_run_whose_worker_is_killed_is_resumed_by_housekeeping(
     mariadb_servers, unique_name, run_jobs, rq_worker_process, settings
 ):
-    import os
-    import signal
-    import time
-
-    import psutil
-
-    from backups.services.restores import restore_runs_resume_stale
 
     settings.BACKUP_CHUNK_ROWS = 2000
     cluster = make_cluster(mariadb_servers[:2], name=f"rk{unique_name}", tables={"t_big": 200_000})
@@ -465,9 +467,6 @@ def test_run_whose_worker_is_killed_is_resumed_by_housekeeping(
 def test_run_respects_the_target_servers_connection_slots(
     cluster, mariadb_servers, run_jobs, monkeypatch
 ):
-    import django_rq
-
-    from backups.services.connection_slots import ConnectionSlots, SlotNeed, slots_in_use
 
     backup_set = make_backup(cluster, run_jobs)
     request = file_request(cluster, backup_set, tables=["t_user"], target="side")

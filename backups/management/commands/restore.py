@@ -6,23 +6,27 @@ import json
 import time
 from datetime import UTC, datetime
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
 
 from backups.models import BackupSet, RestoreRequest, RestoreRun
 from backups.selectors.restores import restore_request_as_dict
 from backups.services.errors import RestoreError
-from backups.services.restores import (
+from backups.services.restore_requests import (
     restore_request_approve,
     restore_request_file,
     restore_request_reject,
+    restore_run_dequeue,
     restore_run_start,
 )
+from backups.services.restore_runs import restore_run_execute
+from backups.status import RunStatus
 from console.roles import RoleDenied
 from shards.models import Cluster
 
 PICKUP_SECONDS = 3.0
-FINAL_RUN = (BackupSet.Status.SUCCEEDED, BackupSet.Status.FAILED, BackupSet.Status.CANCELLED)
 
 
 def parse_at(text: str) -> datetime:
@@ -197,9 +201,6 @@ class Command(BaseCommand):
         self.stdout.write("\n".join(lines))
 
     def do_run(self, options):
-        from backups.jobs.restores import restore_run_dequeue
-        from backups.services.restore_run import restore_run_execute
-
         actor = self._user(options["as_user"]) if options.get("as_user") else None
         request = self._request(options["request_id"])
         run = restore_run_start(request=request, actor=actor)
@@ -213,7 +214,7 @@ class Command(BaseCommand):
             self._wait_for_end(run)
             run.refresh_from_db()
             request.refresh_from_db()
-            if run.status != BackupSet.Status.SUCCEEDED:
+            if run.status != RunStatus.SUCCEEDED:
                 q = f"{run.q:.4f}" if run.q is not None else "n/a"
                 self._fail(
                     f"restore {request.pk} {run.status} (Q = {q}): {run.error or run.status}"
@@ -224,15 +225,12 @@ class Command(BaseCommand):
 
     def _wait_for_end(self, run: RestoreRun) -> None:
         """Until the run ends; refuse to wait forever on a worker that stopped beating."""
-        from django.conf import settings
-        from django.utils import timezone
-
         stale = settings.JOB_HEARTBEAT_STALE_SECONDS
         while True:
             status, heartbeat = (
                 RestoreRun.objects.filter(pk=run.pk).values_list("status", "heartbeat_at").first()
             )
-            if status in FINAL_RUN:
+            if RunStatus.is_final(status):
                 return
             if heartbeat and (timezone.now() - heartbeat).total_seconds() > stale:
                 raise CommandError(
@@ -246,7 +244,7 @@ class Command(BaseCommand):
         status, heartbeat = (
             RestoreRun.objects.filter(pk=run.pk).values_list("status", "heartbeat_at").first()
         )
-        if status == BackupSet.Status.PENDING:
+        if status == RunStatus.PENDING:
             return True
         # A resumed run is RUNNING already; a worker has it once its heartbeat moves.
-        return status == BackupSet.Status.RUNNING and heartbeat == run.heartbeat_at
+        return status == RunStatus.RUNNING and heartbeat == run.heartbeat_at
