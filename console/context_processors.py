@@ -12,10 +12,5 @@ def navigation(request):
         "is_approver": has_role(user, APPROVER),
         "is_auditor": has_role(user, AUDITOR),
         "is_admin": has_role(user, ADMIN),
-        "awaiting_approval_count": 0,
     }
-    if context["is_approver"]:
-        from backups.selectors import restore_requests_awaiting_count
-
-        context["awaiting_approval_count"] = restore_requests_awaiting_count(user=user)
     return context

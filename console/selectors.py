@@ -1,182 +1,61 @@
-"""Read-side queries for the console pages: the dashboard's health and running jobs."""
+"""Read-side queries of the console: the audit log's filters."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 
-from django.db.models import Count, Max, OuterRef, Q, Subquery
-from django.utils import timezone
+from django.db.models import Q, QuerySet
 
-from backups.models import BackupPolicy, BackupSet, RestoreRun, VerificationRun
-from backups.selectors.verification import quality_level
-from shards.models import Cluster
-
-ACTIVE = (BackupSet.Status.PENDING, BackupSet.Status.RUNNING)
+from console.models import AuditEvent
 
 
-@dataclass
-class ClusterHealth:
-    cluster: Cluster
-    newest_point: datetime | None
-    newest_set_id: int | None
-    rpo_target: timedelta
-    last_drill_at: datetime | None
-    last_drill_q: float | None
-    last_drill_set_id: int | None
-    flagged_sets: int
-    last_failed_at: datetime | None
-
-    @property
-    def age(self) -> timedelta | None:
-        return timezone.now() - self.newest_point if self.newest_point else None
-
-    @property
-    def rpo_ok(self) -> bool:
-        return self.age is not None and self.age <= self.rpo_target
-
-    @property
-    def drill_level(self) -> str:
-        return quality_level(self.last_drill_q)
-
-    @property
-    def level(self) -> str:
-        if not self.rpo_ok or self.flagged_sets:
-            return "bad"
-        if self.last_drill_q is None or self.last_drill_q < 1:
-            return "warn"
-        return "good"
+class MomentError(ValueError):
+    """A value that is not a date or a moment; the message is one sentence."""
 
 
-def cluster_rpo_target(cluster: Cluster) -> timedelta:
-    """The cluster's RPO target: its policy's, or the policy default when it has none."""
+def parse_moment(value: str, *, end: bool) -> datetime:
+    """A date (YYYY-MM-DD: its start, or with `end` the start of the next day) or an ISO 8601
+    moment; naive values are UTC. Raises MomentError with one sentence."""
+    value = value.strip()
     try:
-        minutes = cluster.policy.rpo_target_minutes
-    except Cluster.policy.RelatedObjectDoesNotExist:
-        minutes = BackupPolicy._meta.get_field("rpo_target_minutes").default
-    return timedelta(minutes=minutes)
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            moment = datetime.combine(day, time.min, tzinfo=UTC)
+            return moment + timedelta(days=1) if end else moment
+        moment = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise MomentError(f"'{value}' is not a date (use YYYY-MM-DD or ISO 8601)") from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment
 
 
-def dashboard_clusters() -> list[ClusterHealth]:
-    """Every cluster with its health, in a constant number of queries."""
-    succeeded = BackupSet.objects.filter(cluster=OuterRef("pk"), status=BackupSet.Status.SUCCEEDED)
-    newest = succeeded.exclude(consistent_at__isnull=True).order_by("-consistent_at", "-id")
-    drills = VerificationRun.objects.filter(
-        backup_set__cluster=OuterRef("pk"), drill=True, q__isnull=False
-    ).order_by("-finished_at", "-id")
-    clusters = (
-        Cluster.objects.select_related("policy")
-        .annotate(
-            newest_point=Subquery(newest.values("consistent_at")[:1]),
-            newest_set_id=Subquery(newest.values("id")[:1]),
-            last_drill_at=Subquery(drills.values("finished_at")[:1]),
-            last_drill_q=Subquery(drills.values("q")[:1]),
-            last_drill_set_id=Subquery(drills.values("backup_set_id")[:1]),
-            flagged=Count(
-                "backup_sets",
-                filter=Q(backup_sets__status=BackupSet.Status.SUCCEEDED, backup_sets__q__lt=1.0),
-                distinct=True,
-            ),
-            last_failed_at=Max(
-                "backup_sets__finished_at", filter=Q(backup_sets__status=BackupSet.Status.FAILED)
-            ),
-        )
-        .order_by("name")
-    )
-    rows = []
-    for c in clusters:
-        rows.append(
-            ClusterHealth(
-                cluster=c,
-                newest_point=c.newest_point,
-                newest_set_id=c.newest_set_id,
-                rpo_target=cluster_rpo_target(c),
-                last_drill_at=c.last_drill_at,
-                last_drill_q=c.last_drill_q,
-                last_drill_set_id=c.last_drill_set_id,
-                flagged_sets=c.flagged,
-                last_failed_at=c.last_failed_at,
+def audit_events_filtered(params) -> tuple[QuerySet[AuditEvent], dict[str, str], list[str]]:
+    """Events matching the page's filters (actor, action, object, from, to), newest first."""
+    events = AuditEvent.objects.all()
+    filters = {
+        k: (params.get(k) or "").strip() for k in ("actor", "action", "object", "since", "until")
+    }
+    errors = []
+    if filters["actor"]:
+        events = events.filter(actor_name__iexact=filters["actor"])
+    if filters["action"]:
+        events = events.filter(action__istartswith=filters["action"])
+    if filters["object"]:
+        obj = filters["object"]
+        if ":" in obj:
+            kind, _, ident = obj.partition(":")
+            events = events.filter(object_type__iexact=kind, object_id=ident)
+        else:
+            events = events.filter(
+                Q(object_type__iexact=obj) | Q(object_id=obj) | Q(object_repr__icontains=obj)
             )
-        )
-    return rows
-
-
-def flagged_sets(*, limit: int = 20):
-    """Succeeded sets whose last verification gave Q < 1 (shown in red on the dashboard)."""
-    return (
-        BackupSet.objects.filter(status=BackupSet.Status.SUCCEEDED, q__lt=1.0)
-        .select_related("cluster")
-        .order_by("-id")[:limit]
-    )
-
-
-@dataclass
-class RunningJob:
-    kind: str  # "backup", "restore", "verification", "drill"
-    id: int
-    cluster: str
-    label: str
-    status: str
-    percent: int | None
-    progress_text: str
-    started_at: datetime | None
-    url: str = ""
-
-
-def _percent(done: int, total: int) -> int | None:
-    if not total:
-        return None
-    return max(0, min(100, int(done * 100 / total)))
-
-
-def running_jobs() -> list[RunningJob]:
-    """Backups, restores and verifications that are pending or running (three queries)."""
-    jobs = []
-    for s in BackupSet.objects.filter(status__in=ACTIVE).select_related("cluster").order_by("id"):
-        jobs.append(
-            RunningJob(
-                "backup",
-                s.pk,
-                s.cluster.name,
-                f"{s.kind} backup, set {s.pk}",
-                s.status,
-                _percent(s.rows_done, s.rows_estimate),
-                s.progress_text,
-                s.started_at,
-            )
-        )
-    for r in (
-        RestoreRun.objects.filter(status__in=ACTIVE)
-        .select_related("request__cluster")
-        .order_by("id")
-    ):
-        jobs.append(
-            RunningJob(
-                "restore",
-                r.pk,
-                r.request.cluster.name,
-                f"restore run {r.pk} of request {r.request_id}",
-                r.status,
-                _percent(r.rows_done, r.rows_estimate),
-                r.progress_text,
-                r.started_at,
-            )
-        )
-    for v in (
-        VerificationRun.objects.filter(status__in=ACTIVE)
-        .select_related("backup_set__cluster")
-        .order_by("id")
-    ):
-        jobs.append(
-            RunningJob(
-                "drill" if v.drill else "verification",
-                v.pk,
-                v.backup_set.cluster.name,
-                f"{'drill' if v.drill else 'storage check'} {v.pk} of set {v.backup_set_id}",
-                v.status,
-                None,
-                v.progress_text,
-                v.started_at,
-            )
-        )
-    return jobs
+    for key, lookup, end in (("since", "at__gte", False), ("until", "at__lt", True)):
+        if filters[key]:
+            try:
+                moment = parse_moment(filters[key], end=end)
+            except MomentError as exc:
+                errors.append(str(exc))
+            else:
+                events = events.filter(**{lookup: moment})
+    return events.order_by("-id"), filters, errors

@@ -60,6 +60,8 @@ INSTALLED_APPS = [
     "console",
     "shards",
     "backups",
+    "notify",
+    "reports",
 ]
 
 MIDDLEWARE = [
@@ -88,6 +90,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "console.context_processors.navigation",
+                "backups.context_processors.restore_inbox",
             ],
         },
     }
@@ -145,7 +148,7 @@ EMAIL_BACKEND = env.str(
     "SHARDVAULT_EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend"
 )
 DEFAULT_FROM_EMAIL = env.str("SHARDVAULT_FROM_EMAIL", default="shardvault@localhost")
-# Who gets alert mail (console.alerts); empty means every admin and operator with an address.
+# Who gets alert mail (backups.services.alerts); empty: every admin and operator with an address.
 ALERT_EMAILS = env.list("SHARDVAULT_ALERT_EMAILS", default=[])
 
 # Restore approval rules (DESIGN.md, "Restores and approvals").

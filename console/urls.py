@@ -5,7 +5,7 @@ from django.urls import include, path
 from console import views
 
 urlpatterns = [
-    path("", views.dashboard, name="dashboard"),
+    path("", include("reports.urls")),
     path("login/", views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

@@ -1,9 +1,6 @@
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
-from django.shortcuts import render
-from django.views.decorators.http import require_GET
 
-from console.roles import role_required
 from console.services import login_failure_record, login_success_record, login_throttled
 
 
@@ -36,16 +33,3 @@ class LoginView(auth_views.LoginView):
         response = super().form_valid(form)
         login_success_record(user=form.get_user(), address=client_address(self.request))
         return response
-
-
-@require_GET
-@role_required()
-def dashboard(request):
-    """Each cluster's health at a glance; the running-jobs table refreshes by HTMX polling."""
-    from console.selectors import dashboard_clusters, flagged_sets, running_jobs
-
-    if request.htmx and request.GET.get("part") == "jobs":
-        # The 3-second poll: only the running-jobs table, not every cluster's health again.
-        return render(request, "console/dashboard.html#jobs", {"jobs": running_jobs()})
-    context = {"clusters": dashboard_clusters(), "flagged": flagged_sets(), "jobs": running_jobs()}
-    return render(request, "console/dashboard.html", context)

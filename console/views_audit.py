@@ -1,64 +1,21 @@
-"""Auditor pages: the audit log (filters, chain status, CSV export) and report downloads."""
+"""Auditor pages: the audit log (filters, chain status) and its CSV export."""
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 
 from django.core.paginator import Paginator
-from django.db.models import Q
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import StreamingHttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from console.audit import audit_chain_head, audit_verify_chain
+from console.audit import audit_verify_chain
 from console.models import AuditEvent
-from console.reports import (
-    CONTENT_TYPES,
-    FORMATS,
-    ReportError,
-    parse_moment,
-    report_filename,
-    report_pdf,
-    report_period,
-    report_stream,
-)
 from console.roles import ADMIN, AUDITOR, role_required
-from shards.models import Cluster
+from console.selectors import audit_events_filtered
 
 PAGE_SIZE = 50
-
-
-def audit_events_filtered(params) -> tuple:
-    """Events matching the page's filters (actor, action, object, from, to), newest first."""
-    events = AuditEvent.objects.all()
-    filters = {
-        k: (params.get(k) or "").strip() for k in ("actor", "action", "object", "since", "until")
-    }
-    errors = []
-    if filters["actor"]:
-        events = events.filter(actor_name__iexact=filters["actor"])
-    if filters["action"]:
-        events = events.filter(action__istartswith=filters["action"])
-    if filters["object"]:
-        obj = filters["object"]
-        if ":" in obj:
-            kind, _, ident = obj.partition(":")
-            events = events.filter(object_type__iexact=kind, object_id=ident)
-        else:
-            events = events.filter(
-                Q(object_type__iexact=obj) | Q(object_id=obj) | Q(object_repr__icontains=obj)
-            )
-    for key, lookup, end in (("since", "at__gte", False), ("until", "at__lt", True)):
-        if filters[key]:
-            try:
-                moment = parse_moment(filters[key], end=end)
-            except ReportError as exc:
-                errors.append(str(exc))
-            else:
-                events = events.filter(**{lookup: moment})
-    return events.order_by("-id"), filters, errors
 
 
 @require_GET
@@ -115,52 +72,4 @@ def audit_export(request):
 
     response = StreamingHttpResponse(rows(), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = 'attachment; filename="shardvault-audit-log.csv"'
-    return response
-
-
-@require_GET
-@role_required(AUDITOR, ADMIN)
-def reports(request):
-    """Choose cluster, period and format; with `download=1` the report itself."""
-    clusters = Cluster.objects.order_by("name")
-    form = {
-        "cluster": request.GET.get("cluster", ""),
-        "since": request.GET.get("since", ""),
-        "until": request.GET.get("until", ""),
-        "format": request.GET.get("format", "pdf"),
-    }
-    error = ""
-    if request.GET.get("download"):
-        if form["format"] not in FORMATS:
-            error = "Choose CSV, JSON or PDF."
-        else:
-            try:
-                period = report_period(
-                    cluster_name=form["cluster"], since=form["since"], until=form["until"]
-                )
-            except ReportError as exc:
-                error = str(exc)[:1].upper() + str(exc)[1:] + "."
-            else:
-                return _download(period, form["format"])
-    status = 400 if error else 200
-    return render(
-        request,
-        "console/reports.html",
-        {"clusters": clusters, "form": form, "error": error, "formats": FORMATS},
-        status=status,
-    )
-
-
-def _download(period, fmt: str):
-    filename = report_filename(period, fmt)
-    if fmt == "pdf":
-        content = report_pdf(period)
-        response = HttpResponse(content, content_type=CONTENT_TYPES["pdf"])
-        response["X-Report-SHA256"] = hashlib.sha256(content).hexdigest()
-    else:
-        response = StreamingHttpResponse(
-            report_stream(period, fmt), content_type=CONTENT_TYPES[fmt]
-        )
-    response["X-Audit-Head"] = audit_chain_head()
-    response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response

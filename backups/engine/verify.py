@@ -18,6 +18,7 @@ from typing import Any
 from backups.engine.binlog_apply import ApplyResult
 from backups.engine.codec import decode
 from backups.engine.errors import Cancelled, IntegrityError
+from backups.engine.load import create_database_objects, load_table
 from backups.engine.manifest import manifest_key, manifest_objects, manifest_read
 from backups.engine.mysql import Endpoint, connect, quote_ident
 from backups.engine.types import CancelFn, ProgressEvent, ProgressFn, TableLoadJob
@@ -218,8 +219,6 @@ def drill_run(
     (so the shard cannot be rolled forward), every table of the shard counts as not
     matching, with the reason.
     """
-    from backups.engine.load import create_database_objects, load_table
-
     outcome = DrillOutcome()
     shards = manifest_shards(doc)
     for shard in shards:

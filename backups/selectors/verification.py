@@ -8,7 +8,9 @@ from datetime import datetime, timedelta
 from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
-from backups.models import BackupSet, VerificationRun
+from backups.models import BackupPolicy, BackupSet, VerificationRun
+from backups.status import SetStatus, VerificationStatus
+from shards.models import Cluster
 
 # Q at or above this is "amber" rather than "red" (a readable colour at a glance).
 Q_AMBER_FLOOR = 0.99
@@ -64,11 +66,20 @@ def verification_active(*, backup_set: BackupSet) -> VerificationRun | None:
     return (
         VerificationRun.objects.filter(
             backup_set=backup_set,
-            status__in=[BackupSet.Status.PENDING, BackupSet.Status.RUNNING],
+            status__in=VerificationStatus.ACTIVE,
         )
         .order_by("-id")
         .first()
     )
+
+
+def cluster_rpo_target(cluster: Cluster) -> timedelta:
+    """The cluster's RPO target: its policy's, or the policy default when it has none."""
+    try:
+        minutes = cluster.policy.rpo_target_minutes
+    except Cluster.policy.RelatedObjectDoesNotExist:
+        minutes = BackupPolicy._meta.get_field("rpo_target_minutes").default
+    return timedelta(minutes=minutes)
 
 
 def set_quality(*, backup_set: BackupSet) -> SetQuality:
@@ -98,7 +109,7 @@ def set_quality(*, backup_set: BackupSet) -> SetQuality:
 
 def set_needs_drill(*, backup_set: BackupSet, has_passing_drill: bool) -> bool:
     """A succeeded set older than its cluster's retention window without a passing drill."""
-    if has_passing_drill or backup_set.status != BackupSet.Status.SUCCEEDED:
+    if has_passing_drill or backup_set.status != SetStatus.SUCCEEDED:
         return False
     policy = getattr(backup_set.cluster, "policy", None)
     retention_days = policy.retention_days if policy else 30
@@ -127,7 +138,7 @@ def sets_with_quality(queryset=None):
 
 def sets_flagged_unverified_drill(*, cluster=None):
     """Succeeded sets older than their retention window without a passing drill."""
-    qs = sets_with_quality(BackupSet.objects.filter(status=BackupSet.Status.SUCCEEDED))
+    qs = sets_with_quality(BackupSet.objects.filter(status=SetStatus.SUCCEEDED))
     if cluster is not None:
         qs = qs.filter(cluster=cluster)
     flagged = []
@@ -143,13 +154,11 @@ def sets_flagged_unverified_drill(*, cluster=None):
 def drills_due(*, now: datetime | None = None) -> list[BackupSet]:
     """Per cluster with `drill_every_days`, its newest succeeded set (full, or incremental with
     its chain) when no drill ran recently."""
-    from shards.models import Cluster
-
     now = now or timezone.now()
     due = []
     for cluster in Cluster.objects.filter(policy__drill_every_days__gt=0).select_related("policy"):
         newest = (
-            BackupSet.objects.filter(cluster=cluster, status=BackupSet.Status.SUCCEEDED)
+            BackupSet.objects.filter(cluster=cluster, status=SetStatus.SUCCEEDED)
             .order_by("-id")
             .first()
         )
@@ -157,7 +166,7 @@ def drills_due(*, now: datetime | None = None) -> list[BackupSet]:
             continue
         since = now - timedelta(days=cluster.policy.drill_every_days)
         recent = VerificationRun.objects.filter(
-            Q(finished_at__gte=since) | Q(status__in=["pending", "running"]),
+            Q(finished_at__gte=since) | Q(status__in=VerificationStatus.ACTIVE),
             backup_set__cluster=cluster,
             drill=True,
         ).exists()

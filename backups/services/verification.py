@@ -6,25 +6,32 @@ defer side effects (enqueueing, alerts) to `transaction.on_commit` (STYLE.md).
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from backups import queue
 from backups.engine import verify as engine
 from backups.engine.types import ProgressEvent
 from backups.models import BackupPolicy, BackupSet, VerificationRun
+from backups.selectors.verification import drills_due
+from backups.services.alerts import alert_quality_dropped
 from backups.services.errors import VerificationError
+from backups.services.pitr import chain_apply
+from backups.services.progress import JobTracker
 from backups.services.sets import set_data_key, set_prefix, set_storage
+from backups.status import SetStatus, VerificationStatus
 from console.audit import audit_record
 from console.keys import manifest_hmac_key
 from console.roles import ADMIN, OPERATOR, require_role
+from shards.models import Shard
+from shards.selectors import instance_endpoint
 
-QUEUE = "verify"
-ACTIVE = (BackupSet.Status.PENDING, BackupSet.Status.RUNNING)
+JOB = "backups.jobs.verification.verification_job"
 
 
 def verification_job_id(verification: VerificationRun) -> str:
@@ -48,14 +55,14 @@ def verification_start(
         require_role(user, OPERATOR, ADMIN, action="start a verification")
     with transaction.atomic():
         locked = BackupSet.objects.select_for_update().get(pk=backup_set.pk)
-        if locked.status != BackupSet.Status.SUCCEEDED:
+        if locked.status != SetStatus.SUCCEEDED:
             raise VerificationError(
                 f"set {locked.pk} is {locked.status}: only succeeded sets can be verified"
             )
         if drill and locked.kind == BackupSet.Kind.INCREMENTAL:
             _drill_chain(locked)  # refuses a broken chain now rather than in the worker
         if VerificationRun.objects.filter(
-            backup_set=locked, drill=drill, status__in=ACTIVE
+            backup_set=locked, drill=drill, status__in=VerificationStatus.ACTIVE
         ).exists():
             what = "drilled" if drill else "verified"
             raise VerificationError(f"set {locked.pk} is already being {what}")
@@ -73,28 +80,13 @@ def verification_start(
             details={"set": locked.pk, "drill": drill},
         )
         if enqueue:
-            transaction.on_commit(lambda: _enqueue(run.pk))
-            transaction.on_commit(_ensure_housekeeping)
+            job_id = run.job_id
+            transaction.on_commit(
+                lambda: queue.enqueue(JOB, run.pk, queue=queue.VERIFY, job_id=job_id)
+            )
+            # The hourly checks (missed storage checks, due drills, alerts); best effort.
+            transaction.on_commit(lambda: queue.periodic_ensure_scheduled(("checks",)))
     return run
-
-
-def _ensure_housekeeping() -> None:
-    from backups.jobs.verification import verification_housekeeping_schedule
-
-    try:
-        verification_housekeeping_schedule()
-    except Exception:  # scheduling is best effort; the verification itself is queued
-        pass
-
-
-def _enqueue(verification_id: int) -> None:
-    import django_rq
-
-    from backups.jobs.verification import verification_job
-
-    django_rq.get_queue(QUEUE).enqueue(
-        verification_job, verification_id, job_id=f"verify-{verification_id}"
-    )
 
 
 def verification_after_backup(backup_set: BackupSet) -> VerificationRun | None:
@@ -111,12 +103,10 @@ def verification_after_backup(backup_set: BackupSet) -> VerificationRun | None:
 def verification_backfill_automatic(*, window_hours: int = 48) -> list[VerificationRun]:
     """Queue the storage check of recent succeeded sets that were never verified, where the
     cluster's policy asks for it (a backstop for `verification_after_backup`)."""
-    from datetime import timedelta
-
     since = timezone.now() - timedelta(hours=window_hours)
     sets = (
         BackupSet.objects.filter(
-            status=BackupSet.Status.SUCCEEDED, created_at__gte=since, verifications__isnull=True
+            status=SetStatus.SUCCEEDED, created_at__gte=since, verifications__isnull=True
         )
         .exclude(cluster__policy__verify_automatically=False)
         .select_related("cluster")
@@ -132,8 +122,6 @@ def verification_backfill_automatic(*, window_hours: int = 48) -> list[Verificat
 
 def verification_drills_schedule() -> list[VerificationRun]:
     """Queue a drill of the newest set of every cluster whose drill is due (housekeeping)."""
-    from backups.selectors.verification import drills_due
-
     started = []
     for backup_set in drills_due():
         try:
@@ -151,7 +139,7 @@ def _drill_chain(backup_set: BackupSet) -> tuple[BackupSet, list[BackupSet]]:
     seen: set[int] = set()
     current = backup_set
     while current.kind == BackupSet.Kind.INCREMENTAL:
-        if current.status != BackupSet.Status.SUCCEEDED:
+        if current.status != SetStatus.SUCCEEDED:
             raise VerificationError(
                 f"set {backup_set.pk} cannot be drilled: set {current.pk} of its chain is "
                 f"{current.status}, so the chain is broken"
@@ -169,7 +157,7 @@ def _drill_chain(backup_set: BackupSet) -> tuple[BackupSet, list[BackupSet]]:
         seen.add(current.pk)
         chain.append(current)
         current = BackupSet.objects.select_related("cluster").get(pk=current.parent_id)
-    if current.status != BackupSet.Status.SUCCEEDED:
+    if current.status != SetStatus.SUCCEEDED:
         raise VerificationError(
             f"set {backup_set.pk} cannot be drilled: its full set {current.pk} is "
             f"{current.status}, so the chain is broken"
@@ -180,9 +168,6 @@ def _drill_chain(backup_set: BackupSet) -> tuple[BackupSet, list[BackupSet]]:
 
 def _drill_targets(backup_set: BackupSet, doc: dict) -> tuple[dict, str, str]:
     """Shard name -> endpoint; the drill instance's name; a warning when there is none."""
-    from shards.models import Shard
-    from shards.selectors import instance_endpoint
-
     cluster = backup_set.cluster
     names = [s.get("name", "") for s in engine.manifest_shards(doc)]
     if cluster.drill_instance_id:
@@ -206,24 +191,19 @@ def _drill_targets(backup_set: BackupSet, doc: dict) -> tuple[dict, str, str]:
     return targets, "", warning
 
 
-class _Progress:
-    """Write progress to the run at most once a second."""
+class _ObjectsChecked:
+    """The engine's progress events as the run's line ("verify: N objects checked"), which
+    the tracker writes (with the heartbeat) about once a second."""
 
-    def __init__(self, run_id: int):
-        self.run_id = run_id
-        self.last = 0.0
+    def __init__(self, tracker: JobTracker):
+        self.tracker = tracker
         self.objects = 0
 
     def __call__(self, event: ProgressEvent) -> None:
         if event.stage == "verify":
             self.objects += 1
-        now = time.monotonic()
-        if now - self.last < 1.0:
-            return
-        self.last = now
-        text = event.message or f"{event.stage}: {self.objects} objects checked"
-        VerificationRun.objects.filter(pk=self.run_id).update(
-            progress_text=text[:300], heartbeat_at=timezone.now()
+        self.tracker.say(
+            event.message or f"{event.stage}: {self.objects} objects checked", flush=False
         )
 
 
@@ -265,9 +245,9 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
             .select_related("backup_set__cluster")
             .get(pk=verification_id)
         )
-        if run.status != BackupSet.Status.PENDING:
+        if run.status != VerificationStatus.PENDING:
             return run
-        run.status = BackupSet.Status.RUNNING
+        run.status = VerificationStatus.RUNNING
         run.started_at = run.heartbeat_at = timezone.now()
         run.progress_text = (
             "drill: restoring into scratch databases" if run.drill else "checking storage"
@@ -278,50 +258,50 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
         )
 
     backup_set = run.backup_set
-    progress = _Progress(run.pk)
     warnings: list[str] = []
     drill_name = ""
     details: dict = {}
     try:
-        full_set, chain = backup_set, []
-        if run.drill and backup_set.kind == BackupSet.Kind.INCREMENTAL:
-            full_set, chain = _drill_chain(backup_set)
-            details["chain"] = [full_set.pk, *(s.pk for s in chain)]
-            VerificationRun.objects.filter(pk=run.pk).update(
-                progress_text=(
+        # The tracker stops (its last write done) before the finish or fail transition.
+        with JobTracker(VerificationRun, run.pk) as tracker:
+            progress = _ObjectsChecked(tracker)
+            full_set, chain = backup_set, []
+            if run.drill and backup_set.kind == BackupSet.Kind.INCREMENTAL:
+                full_set, chain = _drill_chain(backup_set)
+                details["chain"] = [full_set.pk, *(s.pk for s in chain)]
+                tracker.say(
                     f"drill: checking the chain of {len(chain) + 1} sets, then restoring full "
                     f"set {full_set.pk} and rolling forward to set {backup_set.pk}"
-                )[:300]
-            )
-        check = _chain_storage_check([full_set, *chain], progress=progress)
-        problems = list(check.problems)
-        a = check.a
-        rto = None
-        if run.drill and check.manifest is not None:
-            targets, drill_name, warning = _drill_targets(full_set, check.manifest)
-            roll_forward = None
-            if chain:
-                roll_forward = _roll_forward_through(chain, until=backup_set.consistent_at)
-            outcome = engine.drill_run(
-                check.manifest,
-                set_storage(full_set),
-                verification_id=run.pk,
-                targets=targets,
-                data_key=set_data_key(full_set),
-                progress=progress,
-                roll_forward=roll_forward,
-            )
-            problems.extend(outcome.problems)
-            t, d, rto = outcome.t, outcome.d, outcome.rto_seconds
-            if chain:
-                details["binlog"] = _binlog_details(outcome, backup_set)
-                warnings.append(_binlog_warning(outcome, backup_set))
-            if warning:
-                warnings.append(warning)
-        elif run.drill:
-            t, d = 0.0, 0.0
-        else:
-            t, d = _storage_factors(check)
+                )
+            check = _chain_storage_check([full_set, *chain], progress=progress)
+            problems = list(check.problems)
+            a = check.a
+            rto = None
+            if run.drill and check.manifest is not None:
+                targets, drill_name, warning = _drill_targets(full_set, check.manifest)
+                roll_forward = None
+                if chain:
+                    roll_forward = _roll_forward_through(chain, until=backup_set.consistent_at)
+                outcome = engine.drill_run(
+                    check.manifest,
+                    set_storage(full_set),
+                    verification_id=run.pk,
+                    targets=targets,
+                    data_key=set_data_key(full_set),
+                    progress=progress,
+                    roll_forward=roll_forward,
+                )
+                problems.extend(outcome.problems)
+                t, d, rto = outcome.t, outcome.d, outcome.rto_seconds
+                if chain:
+                    details["binlog"] = _binlog_details(outcome, backup_set)
+                    warnings.append(_binlog_warning(outcome, backup_set))
+                if warning:
+                    warnings.append(warning)
+            elif run.drill:
+                t, d = 0.0, 0.0
+            else:
+                t, d = _storage_factors(check)
     except Exception as exc:  # the run fails and says why; the set keeps its previous Q
         return _verification_fail(run, str(exc) or exc.__class__.__name__)
     return _verification_finish(
@@ -373,7 +353,6 @@ def _chain_storage_check(sets: list[BackupSet], *, progress) -> engine.StorageCh
 def _roll_forward_through(chain: list[BackupSet], *, until) -> engine.RollForwardFn:
     """The drill's roll-forward: one shard's scratch database through `chain`'s binlog
     segments up to `until` (the drilled set's consistent point), with the restore's code."""
-    from backups.services.pitr import chain_apply
 
     def roll_forward(shard: dict, target, database: str):
         return chain_apply(
@@ -426,7 +405,7 @@ def _verification_finish(
         run.rto_seconds = rto
         run.drill_instance_name = drill_name
         run.problems = problems
-        run.status = BackupSet.Status.SUCCEEDED
+        run.status = VerificationStatus.SUCCEEDED
         run.finished_at = run.heartbeat_at = now
         run.progress_text = (warning or f"Q = {q:.4f}")[:300]
         run.save()
@@ -460,7 +439,7 @@ def _verification_finish(
 def _verification_fail(run, error: str) -> VerificationRun:
     with transaction.atomic():
         run = VerificationRun.objects.select_for_update().get(pk=run.pk)
-        run.status = BackupSet.Status.FAILED
+        run.status = VerificationStatus.FAILED
         run.error = error[:2000]
         run.finished_at = timezone.now()
         run.progress_text = f"failed: {error}"[:300]
@@ -472,8 +451,6 @@ def _verification_fail(run, error: str) -> VerificationRun:
 
 
 def _alert_quality(run_id: int, previous_q: float | None) -> None:
-    from console.alerts import alert_quality_dropped
-
     alert_quality_dropped(
         VerificationRun.objects.select_related("backup_set__cluster").get(pk=run_id)
     )
@@ -491,7 +468,7 @@ def verification_run_now(
         require_role(user, OPERATOR, ADMIN, action="start a verification")
     queued = (
         VerificationRun.objects.filter(
-            backup_set=backup_set, drill=drill, status=BackupSet.Status.PENDING
+            backup_set=backup_set, drill=drill, status=VerificationStatus.PENDING
         )
         .order_by("id")
         .first()
@@ -533,23 +510,21 @@ def verifications_reap_stale(*, now=None) -> list[VerificationRun]:
     while between progress events. A drill's scratch databases are named
     `__svdrill_<id>_...`; the reason says so, for the operator to drop them.
     """
-    from datetime import timedelta
-
     now = now or timezone.now()
     limit = timedelta(seconds=10 * settings.JOB_HEARTBEAT_STALE_SECONDS)
     reaped = []
     candidates = VerificationRun.objects.filter(
-        status=BackupSet.Status.RUNNING, heartbeat_at__lt=now - limit
+        status=VerificationStatus.RUNNING, heartbeat_at__lt=now - limit
     ).values_list("pk", flat=True)
     for run_id in list(candidates):
         with transaction.atomic():
             run = VerificationRun.objects.select_for_update().get(pk=run_id)
-            if run.status != BackupSet.Status.RUNNING or run.heartbeat_at >= now - limit:
+            if run.status != VerificationStatus.RUNNING or run.heartbeat_at >= now - limit:
                 continue
             reason = f"the worker stopped reporting at {run.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"
             if run.drill:
                 reason += f"; scratch databases {engine.DRILL_PREFIX}{run.pk}_* may be left behind"
-            run.status = BackupSet.Status.FAILED
+            run.status = VerificationStatus.FAILED
             run.error = reason
             run.finished_at = now
             run.progress_text = f"failed: {reason}"[:300]

@@ -8,17 +8,35 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+from datetime import timedelta
 from io import StringIO
+from pathlib import Path
 
+import django_rq
 import pytest
 from django.core import mail
 from django.core.management import call_command
 from django.urls import reverse
+from django.utils import timezone
 
-from backups.models import BackupPolicy, BackupSet, VerificationRun
-from backups.services.backups import backup_execute, backup_start
-from backups.services.verification import verification_run_now, verification_start
+from backups import queue
+from backups.engine import verify as engine
+from backups.models import BackupPolicy, BackupSet, Chunk, VerificationRun
+from backups.selectors.verification import set_quality, sets_flagged_unverified_drill
+from backups.services.alerts import alert_backup_failed, alerts_check_rpo
+from backups.services.errors import VerificationError
+from backups.services.full_backups import backup_execute, backup_start
+from backups.services.housekeeping import housekeeping_checks, housekeeping_reap
+from backups.services.sets import set_data_key, set_prefix, set_storage
+from backups.services.verification import (
+    verification_drills_schedule,
+    verification_run_now,
+    verification_start,
+)
+from console.keys import manifest_hmac_key
 from console.models import AuditEvent
+from console.roles import RoleDenied
+from shards.models import Cluster, Instance
 from tests.factories import make_cluster, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -44,14 +62,10 @@ def backed_up(cluster, settings):
 
 
 def _storage_root(settings):
-    from pathlib import Path
-
     return Path(settings.STORAGE_URL.removeprefix("file://"))
 
 
 def _chunk_keys(backup_set):
-    from backups.models import Chunk
-
     return list(
         Chunk.objects.filter(table_backup__shard_backup__backup_set=backup_set)
         .order_by("table_backup__shard_backup__shard_name", "table_backup__name", "index")
@@ -137,8 +151,6 @@ def test_deleted_object_drops_a_and_names_it(backed_up, settings):
 def test_drill_on_a_good_set_restores_everything_records_rto_and_drops_scratch(
     backed_up, cluster, mariadb_servers
 ):
-    from shards.models import Instance
-
     drill_server = mariadb_servers[2]
     drill = Instance.objects.create(
         cluster=cluster, name="drill", host="127.0.0.1", port=drill_server.port, user="root"
@@ -179,10 +191,6 @@ def test_drill_with_a_damaged_chunk_fails_that_table_and_still_drops_scratch(
 
 def test_drill_stopped_in_the_middle_drops_every_scratch_database(backed_up, mariadb_servers):
     """Cancel after the first table loaded: the scratch databases existed, and are gone after."""
-    from backups.engine import verify as engine
-    from backups.services.sets import set_data_key, set_prefix, set_storage
-    from console.keys import manifest_hmac_key
-
     storage = set_storage(backed_up)
     doc = engine.storage_check(
         storage,
@@ -228,8 +236,6 @@ def test_verify_button_queues_on_verify_and_auditor_gets_403(backed_up, client, 
     assert response.status_code == 302
     run = VerificationRun.objects.get(backup_set=backed_up)
     assert run.status == "pending" and run.job_id == f"verify-{run.pk}"
-    import django_rq
-
     assert run.job_id in django_rq.get_queue("verify").job_ids
     run_jobs("verify")
     run.refresh_from_db()
@@ -263,9 +269,6 @@ def test_policy_verifies_new_sets_automatically_and_can_be_turned_off(cluster, r
 
 
 def test_only_succeeded_sets_and_operators(backed_up):
-    from backups.services.errors import VerificationError
-    from console.roles import RoleDenied
-
     with pytest.raises(RoleDenied):
         verification_start(backup_set=backed_up, user=make_user("auditor"))
     failed = BackupSet.objects.create(cluster=backed_up.cluster, status="failed", storage_url="x")
@@ -308,10 +311,6 @@ def test_quality_drop_sends_mail_and_webhook(backed_up, cluster, settings):
 
 
 def _set(cluster, *, days_ago=0, **fields):
-    from datetime import timedelta
-
-    from django.utils import timezone
-
     s = BackupSet.objects.create(cluster=cluster, storage_url="file:///x", **fields)
     at = timezone.now() - timedelta(days=days_ago)
     BackupSet.objects.filter(pk=s.pk).update(
@@ -322,13 +321,6 @@ def _set(cluster, *, days_ago=0, **fields):
 
 
 def test_drills_are_scheduled_every_n_days_for_the_newest_set():
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    from backups.services.verification import verification_drills_schedule
-    from shards.models import Cluster
-
     cluster = Cluster.objects.create(name="drilled")
     BackupPolicy.objects.create(cluster=cluster, drill_every_days=7)
     _set(cluster, days_ago=2, status="succeeded")
@@ -350,9 +342,6 @@ def test_drills_are_scheduled_every_n_days_for_the_newest_set():
 
 
 def test_sets_older_than_retention_without_passing_drill_are_flagged():
-    from backups.selectors.verification import set_quality, sets_flagged_unverified_drill
-    from shards.models import Cluster
-
     cluster = Cluster.objects.create(name="retained")
     BackupPolicy.objects.create(cluster=cluster, retention_days=7)
     old = _set(cluster, days_ago=10, status="succeeded", q=1.0)
@@ -366,9 +355,6 @@ def test_sets_older_than_retention_without_passing_drill_are_flagged():
 
 
 def test_rpo_breach_and_failed_backup_alert_once(settings):
-    from console.alerts import alert_backup_failed, alerts_check_rpo
-    from shards.models import Cluster
-
     settings.ALERT_EMAILS = ["oncall@example.test"]
     late = Cluster.objects.create(name="late")
     BackupPolicy.objects.create(cluster=late, rpo_target_minutes=60)
@@ -388,9 +374,6 @@ def test_rpo_breach_and_failed_backup_alert_once(settings):
 
 
 def test_drill_of_an_incremental_set_with_a_broken_chain_is_refused_in_one_sentence():
-    from backups.services.errors import VerificationError
-    from shards.models import Cluster
-
     cluster = Cluster.objects.create(name="incr")
     full = _set(cluster, status="expired")
     incremental = _set(cluster, status="succeeded", kind="incremental", parent=full)
@@ -399,23 +382,10 @@ def test_drill_of_an_incremental_set_with_a_broken_chain_is_refused_in_one_sente
     # Drills of incremental sets are tests/backups/test_verification_incremental.py's.
 
 
-def test_housekeeping_job_reaps_dead_runs_backfills_checks_and_schedules_itself(run_jobs, settings):
-    from datetime import timedelta
-
-    import django_rq
-    from django.utils import timezone
-
-    from backups.jobs.verification import (
-        GATE_KEY,
-        verification_housekeeping_job,
-        verification_housekeeping_schedule,
-    )
-    from shards.models import Cluster
-
+def test_housekeeping_reaps_dead_runs_backfills_checks_and_arms_the_checks_once(settings):
     settings.ALERT_EMAILS = ["oncall@example.test"]
-    queue = django_rq.get_queue("default")
-    queue.connection.delete(GATE_KEY)
-    scheduled_before = set(queue.scheduled_job_registry.get_job_ids())
+    queue.redis_connection().delete(queue.PERIODIC["checks"].gate_key)
+    scheduled_before = set(queue.scheduled_job_ids(queue.DEFAULT))
     cluster = Cluster.objects.create(name="reaped")
     s = _set(cluster, status="succeeded")
     dead = VerificationRun.objects.create(
@@ -428,8 +398,8 @@ def test_housekeeping_job_reaps_dead_runs_backfills_checks_and_schedules_itself(
     never_checked = _set(cluster, status="succeeded")
     failed = _set(cluster, status="failed", error="shard s01 unreachable")
 
-    queue.enqueue(verification_housekeeping_job, False)
-    run_jobs("default")
+    housekeeping_reap()
+    housekeeping_checks()
     dead.refresh_from_db()
     alive.refresh_from_db()
     assert dead.status == "failed" and "stopped reporting" in dead.error
@@ -441,9 +411,9 @@ def test_housekeeping_job_reaps_dead_runs_backfills_checks_and_schedules_itself(
     assert [m.subject for m in mail.outbox] == [
         f"[ShardVault] backup set {failed.pk} of reaped failed"
     ]
-    # Filing the backfilled check scheduled the next housekeeping run, exactly once.
-    assert len(set(queue.scheduled_job_registry.get_job_ids()) - scheduled_before) == 1
-    assert verification_housekeeping_schedule() is False
+    # Filing the backfilled check armed the next hourly checks, exactly once.
+    assert len(set(queue.scheduled_job_ids(queue.DEFAULT)) - scheduled_before) == 1
+    assert queue.periodic_ensure_scheduled(("checks",)) == []
     # The dead run's set can be verified again.
     assert verification_start(backup_set=s, user=None, drill=False).status == "pending"
 

@@ -10,16 +10,18 @@ import json
 from pathlib import Path
 
 import pytest
+from django.urls import reverse
 
 from backups.engine import verify as engine
 from backups.engine.checksum import table_checksum
 from backups.engine.mysql import connect
 from backups.models import BackupPolicy, BackupSet, BinlogSegment, VerificationRun
-from backups.services.backups import backup_execute, backup_start
+from backups.services.full_backups import backup_execute, backup_start
 from backups.services.incrementals import incremental_execute, incremental_start
 from console.models import AuditEvent
+from shards.models import Instance
 from tests.backups.test_verification import _scratch_databases, _verify_cli
-from tests.factories import make_cluster
+from tests.factories import make_cluster, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -239,10 +241,6 @@ def test_drill_with_a_corrupt_binlog_segment_names_it_fails_the_shard_and_drops_
 def test_drill_button_on_an_encrypted_incremental_runs_on_the_drill_instance(
     cluster, mariadb_servers, client, run_jobs, scratch_snapshots
 ):
-    from django.urls import reverse
-
-    from shards.models import Instance
-    from tests.factories import make_user
 
     BackupPolicy.objects.filter(cluster=cluster).update(encrypt=True)
     drill_server = mariadb_servers[2]

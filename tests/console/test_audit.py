@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
 from django.db import connection
-from django.urls import reverse
+from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
+from backups.models import VerificationRun
 from console.audit import audit_record
 from console.models import AuditEvent
 from tests.factories import make_user
@@ -130,8 +132,6 @@ def test_admin_sees_the_audit_log(events, client):
 
 
 def _all_routes():
-    from django.urls import URLPattern, URLResolver, get_resolver
-
     def walk(patterns, prefix=""):
         for p in patterns:
             if isinstance(p, URLResolver):
@@ -149,10 +149,6 @@ def test_auditor_gets_403_on_every_write_view(client, events):
 
     A 404 (the view looked the object up first) is accepted only because the audit log,
     which every state change writes to, stays untouched."""
-    import re
-
-    from backups.models import VerificationRun
-
     client.force_login(make_user("auditor"))
     allowed = {"login/", "logout/"}
     checked = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
@@ -111,9 +113,6 @@ def test_a_cluster_without_a_policy_is_held_to_the_default_one_day_rpo(client):
 
 def test_running_jobs_poll_does_not_recompute_cluster_health(client):
     """The 3-second poll renders the running-jobs table only; cluster health is not queried."""
-    from django.db import connection
-    from django.test.utils import CaptureQueriesContext
-
     _cluster("polled", newest_age=timedelta(minutes=5), drill_q=1.0, damaged=True)
     client.force_login(make_user("auditor"))
     with CaptureQueriesContext(connection) as poll:

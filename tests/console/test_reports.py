@@ -13,12 +13,13 @@ from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.urls import reverse
 from django.utils import timezone
 
 from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun, VerificationRun
 from console.audit import audit_chain_head, audit_record
-from console.reports import report_check
+from reports.reports import report_check
 from shards.models import Cluster
 from tests.factories import make_user
 
@@ -234,8 +235,6 @@ def test_report_period_excludes_older_sets(history, tmp_path):
 
 
 def test_report_command_refuses_unknown_cluster_in_one_line(history, tmp_path):
-    from django.core.management.base import CommandError
-
     with pytest.raises(CommandError, match="no cluster named 'nope'"):
         call_command("report", "nope", "--format", "csv", "-o", str(tmp_path / "x.csv"))
     with pytest.raises(CommandError, match="not a date"):

@@ -4,9 +4,10 @@ from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 
 from backups.models import BackupSet
-from backups.services.backups import backup_execute, backup_start
+from backups.services.full_backups import backup_execute, backup_start
 from backups.services.verification import verification_run_now
 from shards.models import Cluster, Finding
 
@@ -39,8 +40,6 @@ def test_demo_cluster_seeds_idempotently_and_backs_up_with_every_checksum(mariad
 def test_a_user_who_may_not_create_the_demo_databases_gets_one_sentence(
     mariadb_servers, unique_name
 ):
-    from django.core.management.base import CommandError
-
     server = mariadb_servers[2]
     user = f"np{unique_name}"[:32]
     server.execute(f"CREATE USER '{user}'@'%'")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import pytest
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Group, User
 from django.core.management import CommandError, call_command
+from django.db import connection
 
 from console.models import AuditEvent
-from console.roles import user_roles
+from console.roles import ROLES, user_roles
 
 pytestmark = pytest.mark.django_db
 
@@ -63,15 +67,6 @@ def test_taken_username_and_weak_password_are_refused(monkeypatch):
 
 @pytest.mark.django_db(transaction=True)
 def test_unknown_role_is_one_line_on_stderr(tmp_path, settings, redis_url):
-    import os
-    import subprocess
-    import sys
-
-    from django.contrib.auth.models import Group
-    from django.db import connection
-
-    from console.roles import ROLES
-
     # Transactional tests flush the groups the data migration made; put them back.
     for role in ROLES:
         Group.objects.get_or_create(name=role)

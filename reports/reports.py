@@ -26,16 +26,19 @@ import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db.models import Prefetch
 from django.utils import timezone
 
 from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun, VerificationRun
-from backups.selectors.verification import quality_level, sets_with_quality
+from backups.selectors.verification import cluster_rpo_target, quality_level, sets_with_quality
+from backups.status import SetStatus
 from console.audit import audit_chain_head
-from console.selectors import cluster_rpo_target
+from console.selectors import MomentError
+from console.selectors import parse_moment as _parse_moment
+from reports.pdf import render_pdf
 from shards.models import Cluster
 
 FORMATS = ("csv", "json", "pdf")
@@ -65,18 +68,10 @@ class ReportPeriod:
 def parse_moment(value: str, *, end: bool) -> datetime:
     """A date (YYYY-MM-DD: its start, or with `end` the start of the next day) or an ISO 8601
     moment; naive values are UTC. Raises ReportError with one sentence."""
-    value = value.strip()
     try:
-        if len(value) == 10:
-            day = date.fromisoformat(value)
-            moment = datetime.combine(day, time.min, tzinfo=UTC)
-            return moment + timedelta(days=1) if end else moment
-        moment = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise ReportError(f"'{value}' is not a date (use YYYY-MM-DD or ISO 8601)") from exc
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment
+        return _parse_moment(value, end=end)
+    except MomentError as exc:
+        raise ReportError(str(exc)) from exc
 
 
 def report_period(*, cluster_name: str, since: str = "", until: str = "") -> ReportPeriod:
@@ -130,7 +125,7 @@ def report_sets(period: ReportPeriod) -> Iterator[dict[str, Any]]:
             "t": s.v_t,
             "d": s.v_d,
             "a": s.v_a,
-            "quality": quality_level(s.q) if s.status == BackupSet.Status.SUCCEEDED else "",
+            "quality": quality_level(s.q) if s.status == SetStatus.SUCCEEDED else "",
             "verified_at": _iso(s.verified_at),
             "last_drill_at": _iso(s.drill_at),
             "drill_q": s.drill_q,
@@ -254,7 +249,7 @@ def report_summary(period: ReportPeriod, *, gaps: list[dict] | None = None) -> d
     sets = BackupSet.objects.filter(
         cluster=period.cluster, created_at__gte=period.since, created_at__lt=period.until
     )
-    counts = {status: 0 for status in BackupSet.Status.values}
+    counts = {status: 0 for status in SetStatus.values}
     for status in sets.values_list("status", flat=True).iterator():
         counts[status] += 1
     finished = counts["succeeded"] + counts["failed"]
@@ -295,7 +290,7 @@ def recovery_gaps(period: ReportPeriod) -> Iterator[dict[str, Any]]:
     """Gaps between consecutive recovery points, from the last point before the period to
     the end of the period (or now). Each row: the point, and the gap that ended there."""
     points = BackupSet.objects.filter(
-        cluster=period.cluster, status=BackupSet.Status.SUCCEEDED, consistent_at__isnull=False
+        cluster=period.cluster, status=SetStatus.SUCCEEDED, consistent_at__isnull=False
     )
     before = (
         points.filter(consistent_at__lt=period.since)
@@ -473,8 +468,6 @@ def report_data(period: ReportPeriod) -> dict[str, Any]:
 
 
 def report_pdf(period: ReportPeriod) -> bytes:
-    from console.report_pdf import render_pdf
-
     data = report_data(period)
     canonical = {k: v for k, v in data.items() if k not in ("generated_at", "format")}
     data["content_sha256"] = hashlib.sha256(

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from console.reports import FORMATS, ReportError, report_period, report_write
+from console.audit import audit_chain_head
+from reports.reports import FORMATS, ReportError, report_period, report_write
 
 
 class Command(BaseCommand):
@@ -37,8 +38,6 @@ class Command(BaseCommand):
         path = Path(output)
         if not path.parent.exists():
             raise CommandError(f"directory {path.parent} does not exist")
-        from console.audit import audit_chain_head
-
         head = audit_chain_head()
         tmp = path.with_name(path.name + ".partial")
         with open(tmp, "wb") as handle:

@@ -7,7 +7,7 @@ import os
 from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand
 
-from console.management.commands.seed_demo import DEMO_USERS
+from shards.management.commands.seed_demo import DEMO_USERS
 
 
 class Command(BaseCommand):
