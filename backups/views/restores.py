@@ -124,6 +124,7 @@ def _detail_context(request, restore: RestoreRequest, error: str = "") -> dict:
     run = restore_request_latest_run(request=restore)
     user = request.user
     can_decide, _why_not = restore_request_decision_allowed(request=restore, user=user)
+    run_active = run is not None and RunStatus.is_active(run.status)
     return {
         "restore": restore,
         "plan": restore.plan,
@@ -131,12 +132,11 @@ def _detail_context(request, restore: RestoreRequest, error: str = "") -> dict:
         "timeline": restore_request_timeline(request=restore),
         "run": run,
         "results": run.results.all() if run else [],
+        "run_active": run_active,
         "can_decide": can_decide,
         "is_requester": restore.requested_by_id == user.pk,
         "can_run": restore.state == RequestState.APPROVED and has_role(user, OPERATOR),
-        "can_cancel": run is not None
-        and RunStatus.is_active(run.status)
-        and has_role(user, OPERATOR),
+        "can_cancel": run_active and has_role(user, OPERATOR),
         "error": error,
     }
 
