@@ -20,7 +20,7 @@ import pymysql
 from backups.engine import checksum, codec, schema
 from backups.engine.chunking import ChunkRange, TablePlan
 from backups.engine.errors import Cancelled, ConnectError, EngineError
-from backups.engine.manifest import manifest_write
+from backups.engine.manifest import manifest_document, manifest_encryption, manifest_write
 from backups.engine.mysql import connect, describe_error, quote_qualified
 from backups.engine.snapshot import (
     Coordinates,
@@ -715,37 +715,33 @@ class _DumpRun:
                     "tables": tables_doc,
                 }
             )
-        encryption = None
-        if spec.data_key:
-            encryption = {
-                "algorithm": "aes-256-gcm",
-                "key_id": spec.key_id,
-                "wrapped_key": spec.wrapped_key,
-            }
-        return {
-            "format": 1,
-            "cluster": spec.cluster,
-            "set_id": spec.set_id,
-            "kind": "full",
-            "parent": None,
-            "consistency": spec.consistency,
-            "created_at": _iso(self.created_at),
-            "consistent_at": _iso(self.consistent_at),
-            "lock_window_ms": self.lock_window_ms,
-            "started_by": spec.started_by,
-            "topology": spec.topology,
-            "compression": {"algorithm": "zstd", "level": spec.compression_level},
-            "encryption": encryption,
-            "checksum_algorithm": checksum.ALGORITHM,
-            "shards": shards_doc,
-            "binlog": [],
-            "totals": {
+        return manifest_document(
+            cluster=spec.cluster,
+            set_id=spec.set_id,
+            kind="full",
+            parent=None,
+            consistency=spec.consistency,
+            created_at=_iso(self.created_at),
+            consistent_at=_iso(self.consistent_at),
+            lock_window_ms=self.lock_window_ms,
+            started_by=spec.started_by,
+            topology=spec.topology,
+            compression_level=spec.compression_level,
+            encryption=(
+                manifest_encryption(key_id=spec.key_id, wrapped_key=spec.wrapped_key)
+                if spec.data_key
+                else None
+            ),
+            checksum_algorithm=checksum.ALGORITHM,
+            shards=shards_doc,
+            binlog=[],
+            totals={
                 "rows": result.rows,
                 "raw_bytes": result.raw_bytes,
                 "stored_bytes": result.stored_bytes,
                 "objects": objects,
             },
-        }
+        )
 
 
 def _chunk_entry(chunk: ChunkResult) -> dict:

@@ -5,7 +5,8 @@ size and sha256, and is signed with HMAC-SHA256 under a key derived from the mas
 The signature covers the canonical JSON of the document without its "signature" member:
 `json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)` in UTF-8.
 
-Format 1 (written by the dump engine):
+Format 1 (built by `manifest_document`, for full sets by the dump engine and for incremental
+sets by the incremental service):
 
     {"format": 1, "cluster", "set_id", "kind", "parent", "consistency", "created_at",
      "consistent_at", "lock_window_ms", "topology", "compression": {"algorithm", "level"},
@@ -20,6 +21,10 @@ Format 1 (written by the dump engine):
                                          "stored_bytes", "sha256"}]}]}],
      "binlog": [{"key", "sha256", "stored_bytes", "instance", ...}],
      "totals": {...}, "signature": {"algorithm": "hmac-sha256", "value": hex}}
+
+Full sets also carry "lock_window_ms", "started_by", "topology" and "checksum_algorithm";
+incremental sets carry "instances" (each instance's captured binlog range) and their shards
+"end_binlog_file", "end_binlog_pos" and "end_gtid".
 """
 
 from __future__ import annotations
@@ -39,6 +44,50 @@ from backups.storage.base import Storage, StoredObject
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_ALGORITHM = "hmac-sha256"
+
+
+def manifest_encryption(*, key_id: str, wrapped_key: str) -> dict:
+    """The manifest's "encryption" member of an encrypted set (None stands for unencrypted)."""
+    return {"algorithm": "aes-256-gcm", "key_id": key_id, "wrapped_key": wrapped_key}
+
+
+def manifest_document(
+    *,
+    cluster: str,
+    set_id: int,
+    kind: str,
+    parent: int | None,
+    consistency: str,
+    created_at: str | None,
+    consistent_at: str | None,
+    compression_level: int,
+    encryption: dict | None,
+    shards: list[dict],
+    binlog: list[dict],
+    totals: dict,
+    **kind_fields: Any,
+) -> dict:
+    """The (unsigned) manifest document of a full or incremental set, format 1.
+
+    The members every set has are arguments; `kind_fields` are the members of one kind
+    (see the module docstring). Instants are given as the text to store.
+    """
+    return {
+        "format": FORMAT,
+        "cluster": cluster,
+        "set_id": set_id,
+        "kind": kind,
+        "parent": parent,
+        "consistency": consistency,
+        "created_at": created_at,
+        "consistent_at": consistent_at,
+        **kind_fields,
+        "compression": {"algorithm": "zstd", "level": compression_level},
+        "encryption": encryption,
+        "shards": shards,
+        "binlog": binlog,
+        "totals": totals,
+    }
 
 
 def _json_default(value: Any) -> Any:

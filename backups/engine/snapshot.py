@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 import pymysql
 
-from backups.engine.errors import EngineError
+from backups.engine.errors import Cancelled, EngineError
 from backups.engine.mysql import Endpoint, connect, describe_error
 
 ER_LOCK_WAIT_TIMEOUT = 1205
@@ -165,8 +165,6 @@ class GlobalLock:
                     f" after {attempt} attempts{detail}"
                 )
             if self.should_cancel():
-                from backups.engine.errors import Cancelled
-
                 raise Cancelled("backup cancelled while waiting for the global read lock")
             time.sleep(self.retry_sleep)
 

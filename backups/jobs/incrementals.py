@@ -1,4 +1,5 @@
-"""RQ jobs for incremental sets and continuous capture: load ids, call one service."""
+"""RQ jobs for incremental sets (queue `backups`) and continuous capture (queue `default`):
+load ids, call one service."""
 
 from __future__ import annotations
 

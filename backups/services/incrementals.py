@@ -13,33 +13,39 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 
 from django.db import transaction
 from django.utils import timezone
 
+from backups import queue
+from backups.engine import codec
+from backups.engine.binlog import StoredObject, capture_instance, coordinate_key, master_status_at
+from backups.engine.errors import Cancelled, EngineError
+from backups.engine.manifest import manifest_document, manifest_encryption, manifest_write
 from backups.models import BackupPolicy, BackupSet, BinlogSegment, ShardBackup
-from backups.services.backups import (
+from backups.services.errors import BackupError, BackupRefused, ChainError, ChainRefused
+from backups.services.progress import JobTracker
+from backups.services.sets import (
     WORKER_ACTOR,
-    _authorise,
-    _finish_cancelled,
-    _finish_failed,
-    _storage_for,
-    _unwrap_data_key,
+    backup_authorise,
+    backup_set_finish_cancelled,
+    backup_set_finish_failed,
     backup_set_record,
     busy_reason,
+    lock_set,
+    set_data_key,
+    set_storage,
 )
-from backups.services.errors import BackupError, BackupRefused, ChainError, ChainRefused
+from backups.status import PartStatus, SetStatus
 from console.audit import audit_record
+from console.keys import manifest_hmac_key
 from shards.models import Cluster, Instance
 from shards.selectors import instance_endpoint
 
 log = logging.getLogger(__name__)
 
-QUEUE = "backups"
-SCHEDULE_QUEUE = "default"
 # Replica server ids used for capture: far from any real server's id.
 CAPTURE_SERVER_ID_BASE = 3_900_000_000
 
@@ -73,12 +79,12 @@ def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> Backu
     it records a `failed` set saying why and raises BackupRefused (ChainRefused, also a
     ChainError, for chain problems) carrying it.
     """
-    _authorise(actor)
+    backup_authorise(actor)
     with transaction.atomic():
         cluster = Cluster.objects.select_for_update().get(pk=cluster.pk)
         shards = list(cluster.shards.select_related("instance").order_by("name"))
         parent = (
-            BackupSet.objects.filter(cluster=cluster, status=BackupSet.Status.SUCCEEDED)
+            BackupSet.objects.filter(cluster=cluster, status=SetStatus.SUCCEEDED)
             .order_by("-id")
             .first()
         )
@@ -88,7 +94,7 @@ def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> Backu
         if (
             parent is None
             or not BackupSet.objects.filter(
-                cluster=cluster, kind=BackupSet.Kind.FULL, status=BackupSet.Status.SUCCEEDED
+                cluster=cluster, kind=BackupSet.Kind.FULL, status=SetStatus.SUCCEEDED
             ).exists()
         ):
             chain_problem = (
@@ -147,9 +153,6 @@ def _counting(chunks: Iterable[bytes], counter: list[int]) -> Iterator[bytes]:
 
 
 def _segment_store(storage, *, level: int, data_key: bytes | None):
-    from backups.engine import codec
-    from backups.engine.binlog import StoredObject
-
     def store(key: str, chunks: Iterable[bytes]) -> StoredObject:
         raw = [0]
         encoded = codec.encode(
@@ -165,15 +168,15 @@ def _segment_store(storage, *, level: int, data_key: bytes | None):
 
 def _begin(backup_set: BackupSet) -> bool:
     with transaction.atomic():
-        locked = BackupSet.objects.select_for_update().get(pk=backup_set.pk)
-        if locked.status != BackupSet.Status.PENDING:
+        locked = lock_set(backup_set.pk)
+        if locked.status != SetStatus.PENDING:
             return False
         now = timezone.now()
-        locked.status = BackupSet.Status.RUNNING
+        locked.status = SetStatus.RUNNING
         locked.started_at = now
         locked.heartbeat_at = now
         locked.save(update_fields=["status", "started_at", "heartbeat_at"])
-        locked.shard_backups.update(status=BackupSet.Status.RUNNING, started_at=now)
+        locked.shard_backups.update(status=PartStatus.RUNNING, started_at=now)
         audit_record(
             actor=WORKER_ACTOR, action="backup.run", obj=locked, details={"kind": "incremental"}
         )
@@ -187,22 +190,20 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
     is no longer succeeded, or start coordinates purged from a server, fail the set with
     a message saying a new full backup is needed; no event is ever skipped.
     """
-    from backups.engine.binlog import capture_instance, coordinate_key, master_status_at
-    from backups.engine.errors import Cancelled, EngineError
-
     if not _begin(backup_set):
         return BackupSet.objects.get(pk=backup_set.pk)
     backup_set = BackupSet.objects.select_related("cluster", "parent").get(pk=backup_set.pk)
     shard_backups = list(backup_set.shard_backups.select_related("shard__instance"))
+    tracker = JobTracker(BackupSet, backup_set.pk).start()
     try:
         parent = backup_set.parent
-        if parent is None or parent.status != BackupSet.Status.SUCCEEDED:
+        if parent is None or parent.status != SetStatus.SUCCEEDED:
             raise ChainError(
                 f"the parent set {backup_set.parent_id} is no longer usable; "
                 "the chain is broken, so a new full backup is needed"
             )
-        storage = _storage_for(backup_set)
-        data_key = _unwrap_data_key(backup_set)
+        storage = set_storage(backup_set)
+        data_key = set_data_key(backup_set)
         store = _segment_store(storage, level=backup_set.compression_level, data_key=data_key)
         by_instance: dict[int, list[ShardBackup]] = {}
         for sb in shard_backups:
@@ -213,7 +214,6 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
         ends = {pk: master_status_at(endpoints[pk]) for pk in by_instance}
         covered = min(end[3] for end in ends.values()).replace(microsecond=0) - timedelta(seconds=1)
         captures = []
-        watch = _Watch(backup_set.pk)
         for index, (pk, sbs) in enumerate(sorted(by_instance.items())):
             start = min(
                 ((sb.binlog_file, sb.binlog_pos) for sb in sbs), key=lambda c: coordinate_key(*c)
@@ -231,56 +231,25 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
                 store=store,
                 server_id=CAPTURE_SERVER_ID_BASE + (backup_set.pk % 10_000_000) * 10 + index % 10,
                 encrypted=data_key is not None,
-                progress=watch.progress,
-                should_cancel=watch.should_cancel,
+                progress=tracker.progress,
+                should_cancel=tracker.should_cancel,
             )
             captures.append((instances[pk], sbs, capture))
         doc = _manifest(backup_set, captures, covered)
         manifest_sha = _write_manifest(storage, backup_set, doc)
     except Cancelled:
-        return _finish_cancelled(backup_set)
+        tracker.stop()
+        return backup_set_finish_cancelled(backup_set)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the set
+        tracker.stop()
         if not isinstance(exc, (EngineError, BackupError)):
             log.exception("incremental set %s failed", backup_set.pk)
-        return _finish_failed(backup_set, str(exc) or exc.__class__.__name__)
+        return backup_set_finish_failed(backup_set, str(exc) or exc.__class__.__name__)
+    # The tracker's last write comes before the finish transition's progress line.
+    tracker.stop()
     return _finish(
         backup_set, captures=captures, manifest_sha256=manifest_sha, covered=doc_covered(doc)
     )
-
-
-class _Watch:
-    """Heartbeat, progress text and cancellation for a running capture, at most once a second."""
-
-    def __init__(self, set_id: int):
-        self.set_id = set_id
-        self.last = 0.0
-        self.cancelled = False
-        self.bytes_done = 0
-
-    def _due(self) -> bool:
-        now = time.monotonic()
-        if now - self.last < 1.0:
-            return False
-        self.last = now
-        return True
-
-    def progress(self, event) -> None:
-        self.bytes_done += event.bytes_done
-        if self._due():
-            BackupSet.objects.filter(pk=self.set_id).update(
-                heartbeat_at=timezone.now(),
-                bytes_done=self.bytes_done,
-                progress_text=(event.message or "")[:300],
-            )
-
-    def should_cancel(self) -> bool:
-        if not self.cancelled and self._due():
-            row = BackupSet.objects.filter(pk=self.set_id).values_list(
-                "cancel_requested", flat=True
-            )
-            self.cancelled = bool(row and row[0])
-            BackupSet.objects.filter(pk=self.set_id).update(heartbeat_at=timezone.now())
-        return self.cancelled
 
 
 def doc_covered(doc: dict) -> datetime:
@@ -295,25 +264,21 @@ def _manifest(backup_set: BackupSet, captures, covered: datetime) -> dict:
     newest = max((cap.last_event_at for _i, _s, cap in captures if cap.last_event_at), default=None)
     candidates = [t for t in (newest, covered, backup_set.parent.consistent_at) if t]
     consistent_at = max(candidates)
-    encryption = None
-    if backup_set.encrypted:
-        encryption = {
-            "algorithm": "aes-256-gcm",
-            "key_id": backup_set.key_id,
-            "wrapped_key": backup_set.wrapped_key,
-        }
-    return {
-        "format": 1,
-        "cluster": backup_set.cluster.name,
-        "set_id": backup_set.pk,
-        "kind": "incremental",
-        "parent": backup_set.parent_id,
-        "consistency": backup_set.consistency,
-        "created_at": backup_set.created_at.isoformat(),
-        "consistent_at": consistent_at.isoformat() if consistent_at else None,
-        "compression": {"algorithm": "zstd", "level": backup_set.compression_level},
-        "encryption": encryption,
-        "shards": [
+    return manifest_document(
+        cluster=backup_set.cluster.name,
+        set_id=backup_set.pk,
+        kind="incremental",
+        parent=backup_set.parent_id,
+        consistency=backup_set.consistency,
+        created_at=backup_set.created_at.isoformat(),
+        consistent_at=consistent_at.isoformat() if consistent_at else None,
+        compression_level=backup_set.compression_level,
+        encryption=(
+            manifest_encryption(key_id=backup_set.key_id, wrapped_key=backup_set.wrapped_key)
+            if backup_set.encrypted
+            else None
+        ),
+        shards=[
             {
                 "name": sb.shard_name,
                 "instance": instance.name,
@@ -328,7 +293,7 @@ def _manifest(backup_set: BackupSet, captures, covered: datetime) -> dict:
             for instance, sbs, cap in captures
             for sb in sbs
         ],
-        "instances": [
+        instances=[
             {
                 "name": instance.name,
                 "start_file": cap.start_file,
@@ -339,20 +304,17 @@ def _manifest(backup_set: BackupSet, captures, covered: datetime) -> dict:
             }
             for instance, _sbs, cap in captures
         ],
-        "binlog": segments,
-        "totals": {
+        binlog=segments,
+        totals={
             "events": sum(cap.events for _i, _s, cap in captures),
             "raw_bytes": sum(cap.raw_bytes for _i, _s, cap in captures),
             "stored_bytes": sum(cap.stored_bytes for _i, _s, cap in captures),
             "objects": len(segments),
         },
-    }
+    )
 
 
 def _write_manifest(storage, backup_set: BackupSet, doc: dict) -> str:
-    from backups.engine.manifest import manifest_write
-    from console.keys import manifest_hmac_key
-
     return manifest_write(storage, backup_set.object_prefix, doc, manifest_hmac_key()).sha256
 
 
@@ -365,8 +327,8 @@ def _finish(
 ) -> BackupSet:
     now = timezone.now()
     with transaction.atomic():
-        locked = BackupSet.objects.select_for_update().get(pk=backup_set.pk)
-        if locked.status != BackupSet.Status.RUNNING:
+        locked = lock_set(backup_set.pk)
+        if locked.status != SetStatus.RUNNING:
             # The reaper or a cancel got there first: never turn that into a success.
             return locked
         locked.finished_at = now
@@ -402,7 +364,7 @@ def _finish(
                 sb.end_binlog_file = cap.end_file
                 sb.end_binlog_pos = cap.end_pos
                 sb.end_gtid = cap.end_gtid
-                sb.status = BackupSet.Status.SUCCEEDED
+                sb.status = PartStatus.SUCCEEDED
                 sb.finished_at = now
                 sb.raw_bytes = sum(s.raw_bytes for s in cap.segments)
                 sb.stored_bytes = sum(s.stored_bytes for s in cap.segments)
@@ -417,7 +379,7 @@ def _finish(
                         "stored_bytes",
                     ]
                 )
-        locked.status = BackupSet.Status.SUCCEEDED
+        locked.status = SetStatus.SUCCEEDED
         locked.consistent_at = covered or newest
         locked.raw_bytes = raw
         locked.stored_bytes = stored
@@ -457,27 +419,25 @@ def schedule_job_id(cluster_id: int) -> str:
 def continuous_capture_schedule(*, cluster: Cluster) -> bool:
     """Queue the next incremental of `cluster` in N minutes (BackupPolicy), unless one is queued.
 
-    Returns whether a capture is scheduled. Uses RQ's scheduler (`enqueue_in`; workers run
-    with --with-scheduler); at most one scheduled capture per cluster exists at a time.
+    Returns whether a capture is scheduled. Uses RQ's scheduler (`enqueue(at=...)`; workers
+    run with --with-scheduler); at most one scheduled capture per cluster exists at a time.
     """
-    import django_rq
-
     policy = BackupPolicy.objects.filter(cluster=cluster).first()
     minutes = policy.incremental_every_minutes if policy else 0
     if minutes <= 0:
         return False
-    queue = django_rq.get_queue(SCHEDULE_QUEUE)
     prefix = schedule_job_id(cluster.pk) + "-"
-    if any(job_id.startswith(prefix) for job_id in queue.scheduled_job_registry.get_job_ids()):
+    if any(job_id.startswith(prefix) for job_id in queue.scheduled_job_ids(queue.DEFAULT)):
         return True
-    from backups.jobs.incrementals import continuous_capture_job
-
     due = timezone.now() + timedelta(minutes=minutes)
-    queue.enqueue_at(
-        due,
-        continuous_capture_job,
+    queue.enqueue(
+        "backups.jobs.incrementals.continuous_capture_job",
         cluster.pk,
-        job_id=f"{prefix}{int(due.timestamp())}",
+        queue=queue.DEFAULT,
+        at=due,
+        # Milliseconds: queue.enqueue refuses an id still live, and a capture that fires
+        # within a second of the previous schedule must still queue its successor.
+        job_id=f"{prefix}{int(due.timestamp() * 1000)}",
         description=f"continuous capture of {cluster.name} every {minutes} min",
         result_ttl=3600,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from django.contrib import messages
-from django.core.cache import cache
 from django.http import Http404
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -19,23 +18,14 @@ from backups.selectors.backups import (
     progress_of,
 )
 from backups.selectors.incrementals import RecoveryPoint, cluster_chains, recoverable_window
-from backups.services.backups import backup_cancel, backup_start, backups_reap_stale
 from backups.services.errors import BackupError, BackupRefused
+from backups.services.full_backups import backup_cancel, backup_start
 from console.roles import ADMIN, OPERATOR, has_role, role_required
-
-REAP_EVERY_SECONDS = 10
-
-
-def _reap_lightly() -> None:
-    """Fail sets whose worker died, at most every few seconds across all page views."""
-    if cache.add("backups:reaped-recently", 1, timeout=REAP_EVERY_SECONDS):
-        backups_reap_stale()
 
 
 @require_GET
 @role_required()
 def set_list(request):
-    _reap_lightly()
     filters = BackupFilterForm(request.GET or None)
     criteria = filters.cleaned_data if filters.is_valid() else {}
     sets = list(
@@ -102,7 +92,6 @@ def _get_set(pk: int) -> BackupSet:
 @require_GET
 @role_required()
 def set_detail(request, pk: int):
-    _reap_lightly()
     backup_set = _get_set(pk)
     shard_backups = list(backup_set.shard_backups.all())
     for sb in shard_backups:
@@ -126,7 +115,6 @@ def set_progress(request, pk: int):
     """
     if not request.htmx:
         return redirect("backups:set_detail", pk=pk)
-    _reap_lightly()
     backup_set = BackupSet.objects.select_related("cluster").filter(pk=pk).first()
     if backup_set is None:
         raise Http404("no such backup set")

@@ -8,8 +8,8 @@ import psutil
 import pytest
 
 from backups.models import BackupSet
-from backups.services.backups import backup_cancel, backup_start, backups_reap_stale
 from backups.services.errors import BackupRefused
+from backups.services.full_backups import backup_cancel, backup_start, backups_reap_stale
 from backups.storage import storage_from_url
 from shards.models import Instance, Shard
 from tests.factories import make_cluster, make_user
@@ -193,7 +193,8 @@ def test_housekeeping_job_reaps_dead_sets_and_stays_scheduled_while_sets_are_act
     import django_rq
     from django.utils import timezone
 
-    from backups.jobs.backups import housekeeping_job
+    from backups import queue as job_queue
+    from backups.jobs.housekeeping import periodic_job
 
     settings.JOB_HEARTBEAT_STALE_SECONDS = 15
     cluster = make_cluster(mariadb_servers[:1], name=f"hk{unique_name}", tables={})
@@ -203,11 +204,11 @@ def test_housekeeping_job_reaps_dead_sets_and_stays_scheduled_while_sets_are_act
     BackupSet.objects.filter(pk=dead.pk).update(
         status="running", heartbeat_at=timezone.now() - timezone.timedelta(minutes=5)
     )
-    queue = django_rq.get_queue("default")
-    queue.connection.delete("shardvault:backups-housekeeping-scheduled")
+    queue = django_rq.get_queue(job_queue.DEFAULT)
+    queue.connection.delete(job_queue.PERIODIC["reap"].gate_key)
     for job_id in queue.scheduled_job_registry.get_job_ids():
         queue.scheduled_job_registry.remove(job_id)
-    assert housekeeping_job() == 1
+    assert periodic_job("reap")["backups_failed"] == [dead.pk]
     dead.refresh_from_db()
     live.refresh_from_db()
     assert dead.status == "failed" and "stopped (killed or crashed)" in dead.error

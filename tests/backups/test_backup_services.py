@@ -7,7 +7,6 @@ from django.utils import timezone
 from rq.job import Job
 
 from backups.models import BackupSet
-from backups.services.backups import backup_cancel, backup_start, backups_reap_stale
 from backups.services.connection_slots import (
     ConnectionSlots,
     SlotNeed,
@@ -15,6 +14,7 @@ from backups.services.connection_slots import (
     slots_in_use,
 )
 from backups.services.errors import BackupError, BackupRefused
+from backups.services.full_backups import backup_cancel, backup_start, backups_reap_stale
 from console.models import AuditEvent
 from console.roles import RoleDenied
 from tests.factories import make_cluster, make_user

@@ -11,8 +11,8 @@ from backups.engine.checksum import table_checksum
 from backups.engine.mysql import quote_ident
 from backups.models import BackupSet, BinlogSegment, RestoreRequest
 from backups.selectors.incrementals import aligned_instant, chain_after, recoverable_window
-from backups.services.backups import backup_start
 from backups.services.errors import ChainError
+from backups.services.full_backups import backup_start
 from backups.services.incrementals import continuous_capture_schedule, incremental_start
 from backups.services.pitr import pitr_resolve
 from backups.services.sets import backup_set_delete_check, backup_set_expire
@@ -387,7 +387,7 @@ def test_an_incremental_the_reaper_failed_mid_capture_never_ends_succeeded(clust
     from django.utils import timezone
 
     from backups.services import incrementals
-    from backups.services.backups import backups_reap_stale
+    from backups.services.full_backups import backups_reap_stale
 
     run_backup("full", cluster, run_jobs)
     backup_set = incremental_start(cluster=cluster, actor="cli", enqueue=False)

@@ -24,12 +24,12 @@ from django.core.management.base import BaseCommand
 
 from backups.models import BackupSet
 from backups.selectors.backups import backup_set_json
-from backups.services.backups import (
+from backups.services.errors import BackupError, BackupRefused
+from backups.services.full_backups import (
     backup_run_in_process_if_unclaimed,
     backup_start,
     backups_reap_stale,
 )
-from backups.services.errors import BackupError, BackupRefused
 from console.roles import RoleDenied
 from shards.models import Cluster
 

@@ -14,7 +14,7 @@ from django.core.management.base import BaseCommand
 
 from backups.models import BackupSet
 from backups.selectors.backups import backup_set_json, backup_set_list
-from backups.services.backups import backups_reap_stale
+from backups.services.full_backups import backups_reap_stale
 from shards.models import Cluster
 
 

@@ -8,7 +8,7 @@ A worker started with `--with-scheduler` runs them.
 
 from django.core.management.base import BaseCommand, CommandError
 
-from backups.services.backups import housekeeping_ensure_scheduled
+from backups import queue
 
 
 class Command(BaseCommand):
@@ -16,7 +16,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         try:
-            housekeeping_ensure_scheduled()
+            queue.periodic_ensure_scheduled()
         except Exception as exc:  # noqa: BLE001 - one line for the operator
             raise CommandError(f"could not schedule housekeeping: {exc}") from None
         self.stdout.write("housekeeping scheduled")
