@@ -8,6 +8,7 @@ from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 
 from backups.models import BackupSet, ShardBackup, TableBackup
+from backups.status import SetStatus
 from shards.models import Cluster
 
 LONG_SNAPSHOT_SECONDS = 600
@@ -87,9 +88,9 @@ def progress_of(item, *, started_at=None, active: bool | None = None) -> Progres
     """Percent, rate and ETA from rows_done/rows_estimate of a set or a shard backup."""
     started_at = started_at or getattr(item, "started_at", None)
     if active is None:
-        active = item.status in (BackupSet.Status.PENDING, BackupSet.Status.RUNNING)
+        active = type(item).Status.is_active(item.status)  # SetStatus or PartStatus
     done, total = item.rows_done, item.rows_estimate
-    if item.status == BackupSet.Status.SUCCEEDED:
+    if item.status == SetStatus.SUCCEEDED:
         percent = 100.0
     elif total:
         percent = min(99.0 if active else 100.0, 100.0 * done / total)
