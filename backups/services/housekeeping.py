@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 from backups.services.alerts import alerts_check_failed_backups, alerts_check_rpo
-
 from backups.services.full_backups import backups_reap_stale
 from backups.services.restore_requests import restore_requests_expire
 from backups.services.restore_runs import restore_runs_resume_stale
