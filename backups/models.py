@@ -113,6 +113,11 @@ class BackupSet(models.Model):
     def is_final(self) -> bool:
         return self.status in SetStatus.FINAL
 
+    @property
+    def succeeded(self) -> bool:
+        """A usable set: every object and the manifest stored and checked."""
+        return self.status == SetStatus.SUCCEEDED
+
 
 class ShardBackup(models.Model):
     """One shard's part of a set: its coordinates, counts and outcome."""
@@ -180,6 +185,10 @@ class TableBackup(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["shard_backup", "name"], name="table_backup_unique"),
         ]
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in PartStatus.ACTIVE
 
     def __str__(self) -> str:
         return f"{self.database}.{self.name}"
@@ -270,6 +279,14 @@ class RestoreRequest(models.Model):
 
     def __str__(self) -> str:
         return f"restore request {self.pk} ({self.state})"
+
+    @property
+    def awaits_decision(self) -> bool:
+        return self.state == RequestState.PENDING_APPROVAL
+
+    @property
+    def is_approved(self) -> bool:
+        return self.state == RequestState.APPROVED
 
     @property
     def target_label(self) -> str:
