@@ -21,7 +21,9 @@ from django.utils import timezone
 
 from backups import queue
 from backups.engine import codec
-from backups.engine.binlog import StoredObject, capture_instance, coordinate_key, master_status_at
+from backups.engine.binlog import master_status_at
+from backups.engine.binlog_events import coordinate_key
+from backups.engine.capture import StoredObject, capture_instance
 from backups.engine.errors import Cancelled, EngineError
 from backups.engine.manifest import manifest_document, manifest_encryption, manifest_write
 from backups.models import BackupPolicy, BackupSet, BinlogSegment, ShardBackup

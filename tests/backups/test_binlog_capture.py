@@ -9,8 +9,9 @@ from datetime import UTC, datetime
 import pytest
 
 from backups.engine import codec
-from backups.engine.binlog import StoredObject, capture_instance, master_status
+from backups.engine.binlog import master_status
 from backups.engine.binlog_apply import SegmentSource, apply_segments
+from backups.engine.capture import StoredObject, capture_instance
 from backups.engine.checksum import table_checksum
 from backups.engine.errors import EngineError
 from backups.engine.mysql import quote_ident
@@ -221,10 +222,10 @@ def _wait_for_next_second() -> None:
 def test_apply_stops_at_the_second_and_a_crash_midway_converges_on_rerun(
     mariadb_servers, unique_name, storage, segment_store, monkeypatch
 ):
-    from backups.engine import binlog_apply
+    from backups.engine import binlog_select
 
     # Transactions above 4 KiB go through a temporary file, as multi-GB ones would.
-    monkeypatch.setattr(binlog_apply, "SPOOL_BYTES", 4096)
+    monkeypatch.setattr(binlog_select, "SPOOL_BYTES", 4096)
     server = mariadb_servers[1]
     src, dst, ref = f"ap_{unique_name}", f"ap_{unique_name}__r1", f"ap_{unique_name}_ref"
     for name in (src, dst, ref):

@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from backups.engine import codec
-from backups.engine.binlog import StoredObject, capture_instance, master_status
+from backups.engine.binlog import master_status
 from backups.engine.binlog_apply import SegmentSource, apply_segments
+from backups.engine.capture import StoredObject, capture_instance
 from backups.engine.checksum import table_checksum
 from backups.engine.mysql import quote_ident
 from backups.storage.local import LocalStorage
