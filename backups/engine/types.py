@@ -9,7 +9,7 @@ the results. The entry points are:
   and `backups.engine.load.create_database_objects(...)` (restores, drills)
 * `backups.engine.manifest.read_manifest(storage, set_prefix, hmac_key) -> dict`
   (verifies the signature)
-* `backups.engine.binlog.capture_instance(...)` (incrementals, issue 5)
+* `backups.engine.capture.capture_instance(...)` (incrementals, issue 5)
 
 Storage keys are relative to the STORAGE_URL prefix: `<cluster>/<set-id>/...`.
 """
