@@ -5,8 +5,8 @@ size and sha256, and is signed with HMAC-SHA256 under a key derived from the mas
 The signature covers the canonical JSON of the document without its "signature" member:
 `json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)` in UTF-8.
 
-Format 1 (built by `manifest_document`, for full sets by the dump engine and for incremental
-sets by the incremental service):
+Format 1 (built by `manifest_document`, for full sets by the dump engine through
+`manifest_full_document` and for incremental sets by the incremental service):
 
     {"format": 1, "cluster", "set_id", "kind", "parent", "consistency", "created_at",
      "consistent_at", "lock_window_ms", "topology", "compression": {"algorithm", "level"},
@@ -36,10 +36,16 @@ import json
 from collections.abc import Iterator
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from backups.engine import checksum
 from backups.engine.errors import EngineError
+from backups.engine.snapshot import Coordinates
+from backups.engine.types import BackupResult, BackupSpec, ChunkResult
 from backups.storage.base import Storage, StoredObject
+
+if TYPE_CHECKING:
+    from backups.engine.chunk_dump import TableDump
 
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
@@ -88,6 +94,110 @@ def manifest_document(
         "binlog": binlog,
         "totals": totals,
     }
+
+
+def manifest_chunk_entry(chunk: ChunkResult) -> dict:
+    """A stored chunk as the manifest (and the chunk progress event) lists it."""
+    return {
+        "index": chunk.index,
+        "key": chunk.key,
+        "rows": chunk.rows,
+        "raw_bytes": chunk.raw_bytes,
+        "stored_bytes": chunk.stored_bytes,
+        "sha256": chunk.sha256,
+    }
+
+
+def manifest_full_document(
+    *,
+    spec: BackupSpec,
+    result: BackupResult,
+    tables: dict[str, list[TableDump]],
+    objects: dict[str, dict],
+    coordinates: dict[str, Coordinates],
+    created_at: datetime | None,
+    consistent_at: datetime | None,
+    lock_window_ms: float | None,
+) -> dict:
+    """The (unsigned) manifest document of a full set the dump engine has stored.
+
+    `tables` and `objects` are by shard name, in the order of `spec.shards`; `result`
+    is the successful BackupResult of the same run.
+    """
+    shards_doc = []
+    object_count = 0
+    for shard, shard_result in zip(spec.shards, result.shards, strict=True):
+        coords = coordinates.get(shard.name, Coordinates())
+        tables_doc = []
+        for state, table in zip(tables[shard.name], shard_result.tables, strict=True):
+            info = state.info
+            object_count += 1 + len(table.chunks)
+            tables_doc.append(
+                {
+                    "name": info.name,
+                    "engine": info.engine,
+                    "has_primary_key": info.has_primary_key,
+                    "primary_key": list(info.primary_key),
+                    "columns": info.column_names,
+                    "ddl": info.ddl,
+                    "schema_key": state.schema_key,
+                    "schema_sha256": state.schema_sha256,
+                    "schema_stored_bytes": state.schema_stored_bytes,
+                    "rows": table.rows,
+                    "raw_bytes": table.raw_bytes,
+                    "stored_bytes": table.stored_bytes,
+                    "checksum": table.checksum,
+                    "chunks": [manifest_chunk_entry(c) for c in table.chunks],
+                }
+            )
+        db_objects = objects.get(shard.name, {})
+        shards_doc.append(
+            {
+                "name": shard.name,
+                "instance": shard.instance,
+                "database": shard.database,
+                "binlog_file": coords.binlog_file,
+                "binlog_pos": coords.binlog_pos,
+                "gtid": coords.gtid,
+                "snapshot_at": _instant(coords.snapshot_at),
+                "views": db_objects.get("views", []),
+                "triggers": db_objects.get("triggers", []),
+                "routines": db_objects.get("routines", []),
+                "events": db_objects.get("events", []),
+                "tables": tables_doc,
+            }
+        )
+    return manifest_document(
+        cluster=spec.cluster,
+        set_id=spec.set_id,
+        kind="full",
+        parent=None,
+        consistency=spec.consistency,
+        created_at=_instant(created_at),
+        consistent_at=_instant(consistent_at),
+        lock_window_ms=lock_window_ms,
+        started_by=spec.started_by,
+        topology=spec.topology,
+        compression_level=spec.compression_level,
+        encryption=(
+            manifest_encryption(key_id=spec.key_id, wrapped_key=spec.wrapped_key)
+            if spec.data_key
+            else None
+        ),
+        checksum_algorithm=checksum.ALGORITHM,
+        shards=shards_doc,
+        binlog=[],
+        totals={
+            "rows": result.rows,
+            "raw_bytes": result.raw_bytes,
+            "stored_bytes": result.stored_bytes,
+            "objects": object_count,
+        },
+    )
+
+
+def _instant(value) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
 
 
 def _json_default(value: Any) -> Any:

@@ -8,18 +8,22 @@ anywhere, so the snapshots of all instances show one instant.
 
 `lockfree`: one snapshot connection per shard; MariaDB reports its exact binlog
 position (`binlog_snapshot_file/position`).
+
+`ConsistentCut` takes either cut over `SessionGroup`s (connections sharing one snapshot)
+and records each shard's coordinates, the consistent instant and the lock window.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pymysql
 
-from backups.engine.errors import Cancelled, EngineError
+from backups.engine.errors import Cancelled, ConnectError, EngineError
 from backups.engine.mysql import Endpoint, connect, describe_error
+from backups.engine.types import ShardSpec
 
 ER_LOCK_WAIT_TIMEOUT = 1205
 ER_SPECIFIC_ACCESS_DENIED = 1227
@@ -48,6 +52,18 @@ def open_dump_connection(endpoint: Endpoint):
         conn.close()
         raise
     return conn
+
+
+def session_open(instance: str, endpoint: Endpoint):
+    """A dump connection to `instance`; EngineError names the instance when it is refused."""
+    try:
+        return open_dump_connection(endpoint)
+    except ConnectError as exc:
+        raise EngineError(f"cannot open dump connections to {instance}: {exc}") from exc
+    except pymysql.err.MySQLError as exc:
+        raise EngineError(
+            f"cannot open dump connections to {instance}: {describe_error(exc, endpoint)}"
+        ) from exc
 
 
 def start_snapshot(conn) -> None:
@@ -209,6 +225,77 @@ class GlobalLock:
         if self.first_acquired is None or self.released_at is None:
             return None
         return round((self.released_at - self.first_acquired) * 1000.0, 3)
+
+
+@dataclass(kw_only=True)
+class SessionGroup:
+    """Dump connections to one instance that share one snapshot, and the shards they serve."""
+
+    instance: str
+    endpoint: object
+    shards: list[ShardSpec]
+    connections: list = field(default_factory=list)
+    coordinates: Coordinates = field(default_factory=Coordinates)
+
+
+class ConsistentCut:
+    """Where every shard's binlog stood at the instant its dump connections see.
+
+    `coordinates` (shard name -> Coordinates), `consistent_at` and `lock_window_ms` are
+    filled as the cut is taken, so a cut that fails part way still reports what it has.
+    """
+
+    def __init__(self, controls: dict[str, object]):
+        self.controls = controls  # instance name -> control connection
+        self.coordinates: dict[str, Coordinates] = {}
+        self.consistent_at: datetime | None = None
+        self.lock_window_ms: float | None = None
+
+    def take_locked(self, lock: GlobalLock, groups: list[SessionGroup]) -> None:
+        """One instant for every group: snapshots started while every instance is locked."""
+        lock.acquire()
+        try:
+            for group in groups:
+                for conn in group.connections:
+                    start_snapshot(conn)
+            self.consistent_at = now_utc()
+            for group in groups:
+                file, pos, mysql_gtid = master_status(self.controls[group.instance])
+                group.coordinates = Coordinates(file, pos, mysql_gtid, self.consistent_at)
+        except pymysql.err.MySQLError as exc:
+            raise EngineError(f"starting the consistent snapshot failed: {exc.args[-1]}") from exc
+        finally:
+            lock.release()
+            self.lock_window_ms = lock.window_ms
+        for group in groups:
+            c = group.coordinates
+            c.gtid = gtid_at(self.controls[group.instance], c.binlog_file, c.binlog_pos, c.gtid)
+            for shard in group.shards:
+                self.coordinates[shard.name] = c
+
+    def take_lockfree(self, groups: list[SessionGroup]) -> None:
+        """One snapshot per group (its first connection), each at its own instant."""
+        latest = None
+        for group in groups:
+            conn = group.connections[0]
+            try:
+                start_snapshot(conn)
+                taken = now_utc()
+                if is_mariadb(conn):
+                    file, pos = snapshot_status(conn)
+                    mysql_gtid = ""
+                else:
+                    file, pos, mysql_gtid = master_status(conn)
+            except pymysql.err.MySQLError as exc:
+                raise EngineError(
+                    f"starting the snapshot on {group.instance} failed: {exc.args[-1]}"
+                ) from exc
+            gtid = gtid_at(self.controls[group.instance], file, pos, mysql_gtid)
+            group.coordinates = Coordinates(file, pos, gtid, taken)
+            for shard in group.shards:
+                self.coordinates[shard.name] = group.coordinates
+            latest = taken
+        self.consistent_at = latest
 
 
 def now_utc() -> datetime:
