@@ -77,7 +77,10 @@ def enqueue(
     Returns the job id, or None when a job with `job_id` is still waiting or running (a
     duplicate is never queued). Raises QueueUnavailable when Redis cannot be reached.
     """
-    rq_queue = django_rq.get_queue(queue)
+    # Callers defer to transaction.on_commit themselves; "auto" enqueues now even inside an
+    # atomic block (django-rq's default would defer it there and return None, and a Redis
+    # failure would surface later instead of here).
+    rq_queue = django_rq.get_queue(queue, commit_mode="auto")
     if job_id and job_status(job_id, queue=queue) in LIVE_STATUSES:
         return None
     options: dict[str, Any] = {
