@@ -3,6 +3,8 @@
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 
+from backups.status import Lifecycle, lifecycle
+
 NAME_VALIDATOR = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
     "use letters, digits, '_', '.' or '-' (at most 63, starting with a letter or digit)",
@@ -139,12 +141,18 @@ class PhysicalTable(models.Model):
         return self.data_bytes + self.index_bytes
 
 
+@lifecycle(active=("pending", "running"), final=("succeeded", "failed"))
+class DiscoveryStatus(Lifecycle):
+    """A DiscoveryRun: queued, running, then ended."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
 class DiscoveryRun(models.Model):
-    class Status(models.TextChoices):
-        PENDING = "pending"
-        RUNNING = "running"
-        SUCCEEDED = "succeeded"
-        FAILED = "failed"
+    Status = DiscoveryStatus
 
     cluster = models.ForeignKey(Cluster, on_delete=models.CASCADE, related_name="discoveries")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
@@ -163,6 +171,10 @@ class DiscoveryRun(models.Model):
 
     def __str__(self) -> str:
         return f"discovery #{self.pk} of {self.cluster_id} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in DiscoveryStatus.ACTIVE
 
 
 class Finding(models.Model):

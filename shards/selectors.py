@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import os
 
+from django.db.models import (
+    Case,
+    Count,
+    IntegerField,
+    OuterRef,
+    Prefetch,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
+from django.db.models.functions import Coalesce
+from django.shortcuts import get_object_or_404
+
 from backups.engine.mysql import Endpoint
 from console.keys import decrypt_secret
-from shards.models import Instance
+from shards.models import SEVERITY_RANK, Cluster, Finding, Instance, PhysicalTable, Shard
+from shards.topology_file import dump_topology
 
 
 class MissingPassword(Exception):
@@ -40,16 +55,9 @@ def instance_endpoint(instance: Instance) -> Endpoint:
 
 # --- pages and exports -----------------------------------------------------------------
 
-SEVERITY_ORDER = {"ok": 0, "warning": 1, "error": 2}
-
 
 def cluster_list_with_stats():
     """Clusters with shard and instance counts, total table bytes and worst finding (one query)."""
-    from django.db.models import Case, Count, IntegerField, OuterRef, Subquery, Sum, Value, When
-    from django.db.models.functions import Coalesce
-
-    from shards.models import Cluster, Finding, PhysicalTable, Shard
-
     size = (
         PhysicalTable.objects.filter(shard__cluster=OuterRef("pk"))
         .values("shard__cluster")
@@ -90,19 +98,11 @@ def cluster_list_with_stats():
 
 
 def cluster_by_name(name: str):
-    from django.shortcuts import get_object_or_404
-
-    from shards.models import Cluster
-
     return get_object_or_404(Cluster, name=name)
 
 
 def cluster_topology(cluster) -> dict:
     """Instances with their shards and each shard's tables, findings, latest discovery."""
-    from django.db.models import Prefetch
-
-    from shards.models import Finding, Shard
-
     shards = Shard.objects.filter(cluster=cluster).prefetch_related("tables").order_by("name")
     instances = list(
         cluster.instances.prefetch_related(Prefetch("shards", queryset=shards)).order_by("name")
@@ -115,7 +115,7 @@ def cluster_topology(cluster) -> dict:
     findings = list(
         Finding.objects.filter(cluster=cluster).select_related("instance", "shard").order_by("id")
     )
-    findings.sort(key=lambda f: -SEVERITY_ORDER.get(f.severity, 0))
+    findings.sort(key=lambda f: -SEVERITY_RANK.get(f.severity, 0))
     return {
         "instances": instances,
         "findings": findings,
@@ -126,9 +126,6 @@ def cluster_topology(cluster) -> dict:
 
 def topology_export(*, cluster_name: str | None = None) -> str:
     """The topology file for one or all clusters; passwords never appear, only `password_env`."""
-    from shards.models import Cluster
-    from shards.topology_file import dump_topology
-
     clusters = (
         Cluster.objects.order_by("name")
         .select_related("drill_instance")
@@ -175,8 +172,6 @@ def topology_export(*, cluster_name: str | None = None) -> str:
 
 def discovery_report(cluster) -> dict:
     """The `topology discover --json` object (DESIGN.md): shards with tables, and findings."""
-    from shards.models import Finding
-
     shards = cluster.shards.select_related("instance").prefetch_related("tables").order_by("name")
     return {
         "cluster": cluster.name,

@@ -15,6 +15,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 from django.utils import timezone
 
+from backups import queue
 from backups.engine.errors import KeyMaterialError
 from backups.engine.mysql import Endpoint
 from console.audit import audit_record
@@ -97,11 +98,17 @@ def cluster_update(*, actor, cluster: Cluster, shard_key: str, description: str)
     _authorise(actor, "change clusters")
     with transaction.atomic():
         cluster = Cluster.objects.select_for_update().get(pk=cluster.pk)
-        changes = _apply(cluster, {"shard_key": shard_key, "description": description})
-        if changes:
-            cluster.save()
-            audit_record(actor=actor, action="cluster.update", obj=cluster, details=changes)
+        _cluster_change(actor, cluster, {"shard_key": shard_key, "description": description})
     return cluster
+
+
+def _cluster_change(actor, cluster: Cluster, values: dict) -> bool:
+    """Save and audit the changed fields of a locked cluster; True if anything changed."""
+    changes = _apply(cluster, values)
+    if changes:
+        cluster.save()
+        audit_record(actor=actor, action="cluster.update", obj=cluster, details=changes)
+    return bool(changes)
 
 
 def _apply(obj, values: dict) -> dict:
@@ -219,7 +226,8 @@ def instance_update(
     port = _valid_port(port)
     with transaction.atomic():
         instance = Instance.objects.select_for_update().get(pk=instance.pk)
-        changes = _apply(
+        _instance_change(
+            actor,
             instance,
             {
                 "host": host.strip(),
@@ -229,12 +237,22 @@ def instance_update(
                 "tls_verify": tls_verify,
                 "max_connections": max_connections,
             },
+            password=password,
+            password_env=password_env,
         )
-        changes.update(_password_fields(instance, password, password_env))
-        if changes:
-            instance.save()
-            audit_record(actor=actor, action="instance.update", obj=instance, details=changes)
     return instance
+
+
+def _instance_change(
+    actor, instance: Instance, values: dict, *, password: str | None, password_env: str
+) -> bool:
+    """Save and audit the changed fields (and password) of a locked instance; True if any."""
+    changes = _apply(instance, values)
+    changes.update(_password_fields(instance, password, password_env))
+    if changes:
+        instance.save()
+        audit_record(actor=actor, action="instance.update", obj=instance, details=changes)
+    return bool(changes)
 
 
 def instance_connection_test(
@@ -252,24 +270,19 @@ def shard_create(*, actor, cluster: Cluster, name: str, instance: Instance, data
     """Add a shard: one database on one instance of the same cluster."""
     _authorise(actor, "add shards")
     name = _valid_name(name, "shard name")
-    database = database.strip()
-    if not database or len(database) > 64:
-        raise TopologyError("the database name must have 1 to 64 characters", field="database")
-    if instance.cluster_id != cluster.pk:
-        raise TopologyError(
-            f"instance {instance.name} does not belong to cluster {cluster.name}", field="instance"
-        )
+    database = _valid_shard_target(
+        instance=instance,
+        database=database,
+        cluster_id=cluster.pk,
+        cluster=f"cluster {cluster.name}",
+    )
     with transaction.atomic():
         Cluster.objects.select_for_update().get(pk=cluster.pk)
         if cluster.shards.filter(name=name).exists():
             raise TopologyError(
                 f"cluster {cluster.name} already has a shard named '{name}'", field="name"
             )
-        if Shard.objects.filter(instance=instance, database=database).exists():
-            raise TopologyError(
-                f"database '{database}' on instance {instance.name} is already a shard",
-                field="database",
-            )
+        _require_database_free(instance=instance, database=database)
         shard = Shard.objects.create(
             cluster=cluster, name=name, instance=instance, database=database
         )
@@ -284,26 +297,53 @@ def shard_create(*, actor, cluster: Cluster, name: str, instance: Instance, data
 
 def shard_update(*, actor, shard: Shard, instance: Instance, database: str) -> Shard:
     _authorise(actor, "change shards")
+    database = _valid_shard_target(
+        instance=instance,
+        database=database,
+        cluster_id=shard.cluster_id,
+        cluster="this shard's cluster",
+    )
+    with transaction.atomic():
+        shard = Shard.objects.select_for_update().get(pk=shard.pk)
+        _require_database_free(instance=instance, database=database, shard=shard)
+        _shard_change(actor, shard, instance=instance, database=database)
+    return shard
+
+
+def _valid_shard_target(*, instance: Instance, database: str, cluster_id: int, cluster: str) -> str:
+    """The stripped database name; refuses a malformed one or an instance of another cluster
+    (`cluster` names the shard's cluster in the sentence)."""
     database = database.strip()
     if not database or len(database) > 64:
         raise TopologyError("the database name must have 1 to 64 characters", field="database")
-    if instance.cluster_id != shard.cluster_id:
+    if instance.cluster_id != cluster_id:
         raise TopologyError(
-            f"instance {instance.name} does not belong to this shard's cluster", field="instance"
+            f"instance {instance.name} does not belong to {cluster}", field="instance"
         )
-    with transaction.atomic():
-        shard = Shard.objects.select_for_update().get(pk=shard.pk)
-        if Shard.objects.filter(instance=instance, database=database).exclude(pk=shard.pk).exists():
-            raise TopologyError(
-                f"database '{database}' on instance {instance.name} is already a shard",
-                field="database",
-            )
-        changes = _apply(shard, {"instance": instance, "database": database})
-        if changes:
-            shard.save()
-            shard.tables.all().delete()  # they describe the old database
-            audit_record(actor=actor, action="shard.update", obj=shard, details=changes)
-    return shard
+    return database
+
+
+def _require_database_free(*, instance: Instance, database: str, shard: Shard | None = None):
+    """Refuses a database that is already a shard (other than `shard`) on the instance."""
+    taken = Shard.objects.filter(instance=instance, database=database)
+    if shard is not None:
+        taken = taken.exclude(pk=shard.pk)
+    if taken.exists():
+        raise TopologyError(
+            f"database '{database}' on instance {instance.name} is already a shard",
+            field="database",
+        )
+
+
+def _shard_change(actor, shard: Shard, *, instance: Instance, database: str) -> bool:
+    """Save and audit a locked shard's new place; True if it moved. Its tables describe the
+    old database, so they go (the next discovery lists the new one's)."""
+    changes = _apply(shard, {"instance": instance, "database": database})
+    if changes:
+        shard.save()
+        shard.tables.all().delete()
+        audit_record(actor=actor, action="shard.update", obj=shard, details=changes)
+    return bool(changes)
 
 
 # --- the topology file -----------------------------------------------------------------
@@ -363,12 +403,10 @@ def _import_cluster(actor, spec: ClusterSpec, summary: ImportSummary) -> None:
         audit_record(
             actor=actor, action="cluster.create", obj=cluster, details={"source": "import"}
         )
-    else:
-        changes = _apply(cluster, {"shard_key": spec.shard_key, "description": spec.description})
-        if changes:
-            cluster.save()
-            summary.updated.append(f"cluster {spec.name}")
-            audit_record(actor=actor, action="cluster.update", obj=cluster, details=changes)
+    elif _cluster_change(
+        actor, cluster, {"shard_key": spec.shard_key, "description": spec.description}
+    ):
+        summary.updated.append(f"cluster {spec.name}")
 
     instances = {i.name: i for i in cluster.instances.select_for_update()}
     for ispec in spec.instances:
@@ -393,13 +431,10 @@ def _import_cluster(actor, spec: ClusterSpec, summary: ImportSummary) -> None:
                 obj=instance,
                 details={"source": "import", **values},
             )
-        else:
-            changes = _apply(instance, values)
-            changes.update(_password_fields(instance, ispec.password, ispec.password_env))
-            if changes:
-                instance.save()
-                summary.updated.append(f"instance {spec.name}/{ispec.name}")
-                audit_record(actor=actor, action="instance.update", obj=instance, details=changes)
+        elif _instance_change(
+            actor, instance, values, password=ispec.password, password_env=ispec.password_env
+        ):
+            summary.updated.append(f"instance {spec.name}/{ispec.name}")
 
     wanted_shards = {s.name for s in spec.shards}
     shards = {s.name: s for s in cluster.shards.select_for_update()}
@@ -421,20 +456,12 @@ def _import_cluster(actor, spec: ClusterSpec, summary: ImportSummary) -> None:
                 obj=shard,
                 details={"source": "import", "instance": instance.name, "database": sspec.database},
             )
-        else:
-            changes = _apply(shard, {"instance": instance, "database": sspec.database})
-            if changes:
-                shard.save()
-                shard.tables.all().delete()
-                summary.updated.append(f"shard {spec.name}/{sspec.name}")
-                audit_record(actor=actor, action="shard.update", obj=shard, details=changes)
+        elif _shard_change(actor, shard, instance=instance, database=sspec.database):
+            summary.updated.append(f"shard {spec.name}/{sspec.name}")
 
     drill = instances[spec.drill_instance] if spec.drill_instance else None
-    changes = _apply(cluster, {"drill_instance": drill})
-    if changes:
-        cluster.save()
+    if _cluster_change(actor, cluster, {"drill_instance": drill}):
         summary.updated.append(f"cluster {spec.name}")
-        audit_record(actor=actor, action="cluster.update", obj=cluster, details=changes)
 
     wanted_instances = {i.name for i in spec.instances}
     for name, instance in sorted(instances.items()):
@@ -488,22 +515,14 @@ def discovery_request(*, cluster: Cluster, actor) -> DiscoveryRun:
     While a discovery of this cluster is pending or running, returns that one instead.
     """
     _authorise(actor, "run discovery")
-    from shards.jobs import enqueue_discovery
-
     with transaction.atomic():
         Cluster.objects.select_for_update().get(pk=cluster.pk)
-        active = cluster.discoveries.filter(
-            status__in=[DiscoveryRun.Status.PENDING, DiscoveryRun.Status.RUNNING]
-        ).first()
+        active = cluster.discoveries.filter(status__in=DiscoveryRun.Status.ACTIVE).first()
         if active is not None and timezone.now() - active.created_at < DISCOVERY_STALE_AFTER:
             return active
         if active is not None:
             # Its worker died or never picked it up; let a new run replace it.
-            DiscoveryRun.objects.filter(pk=active.pk).update(
-                status=DiscoveryRun.Status.FAILED,
-                error="abandoned: no worker finished it in time",
-                finished_at=timezone.now(),
-            )
+            _discovery_fail(active.pk, "abandoned: no worker finished it in time")
         run = DiscoveryRun.objects.create(
             cluster=cluster,
             requested_by=actor if hasattr(actor, "pk") else None,
@@ -514,8 +533,33 @@ def discovery_request(*, cluster: Cluster, actor) -> DiscoveryRun:
         audit_record(
             actor=actor, action="discovery.request", obj=cluster, details={"discovery": run.pk}
         )
-        transaction.on_commit(lambda: enqueue_discovery(run))
+        transaction.on_commit(lambda: discovery_enqueue(run=run))
     return run
+
+
+def discovery_enqueue(*, run: DiscoveryRun) -> None:
+    """Queue `shards.jobs.discover_cluster_job` for the run (job id `discover-<id>`, queue
+    `default`); a job of that id still waiting or running is not queued twice.
+
+    Without Redis the run is marked failed with a sentence saying so.
+    """
+    try:
+        queue.enqueue(
+            "shards.jobs.discover_cluster_job",
+            run.pk,
+            queue=queue.DEFAULT,
+            job_id=f"discover-{run.pk}",
+            timeout=600,
+        )
+    except queue.QueueUnavailable:
+        _discovery_fail(run.pk, "the job queue (Redis) is not reachable: start Redis and try again")
+
+
+def _discovery_fail(pk: int, error: str, **only) -> int:
+    """Mark a run failed with `error` (if it still matches the `only` filters); rows changed."""
+    return DiscoveryRun.objects.filter(pk=pk, **only).update(
+        status=DiscoveryRun.Status.FAILED, error=error, finished_at=timezone.now()
+    )
 
 
 def discovery_run(
@@ -533,12 +577,7 @@ def discovery_run(
     except PermissionDenied as exc:
         if discovery is not None:
             with transaction.atomic():
-                failed = DiscoveryRun.objects.filter(
-                    pk=discovery.pk, status=DiscoveryRun.Status.PENDING
-                ).update(
-                    status=DiscoveryRun.Status.FAILED, error=str(exc), finished_at=timezone.now()
-                )
-                if failed:
+                if _discovery_fail(discovery.pk, str(exc), status=DiscoveryRun.Status.PENDING):
                     audit_record(
                         actor=actor,
                         action="discovery.fail",
@@ -552,7 +591,7 @@ def discovery_run(
         )
     with transaction.atomic():
         run = DiscoveryRun.objects.select_for_update().get(pk=discovery.pk)
-        if run.status in (DiscoveryRun.Status.SUCCEEDED, DiscoveryRun.Status.FAILED):
+        if DiscoveryRun.Status.is_final(run.status):
             return run  # a retried job: the work is done
         run.status = DiscoveryRun.Status.RUNNING
         run.progress_text = "connecting"
@@ -589,9 +628,7 @@ def discovery_run(
         )
     except Exception as exc:
         with transaction.atomic():
-            DiscoveryRun.objects.filter(pk=run.pk).update(
-                status=DiscoveryRun.Status.FAILED, error=str(exc)[:2000], finished_at=timezone.now()
-            )
+            _discovery_fail(run.pk, str(exc)[:2000])
             audit_record(
                 actor=actor, action="discovery.fail", obj=cluster, details={"error": str(exc)}
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from django.contrib import messages
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -46,10 +48,30 @@ def _done(request, url: str):
     return redirect(url)
 
 
-def _form_page(request, context: dict):
+def _form_page(request, form, title: str, **extra):
     """The whole page, or only its form partial when HTMX re-renders it after an error."""
     template = f"{FORM_TEMPLATE}#form" if request.htmx else FORM_TEMPLATE
+    context = {"form": form, **extra, "title": title, "action": request.path}
     return render(request, template, context)
+
+
+def _submit(request, form, save: Callable[[dict], tuple[str, str]]):
+    """On a valid POST, `save(cleaned_data)` calls one service and returns (message, next
+    url): the message is flashed and the browser goes there. A TopologyError is shown beside
+    its field. None: (re-)render the form."""
+    if request.method != "POST" or not form.is_valid():
+        return None
+    try:
+        message, url = save(form.cleaned_data)
+    except TopologyError as exc:
+        form.add_error(exc.field, str(exc))
+        return None
+    messages.success(request, message)
+    return _done(request, url)
+
+
+def _cluster_url(name: str) -> str:
+    return reverse("shards:cluster_detail", args=[name])
 
 
 @require_GET
@@ -74,15 +96,12 @@ def cluster_detail(request, cluster: str):
 @require_http_methods(["GET", "POST"])
 def cluster_create_view(request):
     form = ClusterForm(request.POST or None)
-    if request.method == "POST" and form.is_valid():
-        try:
-            created = cluster_create(actor=request.user, **form.cleaned_data)
-        except TopologyError as exc:
-            form.add_error(exc.field, str(exc))
-        else:
-            messages.success(request, f"Cluster {created.name} created.")
-            return _done(request, reverse("shards:cluster_detail", args=[created.name]))
-    return _form_page(request, {"form": form, "title": "New cluster", "action": request.path})
+
+    def save(data):
+        created = cluster_create(actor=request.user, **data)
+        return f"Cluster {created.name} created.", _cluster_url(created.name)
+
+    return _submit(request, form, save) or _form_page(request, form, "New cluster")
 
 
 @role_required(OPERATOR)
@@ -91,30 +110,20 @@ def cluster_edit(request, cluster: str):
     target = cluster_by_name(cluster)
     initial = {"shard_key": target.shard_key, "description": target.description}
     form = ClusterForm(request.POST or None, initial=initial, editing=True)
-    if request.method == "POST" and form.is_valid():
-        cluster_update(actor=request.user, cluster=target, **form.cleaned_data)
-        messages.success(request, f"Cluster {target.name} saved.")
-        return _done(request, reverse("shards:cluster_detail", args=[target.name]))
-    context = {
-        "form": form,
-        "cluster": target,
-        "title": f"Edit cluster {target.name}",
-        "action": request.path,
-    }
-    return _form_page(request, context)
+
+    def save(data):
+        cluster_update(actor=request.user, cluster=target, **data)
+        return f"Cluster {target.name} saved.", _cluster_url(target.name)
+
+    return _submit(request, form, save) or _form_page(
+        request, form, f"Edit cluster {target.name}", cluster=target
+    )
 
 
-def _instance_context(request, cluster, form, instance=None, **extra) -> dict:
+def _instance_page(request, cluster, form, instance=None):
     title = f"Edit instance {instance.name}" if instance else f"New instance in {cluster.name}"
-    return {
-        "form": form,
-        "cluster": cluster,
-        "instance": instance,
-        "title": title,
-        "action": request.path,
-        "test_url": reverse("shards:instance_test", args=[cluster.name]),
-        **extra,
-    }
+    test_url = reverse("shards:instance_test", args=[cluster.name])
+    return _form_page(request, form, title, cluster=cluster, instance=instance, test_url=test_url)
 
 
 @role_required(OPERATOR)
@@ -122,15 +131,12 @@ def _instance_context(request, cluster, form, instance=None, **extra) -> dict:
 def instance_create_view(request, cluster: str):
     target = cluster_by_name(cluster)
     form = InstanceForm(request.POST or None)
-    if request.method == "POST" and form.is_valid():
-        try:
-            instance_create(actor=request.user, cluster=target, **form.cleaned_data)
-        except TopologyError as exc:
-            form.add_error(exc.field, str(exc))
-        else:
-            messages.success(request, f"Instance {form.cleaned_data['name']} added.")
-            return _done(request, reverse("shards:cluster_detail", args=[target.name]))
-    return _form_page(request, _instance_context(request, target, form))
+
+    def save(data):
+        instance_create(actor=request.user, cluster=target, **data)
+        return f"Instance {data['name']} added.", _cluster_url(target.name)
+
+    return _submit(request, form, save) or _instance_page(request, target, form)
 
 
 @role_required(OPERATOR)
@@ -139,17 +145,13 @@ def instance_edit(request, cluster: str, instance: str):
     target = cluster_by_name(cluster)
     obj = get_object_or_404(Instance, cluster=target, name=instance)
     form = InstanceForm(request.POST or None, initial=InstanceForm.initial_for(obj), editing=True)
-    if request.method == "POST" and form.is_valid():
-        data = dict(form.cleaned_data)
-        data["password"] = data["password"] or None  # blank keeps the stored password
-        try:
-            instance_update(actor=request.user, instance=obj, **data)
-        except TopologyError as exc:
-            form.add_error(exc.field, str(exc))
-        else:
-            messages.success(request, f"Instance {obj.name} saved.")
-            return _done(request, reverse("shards:cluster_detail", args=[target.name]))
-    return _form_page(request, _instance_context(request, target, form, obj))
+
+    def save(data):
+        data = {**data, "password": data["password"] or None}  # blank keeps the stored password
+        instance_update(actor=request.user, instance=obj, **data)
+        return f"Instance {obj.name} saved.", _cluster_url(target.name)
+
+    return _submit(request, form, save) or _instance_page(request, target, form, obj)
 
 
 @role_required(OPERATOR)
@@ -163,25 +165,39 @@ def instance_test(request, cluster: str):
     form = InstanceForm(request.POST, editing=stored is not None)
     if stored is not None and not any(k in request.POST for k in ("host", "port", "user")):
         form = None  # the "Test" button beside a stored instance
-    ok, message = False, ""
     if form is not None and not form.is_valid():
-        message = "Fix the form first: " + " ".join(
-            f"{'' if field == '__all__' else field + ': '}{' '.join(errors)}"
-            for field, errors in form.errors.items()
+        ok, message = (
+            False,
+            "Fix the form first: "
+            + " ".join(
+                f"{'' if field == '__all__' else field + ': '}{' '.join(errors)}"
+                for field, errors in form.errors.items()
+            ),
         )
     else:
-        try:
-            endpoint = _endpoint_for_test(stored, form)
-        except (MissingPassword, KeyMaterialError) as exc:
-            message = str(exc)
-        else:
-            ok, message = instance_connection_test(actor=request.user, endpoint=endpoint)
+        ok, message = _connection_test(request, lambda: _endpoint_for_test(stored, form))
+    return _connection_result(request, target, ok, message)
+
+
+def _connection_test(
+    request, endpoint: Callable[[], Endpoint], databases: list[str] | None = None
+) -> tuple[bool, str]:
+    """(ok, one sentence) for connecting to `endpoint()`, which may fail to find a password."""
+    try:
+        target = endpoint()
+    except (MissingPassword, KeyMaterialError) as exc:
+        return False, str(exc)
+    return instance_connection_test(actor=request.user, endpoint=target, databases=databases)
+
+
+def _connection_result(request, cluster, ok: bool, message: str):
+    """The result partial for HTMX, else a page with a link back to the cluster."""
     context = {"ok": ok, "message": message}
     if request.htmx:
         return render(request, "shards/_connection_result.html", context)
-    back = reverse("shards:cluster_detail", args=[target.name])
+    back = _cluster_url(cluster.name)
     return render(
-        request, "shards/connection_result.html", {**context, "cluster": target, "back": back}
+        request, "shards/connection_result.html", {**context, "cluster": cluster, "back": back}
     )
 
 
@@ -218,21 +234,14 @@ def _endpoint_for_test(stored, form) -> Endpoint:
 def shard_create_view(request, cluster: str):
     target = cluster_by_name(cluster)
     form = ShardForm(request.POST or None, cluster=target)
-    if request.method == "POST" and form.is_valid():
-        try:
-            shard_create(actor=request.user, cluster=target, **form.cleaned_data)
-        except TopologyError as exc:
-            form.add_error(exc.field, str(exc))
-        else:
-            messages.success(request, f"Shard {form.cleaned_data['name']} added.")
-            return _done(request, reverse("shards:cluster_detail", args=[target.name]))
-    context = {
-        "form": form,
-        "cluster": target,
-        "title": f"New shard in {target.name}",
-        "action": request.path,
-    }
-    return _form_page(request, context)
+
+    def save(data):
+        shard_create(actor=request.user, cluster=target, **data)
+        return f"Shard {data['name']} added.", _cluster_url(target.name)
+
+    return _submit(request, form, save) or _form_page(
+        request, form, f"New shard in {target.name}", cluster=target
+    )
 
 
 @role_required(OPERATOR)
@@ -242,21 +251,14 @@ def shard_edit(request, cluster: str, shard: str):
     obj = get_object_or_404(target.shards.select_related("instance"), name=shard)
     initial = {"instance": obj.instance.name, "database": obj.database}
     form = ShardForm(request.POST or None, cluster=target, initial=initial, editing=True)
-    if request.method == "POST" and form.is_valid():
-        try:
-            shard_update(actor=request.user, shard=obj, **form.cleaned_data)
-        except TopologyError as exc:
-            form.add_error(exc.field, str(exc))
-        else:
-            messages.success(request, f"Shard {obj.name} saved.")
-            return _done(request, reverse("shards:cluster_detail", args=[target.name]))
-    context = {
-        "form": form,
-        "cluster": target,
-        "title": f"Edit shard {obj.name}",
-        "action": request.path,
-    }
-    return _form_page(request, context)
+
+    def save(data):
+        shard_update(actor=request.user, shard=obj, **data)
+        return f"Shard {obj.name} saved.", _cluster_url(target.name)
+
+    return _submit(request, form, save) or _form_page(
+        request, form, f"Edit shard {obj.name}", cluster=target
+    )
 
 
 @role_required(OPERATOR)
@@ -266,27 +268,15 @@ def shard_test(request, cluster: str):
     target = cluster_by_name(cluster)
     instance = target.instances.filter(name=request.POST.get("instance", "")).first()
     database = request.POST.get("database", "")
-    ok, message = False, ""
     if instance is None:
-        message = "Choose an instance of this cluster."
+        ok, message = False, "Choose an instance of this cluster."
     elif not database.strip():
-        message = "Enter the shard's database."
+        ok, message = False, "Enter the shard's database."
     else:
-        try:
-            endpoint = instance_endpoint(instance)
-        except (MissingPassword, KeyMaterialError) as exc:
-            message = str(exc)
-        else:
-            ok, message = instance_connection_test(
-                actor=request.user, endpoint=endpoint, databases=[database]
-            )
-    context = {"ok": ok, "message": message}
-    if request.htmx:
-        return render(request, "shards/_connection_result.html", context)
-    back = reverse("shards:cluster_detail", args=[target.name])
-    return render(
-        request, "shards/connection_result.html", {**context, "cluster": target, "back": back}
-    )
+        ok, message = _connection_test(
+            request, lambda: instance_endpoint(instance), databases=[database]
+        )
+    return _connection_result(request, target, ok, message)
 
 
 @role_required(OPERATOR)
@@ -310,9 +300,8 @@ def discovery_progress(request, cluster: str, run: int):
     discovery = get_object_or_404(DiscoveryRun, cluster=target, pk=run)
     if not request.htmx:
         return redirect("shards:cluster_detail", cluster=target.name)
-    active = discovery.status in (DiscoveryRun.Status.PENDING, DiscoveryRun.Status.RUNNING)
     context = {"cluster": target, "discovery": discovery}
-    if active:
+    if discovery.is_active:
         return render(request, "shards/_discovery_status.html", context)
     context.update(
         cluster_topology(target), refresh=True, can_edit=has_role(request.user, OPERATOR)

@@ -8,7 +8,7 @@ import pytest
 from playwright.sync_api import expect
 
 from backups.engine.mysql import quote_ident
-from shards.models import Cluster, DiscoveryRun
+from shards.models import Cluster, DiscoveryRun, Instance, Shard
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -76,8 +76,6 @@ def test_operator_registers_a_shard_and_discovers_its_tables(
 
 
 def test_auditor_sees_the_topology_but_no_edit_controls(logged_in_page, live_server):
-    from shards.models import Instance, Shard
-
     cluster = Cluster.objects.create(name="readonly")
     instance = Instance.objects.create(cluster=cluster, name="i0", host="127.0.0.1", user="u")
     Shard.objects.create(cluster=cluster, name="s0", instance=instance, database="d0")

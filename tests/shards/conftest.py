@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from django.db import connection
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +36,6 @@ def manage(settings, redis_url):
 
     Needs `django_db(transaction=True)` so the subprocess sees committed rows.
     """
-    from django.db import connection
 
     def run(*args: str, stdin: str | None = None, extra_env: dict | None = None):
         env = dict(os.environ)

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import base64
+import os
+
 import pytest
+from django.contrib.auth.models import Group
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import connection
+from django.template.defaultfilters import filesizeformat
+from django.test import Client
 from django.urls import reverse
 
 from backups.engine.mysql import quote_ident
 from console.models import AuditEvent
+from console.roles import RoleDenied
 from shards.models import Cluster, DiscoveryRun, Instance, PhysicalTable, Shard
-from shards.services import cluster_create, discovery_run, instance_create, shard_create
+from shards.selectors import instance_endpoint
+from shards.services import (
+    cluster_create,
+    discovery_request,
+    discovery_run,
+    instance_create,
+    shard_create,
+    topology_import,
+)
+from shards.topology_file import parse_topology
 from tests.factories import make_cluster, make_user
 from tests.servers import free_port
 
@@ -50,8 +67,6 @@ def test_cluster_list_shows_counts_size_and_worst_finding_in_constant_queries(
     row = html.split(f'data-cluster="{cluster.name}"')[1].split("</tr>")[0]
     assert ">2</td>" in row  # two shards, two instances
     assert "sev-ok" in row
-    from django.template.defaultfilters import filesizeformat
-
     assert (
         str(filesizeformat(total)).replace("\xa0", "&nbsp;") in row
         or str(filesizeformat(total)) in row
@@ -117,8 +132,6 @@ def test_adding_an_instance_stores_the_password_encrypted_and_never_shows_it(
         f"/clusters/{cluster.name}/"
     )
     instance = Instance.objects.get(cluster=cluster, name="m9")
-    from django.db import connection
-
     with connection.cursor() as cur:
         cur.execute("SELECT * FROM shards_instance WHERE id = %s", [instance.pk])
         assert secret not in repr(cur.fetchall())
@@ -129,8 +142,6 @@ def test_adding_an_instance_stores_the_password_encrypted_and_never_shows_it(
         reverse("audit_log"),
     ]
     admin = make_user("admin")
-    from django.test import Client
-
     admin_client = Client()
     admin_client.force_login(admin)
     for page in pages:
@@ -139,8 +150,6 @@ def test_adding_an_instance_stores_the_password_encrypted_and_never_shows_it(
     # Editing with a blank password keeps it.
     edit = reverse("shards:instance_edit", args=[cluster.name, "m9"])
     operator_client.post(edit, {**data, "host": "localhost", "password": ""})
-    from shards.selectors import instance_endpoint
-
     instance.refresh_from_db()
     assert instance.host == "localhost" and instance_endpoint(instance).password == secret
     assert AuditEvent.objects.filter(action="instance.update", object_id=str(instance.pk)).exists()
@@ -149,11 +158,6 @@ def test_adding_an_instance_stores_the_password_encrypted_and_never_shows_it(
 def test_a_password_stored_under_an_old_data_key_can_be_replaced_from_the_edit_page(
     operator_client, settings
 ):
-    import base64
-    import os
-
-    from shards.selectors import instance_endpoint
-
     target = Cluster.objects.create(name="rotated")
     instance_create(
         actor="test", cluster=target, name="r1", host="127.0.0.1", user="bk", password="old-pw"
@@ -169,9 +173,6 @@ def test_a_password_stored_under_an_old_data_key_can_be_replaced_from_the_edit_p
 def test_test_connection_from_the_edit_form_uses_the_typed_password_over_an_unreadable_one(
     operator_client, settings, mariadb_servers, unique_name
 ):
-    import base64
-    import os
-
     server = mariadb_servers[0]
     user = f"tp{unique_name}"[:32]
     server.execute(f"CREATE USER '{user}'@'%' IDENTIFIED BY 'typed-Pw-1'")
@@ -278,10 +279,6 @@ def test_discover_button_without_redis_marks_the_run_failed_with_a_sentence(
 def test_a_discovery_whose_requester_lost_the_role_fails_instead_of_staying_queued(
     run_jobs, django_capture_on_commit_callbacks
 ):
-    from django.contrib.auth.models import Group
-
-    from shards.services import discovery_request
-
     target = Cluster.objects.create(name="lostrole")
     operator = make_user("operator")
     with django_capture_on_commit_callbacks(execute=True):
@@ -312,16 +309,11 @@ def test_import_upload_reports_the_line_and_saves_nothing(operator_client):
 def test_export_download_is_an_attachment_that_import_accepts(operator_client, cluster):
     response = operator_client.get(reverse("shards:topology_export"))
     assert response["Content-Disposition"] == 'attachment; filename="topology-all.yaml"'
-    from shards.services import topology_import
-    from shards.topology_file import parse_topology
-
     summary = topology_import(actor="test", document=parse_topology(response.content.decode()))
     assert not summary.changed
 
 
 def test_readers_cannot_write_through_services(cluster):
-    from console.roles import RoleDenied
-
     auditor = make_user("auditor")
     with pytest.raises(RoleDenied):
         cluster_create(actor=auditor, name="nope")

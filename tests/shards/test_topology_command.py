@@ -7,9 +7,12 @@ import io
 import pytest
 import yaml
 from django.core.management import CommandError, call_command
+from django.db import connection
 
+from backups.models import BackupSet, ShardBackup
 from console.models import AuditEvent
 from shards.models import Cluster, Instance, Shard
+from shards.selectors import instance_endpoint
 from tests.shards.conftest import topology_yaml
 
 pytestmark = pytest.mark.django_db
@@ -103,14 +106,10 @@ def test_passwords_are_never_exported_nor_stored_in_clear(tmp_path):
     _import(tmp_path, FILE)
     exported = _export()
     assert "s3cret" not in exported and "password:" not in exported
-    from django.db import connection
-
     with connection.cursor() as cur:
         cur.execute("SELECT * FROM shards_instance")
         raw = repr(cur.fetchall())
     assert "s3cret" not in raw
-    from shards.selectors import instance_endpoint
-
     assert instance_endpoint(Instance.objects.get(name="b")).password == "s3cret-Pässword"
     details = repr(list(AuditEvent.objects.values_list("details", flat=True)))
     assert "s3cret" not in details
@@ -166,14 +165,10 @@ def test_bad_files_are_refused_with_the_line_and_field_and_nothing_is_saved(
 
 
 def test_a_failing_cluster_rolls_back_the_whole_file(tmp_path):
-    from backups.models import BackupSet
-
     _import(tmp_path, FILE)
     cluster = Cluster.objects.get(name="orders")
     # A shard that backups refer to cannot be removed; the file's other changes are undone too.
     shard = cluster.shards.get(name="s01")
-    from backups.models import ShardBackup
-
     backup_set = BackupSet.objects.create(cluster=cluster, kind="full")
     ShardBackup.objects.create(backup_set=backup_set, shard=shard)
     changed = FILE.replace("port: 3306", "port: 3316").replace(
