@@ -25,11 +25,14 @@ from django.utils import timezone
 
 from backups import queue
 from backups.engine.dump import dump_cluster
-from backups.engine.errors import Cancelled, ConnectError, EngineError
-from backups.engine.mysql import connect
-from backups.engine.types import BackupSpec, ShardSpec
+from backups.engine.errors import Cancelled, EngineError
 from backups.models import BackupPolicy, BackupSet, ShardBackup, TableBackup
-from backups.services.connection_slots import ConnectionSlots, SlotNeed, SlotsUnavailable
+from backups.services.backup_spec import (
+    PreflightRefused,
+    backup_connection_slots,
+    backup_spec_build,
+)
+from backups.services.connection_slots import SlotsUnavailable
 from backups.services.errors import BackupError, BackupRefused
 from backups.services.incrementals import incremental_execute, incremental_start
 from backups.services.progress import JobTracker, ProgressSnapshot
@@ -43,16 +46,12 @@ from backups.services.sets import (
     backup_set_record,
     busy_reason,
     lock_set,
-    set_data_key,
-    set_job_id,
     set_storage,
 )
 from backups.services.verification import verification_after_backup
 from backups.status import PartStatus, SetStatus
 from console.audit import audit_record
-from console.keys import manifest_hmac_key
 from shards.models import Cluster, PhysicalTable
-from shards.selectors import instance_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +274,9 @@ def _execute_engine(backup_set: BackupSet, state: dict):
         backup_set.shard_backups.select_related("shard__instance").order_by("shard_name")
     )
     try:
-        slots = state["slots"] = _connection_slots(backup_set, shard_backups)
+        slots = state["slots"] = backup_connection_slots(
+            backup_set=backup_set, shard_backups=shard_backups
+        )
     except SlotsUnavailable as exc:
         raise _Outcome(f"backup could not start: {exc}") from None
     tracker = state["tracker"] = JobTracker(
@@ -292,7 +293,10 @@ def _execute_engine(backup_set: BackupSet, state: dict):
             raise _Outcome(f"backup could not start: {exc}") from None
     if tracker.should_cancel():
         raise _Outcome(cancelled=True)
-    spec = _backup_spec(backup_set, shard_backups, slots)
+    try:
+        spec = backup_spec_build(backup_set=backup_set, shard_backups=shard_backups, slots=slots)
+    except PreflightRefused as exc:
+        raise _Outcome(exc.message, shard_errors=exc.shard_errors) from None
     return _run_engine(spec, storage, tracker)
 
 
@@ -348,119 +352,6 @@ class _Outcome(Exception):
         self.message = message
         self.cancelled = cancelled
         self.shard_errors = shard_errors or {}
-
-
-def _connection_slots(backup_set, shard_backups):
-    """Slots for every instance of the set (None when this process has no Redis).
-
-    The engine holds one control connection per instance plus its dump connections:
-    locked mode N per instance (so at least 2 in all), lockfree one per shard.
-    """
-    try:
-        redis = queue.redis_connection(queue.BACKUPS)
-    except Exception:  # noqa: BLE001
-        return None
-    caps: dict[str, int] = {}
-    shard_counts: dict[str, int] = {}
-    for sb in shard_backups:
-        instance = sb.shard.instance
-        address = f"{instance.host}:{instance.port}"
-        caps[address] = min(caps.get(address, instance.max_connections), instance.max_connections)
-        shard_counts[address] = shard_counts.get(address, 0) + 1
-    needs = {}
-    for address, cap in caps.items():
-        if backup_set.consistency == BackupSet.Consistency.LOCKED:
-            needs[address] = SlotNeed(cap=cap, minimum=2, wanted=cap)
-        else:
-            exact = shard_counts[address] + 1
-            needs[address] = SlotNeed(cap=cap, minimum=exact, wanted=exact)
-    ttl = max(30, settings.JOB_HEARTBEAT_STALE_SECONDS * 2)
-    return ConnectionSlots(redis, needs, holder=set_job_id(backup_set.pk), ttl=ttl)
-
-
-def _backup_spec(backup_set: BackupSet, shard_backups, slots):
-    specs = []
-    errors: dict[str, str] = {}
-    endpoints = {}
-    for sb in shard_backups:
-        instance = sb.shard.instance
-        try:
-            endpoint = endpoints.get(instance.pk) or instance_endpoint(instance)
-            endpoints[instance.pk] = endpoint
-            # Preflight: refuse before locking anything when a shard cannot be reached.
-            conn = connect(endpoint, sb.shard.database, connect_timeout=5)
-            conn.close()
-        except Exception as exc:  # noqa: BLE001 - unreachable, no password, bad settings...
-            errors[sb.shard_name] = f"shard {sb.shard_name} (instance {instance.name}) " + (
-                f"is unreachable: {exc}"
-                if isinstance(exc, ConnectError)
-                else f"cannot be used: {exc}"
-            )
-            continue
-        specs.append(
-            ShardSpec(
-                name=sb.shard_name,
-                instance=instance.name,
-                database=sb.shard.database,
-                endpoint=endpoint,
-            )
-        )
-    if errors:
-        raise _Outcome(
-            "backup refused before locking anything: " + "; ".join(errors.values()),
-            shard_errors=errors,
-        )
-    instances = {sb.shard.instance_id: sb.shard.instance for sb in shard_backups}
-    # Dump connections per instance in locked mode: the slots granted minus the control one.
-    connections = min(i.max_connections for i in instances.values()) - 1
-    if slots is not None and slots.granted:
-        connections = min(slots.granted.values()) - 1
-    return BackupSpec(
-        cluster=backup_set.cluster.name,
-        set_id=backup_set.pk,
-        set_prefix=backup_set.object_prefix,
-        shards=specs,
-        consistency=backup_set.consistency,
-        compression_level=backup_set.compression_level,
-        data_key=set_data_key(backup_set),
-        key_id=backup_set.key_id,
-        wrapped_key=backup_set.wrapped_key,
-        manifest_hmac_key=manifest_hmac_key(),
-        connections_per_instance=max(1, connections),
-        chunk_rows=settings.BACKUP_CHUNK_ROWS,
-        lock_wait_timeout=settings.BACKUP_LOCK_WAIT_TIMEOUT,
-        lock_retries=settings.BACKUP_LOCK_RETRIES,
-        topology=_topology_snapshot(backup_set, instances.values(), shard_backups),
-        started_by=(
-            backup_set.triggered_by.get_username() if backup_set.triggered_by_id else "system"
-        ),
-    )
-
-
-def _topology_snapshot(backup_set, instances, shard_backups) -> dict[str, Any]:
-    return {
-        "cluster": backup_set.cluster.name,
-        "shard_key": backup_set.cluster.shard_key,
-        "instances": [
-            {
-                "name": i.name,
-                "host": i.host,
-                "port": i.port,
-                "user": i.user,
-                "flavour": i.flavour,
-                "server_version": i.server_version,
-                "server_id": i.server_id,
-            }
-            for i in sorted(instances, key=lambda i: i.name)
-        ],
-        "shards": [
-            {"name": sb.shard_name, "instance": sb.instance_name, "database": sb.database}
-            for sb in shard_backups
-        ],
-        "logical_tables": [
-            {"name": t.name, "pattern": t.pattern} for t in backup_set.cluster.logical_tables.all()
-        ],
-    }
 
 
 def _run_engine(spec, storage, tracker: JobTracker):

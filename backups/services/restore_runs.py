@@ -3,7 +3,7 @@
 Called by the thin RQ job. Shards run in parallel threads, chunks in parallel inside
 `load_table`. Every loaded chunk is recorded (`LoadedChunk`) as soon as it is committed,
 so a run whose worker died resumes and skips them. `inplace` loads into shadow tables,
-verifies every checksum, then swaps with one `RENAME TABLE` per database; a failure or a
+verifies every checksum, then swaps them in (`restore_swap`); a failure or a
 cancellation before the swap drops the shadows and leaves the live tables as they were.
 """
 
@@ -22,14 +22,13 @@ from django.utils import timezone
 from backups import queue
 from backups.engine.binlog_apply import APPLIED_TABLE, applied_marker_drop
 from backups.engine.errors import Cancelled, ConnectError, EngineError, IntegrityError
-from backups.engine.load import create_database_objects, load_table, recreate_database_objects
+from backups.engine.load import create_database_objects, load_table
 from backups.engine.mysql import Endpoint
 from backups.engine.target import (
     existing_tables,
     non_empty_tables,
     table_truncate_unless_rows,
     tables_drop,
-    tables_swap,
 )
 from backups.engine.types import TableLoadJob
 from backups.models import BackupSet, LoadedChunk, RestoreRequest, RestoreRun, RestoreTableResult
@@ -37,12 +36,17 @@ from backups.services.connection_slots import ConnectionSlots, SlotNeed
 from backups.services.errors import RestoreError, SwapIncomplete
 from backups.services.pitr import pitr_apply
 from backups.services.progress import JobTracker
-from backups.services.restore_plan import manifest_shards, manifest_tables, old_table
-from backups.services.restore_requests import (
+from backups.services.restore_plan import manifest_shards, manifest_tables
+from backups.services.restore_run_states import (
     restore_run_begin,
     restore_run_finish,
     restore_run_is_stale,
     restore_run_start,
+)
+from backups.services.restore_swap import (
+    restore_objects_recreate,
+    restore_shadows_drop,
+    restore_swap_inplace,
 )
 from backups.services.sets import set_data_key, set_manifest, set_storage
 from backups.status import RequestState, ResultStatus, RunStatus
@@ -109,26 +113,6 @@ def _reconcile_partial_table(
         keys = [c["key"] for c in manifest_table.get("chunks", [])]
         done_keys.difference_update(keys)
         LoadedChunk.objects.filter(run=run, key__in=keys).delete()
-
-
-def _recreate_objects(
-    endpoint: Endpoint, database: str, shard_doc: dict, tables: set[str], *, whole_database: bool
-) -> str:
-    """Triggers of the restored tables (and, for a whole database, views, routines, events).
-
-    Returns a note for the run when an object could not be created (a view may refer to a
-    table outside the scope); the data itself is proven by the checksums either way.
-    """
-    triggers = [t for t in shard_doc.get("triggers", []) if t.get("table") in tables]
-    doc = dict(shard_doc, triggers=triggers)
-    kinds = ("triggers",) + (("routines", "views", "events") if whole_database else ())
-    if not any(doc.get(kind) for kind in kinds):
-        return ""
-    try:
-        recreate_database_objects(endpoint, database, doc, kinds=kinds)
-    except EngineError as exc:
-        return str(exc)
-    return ""
 
 
 @dataclass
@@ -333,11 +317,11 @@ def _restore_shard(
                 tracker=tracker,
             )
             if not inplace:
-                note = _recreate_objects(
-                    endpoint,
-                    target_db,
-                    shard_doc,
-                    set(load_names.values()),
+                note = restore_objects_recreate(
+                    endpoint=endpoint,
+                    database=target_db,
+                    shard_doc=shard_doc,
+                    tables=set(load_names.values()),
                     whole_database=not request.scope.get("tables"),
                 )
                 if note:
@@ -355,67 +339,6 @@ def _restore_shard(
     return outcomes
 
 
-def _swap_inplace(
-    request: RestoreRequest,
-    outcomes: list[TableOutcome],
-    tracker: JobTracker,
-    notes: list[str],
-    shard_docs: dict,
-) -> None:
-    """One atomic RENAME TABLE per database, then drop the old tables."""
-    groups: dict[tuple[int, str], list[dict]] = {}
-    for outcome in outcomes:
-        e = outcome.entry
-        groups.setdefault((e["target_instance_id"], e["target_database"]), []).append(e)
-    swapped: list[str] = []
-    for (instance_pk, database), entries in sorted(groups.items()):
-        try:
-            _swap_database(request, database, entries, instance_pk, tracker, notes, shard_docs)
-        except Exception as exc:  # noqa: BLE001 - reported with what was already swapped
-            if not swapped:
-                raise
-            raise SwapIncomplete(
-                f"swapping the restored tables into {database} failed ({exc}); "
-                f"{', '.join(swapped)} had already been swapped and hold the restored data, "
-                f"{database} and any later databases still hold their live tables"
-            ) from exc
-        swapped.append(database)
-
-
-def _swap_database(
-    request: RestoreRequest,
-    database: str,
-    entries: list[dict],
-    instance_pk: int,
-    tracker: JobTracker,
-    notes: list[str],
-    shard_docs: dict,
-) -> None:
-    """Swap one database's shadow tables in with one atomic RENAME TABLE."""
-    endpoint = instance_endpoint(Instance.objects.get(pk=instance_pk))
-    live = existing_tables(endpoint, database) or set()
-    renames, old = [], []
-    for e in entries:
-        if e["target_table"] in live:
-            old_name = old_table(e["target_table"], request.pk)
-            renames.append((e["target_table"], old_name))
-            old.append(old_name)
-        renames.append((e["shadow_table"], e["target_table"]))
-    tracker.say(f"swapping {len(entries)} tables into {database}")
-    tables_swap(endpoint, database, renames, old)
-    # The old tables took their triggers with them: the backup's triggers come back.
-    for shard_name in sorted({e["shard"] for e in entries}):
-        note = _recreate_objects(
-            endpoint,
-            database,
-            shard_docs[shard_name],
-            {e["target_table"] for e in entries if e["shard"] == shard_name},
-            whole_database=False,
-        )
-        if note:
-            notes.append(f"{shard_name}: {note}")
-
-
 def _drop_applied_markers(outcomes: list[TableOutcome], notes: list[str]) -> None:
     """Remove the binlog apply's position table from every target once the run succeeded.
 
@@ -431,18 +354,6 @@ def _drop_applied_markers(outcomes: list[TableOutcome], notes: list[str]) -> Non
             applied_marker_drop(endpoint, database)
         except Exception as exc:  # noqa: BLE001 - the restore itself is done; say what is left
             notes.append(f"could not drop {APPLIED_TABLE} from {database} ({exc}); drop it by hand")
-
-
-def _drop_shadows(outcomes: list[TableOutcome]) -> None:
-    for outcome in outcomes:
-        e = outcome.entry
-        try:
-            endpoint = instance_endpoint(Instance.objects.get(pk=e["target_instance_id"]))
-            tables_drop(endpoint, e["target_database"], [e["shadow_table"]])
-        except Exception:  # noqa: BLE001 - best effort; the live table is untouched either way
-            log.exception(
-                "could not drop shadow table %s.%s", e["target_database"], e["shadow_table"]
-            )
 
 
 def _save_results(run: RestoreRun, outcomes: list[TableOutcome], *, applied: bool) -> None:
@@ -572,11 +483,17 @@ def _execute(
         applied = not inplace
         if inplace:
             if all_ok:
-                _swap_inplace(request, outcomes, tracker, notes, shard_docs)
+                restore_swap_inplace(
+                    request=request,
+                    entries=[o.entry for o in outcomes],
+                    tracker=tracker,
+                    notes=notes,
+                    shard_docs=shard_docs,
+                )
                 applied = True
             else:
                 tracker.say("verification failed: dropping shadow tables, live tables untouched")
-                _drop_shadows(outcomes)
+                restore_shadows_drop(entries=[o.entry for o in outcomes])
         tracker.stop()
         _save_results(run, outcomes, applied=applied)
         t, d, a = _factors(plan, outcomes, applied=applied)
@@ -597,7 +514,7 @@ def _execute(
         return restore_run_finish(run=run, status=RunStatus.FAILED, error=error, t=t, d=d, a=a)
     except Cancelled:
         if inplace:
-            _drop_shadows([TableOutcome(entry=e) for e in plan["tables"]])
+            restore_shadows_drop(entries=plan["tables"])
         tracker.stop()
         _save_results(run, outcomes, applied=False)
         return restore_run_finish(
@@ -609,7 +526,7 @@ def _execute(
         if not isinstance(exc, (RestoreError, EngineError, ConnectError, MissingPassword)):
             log.exception("restore run %s failed", run.pk)
         if inplace and not isinstance(exc, SwapIncomplete):
-            _drop_shadows([TableOutcome(entry=e) for e in plan["tables"]])
+            restore_shadows_drop(entries=plan["tables"])
         tracker.stop()
         _save_results(run, outcomes, applied=False)
         t, d, a = _factors(plan, outcomes, applied=False) if outcomes else (0.0, 0.0, None)

@@ -27,10 +27,9 @@ from backups.services.restore_requests import (
     restore_request_decision_allowed,
     restore_request_file,
     restore_request_reject,
-    restore_run_cancel,
-    restore_run_start,
     restore_source_resolve,
 )
+from backups.services.restore_run_states import restore_run_cancel, restore_run_start
 from backups.status import RequestState, RunStatus
 from console.roles import APPROVER, OPERATOR, has_role, role_required
 from shards.models import Cluster

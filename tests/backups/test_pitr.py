@@ -157,8 +157,8 @@ def test_point_in_time_restore_reaches_the_moment_before_an_accidental_delete(
     from backups.services.restore_requests import (
         restore_request_approve,
         restore_request_file,
-        restore_run_start,
     )
+    from backups.services.restore_run_states import restore_run_start
 
     request = restore_request_file(
         cluster=cluster, requester=make_user("operator"), at=at, target="side", reason="undo DELETE"
@@ -295,8 +295,8 @@ def test_sets_and_incrementals_restore_a_gap_free_sequence_at_a_second(
     from backups.services.restore_requests import (
         restore_request_approve,
         restore_request_file,
-        restore_run_start,
     )
+    from backups.services.restore_run_states import restore_run_start
 
     request = restore_request_file(
         cluster=cluster, requester=make_user("operator"), at=at, target="side", reason="seq"

@@ -23,6 +23,8 @@ from backups.services.restore_requests import (
     restore_request_file,
     restore_request_reject,
     restore_requests_expire,
+)
+from backups.services.restore_run_states import (
     restore_run_cancel,
     restore_run_enqueue,
     restore_run_start,

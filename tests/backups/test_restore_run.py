@@ -16,11 +16,9 @@ from backups.engine.mysql import connect, quote_ident
 from backups.models import BackupPolicy, LoadedChunk, RestoreRun
 from backups.services import restore_runs as executor
 from backups.services.connection_slots import ConnectionSlots, SlotNeed, slots_in_use
-from backups.services.restore_requests import (
-    restore_request_approve,
-    restore_run_cancel,
-    restore_run_start,
-)
+from backups.services.restore_plan import old_table
+from backups.services.restore_requests import restore_request_approve
+from backups.services.restore_run_states import restore_run_cancel, restore_run_start
 from backups.services.restore_runs import restore_runs_resume_stale
 from backups.storage import storage_from_url
 from shards.models import Instance, LogicalTable
@@ -248,7 +246,7 @@ def test_inplace_swap_failing_on_a_later_database_says_which_were_already_swappe
     assert len(order) == 2
     (_, first_db), (_, second_db) = order
     by_db = {s.database: (s, server) for s, server in shard_servers(cluster, mariadb_servers)}
-    blocker = executor.old_table("t_order_0", request.pk)
+    blocker = old_table("t_order_0", request.pk)
     second_server = by_db[second_db][1]
     second_server.execute(f"CREATE TABLE {quote_ident(blocker)} (id INT)", database=second_db)
     try:

@@ -18,9 +18,8 @@ from backups.services.restore_requests import (
     restore_request_approve,
     restore_request_file,
     restore_request_reject,
-    restore_run_dequeue,
-    restore_run_start,
 )
+from backups.services.restore_run_states import restore_run_dequeue, restore_run_start
 from backups.services.restore_runs import restore_run_execute
 from backups.status import RunStatus
 from console.roles import RoleDenied
