@@ -186,12 +186,12 @@ class TableBackup(models.Model):
             models.UniqueConstraint(fields=["shard_backup", "name"], name="table_backup_unique"),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.database}.{self.name}"
+
     @property
     def is_active(self) -> bool:
         return self.status in PartStatus.ACTIVE
-
-    def __str__(self) -> str:
-        return f"{self.database}.{self.name}"
 
 
 class Chunk(models.Model):

@@ -1,6 +1,6 @@
 """RQ job for restore runs (queue `restores`, job id `restore-<run id>`): thin, idempotent.
 
-Enqueued by `backups.services.restore_requests.restore_run_enqueue` through `backups.queue`.
+Enqueued by `backups.services.restore_run_states.restore_run_enqueue` through `backups.queue`.
 """
 
 from __future__ import annotations
