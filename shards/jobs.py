@@ -1,10 +1,10 @@
-"""RQ jobs for topology (queue `default`), enqueued by dotted path from shards.services."""
+"""RQ jobs for topology (queue `default`), enqueued by dotted path from shards.services.discovery_runs."""
 
 from __future__ import annotations
 
 from backups.queue import CurrentJob
 from shards.models import DiscoveryRun
-from shards.services import discovery_run
+from shards.services.discovery_runs import discovery_run
 
 
 def discover_cluster_job(discovery_id: int) -> dict:

@@ -24,18 +24,18 @@ from shards.selectors import (
     instance_endpoint,
     topology_export,
 )
-from shards.services import (
+from shards.services.discovery_runs import discovery_request
+from shards.services.topology import (
     TopologyError,
     cluster_create,
     cluster_update,
-    discovery_request,
     instance_connection_test,
     instance_create,
     instance_update,
     shard_create,
     shard_update,
-    topology_import,
 )
+from shards.services.topology_import import topology_import
 from shards.topology_file import TopologyFileError, parse_topology
 
 FORM_TEMPLATE = "shards/object_form.html"

@@ -12,7 +12,7 @@ from django.core.management import call_command
 from backups.engine.mysql import quote_ident
 from shards.discovery import parse_grants
 from shards.models import Cluster, Finding, Instance, PhysicalTable
-from shards.services import discovery_run
+from shards.services.discovery_runs import discovery_run
 from tests.servers import free_port
 from tests.shards.conftest import topology_yaml
 

@@ -18,14 +18,9 @@ from console.models import AuditEvent
 from console.roles import RoleDenied
 from shards.models import Cluster, DiscoveryRun, Instance, PhysicalTable, Shard
 from shards.selectors import instance_endpoint
-from shards.services import (
-    cluster_create,
-    discovery_request,
-    discovery_run,
-    instance_create,
-    shard_create,
-    topology_import,
-)
+from shards.services.discovery_runs import discovery_request, discovery_run
+from shards.services.topology import cluster_create, instance_create, shard_create
+from shards.services.topology_import import topology_import
 from shards.topology_file import parse_topology
 from tests.factories import make_cluster, make_user
 from tests.servers import free_port

@@ -14,7 +14,9 @@ from backups.engine.errors import ConnectError
 from backups.engine.mysql import Endpoint, connect, quote_ident, quote_qualified
 from console.services import UserError, user_create
 from shards.models import Cluster
-from shards.services import TopologyError, discovery_run, topology_import
+from shards.services.discovery_runs import discovery_run
+from shards.services.topology import TopologyError
+from shards.services.topology_import import topology_import
 from shards.topology_file import (
     ClusterSpec,
     InstanceSpec,

@@ -9,7 +9,9 @@ from django.core.management.base import BaseCommand, CommandError
 
 from shards.models import Cluster
 from shards.selectors import discovery_report, topology_export
-from shards.services import TopologyError, discovery_run, topology_import
+from shards.services.discovery_runs import discovery_run
+from shards.services.topology import TopologyError
+from shards.services.topology_import import topology_import
 from shards.topology_file import TopologyFileError, parse_topology
 
 
