@@ -38,7 +38,7 @@ lint:
 	@.ci/install-deps lint
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(VENV)/bin/lint-imports
+	$(VENV)/bin/lint-imports --no-logo
 
 format:
 	@.ci/install-deps lint
