@@ -313,12 +313,16 @@ class _PartRows:
         self.databases = dict(parts.values_list("shard_name", "database"))
 
     def __call__(self, snapshot: ProgressSnapshot) -> None:
-        for shard_name, (rows, nbytes) in snapshot.shards.items():
+        # Only the rows that moved since the last flush: a finished table is not rewritten
+        # every second while the rest of a large cluster is dumped.
+        for shard_name in snapshot.changed_shards:
+            rows, nbytes = snapshot.shards[shard_name]
             ShardBackup.objects.filter(pk=self.shard_ids.get(shard_name)).update(
                 rows_done=rows, bytes_done=nbytes, status=PartStatus.RUNNING
             )
-        for (shard_name, table), (rows, nbytes, estimate) in snapshot.tables.items():
-            self._table(shard_name, table, rows, nbytes, estimate)
+        for key in snapshot.changed_tables:
+            rows, nbytes, estimate = snapshot.tables[key]
+            self._table(*key, rows, nbytes, estimate)
         engine_estimate = sum(t[2] for t in snapshot.tables.values())
         if engine_estimate > self.discovery_estimate:
             BackupSet.objects.filter(pk=self.set_id).update(rows_estimate=engine_estimate)

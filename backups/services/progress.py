@@ -44,6 +44,9 @@ class ProgressSnapshot:
     shards: dict[str, list[int]] = field(default_factory=dict)  # shard -> [rows, bytes]
     # (shard, table) -> [rows, bytes, rows_estimate]
     tables: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    # What moved since the previous snapshot: hooks write only these rows.
+    changed_shards: set[str] = field(default_factory=set)
+    changed_tables: set[tuple[str, str]] = field(default_factory=set)
 
 
 class JobTracker:
@@ -84,6 +87,8 @@ class JobTracker:
         self._text = ""
         self._shards: dict[str, list[int]] = {}
         self._tables: dict[tuple[str, str], list[int]] = {}
+        self._changed_shards: set[str] = set()
+        self._changed_tables: set[tuple[str, str]] = set()
         self._dirty = False
         self._last_beat = 0.0
         self._last_cancel_poll = 0.0
@@ -102,12 +107,14 @@ class JobTracker:
                 shard = self._shards.setdefault(event.shard, [0, 0])
                 shard[0] += max(0, event.rows_done)
                 shard[1] += max(0, event.bytes_done)
+                self._changed_shards.add(event.shard)
                 if event.table:
                     table = self._tables.setdefault((event.shard, event.table), [0, 0, 0])
                     table[0] += max(0, event.rows_done)
                     table[1] += max(0, event.bytes_done)
                     if event.rows_estimate:
                         table[2] = event.rows_estimate
+                    self._changed_tables.add((event.shard, event.table))
             if event.message or event.stage:
                 where = ".".join(p for p in (event.shard, event.table) if p)
                 self._text = " ".join(
@@ -156,13 +163,17 @@ class JobTracker:
     def snapshot(self) -> ProgressSnapshot:
         with self._lock:
             self._dirty = False
-            return ProgressSnapshot(
+            snapshot = ProgressSnapshot(
                 rows=self._rows,
                 bytes=self._bytes,
                 text=self._text,
                 shards={k: list(v) for k, v in self._shards.items()},
                 tables={k: list(v) for k, v in self._tables.items()},
+                changed_shards=self._changed_shards,
+                changed_tables=self._changed_tables,
             )
+            self._changed_shards, self._changed_tables = set(), set()
+            return snapshot
 
     def flush(self, *, force: bool = False) -> None:
         """Write progress if it changed (always with `force`), beat when due, poll cancel."""

@@ -46,15 +46,22 @@ def test_progress_from_many_threads_reaches_the_row_and_a_cancel_reaches_the_job
         for t in threads:
             t.join()
         assert _wait_for(lambda: BackupSet.objects.get(pk=backup_set.pk).rows_done == 2000)
+        assert _wait_for(lambda: flushed and flushed[-1].shards.get("s01") == [1000, 5000])
         row = BackupSet.objects.get(pk=backup_set.pk)
         assert row.bytes_done == 10_000
         assert row.heartbeat_at is not None
         assert not tracker.should_cancel()
 
+        # Only what moved since the last write is handed on: a finished shard is left alone.
+        tracker.progress(ProgressEvent(shard="s01", table="t", rows_done=1))
+        assert _wait_for(lambda: flushed[-1].changed_shards == {"s01"})
+        assert flushed[-1].changed_tables == {("s01", "t")}
+        assert flushed[-1].shards["s00"] == [1000, 5000]  # totals stay whole
+
         BackupSet.objects.filter(pk=backup_set.pk).update(cancel_requested=True)
         assert _wait_for(tracker.should_cancel, seconds=3)
     # Per-shard totals went to the hook, for the pages' per-shard rows.
-    assert flushed[-1].shards == {"s00": [1000, 5000], "s01": [1000, 5000]}
+    assert flushed[-1].shards == {"s00": [1000, 5000], "s01": [1001, 5000]}
     assert flushed[-1].tables[("s00", "t")][:2] == [1000, 5000]
 
 
