@@ -9,9 +9,6 @@ from __future__ import annotations
 from django.conf import settings
 
 from backups.engine import keys
-from backups.engine.errors import KeyMaterialError
-
-__all__ = ["KeyMaterialError", "decrypt_secret", "encrypt_secret", "manifest_hmac_key"]
 
 
 def master_key() -> str:
@@ -31,3 +28,13 @@ def decrypt_secret(token: str) -> str:
 def manifest_hmac_key() -> bytes:
     """The manifest signing key of the current master key (EngineError if it is unusable)."""
     return keys.manifest_hmac_key(master_key())
+
+
+def data_key_new() -> keys.WrappedDataKey:
+    """A fresh data key for one backup set, wrapped under the current master key."""
+    return keys.new_wrapped_data_key(master_key())
+
+
+def data_key_unwrap(wrapped: str) -> bytes:
+    """The data key inside `wrapped` (EngineError when the current key cannot open it)."""
+    return keys.unwrap_data_key(wrapped, master_key())

@@ -320,7 +320,7 @@ class _DumpRun:
             group.connections = []
         for conn in self.controls.values():
             _close(conn)
-        self.controls = {}
+        self.controls.clear()  # the cut holds this same dict
 
     def _discard_objects(self) -> None:
         try:

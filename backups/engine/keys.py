@@ -13,7 +13,6 @@ associated data. The key id is recorded beside the wrapped key so that, after a 
 the right master key can be found (`unwrap_data_key(..., older_keys=[...])`).
 
 Wrapped form: `sv1.<key-id>.<urlsafe-base64(nonce || ciphertext+tag)>`.
-Plain Python: no Django settings are read here.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from django.db import transaction
 from django.utils import timezone
 
 from backups import queue
-from backups.engine import keys as crypto
 from backups.engine.errors import EngineError
 from backups.engine.manifest import manifest_read
 from backups.models import BackupSet, Chunk, ShardBackup, TableBackup
@@ -32,7 +31,7 @@ from backups.services.errors import BackupError, ChainError, RestoreError
 from backups.status import PartStatus, SetStatus
 from backups.storage import Storage, storage_from_url
 from console.audit import audit_record
-from console.keys import manifest_hmac_key
+from console.keys import data_key_new, data_key_unwrap, manifest_hmac_key
 from console.roles import ADMIN, OPERATOR, require_role
 from shards.models import Cluster
 
@@ -72,7 +71,7 @@ def default_storage() -> Storage:
 
 def set_storage(backup_set: BackupSet) -> Storage:
     """Where `backup_set` was written."""
-    return storage_for_url(backup_set.storage_url or settings.STORAGE_URL)
+    return storage_for_url(backup_set.storage_url) if backup_set.storage_url else default_storage()
 
 
 def set_prefix(backup_set: BackupSet) -> str:
@@ -84,17 +83,17 @@ def set_data_key(backup_set: BackupSet) -> bytes | None:
     """The set's data key, None when it is not encrypted; EngineError when it cannot be opened."""
     if not backup_set.encrypted:
         return None
-    return crypto.unwrap_data_key(backup_set.wrapped_key, settings.SHARDVAULT_DATA_KEY)
+    return data_key_unwrap(backup_set.wrapped_key)
 
 
 def set_data_key_create(backup_set: BackupSet) -> None:
     """A new data key for `backup_set`, wrapped under the master key; BackupError if unusable."""
-    master = settings.SHARDVAULT_DATA_KEY
     try:
-        backup_set.wrapped_key = crypto.wrap_data_key(crypto.new_data_key(), master)
-        backup_set.key_id = crypto.master_key_id(master)
+        fresh = data_key_new()
     except EngineError as exc:
         raise BackupError(f"the set cannot be encrypted: {exc}") from None
+    backup_set.wrapped_key = fresh.wrapped_key
+    backup_set.key_id = fresh.key_id
 
 
 def set_manifest(backup_set: BackupSet, storage: Storage | None = None) -> dict:

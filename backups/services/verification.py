@@ -84,8 +84,8 @@ def verification_start(
             transaction.on_commit(
                 lambda: queue.enqueue(JOB, run.pk, queue=queue.VERIFY, job_id=job_id)
             )
-            # The hourly checks (missed storage checks, due drills, alerts); best effort.
-            transaction.on_commit(lambda: queue.periodic_ensure_scheduled(("checks",)))
+            # The reaper (a drill whose worker dies) and the hourly checks; best effort.
+            transaction.on_commit(queue.periodic_ensure_scheduled)
     return run
 
 

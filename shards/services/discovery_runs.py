@@ -59,8 +59,11 @@ def discovery_enqueue(*, run: DiscoveryRun) -> None:
             "shards.jobs.discover_cluster_job",
             run.pk,
             queue=queue.DEFAULT,
-            job_id=f"discover-{run.pk}",
+            job_id=run.job_id,
             timeout=600,
+            # As before the move: RQ's own retention for discovery results and failures.
+            result_ttl=500,
+            failure_ttl=365 * 24 * 3600,
         )
     except queue.QueueUnavailable:
         _discovery_fail(run.pk, "the job queue (Redis) is not reachable: start Redis and try again")
@@ -117,10 +120,8 @@ def discovery_run(
     for instance in instances:
         try:
             endpoints[instance.name] = instance_endpoint(instance)
-        except (
-            MissingPassword,
-            KeyMaterialError,
-        ) as exc:  # a key that cannot decrypt is a finding too
+        # A key that cannot decrypt a stored password is a finding too.
+        except (MissingPassword, KeyMaterialError) as exc:
             unavailable[instance.name] = str(exc)
     targets = [discovery_engine.ShardTarget(s.name, s.instance.name, s.database) for s in shards]
 

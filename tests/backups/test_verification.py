@@ -382,9 +382,10 @@ def test_drill_of_an_incremental_set_with_a_broken_chain_is_refused_in_one_sente
     # Drills of incremental sets are tests/backups/test_verification_incremental.py's.
 
 
-def test_housekeeping_reaps_dead_runs_backfills_checks_and_arms_the_checks_once(settings):
+def test_housekeeping_reaps_dead_runs_backfills_checks_and_arms_the_periodic_jobs_once(settings):
     settings.ALERT_EMAILS = ["oncall@example.test"]
-    queue.redis_connection().delete(queue.PERIODIC["checks"].gate_key)
+    for periodic in queue.PERIODIC.values():
+        queue.redis_connection().delete(periodic.gate_key)
     scheduled_before = set(queue.scheduled_job_ids(queue.DEFAULT))
     cluster = Cluster.objects.create(name="reaped")
     s = _set(cluster, status="succeeded")
@@ -411,9 +412,10 @@ def test_housekeeping_reaps_dead_runs_backfills_checks_and_arms_the_checks_once(
     assert [m.subject for m in mail.outbox] == [
         f"[ShardVault] backup set {failed.pk} of reaped failed"
     ]
-    # Filing the backfilled check armed the next hourly checks, exactly once.
-    assert len(set(queue.scheduled_job_ids(queue.DEFAULT)) - scheduled_before) == 1
-    assert queue.periodic_ensure_scheduled(("checks",)) == []
+    # Filing the backfilled check armed the reaper and the hourly checks, each exactly once.
+    armed = set(queue.scheduled_job_ids(queue.DEFAULT)) - scheduled_before
+    assert len(armed) == len(queue.PERIODIC)
+    assert queue.periodic_ensure_scheduled() == []
     # The dead run's set can be verified again.
     assert verification_start(backup_set=s, user=None, drill=False).status == "pending"
 
