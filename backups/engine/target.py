@@ -31,16 +31,22 @@ def existing_tables(endpoint: Endpoint, database: str) -> set[str] | None:
         conn.close()
 
 
-def non_empty_tables(endpoint: Endpoint, database: str, tables: list[str]) -> list[str]:
-    """Those of `tables` that exist in `database` and hold at least one row, in order."""
+def non_empty_tables(
+    endpoint: Endpoint, database: str, tables: list[str], *, existing: set[str] | None = None
+) -> list[str]:
+    """Those of `tables` that exist in `database` and hold at least one row, in order.
+
+    `existing` (the database's tables, from `existing_tables`) saves looking them up again.
+    """
     conn = connect(endpoint)
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s",
-                (database,),
-            )
-            existing = {row[0] for row in cur.fetchall()}
+            if existing is None:
+                cur.execute(
+                    "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s",
+                    (database,),
+                )
+                existing = {row[0] for row in cur.fetchall()}
             full = []
             for table in tables:
                 if table not in existing:

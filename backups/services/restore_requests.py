@@ -56,8 +56,8 @@ def _required_approvals(cluster: Cluster, kind: str) -> int:
     return max(1, cluster.approvals_required_side or 1)
 
 
-def _resolve_source(*, cluster: Cluster, source_set: BackupSet | None, at: datetime | None):
-    """The full set to restore from, and whether incrementals must roll it forward."""
+def restore_source_resolve(*, cluster: Cluster, source_set: BackupSet | None, at: datetime | None):
+    """The full set a request for `source_set` or `at` restores from (RestoreError if none)."""
     if source_set is not None and at is not None:
         raise RestoreError("give either a backup set or a point in time, not both")
     if source_set is None and at is None:
@@ -83,11 +83,6 @@ def _resolve_source(*, cluster: Cluster, source_set: BackupSet | None, at: datet
     return full_set
 
 
-def restore_source_resolve(*, cluster: Cluster, source_set: BackupSet | None, at: datetime | None):
-    """The full set a request for `source_set` or `at` restores from (RestoreError if none)."""
-    return _resolve_source(cluster=cluster, source_set=source_set, at=at)
-
-
 def restore_request_file(
     *,
     cluster: Cluster,
@@ -110,7 +105,7 @@ def restore_request_file(
     if not reason:
         raise RestoreError("a restore request needs a reason")
     kind, instance = parse_target(cluster=cluster, target=target)
-    full_set = _resolve_source(cluster=cluster, source_set=source_set, at=at)
+    full_set = restore_source_resolve(cluster=cluster, source_set=source_set, at=at)
     shards = [s.strip() for s in shards if s and s.strip()]
     tables = [t.strip() for t in tables if t and t.strip()]
     now = timezone.now()
@@ -205,8 +200,8 @@ def _decision_state_refusal(request: RestoreRequest, user, participle: str) -> R
     return None
 
 
-def restore_request_decision_allowed(*, request: RestoreRequest, user) -> tuple[bool, str]:
-    """Whether `user` may approve or reject `request` now, and if not, why.
+def restore_request_decision_allowed(*, request: RestoreRequest, user) -> bool:
+    """Whether `user` may approve or reject `request` now.
 
     The same rule `restore_request_approve` and `restore_request_reject` enforce (they
     also expire a request past its deadline first); pages ask it to offer the buttons.
@@ -214,7 +209,7 @@ def restore_request_decision_allowed(*, request: RestoreRequest, user) -> tuple[
     refusal = _decider_refusal(request, user, "decide on") or _decision_state_refusal(
         request, user, "decided"
     )
-    return refusal is None, str(refusal or "")
+    return refusal is None
 
 
 def _decide(*, request: RestoreRequest, approver, comment: str, decision: str) -> RestoreRequest:

@@ -11,6 +11,7 @@ approve, reject, expire) are in `restore_requests`.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -31,6 +32,8 @@ State = RequestState
 MAX_RESUMES = 3  # a run that keeps killing its worker stops being retried
 RUN_JOB = "backups.jobs.restores.restore_run_job"
 RUN_JOB_TIMEOUT_SECONDS = 24 * 3600
+
+log = logging.getLogger(__name__)
 
 
 def restore_run_is_stale(run: RestoreRun, now: datetime) -> bool:
@@ -118,13 +121,15 @@ def restore_run_enqueue(*, run_id: int) -> str | None:
     queue.periodic_ensure_scheduled()  # the reaper that resumes this run if its worker dies
     if status in queue.LIVE_STATUSES:
         queue.cancel(job_id, queue=queue.RESTORES)
-    return queue.enqueue(
-        RUN_JOB,
-        run_id,
-        queue=queue.RESTORES,
-        job_id=job_id,
-        timeout=RUN_JOB_TIMEOUT_SECONDS,
+    queued = queue.enqueue(
+        RUN_JOB, run_id, queue=queue.RESTORES, job_id=job_id, timeout=RUN_JOB_TIMEOUT_SECONDS
     )
+    if queued is None:
+        # The stale job could not be cancelled: say so, the reaper retries on its next run.
+        log.warning(
+            "restore run %s was not queued again: RQ still holds its job %s", run_id, job_id
+        )
+    return queued
 
 
 def restore_run_dequeue(*, run_id: int) -> bool:

@@ -185,7 +185,7 @@ def _preflight_targets(request: RestoreRequest, entries: list[dict]) -> None:
             existing = existing_tables(endpoint, database)
             if request.target_kind == Target.INPLACE or not existing:
                 continue
-            full = non_empty_tables(endpoint, database, [t for t in tables if t in existing])
+            full = non_empty_tables(endpoint, database, tables, existing=existing)
         except (ConnectError, MissingPassword) as exc:
             raise RestoreError(f"target instance {instance.name} is unreachable: {exc}") from exc
         if full:

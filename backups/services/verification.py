@@ -23,7 +23,7 @@ from backups.services.alerts import alert_quality_dropped
 from backups.services.errors import VerificationError
 from backups.services.pitr import chain_apply
 from backups.services.progress import JobTracker
-from backups.services.sets import set_data_key, set_prefix, set_storage
+from backups.services.sets import lock_set, set_data_key, set_prefix, set_storage
 from backups.status import SetStatus, VerificationStatus
 from console.audit import audit_record
 from console.keys import manifest_hmac_key
@@ -54,7 +54,7 @@ def verification_start(
     if user is not None and not isinstance(user, str):
         require_role(user, OPERATOR, ADMIN, action="start a verification")
     with transaction.atomic():
-        locked = BackupSet.objects.select_for_update().get(pk=backup_set.pk)
+        locked = lock_set(backup_set.pk)
         if locked.status != SetStatus.SUCCEEDED:
             raise VerificationError(
                 f"set {locked.pk} is {locked.status}: only succeeded sets can be verified"
@@ -399,7 +399,7 @@ def _verification_finish(
     q = engine.quality(t, d, a)
     now = timezone.now()
     with transaction.atomic():
-        backup_set = BackupSet.objects.select_for_update().get(pk=run.backup_set_id)
+        backup_set = lock_set(run.backup_set_id)
         run = VerificationRun.objects.select_for_update().get(pk=run.pk)
         run.t, run.d, run.a, run.q = round(t, 6), round(d, 6), round(a, 6), q
         run.rto_seconds = rto

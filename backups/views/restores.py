@@ -122,7 +122,7 @@ def request_new(request):
 def _detail_context(request, restore: RestoreRequest, error: str = "") -> dict:
     run = restore_request_latest_run(request=restore)
     user = request.user
-    can_decide, _why_not = restore_request_decision_allowed(request=restore, user=user)
+    can_decide = restore_request_decision_allowed(request=restore, user=user)
     run_active = run is not None and RunStatus.is_active(run.status)
     return {
         "restore": restore,
