@@ -217,13 +217,16 @@ def _enqueue(set_id: int, kind: str) -> None:
 
 
 def set_objects_delete(backup_set: BackupSet) -> str:
-    """Delete what the set stored; returns a sentence to append to its error, if that failed."""
+    """Delete what the set stored; returns a sentence to append to its error, if that failed.
+
+    Only `<cluster>/<set-id>/...`: the trailing slash keeps set 1 from taking sets 10, 100...
+    """
     try:
         storage = set_storage(backup_set)
     except EngineError:
         return ""  # an unusable storage URL: nothing can have been stored there
     try:
-        storage.delete_prefix(backup_set.object_prefix)
+        storage.delete_prefix(set_prefix(backup_set) + "/")
     except Exception as exc:  # noqa: BLE001 - reported on the set instead
         log.exception("deleting objects of set %s failed", backup_set.pk)
         return (
@@ -444,8 +447,5 @@ def backup_set_expire(*, backup_set: BackupSet, actor) -> BackupSet:
 
 
 def _delete_objects_quietly(set_id: int) -> None:
-    backup_set = BackupSet.objects.get(pk=set_id)
-    try:
-        set_storage(backup_set).delete_prefix(backup_set.object_prefix)
-    except Exception:  # noqa: BLE001 - the set is expired either way; the log says what is left
-        log.exception("deleting the objects of expired set %s failed", set_id)
+    # The set is expired either way; set_objects_delete logs what could not be deleted.
+    set_objects_delete(BackupSet.objects.get(pk=set_id))

@@ -17,11 +17,13 @@ import psutil
 import pytest
 
 from backups.engine.errors import IntegrityError
-from backups.services.sets import default_storage
+from backups.models import BackupSet
+from backups.services.sets import default_storage, set_objects_delete, set_storage
 from backups.storage import key_part, storage_from_url
 from backups.storage.base import StorageError
 from backups.storage.local import LocalStorage
 from backups.storage.s3 import MIN_PART_SIZE, S3Storage
+from shards.models import Cluster
 
 MIB = 1024 * 1024
 
@@ -468,3 +470,34 @@ def test_parallel_writers_and_readers_share_one_storage(storage):
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert all(pool.map(round_trip, range(16)))
     assert len(list(storage.list("orders/4/"))) == 16
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_removing_a_sets_objects_leaves_sets_whose_ids_start_the_same_alone(
+    backend, request, tmp_path, settings
+):
+    if backend == "local":
+        url = f"file://{tmp_path / 'store'}"
+    else:
+        env = request.getfixturevalue("s3_env")
+        settings.S3_ENDPOINT_URL = env["url"]
+        url = f"s3://{env['bucket']}/backups"
+    cluster = Cluster.objects.create(name="orders")
+    one = BackupSet.objects.create(cluster=cluster, storage_url=url, object_prefix="orders/1")
+    ten = BackupSet.objects.create(cluster=cluster, storage_url=url, object_prefix="orders/10")
+    hundred = BackupSet.objects.create(cluster=cluster, storage_url=url, object_prefix="orders/100")
+    store = set_storage(one)
+    for backup_set in (one, ten, hundred):
+        store.put_bytes(f"{backup_set.object_prefix}/manifest.json", b"{}")
+        store.put_bytes(f"{backup_set.object_prefix}/s00/db/t/chunk-000001.tsv.zst", b"x")
+
+    assert set_objects_delete(one) == ""
+
+    left = sorted(info.key for info in store.list("orders/"))
+    assert left == [
+        "orders/10/manifest.json",
+        "orders/10/s00/db/t/chunk-000001.tsv.zst",
+        "orders/100/manifest.json",
+        "orders/100/s00/db/t/chunk-000001.tsv.zst",
+    ]
