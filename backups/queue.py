@@ -196,12 +196,15 @@ PERIODIC: dict[str, Periodic] = {
 }
 
 
-def periodic_ensure_scheduled(names: tuple[str, ...] | None = None) -> list[str]:
+def periodic_ensure_scheduled(
+    names: tuple[str, ...] | None = None, *, best_effort: bool = True
+) -> list[str]:
     """Arm each periodic job (all, or `names`) unless it is already armed.
 
     A Redis key set with NX for a little under one interval gates each, so any number of
-    callers arm one job. Returns the names armed by this call. Never raises: housekeeping
-    is best effort, and the next call tries again.
+    callers arm one job. Returns the names armed by this call. Services call it best effort
+    (a failure is logged and the next call tries again); with `best_effort=False` a Redis
+    failure raises QueueUnavailable, for a command that must say it could not.
     """
     armed = []
     for periodic in PERIODIC.values():
@@ -221,6 +224,8 @@ def periodic_ensure_scheduled(names: tuple[str, ...] | None = None) -> list[str]
                 failure_ttl=24 * 3600,
             )
         except Exception:  # noqa: BLE001 - the next caller arms it
+            if not best_effort:
+                raise
             log.exception("could not schedule the periodic job %s", periodic.name)
             continue
         armed.append(periodic.name)

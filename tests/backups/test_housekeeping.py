@@ -3,6 +3,7 @@ from io import StringIO
 import django_rq
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from rq.registry import ScheduledJobRegistry
 
 from backups import queue as job_queue
@@ -34,3 +35,11 @@ def test_a_reaper_that_breaks_does_not_stop_the_other_housekeeping_steps(monkeyp
     assert result["restores_resumed"] == []
     assert result["requests_expired"] == 0
     assert "housekeeping step backups_failed failed" in caplog.text
+
+
+@pytest.mark.django_db
+def test_housekeeping_command_without_redis_fails_with_one_sentence(settings):
+    for config in settings.RQ_QUEUES.values():
+        config["URL"] = "redis://127.0.0.1:1/0"  # nothing listens there
+    with pytest.raises(CommandError, match="^could not schedule housekeeping: .*(refused|connect)"):
+        call_command("housekeeping", stdout=StringIO())

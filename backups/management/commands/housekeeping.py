@@ -16,7 +16,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         try:
-            queue.periodic_ensure_scheduled()
+            queue.periodic_ensure_scheduled(best_effort=False)
         except Exception as exc:  # noqa: BLE001 - one line for the operator
             raise CommandError(f"could not schedule housekeeping: {exc}") from None
         self.stdout.write("housekeeping scheduled")
