@@ -326,6 +326,7 @@ class _PartRows:
         engine_estimate = sum(t[2] for t in snapshot.tables.values())
         if engine_estimate > self.discovery_estimate:
             BackupSet.objects.filter(pk=self.set_id).update(rows_estimate=engine_estimate)
+            self.discovery_estimate = engine_estimate  # written again only when it grows
 
     def _table(self, shard_name, table, rows, nbytes, estimate) -> None:
         shard_backup_id = self.shard_ids.get(shard_name)

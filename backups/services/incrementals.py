@@ -197,6 +197,7 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
     backup_set = BackupSet.objects.select_related("cluster", "parent").get(pk=backup_set.pk)
     shard_backups = list(backup_set.shard_backups.select_related("shard__instance"))
     tracker = JobTracker(BackupSet, backup_set.pk).start()
+    failure: BaseException | None = None
     try:
         parent = backup_set.parent
         if parent is None or parent.status != SetStatus.SUCCEEDED:
@@ -239,16 +240,17 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
             captures.append((instances[pk], sbs, capture))
         doc = _manifest(backup_set, captures, covered)
         manifest_sha = _write_manifest(storage, backup_set, doc)
-    except Cancelled:
-        tracker.stop()
-        return backup_set_finish_cancelled(backup_set)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the set
+        failure = exc
+    finally:
+        # The tracker's last write comes before the finish transition's progress line.
         tracker.stop()
-        if not isinstance(exc, (EngineError, BackupError)):
-            log.exception("incremental set %s failed", backup_set.pk)
-        return backup_set_finish_failed(backup_set, str(exc) or exc.__class__.__name__)
-    # The tracker's last write comes before the finish transition's progress line.
-    tracker.stop()
+    if isinstance(failure, Cancelled):
+        return backup_set_finish_cancelled(backup_set)
+    if failure is not None:
+        if not isinstance(failure, (EngineError, BackupError)):
+            log.error("incremental set %s failed", backup_set.pk, exc_info=failure)
+        return backup_set_finish_failed(backup_set, str(failure) or failure.__class__.__name__)
     return _finish(
         backup_set, captures=captures, manifest_sha256=manifest_sha, covered=doc_covered(doc)
     )

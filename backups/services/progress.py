@@ -204,11 +204,16 @@ class JobTracker:
                     if k in self._columns and (v or k != "progress_text")
                 }
             )
-        if values:
-            self.model.objects.filter(pk=self.pk).update(**values)
-        if snapshot is not None:
-            if self.on_flush is not None:
+        try:
+            if values:
+                self.model.objects.filter(pk=self.pk).update(**values)
+            if snapshot is not None and self.on_flush is not None:
                 self.on_flush(snapshot)
+        except Exception:
+            if snapshot is not None:
+                self._unwritten(snapshot)  # the next flush writes these rows again
+            raise
+        if snapshot is not None:
             self.job.publish(
                 {
                     "rows_done": snapshot.rows,
@@ -219,6 +224,12 @@ class JobTracker:
         if self._has_cancel:
             self._last_cancel_poll = now
             self._poll_cancel()
+
+    def _unwritten(self, snapshot: ProgressSnapshot) -> None:
+        with self._lock:
+            self._changed_shards |= snapshot.changed_shards
+            self._changed_tables |= snapshot.changed_tables
+            self._dirty = True
 
     def _poll_cancel(self) -> None:
         if self.model.objects.filter(pk=self.pk, cancel_requested=True).exists():

@@ -187,7 +187,7 @@ def test_job_is_idempotent_a_finished_set_is_left_alone(mariadb_servers, unique_
 
 
 @pytest.mark.django_db(transaction=True)
-def test_housekeeping_job_reaps_dead_sets_and_stays_scheduled_while_sets_are_active(
+def test_reap_job_fails_dead_sets_leaves_live_ones_alone_and_rearms_itself(
     mariadb_servers, unique_name, settings
 ):
     import django_rq
@@ -200,7 +200,7 @@ def test_housekeeping_job_reaps_dead_sets_and_stays_scheduled_while_sets_are_act
     cluster = make_cluster(mariadb_servers[:1], name=f"hk{unique_name}", tables={})
     other = make_cluster(mariadb_servers[1:2], name=f"hl{unique_name}", tables={})
     dead = backup_start(cluster=cluster, actor="cli")
-    live = backup_start(cluster=other, actor="cli")  # still pending: housekeeping must go on
+    live = backup_start(cluster=other, actor="cli")  # pending and healthy: never reaped
     BackupSet.objects.filter(pk=dead.pk).update(
         status="running", heartbeat_at=timezone.now() - timezone.timedelta(minutes=5)
     )

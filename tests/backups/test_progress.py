@@ -90,3 +90,21 @@ def test_a_model_without_progress_columns_gets_only_what_it_has():
     run.refresh_from_db()
     assert run.progress_text == "12 objects checked"
     assert run.heartbeat_at is not None
+
+
+@pytest.mark.django_db
+def test_rows_a_failed_write_missed_are_written_by_the_next_flush():
+    backup_set = _running_set()
+    seen = []
+
+    def hook(snapshot):
+        seen.append(set(snapshot.changed_shards))
+        if len(seen) == 1:
+            raise RuntimeError("the console database went away for a moment")
+
+    tracker = JobTracker(BackupSet, backup_set.pk, on_flush=hook)
+    tracker.progress(ProgressEvent(shard="s00", table="t", rows_done=5))
+    with pytest.raises(RuntimeError):
+        tracker.flush()
+    tracker.flush()  # nothing new arrived, but s00's row was never written
+    assert seen == [{"s00"}, {"s00"}]
