@@ -297,6 +297,8 @@ def _execute_engine(backup_set: BackupSet, state: dict):
         spec = backup_spec_build(backup_set=backup_set, shard_backups=shard_backups, slots=slots)
     except PreflightRefused as exc:
         raise _Outcome(exc.message, shard_errors=exc.shard_errors) from None
+    except EngineError as exc:  # the master key cannot open the set's key or sign its manifest
+        raise _Outcome(f"backup could not start: {exc}") from None
     return _run_engine(spec, storage, tracker)
 
 

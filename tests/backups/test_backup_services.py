@@ -14,7 +14,12 @@ from backups.services.connection_slots import (
     slots_in_use,
 )
 from backups.services.errors import BackupError, BackupRefused
-from backups.services.full_backups import backup_cancel, backup_start, backups_reap_stale
+from backups.services.full_backups import (
+    backup_cancel,
+    backup_execute,
+    backup_start,
+    backups_reap_stale,
+)
 from console.models import AuditEvent
 from console.roles import RoleDenied
 from tests.factories import make_cluster, make_user
@@ -251,3 +256,12 @@ def test_reaper_fails_a_pending_set_only_when_its_queued_job_is_gone(cluster, se
     assert [s.pk for s in backups_reap_stale(now=later)] == [queued.pk]
     queued.refresh_from_db()
     assert queued.status == "failed" and "queued job was lost" in queued.error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_master_key_that_went_bad_after_start_fails_the_set_with_one_sentence(cluster, settings):
+    backup_set = backup_start(cluster=cluster, actor="cli", enqueue=False)
+    settings.SHARDVAULT_DATA_KEY = "c2hvcnQ"  # not 32 bytes: cannot sign the manifest
+    finished = backup_execute(backup_set=backup_set)  # no traceback out of the worker
+    assert finished.status == "failed"
+    assert finished.error == ("backup could not start: SHARDVAULT_DATA_KEY must decode to 32 bytes")
