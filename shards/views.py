@@ -166,13 +166,10 @@ def instance_test(request, cluster: str):
     if stored is not None and not any(k in request.POST for k in ("host", "port", "user")):
         form = None  # the "Test" button beside a stored instance
     if form is not None and not form.is_valid():
-        ok, message = (
-            False,
-            "Fix the form first: "
-            + " ".join(
-                f"{'' if field == '__all__' else field + ': '}{' '.join(errors)}"
-                for field, errors in form.errors.items()
-            ),
+        ok = False
+        message = "Fix the form first: " + " ".join(
+            f"{'' if field == '__all__' else field + ': '}{' '.join(errors)}"
+            for field, errors in form.errors.items()
         )
     else:
         ok, message = _connection_test(request, lambda: _endpoint_for_test(stored, form))

@@ -424,7 +424,11 @@ def _death_reason(backup_set: BackupSet, now: datetime, stale: timedelta) -> str
             )
         # A killed work horse under a live worker: RQ has already marked the job failed.
         # ("canceled" is how `backup --wait` takes a job over to run it in-process.)
-        status = _rq_job_status(backup_set.job_id) if backup_set.job_id else "unknown"
+        status = (
+            queue.job_status(backup_set.job_id, queue=queue.BACKUPS)
+            if backup_set.job_id
+            else "unknown"
+        )
         if status in ("failed", "stopped"):
             return (
                 "the worker running this backup stopped (killed or crashed) at "
@@ -435,7 +439,7 @@ def _death_reason(backup_set: BackupSet, now: datetime, stale: timedelta) -> str
     # pending: only when RQ no longer has a live job for it.
     if now - backup_set.created_at <= stale:
         return ""
-    status = _rq_job_status(backup_set.job_id)
+    status = queue.job_status(backup_set.job_id, queue=queue.BACKUPS)
     if status in ("queued", "scheduled", "deferred", "started", "unknown"):
         return ""
     if status == "missing":
@@ -443,10 +447,6 @@ def _death_reason(backup_set: BackupSet, now: datetime, stale: timedelta) -> str
             "its queued job was lost (Redis was flushed or the job expired) before a worker took it"
         )
     return f"its job ended as '{status}' before the backup started"
-
-
-def _rq_job_status(job_id: str) -> str:
-    return queue.job_status(job_id, queue=queue.BACKUPS)
 
 
 def backup_run_in_process_if_unclaimed(

@@ -47,11 +47,10 @@ def pitr_resolve(*, cluster: Cluster, at: datetime) -> tuple[BackupSet, list[Bac
     if full.consistent_at >= at:
         return full, []
     chain = chain_after(full)
-    needed: list[BackupSet] = []
-    for incremental in chain:
-        needed.append(incremental)
-        if incremental.consistent_at and incremental.consistent_at >= at:
-            return full, needed
+    try:
+        return full, chain_cut(chain, at)
+    except ChainError:
+        pass  # said again below, in the cluster's words
     newest_point = (chain[-1].consistent_at if chain else None) or full.consistent_at
     raise ChainError(
         f"the backups of {cluster.name} do not reach {at.isoformat()}: "
@@ -59,14 +58,12 @@ def pitr_resolve(*, cluster: Cluster, at: datetime) -> tuple[BackupSet, list[Bac
     )
 
 
-def segment_sources(
-    chain: list[BackupSet], instance_name: str, storage_for=set_storage
-) -> list[SegmentSource]:
+def segment_sources(chain: list[BackupSet], instance_name: str) -> list[SegmentSource]:
     """The binlog segments of `instance_name` through `chain`, in order, each opened (read,
     checked against its sha256, decrypted and decompressed) only when the apply reaches it."""
     sources = []
     for incremental in chain:
-        storage = storage_for(incremental)
+        storage = set_storage(incremental)
         data_key = set_data_key(incremental)
         for seg in incremental.segments.filter(instance_name=instance_name).order_by("index"):
             entry = {
