@@ -99,7 +99,14 @@ def redis_url(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _isolated_settings(settings, tmp_path, redis_url):
-    """Every test gets its own storage directory, Redis database and cache prefix."""
+    """Every test gets its own storage directory, an empty Redis and its own cache prefix.
+
+    The Redis server is this test session's own; emptying it per test means no job, gate or
+    connection slot an earlier test left behind is run or counted by a later one.
+    """
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
     settings.STORAGE_URL = f"file://{tmp_path / 'backups'}"
     for queue in settings.RQ_QUEUES.values():
         queue["URL"] = redis_url
