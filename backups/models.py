@@ -29,6 +29,19 @@ class BackupPolicy(models.Model):
     verify_automatically = models.BooleanField(default=True)
     drill_every_days = models.PositiveIntegerField(default=0)
     webhook_url = models.URLField(blank=True)
+    # Schedules (DESIGN.md "Policies, schedules and retention"); cron is UTC, empty = none.
+    full_cron = models.CharField(max_length=200, blank=True)
+    full_consistency = models.CharField(max_length=10, default="locked")
+    full_method = models.CharField(max_length=10, default="logical")
+    # Retention: GFS plus a floor of days.
+    keep_full = models.PositiveIntegerField(default=7)
+    keep_daily = models.PositiveIntegerField(default=7)
+    keep_weekly = models.PositiveIntegerField(default=4)
+    keep_monthly = models.PositiveIntegerField(default=6)
+    keep_days = models.PositiveIntegerField(default=7)
+    copy_to = models.JSONField(default=list, blank=True)  # storage target names
+    exclude_tables = models.JSONField(default=list, blank=True)  # "database.table" globs
+    max_threads_running = models.PositiveIntegerField(default=0)  # 0 = off
     updated_at = models.DateTimeField(auto_now=True)
 
     def __str__(self) -> str:
@@ -45,6 +58,15 @@ class BackupSet(models.Model):
     class Consistency(models.TextChoices):
         LOCKED = "locked"
         LOCKFREE = "lockfree"
+        COLD = "cold"
+
+    class Method(models.TextChoices):
+        LOGICAL = "logical"
+        PHYSICAL = "physical"
+
+    class Trigger(models.TextChoices):
+        USER = "user"
+        SCHEDULER = "scheduler"
 
     cluster = models.ForeignKey(Cluster, on_delete=models.PROTECT, related_name="backup_sets")
     kind = models.CharField(max_length=12, choices=Kind.choices, default=Kind.FULL)
@@ -55,6 +77,7 @@ class BackupSet(models.Model):
     consistency = models.CharField(
         max_length=10, choices=Consistency.choices, default=Consistency.LOCKED
     )
+    method = models.CharField(max_length=10, choices=Method.choices, default=Method.LOGICAL)
     compression_level = models.PositiveSmallIntegerField(default=1)
     encrypted = models.BooleanField(default=False)
     key_id = models.CharField(max_length=32, blank=True)
@@ -65,10 +88,22 @@ class BackupSet(models.Model):
     triggered_by = models.ForeignKey(
         USER, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # "scheduler" for sets the policy's schedule started; "user" otherwise (triggered_by says who).
+    trigger = models.CharField(max_length=10, choices=Trigger.choices, default=Trigger.USER)
     job_id = models.CharField(max_length=100, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Tables the policy's exclude_tables kept out of the set: ["db.table", ...].
+    excluded_tables = models.JSONField(default=list, blank=True)
+    # Holds (`backups hold`): a held set is never removed by retention.
+    hold_reason = models.TextField(blank=True)
+    held_by = models.ForeignKey(
+        USER, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    held_at = models.DateTimeField(null=True, blank=True)
+    # Retention began removing this set's objects; set until the set is `expired`.
+    expiring_since = models.DateTimeField(null=True, blank=True)
     # The instant the set restores to (the cut for locked; the latest shard snapshot for lockfree;
     # the newest event for incrementals).
     consistent_at = models.DateTimeField(null=True, blank=True)
@@ -150,6 +185,7 @@ class ShardBackup(models.Model):
     rows_done = models.BigIntegerField(default=0)
     bytes_done = models.BigIntegerField(default=0)
     error = models.TextField(blank=True)
+    worker = models.CharField(max_length=255, blank=True)  # host:pid of the process that ran it
 
     class Meta:
         ordering = ["backup_set", "shard_name"]
