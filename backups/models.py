@@ -464,3 +464,33 @@ class VerificationRun(models.Model):
 
     def __str__(self) -> str:
         return f"verification {self.pk} of set {self.backup_set_id}"
+
+
+class ScheduleTick(models.Model):
+    """One tick of a cluster's schedule, recorded once: two schedulers that fire the same tick
+    meet at the unique constraint, and only the first starts anything."""
+
+    class Outcome(models.TextChoices):
+        STARTED = "started"  # a set was recorded (see backup_set; it may have failed to start)
+        SKIPPED = "skipped"  # another backup of the cluster was pending or running
+
+    cluster = models.ForeignKey(Cluster, on_delete=models.CASCADE, related_name="schedule_ticks")
+    kind = models.CharField(max_length=12)  # "full" or "incremental": which schedule fired
+    tick_at = models.DateTimeField()  # the scheduled time (UTC)
+    outcome = models.CharField(max_length=10, choices=Outcome.choices)
+    backup_set = models.ForeignKey(
+        BackupSet, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    note = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-tick_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["cluster", "kind", "tick_at"], name="schedule_tick_once"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} tick {self.tick_at:%Y-%m-%d %H:%M} of {self.cluster_id}"
