@@ -54,6 +54,7 @@ def backup_set_json(backup_set: BackupSet) -> dict:
         "cluster": backup_set.cluster.name,
         "kind": backup_set.kind,
         "consistency": backup_set.consistency,
+        "method": backup_set.method,
         "status": backup_set.status,
         "rows": backup_set.rows,
         "raw_bytes": backup_set.raw_bytes,
@@ -69,7 +70,17 @@ def backup_set_json(backup_set: BackupSet) -> dict:
         "encrypted": backup_set.encrypted,
         "manifest_sha256": backup_set.manifest_sha256,
         "q": backup_set.q,
+        "triggered_by": set_triggered_by(backup_set),
     }
+
+
+def set_triggered_by(backup_set: BackupSet) -> str | None:
+    """ "scheduler" for sets the policy's schedule started, else the user's name (None for a
+    system actor such as the CLI without --as)."""
+    if backup_set.trigger == BackupSet.Trigger.SCHEDULER:
+        return "scheduler"
+    user = backup_set.triggered_by
+    return user.get_username() if user is not None else None
 
 
 @dataclass
