@@ -15,6 +15,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from backups.engine.errors import EngineError, IntegrityError
 
@@ -36,8 +37,12 @@ class StoredObject:
 
 @dataclass(frozen=True)
 class ObjectInfo:
+    """One stored object: its key, size in bytes and last modification time (UTC, aware; None
+    where a backend cannot tell)."""
+
     key: str
     size: int
+    modified_at: datetime | None = None
 
 
 def check_key(key: str) -> str:

@@ -13,6 +13,7 @@ import os
 import stat
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from backups.engine.errors import IntegrityError
@@ -40,6 +41,10 @@ def _cause(exc: OSError) -> str:
     if exc.errno == errno.EROFS:
         return "the file system is read-only"
     return exc.strerror or str(exc)
+
+
+def _mtime(info: os.stat_result) -> datetime:
+    return datetime.fromtimestamp(info.st_mtime, tz=UTC)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -178,7 +183,7 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot look up {key} in {self.describe()}: {_cause(exc)}") from exc
         if not stat.S_ISREG(info.st_mode):
             return None
-        return ObjectInfo(key=key, size=info.st_size)
+        return ObjectInfo(key=key, size=info.st_size, modified_at=_mtime(info))
 
     def _listing_base(self, prefix: str) -> Path | None:
         """The deepest directory that can hold keys starting with `prefix`."""
@@ -210,4 +215,5 @@ class LocalStorage(Storage):
                 if key.startswith(prefix) or prefix.startswith(key + "/"):
                     yield from self._walk(Path(entry.path), prefix)
             elif entry.is_file(follow_symlinks=False) and key.startswith(prefix):
-                yield ObjectInfo(key=key, size=entry.stat(follow_symlinks=False).st_size)
+                info = entry.stat(follow_symlinks=False)
+                yield ObjectInfo(key=key, size=info.st_size, modified_at=_mtime(info))

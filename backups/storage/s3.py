@@ -371,7 +371,9 @@ class S3Storage(Storage):
             raise StorageError(
                 f"cannot look up {key} in {self.describe()}: {_error_text(exc)}"
             ) from exc
-        return ObjectInfo(key=key, size=int(answer["ContentLength"]))
+        return ObjectInfo(
+            key=key, size=int(answer["ContentLength"]), modified_at=answer.get("LastModified")
+        )
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         check_prefix(prefix)
@@ -380,7 +382,11 @@ class S3Storage(Storage):
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
                 for item in page.get("Contents", []):
-                    yield ObjectInfo(key=self._relative(item["Key"]), size=int(item["Size"]))
+                    yield ObjectInfo(
+                        key=self._relative(item["Key"]),
+                        size=int(item["Size"]),
+                        modified_at=item.get("LastModified"),
+                    )
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(
                 f"cannot list {prefix or '/'} in {self.describe()}: {_error_text(exc)}"
