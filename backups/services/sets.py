@@ -74,6 +74,20 @@ def set_storage(backup_set: BackupSet) -> Storage:
     return storage_for_url(backup_set.storage_url) if backup_set.storage_url else default_storage()
 
 
+DEFAULT_TARGET = "default"
+
+
+def set_storages(backup_set: BackupSet) -> list[tuple[str, Storage]]:
+    """Every (target name, storage) holding objects of `backup_set`: where it was written
+    first. Removing a set removes it from each (copy targets join this list with issue 11)."""
+    return [(DEFAULT_TARGET, set_storage(backup_set))]
+
+
+def storage_targets() -> list[tuple[str, Storage]]:
+    """Every configured (target name, storage): today the `default` target (STORAGE_URL)."""
+    return [(DEFAULT_TARGET, default_storage())]
+
+
 def set_prefix(backup_set: BackupSet) -> str:
     """`<cluster>/<set-id>`: the set's objects, relative to its storage's prefix."""
     return backup_set.object_prefix or f"{backup_set.cluster.name}/{backup_set.pk}"
