@@ -192,6 +192,12 @@ PERIODIC: dict[str, Periodic] = {
             every=lambda: 3600,
             description="storage checks, due drills, RPO and failed-backup alerts",
         ),
+        Periodic(
+            name="schedules",
+            path="backups.services.schedules.schedules_arm",
+            every=lambda: 60,
+            description="arm each policy's next scheduled full and incremental backup",
+        ),
     )
 }
 

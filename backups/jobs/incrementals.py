@@ -6,8 +6,7 @@ from __future__ import annotations
 from django.db import close_old_connections
 
 from backups.models import BackupSet
-from backups.services import incrementals
-from shards.models import Cluster
+from backups.services import incrementals, schedules
 
 
 def run_incremental_job(set_id: int) -> str:
@@ -20,11 +19,8 @@ def run_incremental_job(set_id: int) -> str:
 
 
 def continuous_capture_job(cluster_id: int) -> str:
-    """Queue `default`, scheduled every N minutes: start an incremental, schedule the next."""
+    """A job armed by an earlier version (queue `default`): continuous capture is now a
+    schedule of the policy (`backups.services.schedules`), so this only arms that."""
     close_old_connections()
-    cluster = Cluster.objects.filter(pk=cluster_id).first()
-    if cluster is None:
-        return "gone"
-    backup_set = incrementals.continuous_capture_tick(cluster=cluster)
-    incrementals.continuous_capture_schedule(cluster=cluster)
-    return f"set {backup_set.pk}" if backup_set else "skipped"
+    schedules.schedules_arm(cluster_ids=[cluster_id])
+    return "continuous capture follows the policy's schedule"

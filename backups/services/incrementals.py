@@ -7,7 +7,8 @@
   rows and a signed manifest (`kind: "incremental"`, `parent`, `binlog: [...]`).
 * Point-in-time resolution and roll-forward live in `backups.services.pitr`; expiring a
   set (and the check that nothing depends on it) in `backups.services.sets`.
-* `continuous_capture_schedule(*, cluster)` keeps an incremental every N minutes queued.
+* Continuous capture (an incremental every N minutes) is a schedule of the policy:
+  `backups.services.schedules`, which skips a tick while the cluster is busy.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from datetime import datetime, timedelta
 from django.db import transaction
 from django.utils import timezone
 
-from backups import queue
 from backups.engine import codec
 from backups.engine.binlog import master_status_at
 from backups.engine.binlog_events import coordinate_key
@@ -73,6 +73,49 @@ def _chain_end_coordinates(parent: BackupSet) -> dict[int, tuple[str, int, str]]
     return ends
 
 
+def _chain_check(
+    cluster: Cluster, shards
+) -> tuple[BackupSet | None, dict[int, tuple[str, int, str]], str]:
+    """(parent, its end coordinates per shard, "" or why no incremental can follow it)."""
+    parent = (
+        BackupSet.objects.filter(cluster=cluster, status=SetStatus.SUCCEEDED)
+        .order_by("-id")
+        .first()
+    )
+    chain_problem = ""
+    ends: dict[int, tuple[str, int, str]] = {}
+    if (
+        parent is None
+        or not BackupSet.objects.filter(
+            cluster=cluster, kind=BackupSet.Kind.FULL, status=SetStatus.SUCCEEDED
+        ).exists()
+    ):
+        chain_problem = (
+            f"cluster {cluster.name} has no succeeded full backup; "
+            "run a full backup before incrementals"
+        )
+        parent = None
+    else:
+        try:
+            ends = _chain_end_coordinates(parent)
+        except ChainError as exc:
+            chain_problem = str(exc)
+        missing = [s.name for s in shards if s.pk not in ends]
+        if missing and not chain_problem:
+            chain_problem = (
+                f"shard(s) {', '.join(missing)} are not in set {parent.pk}; "
+                "the topology changed, so a new full backup is needed"
+            )
+    return parent, ends, chain_problem
+
+
+def incremental_chain_problem(cluster: Cluster) -> str:
+    """Why an incremental of `cluster` cannot start now ("" when it can): the scheduler takes
+    a full backup instead when the chain needs one."""
+    shards = list(cluster.shards.select_related("instance").order_by("name"))
+    return _chain_check(cluster, shards)[2]
+
+
 def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> BackupSet:
     """Record an incremental set of `cluster` after its newest succeeded set, and queue it.
 
@@ -85,36 +128,8 @@ def incremental_start(*, cluster: Cluster, actor, enqueue: bool = True) -> Backu
     with transaction.atomic():
         cluster = Cluster.objects.select_for_update().get(pk=cluster.pk)
         shards = list(cluster.shards.select_related("instance").order_by("name"))
-        parent = (
-            BackupSet.objects.filter(cluster=cluster, status=SetStatus.SUCCEEDED)
-            .order_by("-id")
-            .first()
-        )
+        parent, ends, chain_problem = _chain_check(cluster, shards)
         # A backup that cannot start is still recorded, as failed with its reason (DESIGN.md).
-        chain_problem = ""
-        ends: dict[int, tuple[str, int, str]] = {}
-        if (
-            parent is None
-            or not BackupSet.objects.filter(
-                cluster=cluster, kind=BackupSet.Kind.FULL, status=SetStatus.SUCCEEDED
-            ).exists()
-        ):
-            chain_problem = (
-                f"cluster {cluster.name} has no succeeded full backup; "
-                "run a full backup before incrementals"
-            )
-            parent = None
-        else:
-            try:
-                ends = _chain_end_coordinates(parent)
-            except ChainError as exc:
-                chain_problem = str(exc)
-            missing = [s.name for s in shards if s.pk not in ends]
-            if missing and not chain_problem:
-                chain_problem = (
-                    f"shard(s) {', '.join(missing)} are not in set {parent.pk}; "
-                    "the topology changed, so a new full backup is needed"
-                )
         refused = chain_problem or busy_reason(cluster)
         policy = BackupPolicy.objects.filter(cluster=cluster).first()
 
@@ -401,63 +416,4 @@ def _finish(
                 "consistent_at": locked.consistent_at,
             },
         )
-        cluster_id = locked.cluster_id
-        transaction.on_commit(lambda: _reschedule_quietly(cluster_id))
     return locked
-
-
-def _reschedule_quietly(cluster_id: int) -> None:
-    try:
-        continuous_capture_schedule(cluster=Cluster.objects.get(pk=cluster_id))
-    except Exception:  # noqa: BLE001 - scheduling must never fail a finished backup
-        log.exception("scheduling continuous capture of cluster %s failed", cluster_id)
-
-
-# ---------------------------------------------------------------------- continuous capture
-
-
-def schedule_job_id(cluster_id: int) -> str:
-    return f"incremental-schedule-{cluster_id}"
-
-
-def continuous_capture_schedule(*, cluster: Cluster) -> bool:
-    """Queue the next incremental of `cluster` in N minutes (BackupPolicy), unless one is queued.
-
-    Returns whether a capture is scheduled. Uses RQ's scheduler (`enqueue(at=...)`; workers
-    run with --with-scheduler); at most one scheduled capture per cluster exists at a time.
-    """
-    policy = BackupPolicy.objects.filter(cluster=cluster).first()
-    minutes = policy.incremental_every_minutes if policy else 0
-    if minutes <= 0:
-        return False
-    prefix = schedule_job_id(cluster.pk) + "-"
-    if any(job_id.startswith(prefix) for job_id in queue.scheduled_job_ids(queue.DEFAULT)):
-        return True
-    due = timezone.now() + timedelta(minutes=minutes)
-    queue.enqueue(
-        "backups.jobs.incrementals.continuous_capture_job",
-        cluster.pk,
-        queue=queue.DEFAULT,
-        at=due,
-        # Milliseconds: queue.enqueue refuses an id still live, and a capture that fires
-        # within a second of the previous schedule must still queue its successor.
-        job_id=f"{prefix}{int(due.timestamp() * 1000)}",
-        description=f"continuous capture of {cluster.name} every {minutes} min",
-        result_ttl=3600,
-    )
-    return True
-
-
-def continuous_capture_tick(*, cluster: Cluster) -> BackupSet | None:
-    """Start an incremental now if the policy still asks for one; then schedule the next."""
-    policy = BackupPolicy.objects.filter(cluster=cluster).first()
-    if not policy or policy.incremental_every_minutes <= 0:
-        return None
-    backup_set = None
-    try:
-        backup_set = incremental_start(cluster=cluster, actor="scheduler")
-    except BackupRefused as exc:
-        backup_set = exc.backup_set
-    except BackupError as exc:
-        log.warning("continuous capture of %s skipped: %s", cluster.name, exc)
-    return backup_set

@@ -13,7 +13,7 @@ from backups.models import BackupSet, BinlogSegment, RestoreRequest
 from backups.selectors.incrementals import aligned_instant, chain_after, recoverable_window
 from backups.services.errors import ChainError
 from backups.services.full_backups import backup_start
-from backups.services.incrementals import continuous_capture_schedule, incremental_start
+from backups.services.incrementals import incremental_start
 from backups.services.pitr import pitr_resolve
 from backups.services.sets import backup_set_delete_check, backup_set_expire
 from tests.factories import make_cluster, make_user
@@ -323,41 +323,6 @@ def test_sets_and_incrementals_restore_a_gap_free_sequence_at_a_second(
     assert restored_all == set(range(1, k + 1)), "the restored numbers have a gap"
     whole_second_before = {n for n, (b, a, i) in stamps.items() if a < at.timestamp()}
     assert whole_second_before <= restored_all
-
-
-def test_continuous_capture_schedules_one_incremental_every_n_minutes(
-    cluster, mariadb_servers, run_jobs
-):
-    import django_rq
-
-    from backups.jobs.incrementals import continuous_capture_job
-    from backups.models import BackupPolicy
-
-    run_backup("full", cluster, run_jobs)
-    assert continuous_capture_schedule(cluster=cluster) is False  # off by default
-    BackupPolicy.objects.update_or_create(
-        cluster=cluster, defaults={"incremental_every_minutes": 5}
-    )
-    assert continuous_capture_schedule(cluster=cluster) is True
-    assert continuous_capture_schedule(cluster=cluster) is True  # still one, not two
-    registry = django_rq.get_queue("default").scheduled_job_registry
-    scheduled = [
-        j for j in registry.get_job_ids() if j.startswith(f"incremental-schedule-{cluster.pk}-")
-    ]
-    assert len(scheduled) == 1
-    due = registry.get_scheduled_time(scheduled[0])
-    assert timedelta(minutes=4) < due - datetime.now(UTC) <= timedelta(minutes=5)
-
-    # When it fires: an incremental is captured and the next one stays scheduled.
-    registry.remove(scheduled[0])
-    continuous_capture_job(cluster.pk)
-    run_jobs("backups")
-    newest = BackupSet.objects.filter(cluster=cluster).order_by("-id").first()
-    assert newest.kind == "incremental" and newest.status == "succeeded", newest.error
-    assert newest.triggered_by is None
-    assert [
-        j for j in registry.get_job_ids() if j.startswith(f"incremental-schedule-{cluster.pk}-")
-    ]
 
 
 def test_incremental_after_a_full_taken_without_binlog_is_recorded_failed_and_says_why(
