@@ -8,12 +8,13 @@ severity and one sentence telling the user what to change.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import pymysql
 
 from backups.engine.errors import ConnectError
+from backups.engine.exclusions import exclusions_for_server
 from backups.engine.mysql import Endpoint, connect, describe_error, server_flavour
 
 OK = "ok"
@@ -90,8 +91,12 @@ def discover(
     *,
     progress: Progress | None = None,
     unavailable: dict[str, str] | None = None,
+    exclude_tables: Iterable[str] = (),
 ) -> DiscoveryResult:
     """Inspect every instance and every shard; never raises for a server problem.
+
+    Tables matching `exclude_tables` (the policy's "database.table" globs) are listed with
+    an ok finding saying so, and never refused: they are not backed up at all.
 
     `unavailable` maps instance names to a reason they cannot be tried at all (a
     password variable that is not set); those become error findings. `progress`
@@ -137,7 +142,9 @@ def discover(
             )
             tick(f"shard {shard.name}")
             continue
-        tables = _check_shard(endpoints[shard.instance], shard, result.findings)
+        tables = _check_shard(
+            endpoints[shard.instance], shard, result.findings, tuple(exclude_tables)
+        )
         if tables is not None:
             result.tables[shard.name] = tables
             if shard.instance in grants:
@@ -450,7 +457,12 @@ def _check_database_privileges(grants: Grants, shard: ShardTarget, findings: lis
 # --- shards ----------------------------------------------------------------------------
 
 
-def _check_shard(endpoint: Endpoint, shard: ShardTarget, findings: list[FindingInfo]):
+def _check_shard(
+    endpoint: Endpoint,
+    shard: ShardTarget,
+    findings: list[FindingInfo],
+    exclude_tables: tuple[str, ...] = (),
+):
     try:
         conn = connect(endpoint, shard.database)
     except ConnectError as exc:
@@ -478,6 +490,7 @@ def _check_shard(endpoint: Endpoint, shard: ShardTarget, findings: list[FindingI
                 tables.append(
                     TableInfo(name, engine, int(rows), int(data), int(index), bool(has_pk))
                 )
+        exclusions = exclusions_for_server(exclude_tables, conn)
     except pymysql.MySQLError as exc:
         findings.append(
             FindingInfo(
@@ -494,6 +507,17 @@ def _check_shard(endpoint: Endpoint, shard: ShardTarget, findings: list[FindingI
 
     for table in tables:
         where = dict(instance=shard.instance, shard=shard.name, table=table.name)
+        if exclusions.excludes(shard.database, table.name):
+            findings.append(
+                FindingInfo(
+                    OK,
+                    "table.excluded",
+                    f"table '{table.name}' in shard {shard.name} ({table.engine or 'no engine'}) "
+                    "matches the policy's exclude_tables: it is never backed up or restored",
+                    **where,
+                )
+            )
+            continue
         if table.engine.upper() != "INNODB":
             findings.append(
                 FindingInfo(

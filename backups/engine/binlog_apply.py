@@ -128,11 +128,13 @@ def apply_segments(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     crash_after_transactions: int | None = None,
+    excluded: Iterable[str] = (),
 ) -> ApplyResult:
     """Apply every transaction of `source_database` after (start_file, start_pos) up to `until`.
 
     `tables` maps the restored source tables to their target names (None: every table of
-    the database, same names). `stream` names the source (the instance) in the position table. Segments must be
+    the database, same names); `excluded` names tables the set's policy excluded, whose
+    events are never applied. `stream` names the source (the instance) in the position table. Segments must be
     in binlog order. `crash_after_transactions` exists for tests: the apply is cut
     off (mariadb killed mid-stream) after that many transactions were sent.
     Returns what was applied; raises `EngineError` with mariadb's message on failure.
@@ -158,7 +160,7 @@ def apply_segments(
             raise Cancelled("cancelled while applying binlogs")
         outcome = _apply_one(
             target=target,
-            scope=Scope(source_database, target_database, tables),
+            scope=Scope(source_database, target_database, tables, excluded),
             stream=stream,
             file=file,
             blocks=source.open(),

@@ -192,16 +192,36 @@ def rewrite_table_map(event: bytes, post: int, database: str, table: str, checks
     return _with_crc(body, checksum)
 
 
+# The table a DDL statement changes: the name after TABLE (the last part of a qualified name).
+_DDL_TABLE = re.compile(
+    r"\bTABLE\s+(?:IF\s+(?:NOT\s+)?EXISTS\s+)?(?:(?:`(?:[^`]|``)*`|\w+)\s*\.\s*)?"
+    r"(?:`((?:[^`]|``)*)`|(\w+))",
+    re.IGNORECASE,
+)
+
+
 class Scope:
     """Which source tables are restored, and under which target names."""
 
-    def __init__(self, source_database: str, target_database: str, tables: dict[str, str] | None):
+    def __init__(
+        self,
+        source_database: str,
+        target_database: str,
+        tables: dict[str, str] | None,
+        excluded: Iterable[str] = (),
+    ):
         self.source = source_database
         self.target = target_database
         self.tables = tables  # source table -> target table; None: every table of the database
+        # Tables the set's policy excluded: never restored, so their events are never applied.
+        self.excluded = frozenset(excluded)
 
     def wants(self, database: str, table: str) -> bool:
-        return database == self.source and (self.tables is None or table in self.tables)
+        return (
+            database == self.source
+            and (self.tables is None or table in self.tables)
+            and table not in self.excluded
+        )
 
     def target_table(self, table: str) -> str:
         return self.tables.get(table, table) if self.tables else table
@@ -222,6 +242,10 @@ class Scope:
         return re.search(pattern, statement.decode("utf-8", "replace"), re.IGNORECASE) is not None
 
     def statement_touches(self, statement: bytes) -> bool:
+        if self.excluded:
+            match = _DDL_TABLE.search(statement.decode("utf-8", "replace"))
+            if match and (match.group(1) or match.group(2)).replace("``", "`") in self.excluded:
+                return False
         if self.tables is None:
             return True
         text = statement.decode("utf-8", "replace").lower()

@@ -14,6 +14,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import pymysql
@@ -24,6 +25,7 @@ from backups.engine.errors import EngineError
 from backups.engine.manifest import manifest_chunk_entry
 from backups.engine.mysql import describe_error, quote_qualified
 from backups.engine.snapshot import SessionGroup
+from backups.engine.throttle import ThreadsRunningGate
 from backups.engine.types import ChunkResult, ProgressEvent, ShardSpec, TableResult
 from backups.engine.wire import stream_lines
 from backups.storage import key_part
@@ -91,6 +93,8 @@ class DumpGroup(SessionGroup):
     tables: list[TableDump]
     cursor: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Policy max_threads_running: new chunks wait while the instance is busier (None = off).
+    gate: ThreadsRunningGate | None = None
 
 
 class ChunkDumper:
@@ -116,13 +120,20 @@ class ChunkDumper:
     def work(self, group: DumpGroup, conn) -> None:
         """Dump chunks of `group`'s tables on `conn` until none remain or the run aborts."""
         table = None
+        gate = group.gate
         try:
             while not self.abort.is_set():
-                task = self._next_task(group, conn)
-                if task is None:
+                # A busy server holds the next chunk back; cancel and abort still end the wait.
+                if gate is not None and not gate.wait(
+                    stopped=self.abort.is_set, report=self.events.put
+                ):
                     return
-                table, chunk = task
-                self._dump_chunk(conn, table, chunk)
+                with gate.chunk() if gate is not None else nullcontext():
+                    task = self._next_task(group, conn)
+                    if task is None:
+                        return
+                    table, chunk = task
+                    self._dump_chunk(conn, table, chunk)
         except _Aborted:
             return
         except Exception as exc:  # noqa: BLE001 - every failure becomes a per-shard error

@@ -22,6 +22,7 @@ from backups.engine import checksum, schema
 from backups.engine.chunk_dump import ChunkDumper, DumpGroup, TableDump
 from backups.engine.chunking import TablePlan
 from backups.engine.errors import Cancelled, ConnectError, EngineError
+from backups.engine.exclusions import Exclusions, exclusions_for_server
 from backups.engine.manifest import manifest_full_document, manifest_write
 from backups.engine.mysql import connect, describe_error
 from backups.engine.snapshot import (
@@ -31,6 +32,7 @@ from backups.engine.snapshot import (
     now_utc,
     session_open,
 )
+from backups.engine.throttle import ThreadsRunningGate
 from backups.engine.types import (
     BackupResult,
     BackupSpec,
@@ -70,6 +72,9 @@ class _DumpRun:
         self.groups: list[DumpGroup] = []
         self.tables: dict[str, list[TableDump]] = {}  # shard name -> tables
         self.objects: dict[str, dict] = {}  # shard name -> views/triggers/...
+        self.exclusions: dict[str, Exclusions] = {}  # instance -> the policy's patterns there
+        self.excluded: dict[str, list[str]] = {}  # shard name -> tables the policy kept out
+        self.gates: dict[str, ThreadsRunningGate] = {}  # instance -> max_threads_running gate
         self.shard_errors: dict[str, str] = {}
         self.cut = ConsistentCut(self.controls)
         self.events: queue.Queue = queue.Queue()
@@ -160,6 +165,11 @@ class _DumpRun:
                     cur.execute("SET SESSION sql_mode = ''")
             except pymysql.err.MySQLError as exc:
                 self._record_instance_error(instance, describe_error(exc, endpoint))
+            self.exclusions[instance] = exclusions_for_server(self.spec.exclude_tables, conn)
+            if self.spec.max_threads_running > 0:
+                self.gates[instance] = ThreadsRunningGate(
+                    instance=instance, endpoint=endpoint, limit=self.spec.max_threads_running
+                )
         if self.first_error:
             return False
         for shard in self.spec.shards:
@@ -193,6 +203,9 @@ class _DumpRun:
         missing = [name for name in names if name not in available]
         if missing:
             raise EngineError(f"table(s) not found in {shard.database}: {', '.join(missing)}")
+        # Excluded tables are never read: no schema file, no chunks, no engine check.
+        exclusions = self.exclusions.get(shard.instance) or Exclusions()
+        names, self.excluded[shard.name] = exclusions.split(shard.database, names)
         not_innodb = [
             f"{name} ({available[name][0] or 'no engine'})"
             for name in names
@@ -230,7 +243,13 @@ class _DumpRun:
                 shards = [s for s in self.spec.shards if s.instance == instance]
                 tables = [t for s in shards for t in self.tables[s.name]]
                 self.groups.append(
-                    DumpGroup(instance=instance, endpoint=endpoint, shards=shards, tables=tables)
+                    DumpGroup(
+                        instance=instance,
+                        endpoint=endpoint,
+                        shards=shards,
+                        tables=tables,
+                        gate=self.gates.get(instance),
+                    )
                 )
             per_group = max(1, int(self.spec.connections_per_instance))
         else:
@@ -241,6 +260,7 @@ class _DumpRun:
                         endpoint=shard.endpoint,
                         shards=[shard],
                         tables=self.tables[shard.name],
+                        gate=self.gates.get(shard.instance),
                     )
                 )
             per_group = 1
@@ -321,6 +341,8 @@ class _DumpRun:
         for conn in self.controls.values():
             _close(conn)
         self.controls.clear()  # the cut holds this same dict
+        for gate in self.gates.values():
+            gate.close()
 
     def _discard_objects(self) -> None:
         try:
@@ -358,7 +380,14 @@ class _DumpRun:
             raw_bytes=sum(t.raw_bytes for s in shards for t in s.tables),
             stored_bytes=sum(t.stored_bytes for s in shards for t in s.tables),
             error="" if ok else (self.first_error or "backup failed"),
+            excluded=self._excluded_names(),
         )
+
+    def _excluded_names(self) -> list[str]:
+        names = set()
+        for shard in self.spec.shards:
+            names.update(f"{shard.database}.{t}" for t in self.excluded.get(shard.name, []))
+        return sorted(names)
 
     def _finish(self) -> BackupResult:
         self._progress(ProgressEvent(stage="manifest", message="writing the manifest"))
@@ -382,6 +411,7 @@ class _DumpRun:
             result=result,
             tables=self.tables,
             objects=self.objects,
+            excluded=self.excluded,
             coordinates=self.cut.coordinates,
             created_at=self.created_at,
             consistent_at=self.cut.consistent_at,

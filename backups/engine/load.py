@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 
 import pymysql
 import pymysql.connections
@@ -22,6 +23,7 @@ import pymysql.connections
 from backups.engine import checksum, codec, schema
 from backups.engine.errors import Cancelled, ConnectError, EngineError, IntegrityError
 from backups.engine.mysql import Endpoint, connect, describe_error, quote_ident, quote_qualified
+from backups.engine.throttle import ThreadsRunningGate
 from backups.engine.types import CancelFn, ProgressEvent, ProgressFn, TableLoadJob, TableLoadResult
 
 STREAM_NAME = "shardvault-chunk-stream"
@@ -242,13 +244,15 @@ def load_table(
     is_chunk_done: Callable[[str], bool] = lambda key: False,
     on_chunk_done: Callable[[str, int], None] = lambda key, rows: None,
     parallel: int = 2,
+    throttle: ThreadsRunningGate | None = None,
 ) -> TableLoadResult:
     """Load one table's chunks (skipping those `is_chunk_done` reports) and prove it.
 
     Each chunk is one transaction; `on_chunk_done(key, rows)` is called (in the
     caller's thread) after its commit. Afterwards the server-side checksum of the
     target table is compared with the manifest's. Raises IntegrityError naming the
-    object for a damaged or undecryptable chunk, Cancelled when asked to stop.
+    object for a damaged or undecryptable chunk, Cancelled when asked to stop (also while
+    `throttle`, the target's max_threads_running gate, holds the next chunk back).
     """
     table = job.manifest_table
     columns = list(table["columns"])
@@ -279,12 +283,22 @@ def load_table(
                     pass  # needs SUPER/BINLOG ADMIN; the load still works, only binlogged
             conn.autocommit(False)
             while not stop.is_set():
+                if work.empty():
+                    return
+                # A busy target holds the next chunk back (its pause line goes to progress).
+                if throttle is not None and not throttle.wait(
+                    stopped=stop.is_set, report=lambda event: results.put(("note", None, event))
+                ):
+                    return
                 try:
                     chunk = work.get_nowait()
                 except queue.Empty:
                     return
                 try:
-                    loaded = _load_stream(conn, sql, _chunk_source(storage, chunk, job.data_key))
+                    with throttle.chunk() if throttle is not None else nullcontext():
+                        loaded = _load_stream(
+                            conn, sql, _chunk_source(storage, chunk, job.data_key)
+                        )
                     conn.commit()
                 except BaseException:
                     try:
@@ -316,6 +330,15 @@ def load_table(
         try:
             kind, chunk, value = results.get(timeout=0.25)
         except queue.Empty:
+            if not stop.is_set() and should_cancel():
+                cancelled = True
+                stop.set()
+            continue
+        if kind == "note":
+            try:
+                progress(value)
+            except Exception:  # noqa: BLE001 - a progress sink must never break a restore
+                pass
             if not stop.is_set() and should_cancel():
                 cancelled = True
                 stop.set()

@@ -22,7 +22,10 @@ Format 1 (built by `manifest_document`, for full sets by the dump engine through
      "binlog": [{"key", "sha256", "stored_bytes", "instance", ...}],
      "totals": {...}, "signature": {"algorithm": "hmac-sha256", "value": hex}}
 
-Full sets also carry "lock_window_ms", "started_by", "topology" and "checksum_algorithm";
+Full sets also carry "lock_window_ms", "started_by", "topology" and "checksum_algorithm",
+and the policy's exclusions: "exclude_tables" (the glob patterns in force), "excluded" (every
+"database.table" they kept out, sorted) and per shard "excluded_tables" (table names). An
+excluded table has no entry in "tables" and no object: it is never dumped or restored.
 incremental sets carry "instances" (each instance's captured binlog range) and their shards
 "end_binlog_file", "end_binlog_pos" and "end_gtid".
 """
@@ -115,15 +118,17 @@ def manifest_full_document(
     tables: dict[str, list[TableDump]],
     objects: dict[str, dict],
     coordinates: dict[str, Coordinates],
+    excluded: dict[str, list[str]] | None = None,
     created_at: datetime | None,
     consistent_at: datetime | None,
     lock_window_ms: float | None,
 ) -> dict:
     """The (unsigned) manifest document of a full set the dump engine has stored.
 
-    `tables` and `objects` are by shard name, in the order of `spec.shards`; `result`
-    is the successful BackupResult of the same run.
+    `tables`, `objects` and `excluded` (tables the policy kept out) are by shard name, in
+    the order of `spec.shards`; `result` is the successful BackupResult of the same run.
     """
+    excluded = excluded or {}
     shards_doc = []
     object_count = 0
     for shard, shard_result in zip(spec.shards, result.shards, strict=True):
@@ -165,6 +170,7 @@ def manifest_full_document(
                 "routines": db_objects.get("routines", []),
                 "events": db_objects.get("events", []),
                 "tables": tables_doc,
+                "excluded_tables": sorted(excluded.get(shard.name, [])),
             }
         )
     return manifest_document(
@@ -185,6 +191,8 @@ def manifest_full_document(
             else None
         ),
         checksum_algorithm=checksum.ALGORITHM,
+        exclude_tables=list(spec.exclude_tables),
+        excluded=list(result.excluded),
         shards=shards_doc,
         binlog=[],
         totals={
@@ -194,6 +202,11 @@ def manifest_full_document(
             "objects": object_count,
         },
     )
+
+
+def manifest_excluded(doc: dict) -> list[str]:
+    """The "database.table" names a set's policy kept out (empty for older manifests)."""
+    return [str(name) for name in doc.get("excluded") or []]
 
 
 def _instant(value) -> str | None:

@@ -52,6 +52,10 @@ class BackupSpec:
     lock_retries: int = 5
     topology: dict[str, Any] = field(default_factory=dict)  # snapshot written into the manifest
     started_by: str = ""
+    # Policy `exclude_tables`: "database.table" globs never dumped (listed in the manifest).
+    exclude_tables: tuple[str, ...] = ()
+    # Policy `max_threads_running`: new chunks wait while an instance is busier; 0 = off.
+    max_threads_running: int = 0
 
 
 @dataclass
@@ -66,6 +70,8 @@ class ProgressEvent:
     stage: str = ""  # "locking", "snapshot", "schema", "dump", "checksum", "manifest", "load"
     message: str = ""
     chunk: dict[str, Any] | None = None  # a finished chunk's manifest entry, when one is stored
+    # The instance a "throttle" event is about; its message is the pause line, "" on resume.
+    instance: str = ""
 
 
 ProgressFn = Callable[[ProgressEvent], None]
@@ -121,6 +127,7 @@ class BackupResult:
     raw_bytes: int = 0
     stored_bytes: int = 0
     error: str = ""
+    excluded: list[str] = field(default_factory=list)  # "database.table" the policy kept out
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from backups import queue
 from backups.engine.errors import ConnectError
 from backups.engine.mysql import connect
 from backups.engine.types import BackupSpec, ShardSpec
-from backups.models import BackupSet
+from backups.models import BackupPolicy, BackupSet
 from backups.services.connection_slots import ConnectionSlots, SlotNeed
 from backups.services.sets import set_data_key, set_job_id
 from console.keys import manifest_hmac_key
@@ -102,6 +102,7 @@ def backup_spec_build(*, backup_set: BackupSet, shard_backups, slots) -> BackupS
     connections = min(i.max_connections for i in instances.values()) - 1
     if slots is not None and slots.granted:
         connections = min(slots.granted.values()) - 1
+    policy = BackupPolicy.objects.filter(cluster_id=backup_set.cluster_id).first()
     return BackupSpec(
         cluster=backup_set.cluster.name,
         set_id=backup_set.pk,
@@ -121,6 +122,8 @@ def backup_spec_build(*, backup_set: BackupSet, shard_backups, slots) -> BackupS
         started_by=(
             backup_set.triggered_by.get_username() if backup_set.triggered_by_id else "system"
         ),
+        exclude_tables=tuple(policy.exclude_tables or ()) if policy else (),
+        max_threads_running=policy.max_threads_running if policy else 0,
     )
 
 

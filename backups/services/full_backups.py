@@ -253,6 +253,11 @@ def backup_execute(*, backup_set: BackupSet, runner_job_id: str = "") -> BackupS
         return backup_set_finish_failed(
             backup_set, message or "the engine reported a failure", shard_errors=shard_errors
         )
+    if result.excluded:
+        # What the policy's exclude_tables kept out, as the manifest lists it (set page, show).
+        BackupSet.objects.filter(pk=backup_set.pk, status=SetStatus.RUNNING).update(
+            excluded_tables=list(result.excluded)
+        )
     return backup_set_finish_succeeded(backup_set, result, on_commit=_after_success)
 
 

@@ -159,6 +159,8 @@ def chain_apply(
         tables=table_renames,
         progress=progress,
         should_cancel=should_cancel,
+        # Capture stored every table's events; the policy's excluded tables are never restored.
+        excluded=shard.get("excluded_tables") or (),
     )
 
 

@@ -85,6 +85,8 @@ class JobTracker:
         self._rows = rows_done
         self._bytes = bytes_done
         self._text = ""
+        # instance -> its pause line while a max_threads_running gate holds work back there.
+        self._pauses: dict[str, str] = {}
         self._shards: dict[str, list[int]] = {}
         self._tables: dict[tuple[str, str], list[int]] = {}
         self._changed_shards: set[str] = set()
@@ -99,8 +101,19 @@ class JobTracker:
     # ----------------------------------------------------------------- from any thread
 
     def progress(self, event: ProgressEvent) -> None:
-        """Take one engine progress event (increments, and a stage or message)."""
+        """Take one engine progress event (increments, and a stage or message).
+
+        A "throttle" event sets (or, with an empty message, clears) its instance's pause
+        line, which leads the progress text for as long as the pause lasts.
+        """
         with self._lock:
+            if event.stage == "throttle":
+                if event.message:
+                    self._pauses[event.instance] = event.message
+                elif self._pauses.pop(event.instance, None) and not self._text:
+                    self._text = f"resumed on instance {event.instance}"  # clears the pause line
+                self._dirty = True
+                return
             self._rows += max(0, event.rows_done)
             self._bytes += max(0, event.bytes_done)
             if event.shard:
@@ -166,7 +179,7 @@ class JobTracker:
             snapshot = ProgressSnapshot(
                 rows=self._rows,
                 bytes=self._bytes,
-                text=self._text,
+                text="; ".join(p for p in (*self._pauses.values(), self._text) if p)[:300],
                 shards={k: list(v) for k, v in self._shards.items()},
                 tables={k: list(v) for k, v in self._tables.items()},
                 changed_shards=self._changed_shards,

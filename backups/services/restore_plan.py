@@ -18,6 +18,7 @@ from typing import Any
 from django.db.models import F, Sum
 
 from backups.engine.errors import ConnectError
+from backups.engine.manifest import manifest_excluded
 from backups.engine.target import non_empty_tables
 from backups.models import BackupSet, RestoreRequest, RestoreRun
 from backups.services.errors import RestoreError
@@ -96,7 +97,11 @@ def _scope_tables(
     matchers: list[tuple[str, Any]] = []
     logical = {lt.name: lt.pattern for lt in LogicalTable.objects.filter(cluster=cluster)}
     physical = {t["name"] for s in shards for t in manifest_tables(s)}
+    excluded = {t for s in shards for t in s.get("excluded_tables") or []}
+    excluded_qualified = set(manifest_excluded(doc))
     for name in table_names:
+        if name not in physical and (name in excluded or name in excluded_qualified):
+            raise RestoreError(_excluded_sentence(name, doc))
         if name in logical:
             pattern = re.compile(logical[name])
             matchers.append((name, lambda t, p=pattern: p.fullmatch(t) is not None))
@@ -112,7 +117,16 @@ def _scope_tables(
                 yield shard, table
     for name, match in matchers:
         if not any(match(t["name"]) for s in shards for t in manifest_tables(s)):
+            if any(match(t) for t in excluded):
+                raise RestoreError(_excluded_sentence(name, doc))
             raise RestoreError(f"table {name!r} matches no table in the chosen shards")
+
+
+def _excluded_sentence(name: str, doc: dict) -> str:
+    return (
+        f"table {name!r} was excluded from backup set {doc.get('set_id')} by the policy's "
+        "exclude_tables, so the set holds no copy of it and it cannot be restored"
+    )
 
 
 # -- targets ---------------------------------------------------------------------------
@@ -315,6 +329,8 @@ def restore_plan_build(
             {f"{e['target_instance']}:{e['target_database']}" for e in entries}
         ),
         "conflicts": conflicts,
+        # Tables the set's policy kept out: never restored (DESIGN.md, exclude_tables).
+        "excluded": manifest_excluded(doc),
         "estimate_seconds": seconds,
         "estimate": text,
     }

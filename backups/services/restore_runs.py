@@ -30,8 +30,16 @@ from backups.engine.target import (
     table_truncate_unless_rows,
     tables_drop,
 )
+from backups.engine.throttle import ThreadsRunningGate
 from backups.engine.types import TableLoadJob
-from backups.models import BackupSet, LoadedChunk, RestoreRequest, RestoreRun, RestoreTableResult
+from backups.models import (
+    BackupPolicy,
+    BackupSet,
+    LoadedChunk,
+    RestoreRequest,
+    RestoreRun,
+    RestoreTableResult,
+)
 from backups.services.connection_slots import ConnectionSlots, SlotNeed
 from backups.services.errors import RestoreError, SwapIncomplete
 from backups.services.pitr import pitr_apply
@@ -171,6 +179,25 @@ def _gates(
     return gates
 
 
+def _throttle_gates(request: RestoreRequest, instances) -> dict[int, ThreadsRunningGate]:
+    """The policy's max_threads_running gate of every target server (none when it is 0).
+
+    The source cluster's policy decides: the restore's load lands on its targets, live
+    servers that keep serving while chunks load.
+    """
+    policy = BackupPolicy.objects.filter(cluster_id=request.source_set.cluster_id).first()
+    if policy is None or not policy.max_threads_running:
+        return {}
+    return {
+        pk: ThreadsRunningGate(
+            instance=instance.name,
+            endpoint=instance_endpoint(instance),
+            limit=policy.max_threads_running,
+        )
+        for pk, instance in instances.items()
+    }
+
+
 def _preflight_targets(request: RestoreRequest, entries: list[dict]) -> None:
     """Before any shard starts: every target reachable, no side/instance target table non-empty."""
     groups: dict[tuple[int, str], list[str]] = {}
@@ -228,6 +255,7 @@ def _restore_shard(
     done_keys: set[str],
     resume: bool,
     gate: InstanceGate | None = None,
+    throttle: ThreadsRunningGate | None = None,
 ) -> list[TableOutcome]:
     close_old_connections()
     outcomes = [TableOutcome(entry=e) for e in entries]
@@ -290,6 +318,7 @@ def _restore_shard(
                     is_chunk_done=lambda key: key in done_keys,
                     on_chunk_done=ledger.chunk_done,
                     parallel=parallel,
+                    throttle=throttle,
                 )
             except Cancelled:
                 raise
@@ -428,6 +457,7 @@ def _execute(
     outcomes: list[TableOutcome] = []
     ledger = ChunkLedger(run_id=run.pk)
     notes: list[str] = []
+    throttles: dict[int, ThreadsRunningGate] = {}
     try:
         if not resume:
             _preflight_targets(request, plan["tables"])
@@ -452,6 +482,7 @@ def _execute(
                 raise RestoreError(f"the restore could not start: {exc}") from exc
             tracker.slots = slots
         gates = _gates(granted, shards_on, instances)
+        throttles = _throttle_gates(request, instances)
         with ThreadPoolExecutor(max_workers=max(1, min(SHARD_THREADS, len(groups)))) as pool:
             futures = [
                 pool.submit(
@@ -468,6 +499,7 @@ def _execute(
                     done_keys=set(done_keys),
                     resume=resume,
                     gate=gates[entries[0]["target_instance_id"]],
+                    throttle=throttles.get(entries[0]["target_instance_id"]),
                 )
                 for name, entries in sorted(groups.items())
             ]
@@ -534,6 +566,9 @@ def _execute(
         if inplace and not isinstance(exc, SwapIncomplete):
             message += "; the live tables were left untouched"
         return restore_run_finish(run=run, status=RunStatus.FAILED, error=message, t=t, d=d, a=a)
+    finally:
+        for throttle in throttles.values():
+            throttle.close()
 
 
 def restore_runs_resume_stale(*, now: datetime | None = None) -> list[int]:

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from backups import queue
 from backups.engine.errors import KeyMaterialError
+from backups.models import BackupPolicy
 from console.audit import audit_record
 from shards import discovery as discovery_engine
 from shards.models import Cluster, DiscoveryRun, Finding, Instance, PhysicalTable
@@ -136,7 +137,11 @@ def discovery_run(
 
     try:
         result = discovery_engine.discover(
-            endpoints, targets, progress=progress, unavailable=unavailable
+            endpoints,
+            targets,
+            progress=progress,
+            unavailable=unavailable,
+            exclude_tables=_policy_exclusions(cluster),
         )
     except Exception as exc:
         with transaction.atomic():
@@ -150,6 +155,12 @@ def discovery_run(
     )
     run.refresh_from_db()
     return run
+
+
+def _policy_exclusions(cluster: Cluster) -> list[str]:
+    """The cluster policy's exclude_tables globs (preflight does not refuse those tables)."""
+    policy = BackupPolicy.objects.filter(cluster=cluster).first()
+    return list(policy.exclude_tables or []) if policy else []
 
 
 def _discovery_store(*, actor, cluster, run, result, instances, shards) -> None:
