@@ -140,13 +140,14 @@ def rq_worker_process(redis_url, settings, tmp_path):
     """Start a real `manage.py rqworker` subprocess against the test database and Redis.
 
     Tests using it must be `django_db(transaction=True)` so the worker sees committed rows.
-    Returns a function that starts the worker and returns its Popen.
+    Returns a function that starts the worker and returns its Popen; `scheduler=True` starts
+    it with `--with-scheduler` (RQ's scheduler, which runs scheduled and periodic jobs).
     """
     from django.db import connection
 
     started: list[subprocess.Popen] = []
 
-    def start(*queues: str) -> subprocess.Popen:
+    def start(*queues: str, scheduler: bool = False) -> subprocess.Popen:
         env = dict(os.environ)
         env.update(
             {
@@ -160,7 +161,13 @@ def rq_worker_process(redis_url, settings, tmp_path):
         )
         names = queues or ("backups", "restores", "verify", "default")
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "manage.py"), "rqworker", *names],
+            [
+                sys.executable,
+                str(ROOT / "manage.py"),
+                "rqworker",
+                *names,
+                *(["--with-scheduler"] if scheduler else []),
+            ],
             env=env,
             cwd=ROOT,
             stdout=open(tmp_path / f"worker-{len(started)}.log", "wb"),
