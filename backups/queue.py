@@ -198,6 +198,12 @@ PERIODIC: dict[str, Periodic] = {
             every=lambda: 60,
             description="arm each policy's next scheduled full and incremental backup",
         ),
+        Periodic(
+            name="retention",
+            path="backups.services.retention.retention_apply_all",
+            every=lambda: 24 * 3600,
+            description="apply every cluster's retention (each cluster on its own)",
+        ),
     )
 }
 

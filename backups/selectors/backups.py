@@ -41,7 +41,7 @@ def backup_set_detail(*, set_id: int) -> BackupSet:
         Prefetch("tables", queryset=tables)
     )
     return (
-        BackupSet.objects.select_related("cluster", "triggered_by", "parent")
+        BackupSet.objects.select_related("cluster", "triggered_by", "parent", "held_by")
         .prefetch_related(Prefetch("shard_backups", queryset=shards))
         .get(pk=set_id)
     )
@@ -81,6 +81,53 @@ def set_triggered_by(backup_set: BackupSet) -> str | None:
         return "scheduler"
     user = backup_set.triggered_by
     return user.get_username() if user is not None else None
+
+
+def set_copies(backup_set: BackupSet) -> list[dict]:
+    """The set's copies in other storage targets, [{"target", "state"}] (policy `copy_to`).
+
+    Empty until storage targets exist (issue 11 fills it); `backups show` asks only this.
+    """
+    return []
+
+
+def backup_set_show_json(backup_set: BackupSet) -> dict:
+    """The object of `backups show --json`: `backup --json` plus parent, hold, copies and
+    shards (DESIGN.md; keys never removed). Pass a set from `backup_set_detail`."""
+    hold = None
+    if backup_set.held_at is not None:
+        hold = {
+            "reason": backup_set.hold_reason,
+            "by": backup_set.held_by.get_username() if backup_set.held_by else None,
+            "at": backup_set.held_at.isoformat(),
+        }
+    return {
+        **backup_set_json(backup_set),
+        "parent": backup_set.parent_id,
+        "trigger": backup_set.trigger,
+        "hold": hold,
+        "expiring_since": (
+            backup_set.expiring_since.isoformat() if backup_set.expiring_since else None
+        ),
+        "excluded_tables": list(backup_set.excluded_tables or []),
+        "storage_url": backup_set.storage_url,
+        "object_prefix": backup_set.object_prefix,
+        "copies": set_copies(backup_set),
+        "shards": [
+            {
+                "name": sb.shard_name,
+                "instance": sb.instance_name,
+                "database": sb.database,
+                "status": sb.status,
+                "rows": sb.rows,
+                "worker": sb.worker,
+                "binlog_file": sb.binlog_file,
+                "binlog_pos": sb.binlog_pos,
+                "gtid": sb.gtid,
+            }
+            for sb in backup_set.shard_backups.all()
+        ],
+    }
 
 
 @dataclass

@@ -83,6 +83,16 @@ def restore_source_resolve(*, cluster: Cluster, source_set: BackupSet | None, at
     return full_set
 
 
+def _source_lock(full_set: BackupSet) -> None:
+    """Lock the source set for the filing transaction and refuse one retention is removing
+    (retention locks the same row, so a request and a removal never pass each other)."""
+    locked = BackupSet.objects.select_for_update().get(pk=full_set.pk)
+    if locked.expiring_since is not None or locked.status != SetStatus.SUCCEEDED:
+        raise RestoreError(
+            f"backup set {locked.pk} is being removed by retention; it cannot be restored"
+        )
+
+
 def restore_request_file(
     *,
     cluster: Cluster,
@@ -110,6 +120,7 @@ def restore_request_file(
     tables = [t.strip() for t in tables if t and t.strip()]
     now = timezone.now()
     with transaction.atomic():
+        _source_lock(full_set)
         request = RestoreRequest.objects.create(
             cluster=cluster,
             source_set=full_set,
