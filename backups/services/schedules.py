@@ -146,7 +146,8 @@ def schedule_tick(*, cluster: Cluster, kind: str, tick_at: datetime) -> Schedule
             backup_set = _start(cluster, policy, kind)
         except BackupError as exc:  # e.g. a cluster without shards: nothing to back up
             return _skip(tick, str(exc))
-        BackupSet.objects.filter(pk=backup_set.pk).update(trigger=BackupSet.Trigger.SCHEDULER)
+        backup_set.trigger = BackupSet.Trigger.SCHEDULER
+        backup_set.save(update_fields=["trigger"])
         tick.backup_set = backup_set
         tick.note = f"{backup_set.kind} set {backup_set.pk}"
         tick.save(update_fields=["backup_set", "note"])
