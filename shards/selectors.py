@@ -128,7 +128,7 @@ def topology_export(*, cluster_name: str | None = None) -> str:
     """The topology file for one or all clusters; passwords never appear, only `password_env`."""
     clusters = (
         Cluster.objects.order_by("name")
-        .select_related("drill_instance")
+        .select_related("drill_instance", "policy")
         .prefetch_related("instances", "shards__instance", "logical_tables")
     )
     if cluster_name is not None:
@@ -166,8 +166,23 @@ def topology_export(*, cluster_name: str | None = None) -> str:
             entry["logical_tables"] = tables
         if cluster.drill_instance_id:
             entry["drill_instance"] = cluster.drill_instance.name
+        entry["policy"] = _policy_entry(cluster)
         documents.append(entry)
     return dump_topology(documents)
+
+
+def _policy_entry(cluster) -> dict:
+    """Every policy field (the defaults when the cluster has no policy yet)."""
+    from backups.models import BackupPolicy  # backups builds on shards, not the reverse
+    from backups.selectors.policies import policy_json
+
+    try:
+        policy = cluster.policy  # joined by topology_export's select_related
+    except BackupPolicy.DoesNotExist:
+        policy = BackupPolicy(cluster=cluster)
+    doc = policy_json(policy)
+    del doc["cluster"]
+    return doc
 
 
 def discovery_report(cluster) -> dict:

@@ -56,6 +56,9 @@ class ClusterSpec:
     shards: list[ShardSpec] = field(default_factory=list)
     logical_tables: list[LogicalTableSpec] = field(default_factory=list)
     drill_instance: str = ""
+    # The `policy:` block as given (field -> text or list of text); None when absent, so an
+    # import leaves the policy alone.
+    policy: dict | None = None
     line: int = 0
 
 
@@ -72,6 +75,28 @@ CLUSTER_KEYS = {
     "shards",
     "logical_tables",
     "drill_instance",
+    "policy",
+}
+# The fields of a cluster's policy (DESIGN.md "Policies"; backups.services.policies checks
+# their values when the file is imported).
+POLICY_KEYS = {
+    "full_cron",
+    "full_consistency",
+    "full_method",
+    "incremental_every_minutes",
+    "keep_full",
+    "keep_daily",
+    "keep_weekly",
+    "keep_monthly",
+    "keep_days",
+    "copy_to",
+    "exclude_tables",
+    "max_threads_running",
+    "encrypt",
+    "compression_level",
+    "rpo_target_minutes",
+    "drill_every_days",
+    "webhook_url",
 }
 INSTANCE_KEYS = {
     "name",
@@ -282,7 +307,25 @@ def _parse_cluster(node) -> ClusterSpec:
                 values["drill_instance"], f"drill_instance '{drill}' is not an instance of {what}"
             )
         cluster.drill_instance = drill
+    if "policy" in values:
+        cluster.policy = _parse_policy(values["policy"], what)
     return cluster
+
+
+def _parse_policy(node, cluster_what: str) -> dict:
+    """The policy block's values as text (lists as lists of text); values are checked on import."""
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+        return {}
+    values = _mapping(node, f"the policy of {cluster_what}", POLICY_KEYS, ())
+    policy: dict = {}
+    for key, value in values.items():
+        if isinstance(value, yaml.SequenceNode):
+            policy[key] = [
+                _scalar(item, f"{cluster_what} policy {key} entry") for item in value.value
+            ]
+        else:
+            policy[key] = _scalar(value, f"{cluster_what} policy {key}", allow_empty=True)
+    return policy
 
 
 def _parse_instance(node, cluster_what: str) -> InstanceSpec:

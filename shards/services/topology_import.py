@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 
+from backups.services.policies import PolicyInvalid, policy_update
 from console.audit import audit_record
+from console.roles import RoleDenied
 from shards.models import Cluster, Instance, LogicalTable, Shard
 from shards.services.topology import (
     TopologyError,
@@ -171,6 +173,25 @@ def _import_cluster(actor, spec: ClusterSpec, summary: ImportSummary) -> None:
     for name, table in sorted(tables.items()):
         if name not in wanted_tables:
             _delete(actor, table, f"logical table {spec.name}/{name}", summary)
+
+    if spec.policy is not None:
+        _import_policy(actor, cluster, spec, summary)
+
+
+def _import_policy(actor, cluster: Cluster, spec: ClusterSpec, summary: ImportSummary) -> None:
+    """Apply only the fields the cluster's `policy:` block names (the same values: no change)."""
+    try:
+        _policy, diff = policy_update(
+            cluster=cluster, actor=actor, changes=spec.policy, source="import"
+        )
+    except PolicyInvalid as exc:
+        raise TopologyError(f"cluster '{spec.name}' policy: {exc}") from None
+    except RoleDenied:
+        raise TopologyError(
+            f"cluster '{spec.name}' policy: only an admin may change a backup policy"
+        ) from None
+    if diff:
+        summary.updated.append(f"policy {spec.name}")
 
 
 def _delete(actor, obj, label: str, summary: ImportSummary) -> None:

@@ -218,3 +218,72 @@ def test_command_errors_are_one_line_on_stderr_with_nonzero_exit(manage, tmp_pat
     assert second.returncode == 0 and second.stdout.strip() == "no changes"
     exported = manage("topology", "export", "--cluster", "cmd")
     assert exported.returncode == 0 and "name: cmd" in exported.stdout
+
+
+POLICY_FILE = (
+    FILE
+    + """\
+    policy:
+      full_cron: "0 2 * * *"
+      incremental_every_minutes: 5
+      keep_daily: 14
+      copy_to: [default]
+      exclude_tables: ["scratch.*"]
+      encrypt: true
+"""
+)
+
+
+def test_the_policy_block_sets_only_the_fields_it_names_and_is_audited(tmp_path):
+    from backups.models import BackupPolicy
+
+    _import(tmp_path, FILE)
+    assert not BackupPolicy.objects.exists()  # no policy block: the policy is untouched
+    out = _import(tmp_path, POLICY_FILE)
+    assert "policy orders" in out
+    policy = BackupPolicy.objects.get(cluster__name="orders")
+    assert policy.full_cron == "0 2 * * *" and policy.incremental_every_minutes == 5
+    assert policy.keep_daily == 14 and policy.copy_to == ["default"] and policy.encrypt is True
+    assert policy.exclude_tables == ["scratch.*"]
+    assert policy.keep_weekly == 4 and policy.keep_days == 7  # not named: defaults kept
+    event = AuditEvent.objects.get(action="policy.update")
+    assert event.details["new"]["keep_daily"] == 14 and event.details["old"]["keep_daily"] == 7
+
+    # A later file without the block, or with a block naming one field, leaves the rest alone.
+    BackupPolicy.objects.filter(pk=policy.pk).update(keep_monthly=9)
+    _import(tmp_path, FILE)
+    _import(tmp_path, FILE + "    policy:\n      keep_full: 3\n")
+    policy.refresh_from_db()
+    assert (policy.keep_full, policy.keep_monthly, policy.keep_daily) == (3, 9, 14)
+
+
+def test_export_writes_every_policy_field_and_reimporting_it_changes_nothing(tmp_path):
+    from backups.services.policies import POLICY_FIELDS
+
+    _import(tmp_path, POLICY_FILE)
+    exported = _export("--cluster", "orders")
+    block = yaml.safe_load(exported)["clusters"][0]["policy"]
+    assert list(block) == [f for f in POLICY_FIELDS if f in block] and set(block) == set(
+        POLICY_FIELDS
+    )
+    assert block["full_cron"] == "0 2 * * *" and block["exclude_tables"] == ["scratch.*"]
+    events = AuditEvent.objects.count()
+    assert _import(tmp_path, exported, "again.yaml").strip() == "no changes"
+    assert AuditEvent.objects.count() == events
+
+
+@pytest.mark.parametrize(
+    ("block", "field"),
+    [
+        ('      full_cron: "99 * * * *"\n', "full_cron"),
+        ("      copy_to: [offsite]\n", "copy_to"),
+        ("      keep_days: -2\n", "keep_days"),
+        ("      keep_forever: 1\n", "keep_forever"),
+    ],
+)
+def test_a_bad_policy_block_is_refused_naming_the_field_and_nothing_is_saved(
+    tmp_path, block, field
+):
+    error = _import_error(tmp_path, FILE + "    policy:\n" + block)
+    assert field in error and "\n" not in error.strip()
+    assert not Cluster.objects.filter(name="orders").exists()
