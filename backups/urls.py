@@ -1,6 +1,6 @@
 from django.urls import path
 
-from backups.views import sets, verify
+from backups.views import policy, sets, verify
 
 app_name = "backups"
 urlpatterns = [
@@ -11,4 +11,6 @@ urlpatterns = [
     path("<int:pk>/cancel/", sets.set_cancel, name="set_cancel"),
     path("<int:set_id>/verify/", verify.verify_start, name="verify_start"),
     path("<int:set_id>/quality/", verify.set_quality_view, name="set_quality"),
+    path("policy/<str:cluster>/", policy.policy_edit, name="policy"),
+    path("policy/<str:cluster>/validate/", policy.policy_validate, name="policy_validate"),
 ]

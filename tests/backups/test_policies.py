@@ -212,3 +212,82 @@ def test_next_runs_merge_the_cron_and_the_incremental_grid_in_utc(cluster):
         ("02:45", "incremental"),
     ]
     assert policy_json(policy_row)["incremental_every_minutes"] == 15
+
+
+# ------------------------------------------------------------------------------ the page
+
+
+def form_values(**overrides):
+    values = {
+        "full_cron": "",
+        "full_consistency": "locked",
+        "incremental_every_minutes": "0",
+        "keep_full": "7",
+        "keep_daily": "7",
+        "keep_weekly": "4",
+        "keep_monthly": "6",
+        "keep_days": "7",
+        "copy_to": "",
+        "full_method": "logical",
+        "exclude_tables": "",
+        "max_threads_running": "0",
+        "compression_level": "1",
+        "rpo_target_minutes": "1440",
+        "drill_every_days": "0",
+        "webhook_url": "",
+    }
+    values.update(overrides)
+    return values
+
+
+@pytest.mark.parametrize("role", ["operator", "approver", "auditor"])
+def test_the_policy_page_is_for_admins_only(client, cluster, role):
+    from django.urls import reverse
+
+    client.force_login(make_user(role))
+    assert client.get(reverse("backups:policy", args=["orders"])).status_code == 403
+    url = reverse("backups:policy_validate", args=["orders"])
+    assert client.post(url, form_values()).status_code == 403
+    assert client.post(reverse("backups:policy", args=["orders"]), form_values()).status_code == 403
+    page = client.get(reverse("shards:cluster_detail", args=["orders"])).content.decode()
+    assert 'id="policy-link"' not in page
+
+
+def test_admin_edits_the_policy_with_inline_validation_and_a_preview(client, cluster):
+    from django.urls import reverse
+
+    client.force_login(make_user("admin", "page-admin"))
+    page = client.get(reverse("shards:cluster_detail", args=["orders"])).content.decode()
+    assert reverse("backups:policy", args=["orders"]) in page
+
+    validate = reverse("backups:policy_validate", args=["orders"])
+    html = client.post(validate, form_values(full_cron="61 * * * *"), HTTP_HX_REQUEST="true")
+    html = html.content.decode()
+    assert 'id="errors-full_cron"' in html and "full_cron" in html and "cron" in html
+    assert not BackupPolicy.objects.filter(cluster=cluster).exclude(full_cron="").exists()
+
+    html = client.post(
+        validate, form_values(full_cron="30 4 * * *"), HTTP_HX_REQUEST="true"
+    ).content.decode()
+    assert "errorlist" not in html
+    assert html.count('class="next-run"') == 5 and "04:30 UTC" in html
+    assert not AuditEvent.objects.filter(action="policy.update").exists()  # nothing saved yet
+
+    response = client.post(
+        reverse("backups:policy", args=["orders"]),
+        form_values(full_cron="30 4 * * *", keep_daily="21", exclude_tables="scratch.*"),
+    )
+    assert response.status_code == 302
+    stored = BackupPolicy.objects.get(cluster=cluster)
+    assert (stored.full_cron, stored.keep_daily, stored.exclude_tables) == (
+        "30 4 * * *",
+        21,
+        ["scratch.*"],
+    )
+    event = AuditEvent.objects.get(action="policy.update")
+    assert event.actor.username == "page-admin" and event.details["new"]["keep_daily"] == 21
+
+    # A bad save keeps the stored policy and says which field is wrong.
+    response = client.post(reverse("backups:policy", args=["orders"]), form_values(keep_days="-1"))
+    assert response.status_code == 400 and "keep_days" in response.content.decode()
+    assert BackupPolicy.objects.get(cluster=cluster).keep_days == 7
