@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -46,6 +47,7 @@ from backups.engine.binlog_events import (
 from backups.engine.binlog_select import Scope, Transactions, plan_statements, scoped_events
 from backups.engine.errors import Cancelled, EngineError
 from backups.engine.mysql import Endpoint, connect, quote_ident, quote_qualified
+from backups.engine.throttle import ThreadsRunningGate
 from backups.engine.types import CancelFn, ProgressEvent, ProgressFn
 
 APPLIED_TABLE = "__shardvault_applied"
@@ -129,12 +131,14 @@ def apply_segments(
     should_cancel: CancelFn | None = None,
     crash_after_transactions: int | None = None,
     excluded: Iterable[str] = (),
+    throttle: ThreadsRunningGate | None = None,
 ) -> ApplyResult:
     """Apply every transaction of `source_database` after (start_file, start_pos) up to `until`.
 
     `tables` maps the restored source tables to their target names (None: every table of
     the database, same names); `excluded` names tables the set's policy excluded, whose
-    events are never applied. `stream` names the source (the instance) in the position table. Segments must be
+    events are never applied. `throttle` (the target's max_threads_running gate) holds
+    each next segment back while the target is busy. `stream` names the source (the instance) in the position table. Segments must be
     in binlog order. `crash_after_transactions` exists for tests: the apply is cut
     off (mariadb killed mid-stream) after that many transactions were sent.
     Returns what was applied; raises `EngineError` with mariadb's message on failure.
@@ -158,17 +162,22 @@ def apply_segments(
             continue
         if should_cancel and should_cancel():
             raise Cancelled("cancelled while applying binlogs")
-        outcome = _apply_one(
-            target=target,
-            scope=Scope(source_database, target_database, tables, excluded),
-            stream=stream,
-            file=file,
-            blocks=source.open(),
-            resume=resume,
-            until_ts=until_ts,
-            result=result,
-            crash_after=(crash_after_transactions - sent) if crash_after_transactions else None,
-        )
+        if throttle is not None and not throttle.wait(
+            stopped=should_cancel or (lambda: False), report=progress or (lambda event: None)
+        ):
+            raise Cancelled("cancelled while applying binlogs")
+        with throttle.chunk() if throttle is not None else nullcontext():
+            outcome = _apply_one(
+                target=target,
+                scope=Scope(source_database, target_database, tables, excluded),
+                stream=stream,
+                file=file,
+                blocks=source.open(),
+                resume=resume,
+                until_ts=until_ts,
+                result=result,
+                crash_after=(crash_after_transactions - sent) if crash_after_transactions else None,
+            )
         sent += outcome
         if progress:
             progress(

@@ -2,8 +2,7 @@
 
 Plain Python (no Django). A pattern is an `fnmatch` glob (`*`, `?`, `[seq]`) matched
 against the whole `database.table` name, so `scratch.*`, `*.tmp_*` and `app.audit_log`
-all work; a pattern without a dot only matches names that contain none (none do), so
-it is refused by `exclusion_patterns_check` instead of silently matching nothing.
+all work (the policy service checks each pattern has the database.table form).
 
 Names compare as the server compares them: case-sensitively where
 `lower_case_table_names` is 0 (the Linux default), case-insensitively otherwise.
@@ -14,20 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-
-
-def exclusion_patterns_check(patterns: Iterable[str]) -> list[str]:
-    """The patterns, stripped; ValueError naming the first that is empty or has no dot."""
-    cleaned = []
-    for raw in patterns:
-        pattern = str(raw).strip()
-        if not pattern or "." not in pattern:
-            raise ValueError(
-                f"exclude_tables: {raw!r} is not a database.table pattern (e.g. scratch.* or "
-                "*.tmp_*)"
-            )
-        cleaned.append(pattern)
-    return cleaned
 
 
 @dataclass(frozen=True)

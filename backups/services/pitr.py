@@ -98,6 +98,7 @@ def pitr_apply(
     full_set: BackupSet | None = None,
     progress=None,
     should_cancel=None,
+    throttle=None,
 ):
     """Roll one restored shard forward from its full set's coordinates to `at`.
 
@@ -121,6 +122,7 @@ def pitr_apply(
         table_renames=table_renames,
         progress=progress,
         should_cancel=should_cancel,
+        throttle=throttle,
     )
     if run is not None:
         type(run).objects.filter(pk=run.pk).update(restored_to=at.replace(microsecond=0))
@@ -137,6 +139,7 @@ def chain_apply(
     table_renames: dict[str, str] | None = None,
     progress=None,
     should_cancel=None,
+    throttle=None,
 ):
     """Roll one restored shard forward through the segments of `chain`, up to `until`.
 
@@ -161,6 +164,7 @@ def chain_apply(
         should_cancel=should_cancel,
         # Capture stored every table's events; the policy's excluded tables are never restored.
         excluded=shard.get("excluded_tables") or (),
+        throttle=throttle,
     )
 
 

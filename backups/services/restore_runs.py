@@ -223,7 +223,7 @@ def _preflight_targets(request: RestoreRequest, entries: list[dict]) -> None:
 
 
 def _apply_incrementals(
-    run: RestoreRun, shard: dict, *, endpoint, target_database, table_names, tracker
+    run: RestoreRun, shard: dict, *, endpoint, target_database, table_names, tracker, throttle
 ) -> None:
     """Roll one shard forward to `request.at` with issue 5's binlog chain, when asked for."""
     request = run.request
@@ -238,6 +238,7 @@ def _apply_incrementals(
         at=request.at,
         progress=tracker.progress,
         should_cancel=tracker.should_cancel,
+        throttle=throttle,
     )
 
 
@@ -344,6 +345,7 @@ def _restore_shard(
                 target_database=target_db,
                 table_names=load_names,
                 tracker=tracker,
+                throttle=throttle,
             )
             if not inplace:
                 note = restore_objects_recreate(
