@@ -32,8 +32,9 @@ def backup_set_hold(*, backup_set: BackupSet, actor, reason: str = "") -> Backup
     with transaction.atomic():
         locked = lock_set(backup_set.pk)
         if locked.status == SetStatus.EXPIRED or locked.expiring_since is not None:
+            done = "was" if locked.status == SetStatus.EXPIRED else "is being"
             raise BackupError(
-                f"backup set {locked.pk} was removed by retention; there is nothing left to hold"
+                f"backup set {locked.pk} {done} removed by retention; there is nothing left to hold"
             )
         if locked.held_at is not None:
             raise BackupError(f"backup set {locked.pk} is already on hold")

@@ -87,7 +87,11 @@ def _source_lock(full_set: BackupSet) -> None:
     """Lock the source set for the filing transaction and refuse one retention is removing
     (retention locks the same row, so a request and a removal never pass each other)."""
     locked = BackupSet.objects.select_for_update().get(pk=full_set.pk)
-    if locked.expiring_since is not None or locked.status != SetStatus.SUCCEEDED:
+    if locked.status != SetStatus.SUCCEEDED:
+        raise RestoreError(
+            f"backup set {locked.pk} is {locked.status}; only succeeded sets can be restored"
+        )
+    if locked.expiring_since is not None:
         raise RestoreError(
             f"backup set {locked.pk} is being removed by retention; it cannot be restored"
         )

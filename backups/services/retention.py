@@ -187,7 +187,7 @@ def _gfs_reasons(
     reasons: dict[int, list[tuple[str, date | None]]] = defaultdict(list)
     for full in fulls[: rules.keep_full]:
         reasons[full.pk].append(
-            (f"one of the {rules.keep_full} newest full backups (keep_full)", None)
+            (f"among the {rules.keep_full} newest fulls (keep_full {rules.keep_full})", None)
         )
     seen_days: set[date] = set()
     seen_weeks: set[date] = set()

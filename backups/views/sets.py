@@ -20,6 +20,8 @@ from backups.selectors.backups import (
 from backups.selectors.incrementals import RecoveryPoint, cluster_chains, recoverable_window
 from backups.services.errors import BackupError, BackupRefused
 from backups.services.full_backups import backup_cancel, backup_start
+from backups.services.holds import backup_set_hold, backup_set_release
+from backups.services.retention import retention_notes
 from console.roles import ADMIN, OPERATOR, has_role, role_required
 
 
@@ -35,8 +37,10 @@ def set_list(request):
             status=criteria.get("status", ""),
         )
     )
+    notes = retention_notes(sets=sets)  # a few queries for the whole page, not one per set
     for backup_set in sets:
         backup_set.live = progress_of(backup_set) if backup_set.is_active else None
+        backup_set.retention = notes.get(backup_set.pk)
     can_run = has_role(request.user, OPERATOR, ADMIN)
     initial = {}
     if criteria.get("cluster"):
@@ -102,6 +106,8 @@ def set_detail(request, pk: int):
         "progress": progress_of(backup_set),
         "long_snapshots": long_snapshot_shards(backup_set),
         "can_run": has_role(request.user, OPERATOR, ADMIN),
+        "retention": retention_notes(sets=[backup_set]).get(backup_set.pk),
+        "can_release": has_role(request.user, ADMIN),
     }
     return render(request, "backups/set_detail.html", context)
 
@@ -149,4 +155,40 @@ def set_cancel(request, pk: int):
             messages.success(request, f"Backup set {pk} cancelled.")
         else:
             messages.success(request, f"Cancelling backup set {pk}; it stops within seconds.")
+    return redirect(reverse("backups:set_detail", kwargs={"pk": pk}))
+
+
+@require_POST
+@role_required(OPERATOR, ADMIN)
+def set_hold(request, pk: int):
+    """Put a set on hold (operators, admins): retention keeps it and its chain."""
+    backup_set = BackupSet.objects.filter(pk=pk).first()
+    if backup_set is None:
+        raise Http404("no such backup set")
+    try:
+        backup_set_hold(
+            backup_set=backup_set, actor=request.user, reason=request.POST.get("reason", "")
+        )
+    except BackupError as exc:
+        messages.error(request, f"Not put on hold: {exc}.")
+    else:
+        messages.success(request, f"Backup set {pk} is on hold; retention keeps it.")
+    return redirect(reverse("backups:set_detail", kwargs={"pk": pk}))
+
+
+@require_POST
+@role_required(ADMIN)
+def set_release(request, pk: int):
+    """Lift a set's hold (admins only)."""
+    backup_set = BackupSet.objects.filter(pk=pk).first()
+    if backup_set is None:
+        raise Http404("no such backup set")
+    try:
+        backup_set_release(
+            backup_set=backup_set, actor=request.user, reason=request.POST.get("reason", "")
+        )
+    except BackupError as exc:
+        messages.error(request, f"Not released: {exc}.")
+    else:
+        messages.success(request, f"Backup set {pk} released; retention decides about it again.")
     return redirect(reverse("backups:set_detail", kwargs={"pk": pk}))
