@@ -8,7 +8,8 @@ from datetime import datetime, timedelta
 from django.db.models import Count, Max, OuterRef, Q, Subquery
 from django.utils import timezone
 
-from backups.models import BackupSet, RestoreRun, VerificationRun
+from backups.models import BackupPolicy, BackupSet, RestoreRun, VerificationRun
+from backups.selectors.policies import next_run
 from backups.selectors.verification import cluster_rpo_target, quality_level
 from backups.status import RunStatus, SetStatus, VerificationStatus
 from shards.models import Cluster
@@ -25,6 +26,7 @@ class ClusterHealth:
     last_drill_set_id: int | None
     flagged_sets: int
     last_failed_at: datetime | None
+    next_run: dict | None = None  # {"at", "kind"}: the policy's next scheduled backup
 
     @property
     def age(self) -> timedelta | None:
@@ -86,9 +88,17 @@ def dashboard_clusters() -> list[ClusterHealth]:
                 last_drill_set_id=c.last_drill_set_id,
                 flagged_sets=c.flagged,
                 last_failed_at=c.last_failed_at,
+                next_run=next_run(_policy_of(c)),
             )
         )
     return rows
+
+
+def _policy_of(cluster: Cluster) -> BackupPolicy | None:
+    try:
+        return cluster.policy  # joined by select_related
+    except BackupPolicy.DoesNotExist:
+        return None
 
 
 def flagged_sets(*, limit: int = 20):

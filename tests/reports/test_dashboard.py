@@ -126,3 +126,21 @@ def test_running_jobs_poll_does_not_recompute_cluster_health(client):
 def test_dashboard_needs_a_role(client):
     client.force_login(make_user(None))
     assert client.get(reverse("dashboard")).status_code == 403
+
+
+def test_dashboard_shows_each_clusters_next_scheduled_run(client):
+    from datetime import UTC, datetime
+
+    from backups.selectors.policies import next_run
+
+    nightly, _ = _cluster("nightly", newest_age=timedelta(minutes=5))
+    BackupPolicy.objects.filter(cluster=nightly).update(full_cron="15 3 * * *")
+    _cluster("manual", newest_age=timedelta(minutes=5))
+    client.force_login(make_user("auditor"))
+    page = client.get(reverse("dashboard")).content.decode()
+    expected = next_run(BackupPolicy.objects.get(cluster=nightly))
+    assert expected["at"].astimezone(UTC).strftime("%H:%M") == "03:15"
+    assert expected["at"] > datetime.now(UTC)
+    row = _row(page, "nightly")
+    assert f"{expected['at']:%Y-%m-%d} 03:15 UTC" in row and "(full)" in row
+    assert "not scheduled" in _row(page, "manual")
