@@ -56,6 +56,11 @@ def dump_cluster(
     storage error, table changed mid-backup) return `ok=False` with a per-shard error,
     after releasing every lock and connection. `Cancelled` is raised when
     `should_cancel()` turns true; everything is released first.
+
+    Tables matching `spec.exclude_tables` are never read (nor refused for their engine)
+    and are listed as excluded in the result and the manifest. With
+    `spec.max_threads_running`, each new chunk waits while its instance is busier
+    (`throttle.ThreadsRunningGate`), reported as a "throttle" progress event.
     """
     return _DumpRun(spec, storage, progress, should_cancel).execute()
 
