@@ -2,8 +2,9 @@
 
 Plain Python (no Django). One `ThreadsRunningGate` per instance per run, shared by every
 thread of the run that works on that instance. Before a thread starts a new chunk (a dump
-SELECT or a restore LOAD DATA) it calls `gate.wait(...)`; a chunk already running is never
-interrupted, so the pause lands between chunks.
+SELECT, a restore LOAD DATA, a binlog segment a restore applies) it calls `gate.wait(...)`;
+a chunk already running is never interrupted, so the pause lands between chunks. A paused
+dump keeps its snapshot open (InnoDB keeps undo history for it, as for any long snapshot).
 
 How busy the server is: `SHOW GLOBAL STATUS LIKE 'Threads_running'`, read on the gate's own
 lightweight connection at most once per `poll_interval` whatever the number of threads
