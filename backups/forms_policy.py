@@ -48,12 +48,21 @@ class PolicyForm(forms.Form):
             field.label = field.label or name.replace("_", " ").capitalize()
             field.help_text = HELP.get(name, "")
             field.widget.attrs.update({"id": f"id_{name}"})
-            if validate_url:
-                # Inline validation: each change re-renders the form with its errors and preview.
-                field.widget.attrs.update(
-                    {"hx-post": validate_url, "hx-trigger": "change", "hx-target": "#policy-form"}
-                )
             self.fields[name] = field
+        if validate_url:
+            # Inline validation: each change posts the form to the validate endpoint, which
+            # renders the form partial; only its error lists and the preview are swapped in,
+            # so nothing the person is typing in another field is overwritten.
+            fragments = ",".join(["#next-runs", *(f"#errors-{n}" for n in POLICY_FIELDS)])
+            for field in self.fields.values():
+                field.widget.attrs.update(
+                    {
+                        "hx-post": validate_url,
+                        "hx-trigger": "change",
+                        "hx-swap": "none",
+                        "hx-select-oob": fragments,
+                    }
+                )
 
     def clean(self):
         data = super().clean()

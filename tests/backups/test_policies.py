@@ -263,13 +263,13 @@ def test_admin_edits_the_policy_with_inline_validation_and_a_preview(client, clu
     validate = reverse("backups:policy_validate", args=["orders"])
     html = client.post(validate, form_values(full_cron="61 * * * *"), HTTP_HX_REQUEST="true")
     html = html.content.decode()
-    assert 'id="errors-full_cron"' in html and "full_cron" in html and "cron" in html
+    assert 'id="errors-full_cron" role="alert"><li>full_cron' in html and "cron" in html
     assert not BackupPolicy.objects.filter(cluster=cluster).exclude(full_cron="").exists()
 
     html = client.post(
         validate, form_values(full_cron="30 4 * * *"), HTTP_HX_REQUEST="true"
     ).content.decode()
-    assert "errorlist" not in html
+    assert "<li>" not in html.split('id="next-runs"')[0]  # no error anywhere
     assert html.count('class="next-run"') == 5 and "04:30 UTC" in html
     assert not AuditEvent.objects.filter(action="policy.update").exists()  # nothing saved yet
 
