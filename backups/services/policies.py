@@ -264,9 +264,11 @@ def policy_update(
 
 def _arm_quietly(cluster_id: int) -> None:
     # Imported here: schedules start backups, which read policies.
+    from backups import queue
     from backups.services.schedules import schedules_arm
 
     try:
         schedules_arm(cluster_ids=[cluster_id])
+        queue.periodic_ensure_scheduled()  # the minute re-arming and the hourly drills
     except Exception:  # noqa: BLE001 - the periodic "schedules" job arms it within a minute
         log.exception("arming the schedules of cluster %s failed", cluster_id)

@@ -189,3 +189,14 @@ def test_the_real_scheduler_runs_an_every_minute_cron_once_per_tick_across_resta
     assert ScheduleTick.objects.filter(cluster=cluster).count() == len(
         {t.tick_at for t in ScheduleTick.objects.filter(cluster=cluster)}
     )
+
+
+def test_the_housekeeping_command_arms_every_policys_next_tick(cluster):
+    from django.core.management import call_command
+
+    BackupPolicy.objects.create(cluster=cluster, full_cron="0 2 * * *")  # no arming on save
+    assert not queue.scheduled_job_ids(queue.DEFAULT)
+    call_command("housekeeping")
+    armed = [j for j in queue.scheduled_job_ids(queue.DEFAULT) if j.startswith("schedule-")]
+    assert len(armed) == 1 and armed[0].startswith(f"schedule-{cluster.pk}-full-")
+    assert armed[0].endswith("T0200Z")
