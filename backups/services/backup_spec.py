@@ -35,12 +35,15 @@ def backup_connection_slots(*, backup_set: BackupSet, shard_backups) -> Connecti
     """Slots for every instance of the set (None when this process has no Redis).
 
     The engine holds one control connection per instance plus its dump connections:
-    locked mode N per instance (so at least 2 in all), lockfree one per shard.
+    locked mode N per instance (so at least 2 in all), lockfree one per shard; and, when
+    the policy sets max_threads_running, the throttle's poll connection per instance.
     """
     try:
         redis = queue.redis_connection(queue.BACKUPS)
     except Exception:  # noqa: BLE001
         return None
+    policy = BackupPolicy.objects.filter(cluster_id=backup_set.cluster_id).first()
+    poll = 1 if policy and policy.max_threads_running else 0
     caps: dict[str, int] = {}
     shard_counts: dict[str, int] = {}
     for sb in shard_backups:
@@ -51,9 +54,9 @@ def backup_connection_slots(*, backup_set: BackupSet, shard_backups) -> Connecti
     needs = {}
     for address, cap in caps.items():
         if backup_set.consistency == BackupSet.Consistency.LOCKED:
-            needs[address] = SlotNeed(cap=cap, minimum=2, wanted=cap)
+            needs[address] = SlotNeed(cap=cap, minimum=2 + poll, wanted=cap)
         else:
-            exact = shard_counts[address] + 1
+            exact = shard_counts[address] + 1 + poll
             needs[address] = SlotNeed(cap=cap, minimum=exact, wanted=exact)
     ttl = max(30, settings.JOB_HEARTBEAT_STALE_SECONDS * 2)
     return ConnectionSlots(redis, needs, holder=set_job_id(backup_set.pk), ttl=ttl)
@@ -98,11 +101,13 @@ def backup_spec_build(*, backup_set: BackupSet, shard_backups, slots) -> BackupS
             shard_errors=errors,
         )
     instances = {sb.shard.instance_id: sb.shard.instance for sb in shard_backups}
-    # Dump connections per instance in locked mode: the slots granted minus the control one.
-    connections = min(i.max_connections for i in instances.values()) - 1
-    if slots is not None and slots.granted:
-        connections = min(slots.granted.values()) - 1
     policy = BackupPolicy.objects.filter(cluster_id=backup_set.cluster_id).first()
+    # Dump connections per instance in locked mode: the slots granted minus the control one
+    # (and minus the throttle's poll connection when the policy throttles).
+    reserved = 1 + (1 if policy and policy.max_threads_running else 0)
+    connections = min(i.max_connections for i in instances.values()) - reserved
+    if slots is not None and slots.granted:
+        connections = min(slots.granted.values()) - reserved
     return BackupSpec(
         cluster=backup_set.cluster.name,
         set_id=backup_set.pk,

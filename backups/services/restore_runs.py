@@ -164,14 +164,16 @@ def _connection_slots(run: RestoreRun, groups: dict[str, list[dict]]):
 
 
 def _gates(
-    granted: dict[str, int] | None, shards_on: dict[int, int], instances
+    granted: dict[str, int] | None, shards_on: dict[int, int], instances, *, reserved: int = 0
 ) -> dict[int, InstanceGate]:
+    """`reserved` connections per server are kept out of the loads (the throttle's poll)."""
     gates = {}
     for pk, count in shards_on.items():
         instance = instances[pk]
         allowed = (granted or {}).get(f"{instance.host}:{instance.port}") or min(
             instance.max_connections, count * CHUNK_PARALLEL
         )
+        allowed = max(1, allowed - reserved)
         gates[pk] = InstanceGate(
             permits=threading.Semaphore(max(1, min(count, allowed))),
             per_shard=max(1, min(CHUNK_PARALLEL, allowed // count)),
@@ -483,8 +485,8 @@ def _execute(
                     raise Cancelled("the restore was cancelled") from exc
                 raise RestoreError(f"the restore could not start: {exc}") from exc
             tracker.slots = slots
-        gates = _gates(granted, shards_on, instances)
         throttles = _throttle_gates(request, instances)
+        gates = _gates(granted, shards_on, instances, reserved=1 if throttles else 0)
         with ThreadPoolExecutor(max_workers=max(1, min(SHARD_THREADS, len(groups)))) as pool:
             futures = [
                 pool.submit(

@@ -168,14 +168,30 @@ def test_a_backup_pauses_while_threads_running_is_high_and_finishes_after(
     server = mariadb_servers[0]
     backup_set = backup_start(cluster=cluster, actor=make_user("operator"))
     with Sleepers(server, SLEEPERS, 6) as sleepers:
-        with Watcher(BackupSet, backup_set.pk) as watcher:
+        sleeper_ids = ",".join(str(c.thread_id()) for c in sleepers.conns)
+        observer = server.connect()
+        seen_connections = []
+
+        def count_backup_connections(_text: str) -> None:
+            with observer.cursor() as cur:
+                cur.execute(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'root'"
+                    f" AND ID <> CONNECTION_ID() AND ID NOT IN ({sleeper_ids})"
+                )
+                seen_connections.append(cur.fetchone()[0])
+
+        with Watcher(BackupSet, backup_set.pk, on_sample=count_backup_connections) as watcher:
             ender = threading.Thread(target=sleepers.wait, daemon=True)
             ender.start()
             run_jobs("backups")
         ender.join()
+        observer.close()
     backup_set.refresh_from_db()
     assert backup_set.status == "succeeded", backup_set.error
     assert backup_set.rows == ROWS + 50
+    # The throttle's poll connection counts within the instance's connection cap.
+    instance = cluster.instances.get()
+    assert 2 < max(seen_connections) <= instance.max_connections, seen_connections
 
     paused = watcher.paused()
     assert paused, [s[1] for s in watcher.samples]
