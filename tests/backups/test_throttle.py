@@ -11,6 +11,7 @@ import time
 
 import pytest
 from django.db import connection as django_connection
+from django.urls import reverse
 
 from backups.engine.throttle import ThreadsRunningGate
 from backups.models import BackupPolicy, BackupSet, RestoreRequest, RestoreRun
@@ -163,10 +164,12 @@ def test_the_gate_holds_work_while_the_server_is_busy_and_says_when_it_resumes(m
 
 
 def test_a_backup_pauses_while_threads_running_is_high_and_finishes_after(
-    cluster, mariadb_servers, run_jobs
+    cluster, mariadb_servers, run_jobs, client
 ):
     server = mariadb_servers[0]
     backup_set = backup_start(cluster=cluster, actor=make_user("operator"))
+    client.force_login(make_user("auditor"))
+    pages = []
     with Sleepers(server, SLEEPERS, 6) as sleepers:
         sleeper_ids = ",".join(str(c.thread_id()) for c in sleepers.conns)
         observer = server.connect()
@@ -179,6 +182,9 @@ def test_a_backup_pauses_while_threads_running_is_high_and_finishes_after(
                     f" AND ID <> CONNECTION_ID() AND ID NOT IN ({sleeper_ids})"
                 )
                 seen_connections.append(cur.fetchone()[0])
+            if "paused" in _text and not pages:  # what the set's page shows meanwhile
+                url = reverse("backups:set_detail", args=[backup_set.pk])
+                pages.append(client.get(url).content.decode())
 
         with Watcher(BackupSet, backup_set.pk, on_sample=count_backup_connections) as watcher:
             ender = threading.Thread(target=sleepers.wait, daemon=True)
@@ -189,6 +195,9 @@ def test_a_backup_pauses_while_threads_running_is_high_and_finishes_after(
     backup_set.refresh_from_db()
     assert backup_set.status == "succeeded", backup_set.error
     assert backup_set.rows == ROWS + 50
+    assert pages and (
+        f"paused: Threads_running {SLEEPERS} &gt; {LIMIT} on instance {server.name}" in pages[0]
+    )
     # The throttle's poll connection counts within the instance's connection cap.
     instance = cluster.instances.get()
     assert 2 < max(seen_connections) <= instance.max_connections, seen_connections
