@@ -525,7 +525,8 @@ def _check_shard(
                     "table.engine",
                     f"table '{table.name}' in shard {shard.name} uses {table.engine or 'no engine'}, "
                     "which a hot backup cannot copy consistently, so backups of this cluster are "
-                    "refused: convert it with ALTER TABLE ... ENGINE=InnoDB",
+                    "refused: convert it with ALTER TABLE ... ENGINE=InnoDB, or exclude it "
+                    "with the policy's exclude_tables",
                     **where,
                 )
             )

@@ -218,7 +218,9 @@ class _DumpRun:
         ]
         if not_innodb:
             raise EngineError(
-                f"hot backups need InnoDB; refusing non-InnoDB table(s) in {shard.database}: {', '.join(not_innodb)}"
+                f"hot backups need InnoDB; refusing non-InnoDB table(s) in {shard.database}: "
+                f"{', '.join(not_innodb)} (convert them to InnoDB, or exclude them with the "
+                "policy's exclude_tables)"
             )
         regex = checksum.server_has_byte_regex(conn)
         states = []

@@ -103,6 +103,7 @@ def test_without_an_exclusion_a_myisam_table_refuses_the_hot_backup(cluster, run
     backup_set = run_backup(cluster, run_jobs)
     assert backup_set.status == "failed"
     assert "hot backups need InnoDB" in backup_set.error and "scratch_log" in backup_set.error
+    assert "exclude_tables" in backup_set.error  # the way out, named
 
     discovery_run(cluster=cluster, actor=make_user("operator"))
     errors = Finding.objects.filter(cluster=cluster, code="table.engine", severity="error")
