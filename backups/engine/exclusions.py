@@ -1,8 +1,9 @@
 """Policy exclusions: `database.table` glob patterns of tables never dumped or restored.
 
-Plain Python (no Django). A pattern is an `fnmatch` glob (`*`, `?`, `[seq]`) matched
-against the whole `database.table` name, so `scratch.*`, `*.tmp_*` and `app.audit_log`
-all work (the policy service checks each pattern has the database.table form).
+Plain Python (no Django). A pattern is `database.table`, each side an `fnmatch` glob
+(`*`, `?`, `[seq]`): `scratch.*`, `*.tmp_*`, `app.audit_log`. It splits at its first dot,
+so a `*` never reaches across the dot (`*.tmp_?` does not match table `x.tmp_1`); the
+policy service checks each pattern has that form.
 
 Names compare as the server compares them: case-sensitively where
 `lower_case_table_names` is 0 (the Linux default), case-insensitively otherwise.
@@ -27,13 +28,15 @@ class Exclusions:
 
     def excludes(self, database: str, table: str) -> bool:
         """Whether `database`.`table` matches any pattern."""
-        if not self.patterns:
-            return False
-        name = f"{database}.{table}"
-        if self.case_sensitive:
-            return any(fnmatchcase(name, pattern) for pattern in self.patterns)
-        name = name.lower()
-        return any(fnmatchcase(name, pattern.lower()) for pattern in self.patterns)
+        if not self.case_sensitive:
+            database, table = database.lower(), table.lower()
+        for pattern in self.patterns:
+            if not self.case_sensitive:
+                pattern = pattern.lower()
+            database_glob, _, table_glob = pattern.partition(".")
+            if fnmatchcase(database, database_glob) and fnmatchcase(table, table_glob):
+                return True
+        return False
 
     def split(self, database: str, tables: Iterable[str]) -> tuple[list[str], list[str]]:
         """(kept, excluded) of `tables` in `database`, each in the given order."""

@@ -242,3 +242,19 @@ def test_point_in_time_restore_and_drill_never_apply_events_of_an_excluded_table
     code, result, err = _verify_cli(incremental.pk, "--drill")
     assert code == 0, (result, err)
     assert (result["q"], result["t"], result["d"], result["a"]) == (1.0, 1.0, 1.0, 1.0)
+
+
+def test_patterns_match_whole_database_table_names_as_the_server_compares_them():
+    from backups.engine.exclusions import Exclusions
+
+    linux = Exclusions(("scratch.*", "*.tmp_?", "app.audit_[0-9]*"), case_sensitive=True)
+    assert linux.split("scratch", ["a", "b"]) == ([], ["a", "b"])
+    assert linux.split("app", ["tmp_1", "tmp_12", "audit_2024", "audit_x", "orders"]) == (
+        ["tmp_12", "audit_x", "orders"],
+        ["tmp_1", "audit_2024"],
+    )
+    assert not linux.excludes("Scratch", "a")  # lower_case_table_names=0: names differ
+    assert not linux.excludes("scratchy", "a") and not linux.excludes("app", "x.tmp_1")
+    folded = Exclusions(("Scratch.*",), case_sensitive=False)
+    assert folded.excludes("scratch", "A") and folded.excludes("SCRATCH", "a")
+    assert not Exclusions().excludes("scratch", "a")
