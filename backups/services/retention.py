@@ -350,8 +350,9 @@ def retention_decide(
         reasons: list[tuple[str, date | None]] = []
         if root_id == newest_root:
             reasons.append(("newest succeeded chain", None))
-        for s in chain:
-            if s.held_at is not None:
+        # A hold keeps its set's whole chain, also when the held set itself failed.
+        for s in sorted(members, key=lambda s: s.pk):
+            if s.held_at is not None and s.status != SetStatus.EXPIRED:
                 reasons.append((_hold_text(s), None))
         for s in chain:
             if s.pk in requested:
