@@ -77,7 +77,6 @@ class Decision:
     # Kept only by time-based rules (keep_days, GFS): the day the last of them lapses; the
     # first retention run on or after it removes the set unless something newer keeps it.
     expires_on: date | None = None
-    held: bool = False
 
     def as_json(self) -> dict:
         return {"set": self.set_id, "reason": self.reason}
@@ -322,7 +321,7 @@ def retention_decide(
                 continue
             dependent = live_dependent(s)
             if s.held_at is not None:
-                decisions[s.pk] = Decision(s.pk, False, _hold_text(s), held=True)
+                decisions[s.pk] = Decision(s.pk, False, _hold_text(s))
             elif s.pk in requested:
                 decisions[s.pk] = Decision(s.pk, False, f"named by {requested[s.pk]}")
             elif dependent is not None:
@@ -364,7 +363,6 @@ def retention_decide(
         if youngest > floor:
             reasons.append((keep_days_text, _day(youngest + timedelta(days=rules.keep_days))))
         reasons.extend(gfs.get(root_id, ()))
-        held = any(s.held_at is not None for s in chain)
         if reasons:
             text = "; ".join(r for r, _ in reasons)
             lapses = [lapse for _, lapse in reasons]
@@ -374,7 +372,7 @@ def retention_decide(
             expires_on = None
         for s in chain:
             own = text if s.pk == root_id else f"in the chain of set {root_id}: {text}"
-            decisions[s.pk] = Decision(s.pk, not reasons, own, expires_on=expires_on, held=held)
+            decisions[s.pk] = Decision(s.pk, not reasons, own, expires_on=expires_on)
     return [decisions[pk] for pk in sorted(decisions, reverse=True)]
 
 

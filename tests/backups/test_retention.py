@@ -17,7 +17,7 @@ from backups.services import retention as retention_module
 from backups.services.errors import BackupRefused, RestoreError
 from backups.services.full_backups import backup_start
 from backups.services.holds import backup_set_hold, backup_set_release
-from backups.services.restore_requests import restore_request_reject
+from backups.services.restore_requests import restore_request_file, restore_request_reject
 from backups.services.restore_run_states import restore_run_start
 from backups.services.retention import retention_apply, retention_apply_all, retention_plan
 from backups.services.sets import set_storage
@@ -177,6 +177,19 @@ def test_every_rule_decides_whole_chains_and_a_dry_run_deletes_nothing(history):
     assert set(kept) == {h.f2.pk, h.i2.pk, h.f3.pk, h.f4.pk, h.i4.pk}
     assert f"set {h.i2.pk} is on hold" in kept[h.f2.pk] and "legal hold 7" in kept[h.f2.pk]
     assert f"named by restore request {request.pk} (pending_approval)" in kept[h.f3.pk]
+    # Without the hold, a point-in-time request into that chain keeps it just the same.
+    backup_set_release(backup_set=h.i2, actor=make_user("admin"))
+    assert h.f2.pk in decided(c)[0]
+    h.i2.refresh_from_db()
+    pitr = restore_request_file(
+        cluster=c,
+        requester=make_user("operator"),
+        at=h.i2.consistent_at,
+        target="side",
+        reason="roll forward",
+    )
+    removed, kept = decided(c)
+    assert f"set {h.f2.pk} is named by restore request {pitr.pk}" in kept[h.i2.pk]
 
     # A set still pending (and the chain it would extend) is never removed.
     pending = backup_start(cluster=c, actor=make_user("operator"))
