@@ -50,6 +50,27 @@ def physical_engine_available() -> bool:
     return False
 
 
+def cold_engine_available() -> bool:
+    """Whether this build can take cold sets (the global read lock held for the whole dump):
+    not yet; the dump engine knows `locked` and `lockfree` only."""
+    return False
+
+
+def unavailable_reason(policy: BackupPolicy) -> str:
+    """Why the policy's scheduled full backup cannot be taken by this build ("" when it can)."""
+    if policy.full_method == BackupSet.Method.PHYSICAL and not physical_engine_available():
+        return (
+            "the policy asks for a physical full backup, but this ShardVault has no "
+            "physical (mariabackup) engine yet; set the policy's full_method to logical"
+        )
+    if policy.full_consistency == BackupSet.Consistency.COLD and not cold_engine_available():
+        return (
+            "the policy asks for a cold full backup, but this ShardVault cannot take cold "
+            "backups yet; set the policy's full_consistency to locked or lockfree"
+        )
+    return ""
+
+
 def schedule_job_id(cluster_id: int, kind: str, tick_at: datetime) -> str:
     return f"schedule-{cluster_id}-{kind}-{tick_at:%Y%m%dT%H%MZ}"
 
@@ -126,6 +147,8 @@ def schedule_tick(*, cluster: Cluster, kind: str, tick_at: datetime) -> Schedule
     policy = BackupPolicy.objects.filter(cluster=cluster).first()
     if policy is None or not _tick_matches(policy, kind, tick_at):
         return None
+    if kind == INCREMENTAL and full_tick_matches(policy.full_cron, tick_at):
+        return None  # the full backup of the same minute starts a new chain instead
     with transaction.atomic():
         # The cluster's row lock serialises this check with manual starts of the cluster.
         cluster = Cluster.objects.select_for_update().get(pk=cluster.pk)
@@ -172,8 +195,9 @@ def _start(cluster: Cluster, policy: BackupPolicy, kind: str) -> BackupSet:
     try:
         if kind == INCREMENTAL and not incremental_chain_problem(cluster):
             return incremental_start(cluster=cluster, actor=SCHEDULER_ACTOR)
-        if policy.full_method == BackupSet.Method.PHYSICAL and not physical_engine_available():
-            return _physical_refused(cluster, policy)
+        reason = unavailable_reason(policy)
+        if reason:
+            return _refused(cluster, policy, reason)
         return backup_start(
             cluster=cluster,
             actor=SCHEDULER_ACTOR,
@@ -184,21 +208,19 @@ def _start(cluster: Cluster, policy: BackupPolicy, kind: str) -> BackupSet:
         return exc.backup_set
 
 
-def _physical_refused(cluster: Cluster, policy: BackupPolicy) -> BackupSet:
+def _refused(cluster: Cluster, policy: BackupPolicy, reason: str) -> BackupSet:
+    """A full set this build cannot take, recorded `failed` with the reason (DESIGN.md)."""
     shards = list(cluster.shards.select_related("instance").order_by("name"))
     return backup_set_record(
         cluster=cluster,
         shards=shards,
         actor=SCHEDULER_ACTOR,
-        refused=(
-            "the policy asks for a physical full backup, but this ShardVault has no "
-            "physical (mariabackup) engine yet; set the policy's full_method to logical"
-        ),
+        refused=reason,
         enqueue=False,
         shard_fields=lambda shard: {},
-        details={"method": BackupSet.Method.PHYSICAL},
+        details={"method": policy.full_method, "consistency": policy.full_consistency},
         kind=BackupSet.Kind.FULL,
-        method=BackupSet.Method.PHYSICAL,
+        method=policy.full_method,
         consistency=policy.full_consistency,
         compression_level=policy.compression_level,
         encrypted=policy.encrypt,

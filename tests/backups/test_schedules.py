@@ -112,6 +112,21 @@ def test_a_physical_full_is_recorded_failed_saying_no_physical_engine_exists(clu
     assert "physical" in backup_set.error and "full_method" in backup_set.error
 
 
+def test_a_cold_full_is_recorded_failed_saying_cold_backups_are_not_available(cluster):
+    set_policy(cluster, full_cron="0 2 * * *", full_consistency="cold")
+    backup_set = schedule_tick(cluster=cluster, kind="full", tick_at=TICK).backup_set
+    assert (backup_set.status, backup_set.consistency) == ("failed", "cold")
+    assert "cold" in backup_set.error and "full_consistency" in backup_set.error
+
+
+def test_an_incremental_due_with_a_full_leaves_that_minute_to_the_full(cluster, run_jobs):
+    set_policy(cluster, full_cron="0 2 * * *", incremental_every_minutes=5)
+    assert schedule_tick(cluster=cluster, kind="incremental", tick_at=TICK) is None
+    full = schedule_tick(cluster=cluster, kind="full", tick_at=TICK)
+    assert full.outcome == "started" and full.backup_set.kind == "full"
+    assert not AuditEvent.objects.filter(action="schedule.skipped").exists()
+
+
 def test_arming_queues_each_next_tick_once_and_follows_policy_changes(cluster):
     registry = django_rq.get_queue(queue.DEFAULT).scheduled_job_registry
     now = datetime(2026, 3, 1, 1, 58, 30, tzinfo=UTC)
