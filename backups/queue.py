@@ -21,7 +21,7 @@ from typing import Any
 import django_rq
 from django.conf import settings
 from redis.exceptions import RedisError
-from rq import Callback, get_current_job
+from rq import Callback, Worker, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
@@ -206,6 +206,16 @@ PERIODIC: dict[str, Periodic] = {
         ),
     )
 }
+
+
+class ArmingWorker(Worker):
+    """The workers' class (settings.RQ["WORKER_CLASS"]): arms the periodic jobs when it starts,
+    so a Redis that lost its scheduled jobs (a restart without persistence) gets housekeeping
+    and, through the periodic job "schedules", every policy's scheduled backups back."""
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        periodic_ensure_scheduled()  # best effort: a Redis failure is logged, the worker runs
+        return super().work(*args, **kwargs)
 
 
 def periodic_ensure_scheduled(

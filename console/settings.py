@@ -113,6 +113,8 @@ RQ_QUEUES = {
     for name in ("default", "backups", "restores", "verify")
 }
 RQ_SHOW_ADMIN_LINK = False
+# Workers arm the periodic jobs (housekeeping, the schedules' re-arming) when they start.
+RQ = {"WORKER_CLASS": "backups.queue.ArmingWorker"}
 
 CACHES = {
     "default": {

@@ -215,3 +215,21 @@ def test_the_housekeeping_command_arms_every_policys_next_tick(cluster):
     armed = [j for j in queue.scheduled_job_ids(queue.DEFAULT) if j.startswith("schedule-")]
     assert len(armed) == 1 and armed[0].startswith(f"schedule-{cluster.pk}-full-")
     assert armed[0].endswith("T0200Z")
+
+
+def test_a_starting_worker_arms_the_periodic_jobs_that_re_arm_the_schedules(
+    cluster, rq_worker_process, redis_url
+):
+    import redis
+
+    conn = redis.Redis.from_url(redis_url)
+    assert not conn.exists(queue.PERIODIC["schedules"].gate_key)  # an empty Redis
+    rq_worker_process("default")
+    wait_for(
+        lambda: conn.exists(queue.PERIODIC["schedules"].gate_key), 60, "the worker to arm them"
+    )
+    jobs = [
+        django_rq.get_queue(queue.DEFAULT).fetch_job(j)
+        for j in queue.scheduled_job_ids(queue.DEFAULT)
+    ]
+    assert {job.args[0] for job in jobs} == set(queue.PERIODIC)
