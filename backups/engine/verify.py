@@ -21,6 +21,7 @@ from backups.engine.errors import Cancelled, IntegrityError
 from backups.engine.load import create_database_objects, load_table
 from backups.engine.manifest import manifest_key, manifest_objects, manifest_read
 from backups.engine.mysql import Endpoint, connect, quote_ident
+from backups.engine.throttle import ThreadsRunningGate
 from backups.engine.types import CancelFn, ProgressEvent, ProgressFn, TableLoadJob
 
 # roll_forward(shard manifest entry, target endpoint, scratch database) -> what was applied
@@ -205,6 +206,7 @@ def drill_run(
     should_cancel: CancelFn = _never,
     keep_going: bool = True,
     roll_forward: RollForwardFn | None = None,
+    throttles: dict[str, ThreadsRunningGate] | None = None,
 ) -> DrillOutcome:
     """Restore every table of the manifest into scratch databases and compare checksums.
 
@@ -218,6 +220,9 @@ def drill_run(
     `outcome.rolled_forward`. When it raises, or a table of the shard did not restore
     (so the shard cannot be rolled forward), every table of the shard counts as not
     matching, with the reason.
+
+    `throttles` (by shard name) are the policy's max_threads_running gates of targets that
+    serve production: each chunk load waits while its target is busy (and the RTO says so).
     """
     outcome = DrillOutcome()
     shards = manifest_shards(doc)
@@ -259,7 +264,11 @@ def drill_run(
                 )
                 try:
                     loaded = load_table(
-                        job, storage, progress=progress, should_cancel=should_cancel
+                        job,
+                        storage,
+                        progress=progress,
+                        should_cancel=should_cancel,
+                        throttle=(throttles or {}).get(shard_name),
                     )
                 except Cancelled:
                     raise

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from backups import queue
 from backups.engine import verify as engine
+from backups.engine.throttle import ThreadsRunningGate
 from backups.engine.types import ProgressEvent
 from backups.models import BackupPolicy, BackupSet, VerificationRun
 from backups.selectors.verification import drills_due
@@ -191,6 +192,23 @@ def _drill_targets(backup_set: BackupSet, doc: dict) -> tuple[dict, str, str]:
     return targets, "", warning
 
 
+def _drill_throttles(backup_set: BackupSet, targets: dict) -> dict:
+    """Shard name -> the max_threads_running gate of its target, for a drill that restores
+    into the shards' own (production) instances; {} when the policy does not throttle."""
+    policy = BackupPolicy.objects.filter(cluster_id=backup_set.cluster_id).first()
+    if policy is None or not policy.max_threads_running:
+        return {}
+    by_address = {}
+    for endpoint in targets.values():
+        by_address.setdefault(
+            endpoint.address,
+            ThreadsRunningGate(
+                instance=endpoint.name, endpoint=endpoint, limit=policy.max_threads_running
+            ),
+        )
+    return {shard: by_address[endpoint.address] for shard, endpoint in targets.items()}
+
+
 class _ObjectsChecked:
     """The engine's progress events as the run's line ("verify: N objects checked"), which
     the tracker writes (with the heartbeat) about once a second."""
@@ -200,6 +218,9 @@ class _ObjectsChecked:
         self.objects = 0
 
     def __call__(self, event: ProgressEvent) -> None:
+        if event.stage == "throttle":  # a drill's pause line (max_threads_running)
+            self.tracker.progress(event)
+            return
         if event.stage == "verify":
             self.objects += 1
         self.tracker.say(
@@ -282,15 +303,21 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
                 roll_forward = None
                 if chain:
                     roll_forward = _roll_forward_through(chain, until=backup_set.consistent_at)
-                outcome = engine.drill_run(
-                    check.manifest,
-                    set_storage(full_set),
-                    verification_id=run.pk,
-                    targets=targets,
-                    data_key=set_data_key(full_set),
-                    progress=progress,
-                    roll_forward=roll_forward,
-                )
+                throttles = {} if drill_name else _drill_throttles(backup_set, targets)
+                try:
+                    outcome = engine.drill_run(
+                        check.manifest,
+                        set_storage(full_set),
+                        verification_id=run.pk,
+                        targets=targets,
+                        data_key=set_data_key(full_set),
+                        progress=progress,
+                        roll_forward=roll_forward,
+                        throttles=throttles,
+                    )
+                finally:
+                    for gate in {id(g): g for g in throttles.values()}.values():
+                        gate.close()
                 problems.extend(outcome.problems)
                 t, d, rto = outcome.t, outcome.d, outcome.rto_seconds
                 if chain:

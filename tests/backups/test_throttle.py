@@ -14,7 +14,7 @@ from django.db import connection as django_connection
 from django.urls import reverse
 
 from backups.engine.throttle import ThreadsRunningGate
-from backups.models import BackupPolicy, BackupSet, RestoreRequest, RestoreRun
+from backups.models import BackupPolicy, BackupSet, RestoreRequest, RestoreRun, VerificationRun
 from backups.services.full_backups import backup_cancel, backup_start
 from backups.services.restore_requests import restore_request_approve, restore_request_file
 from backups.services.restore_run_states import restore_run_start
@@ -81,10 +81,15 @@ def threads_running(server) -> int:
 
 
 class Watcher:
-    """Samples (monotonic time, progress_text, rows_done) of one row every 0.1 s."""
+    """Samples (monotonic time, progress_text, rows_done) every 0.1 s of one row: `model`
+    and `pk`, or the first row of a queryset given as `model` (rows_done 0 where the model
+    has none)."""
 
-    def __init__(self, model, pk: int, on_sample=None):
-        self.model, self.pk, self.on_sample = model, pk, on_sample
+    def __init__(self, model, pk: int | None = None, on_sample=None):
+        self.rows = model.objects.filter(pk=pk) if pk is not None else model
+        names = {f.name for f in self.rows.model._meta.get_fields()}
+        self.fields = ["progress_text"] + (["rows_done"] if "rows_done" in names else [])
+        self.on_sample = on_sample
         self.samples: list[tuple[float, str, int]] = []
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -92,10 +97,8 @@ class Watcher:
     def _run(self) -> None:
         try:
             while not self.done.is_set():
-                row = self.model.objects.filter(pk=self.pk).values_list(
-                    "progress_text", "rows_done"
-                )
-                text, rows = row.first() or ("", 0)
+                values = self.rows.values_list(*self.fields).first() or ("",)
+                text, rows = values[0], (values[1] if len(values) > 1 else 0)
                 self.samples.append((time.monotonic(), text, rows))
                 if self.on_sample is not None:
                     self.on_sample(text)
@@ -136,14 +139,14 @@ def test_the_gate_holds_work_while_the_server_is_busy_and_says_when_it_resumes(m
     events = []
     try:
         assert gate.wait(stopped=lambda: False, report=events.append)  # idle: no pause
-        assert events == [] and gate.pauses == 0
-        with Sleepers(server, SLEEPERS, 3) as sleepers:
+        assert events == [] and gate.pauses == 0, [e.message for e in events]
+        with Sleepers(server, SLEEPERS, 3):
             time.sleep(0.25)  # past the idle reading the gate shares for one poll interval
+            waiting_since = time.monotonic()
             assert gate.wait(stopped=lambda: False, report=events.append)
-            resumed_at = time.monotonic()
-            sleepers.wait()
-        assert resumed_at >= sleepers.ended_at - 0.05  # it waited for the sleepers to end
-        assert gate.pauses == 1
+            waited = time.monotonic() - waiting_since
+        assert waited > 2, waited  # held until the 3 s sleepers ended
+        assert gate.pauses == 1, [e.message for e in events]
         assert (
             events[0].message
             == f"paused: Threads_running {SLEEPERS} > {LIMIT} on instance {server.name}"
@@ -277,3 +280,32 @@ def test_a_restore_into_a_busy_instance_pauses_and_then_verifies(
     assert any(text and "paused" not in text and rows > 0 for text, rows in after), after
     shard = cluster.shards.get()
     server.execute(f"DROP DATABASE `{shard.database}__r{request.pk}`")
+
+
+def test_a_drill_on_the_shards_own_instance_pauses_while_it_is_busy(
+    cluster, mariadb_servers, run_jobs
+):
+    from tests.backups.test_verification import _verify_cli
+
+    server = mariadb_servers[0]
+    BackupPolicy.objects.filter(cluster=cluster).update(max_threads_running=0)
+    backup_set = backup_start(cluster=cluster, actor=make_user("operator"))
+    run_jobs("backups")
+    backup_set.refresh_from_db()
+    assert backup_set.status == "succeeded", backup_set.error
+
+    BackupPolicy.objects.filter(cluster=cluster).update(max_threads_running=LIMIT)
+    runs = VerificationRun.objects.filter(backup_set=backup_set, drill=True).order_by("-pk")
+    with Sleepers(server, SLEEPERS, 8) as sleepers:
+        with Watcher(runs) as watcher:
+            ender = threading.Thread(target=sleepers.wait, daemon=True)
+            ender.start()
+            code, result, err = _verify_cli(backup_set.pk, "--drill")
+        ender.join()
+    assert code == 0, (result, err)
+    assert result["q"] == 1.0
+    paused = watcher.paused()
+    assert paused, [s[1] for s in watcher.samples]
+    assert f"paused: Threads_running {SLEEPERS} > {LIMIT} on instance {server.name}" in paused[0][1]
+    assert paused[0][0] < sleepers.ended_at
+    assert result["rto_seconds"] > 1  # the measured RTO includes the wait
