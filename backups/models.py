@@ -298,6 +298,12 @@ class RestoreRequest(models.Model):
     stop_positions = models.JSONField(default=list, blank=True)
     # {"shards": [names], "tables": [logical or physical names]}; empty lists mean everything.
     scope = models.JSONField(default=dict, blank=True)
+    # Flashback (`--flashback`): {"gtids": [...]} or {"since": ISO, "until": ISO}; empty: none.
+    flashback = models.JSONField(default=dict, blank=True)
+    # The flashback's generated SQL, stored in the default storage with its sha256.
+    artifact_key = models.CharField(max_length=1000, blank=True)
+    artifact_sha256 = models.CharField(max_length=64, blank=True)
+    artifact_bytes = models.BigIntegerField(default=0)
     target_kind = models.CharField(max_length=10, choices=Target.choices)
     target_instance = models.ForeignKey(
         Instance, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
@@ -328,6 +334,10 @@ class RestoreRequest(models.Model):
     @property
     def is_approved(self) -> bool:
         return self.state == RequestState.APPROVED
+
+    @property
+    def is_flashback(self) -> bool:
+        return bool(self.flashback)
 
     @property
     def target_label(self) -> str:
