@@ -41,9 +41,16 @@ from backups.engine.binlog_events import (
     HEADER_LEN,
     QUERY_EVENT,
     coordinate_key,
+    gtid_of,
     parse_header,
 )
-from backups.engine.binlog_select import Scope, Transactions, plan_statements, scoped_events
+from backups.engine.binlog_select import (
+    Scope,
+    ScopeError,
+    Transactions,
+    plan_statements,
+    scoped_events,
+)
 from backups.engine.errors import Cancelled, EngineError
 from backups.engine.mysql import Endpoint, connect, quote_ident, quote_qualified
 from backups.engine.types import CancelFn, ProgressEvent, ProgressFn
@@ -68,6 +75,21 @@ class ApplyResult:
     last_pos: int = 0
     last_event_at: datetime | None = None
     reached_until: bool = False
+    # Where the apply stopped: the end of the last transaction at or before the stop point
+    # (applied, or not in scope), its GTID and commit time; the first transaction left out.
+    stop_file: str = ""
+    stop_pos: int = 0
+    stop_gtid: str = ""
+    stop_event_at: datetime | None = None
+    next_gtid: str = ""
+    next_event_at: datetime | None = None
+    # The end of the last segment given: the apply had the binlog up to here.
+    covered_file: str = ""
+    covered_pos: int = 0
+
+    def stopped(self, file: str, pos: int, gtid: str, commit_ts: int) -> None:
+        self.stop_file, self.stop_pos, self.stop_gtid = file, pos, gtid
+        self.stop_event_at = datetime.fromtimestamp(commit_ts, UTC)
 
 
 def tools_available() -> bool:
@@ -125,6 +147,8 @@ def apply_segments(
     start_pos: int,
     until: datetime | None,
     tables: dict[str, str] | None = None,
+    whole_database: bool = False,
+    stop_at: tuple[str, int] | None = None,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     crash_after_transactions: int | None = None,
@@ -132,10 +156,14 @@ def apply_segments(
     """Apply every transaction of `source_database` after (start_file, start_pos) up to `until`.
 
     `tables` maps the restored source tables to their target names (None: every table of
-    the database, same names). `stream` names the source (the instance) in the position table. Segments must be
-    in binlog order. `crash_after_transactions` exists for tests: the apply is cut
-    off (mariadb killed mid-stream) after that many transactions were sent.
-    Returns what was applied; raises `EngineError` with mariadb's message on failure.
+    the database, same names); `whole_database` also applies tables the window creates.
+    `stop_at` (file, pos) stops before the first transaction that ends past it (with
+    `until`, whichever comes first). `stream` names the source (the instance) in the
+    position table. Segments must be in binlog order. `crash_after_transactions` exists
+    for tests: the apply is cut off (mariadb killed mid-stream) after that many
+    transactions were sent. Returns what was applied and where it stopped; raises
+    `EngineError` with mariadb's message on failure, `ScopeError` naming a statement that
+    cannot be applied (with its position and GTID, to stop before it).
     """
     if not tools_available():
         raise EngineError(
@@ -147,23 +175,32 @@ def apply_segments(
     resume = coordinate_key(start_file, start_pos)
     if applied and coordinate_key(*applied) > resume:
         resume = coordinate_key(*applied)
+    stop_key = coordinate_key(*stop_at) if stop_at else None
+    result.stop_file, result.stop_pos = resume[1], resume[2]
+    scope = Scope(source_database, target_database, tables, whole_database=whole_database)
     sent = 0
     for source in segments:
         entry = source.entry
         file = entry["first_file"]
+        result.covered_file = entry.get("last_file") or file
+        result.covered_pos = int(entry["last_pos"])
         if coordinate_key(file, int(entry["last_pos"])) <= resume:
             result.skipped_applied += 1
             continue
+        if stop_key is not None and coordinate_key(file, int(entry["first_pos"])) >= stop_key:
+            result.reached_until = True
+            break
         if should_cancel and should_cancel():
             raise Cancelled("cancelled while applying binlogs")
         outcome = _apply_one(
             target=target,
-            scope=Scope(source_database, target_database, tables),
+            scope=scope,
             stream=stream,
             file=file,
             blocks=source.open(),
             resume=resume,
             until_ts=until_ts,
+            stop_key=stop_key,
             result=result,
             crash_after=(crash_after_transactions - sent) if crash_after_transactions else None,
         )
@@ -213,6 +250,7 @@ def _apply_one(
     until_ts: int | None,
     result: ApplyResult,
     crash_after: int | None,
+    stop_key: tuple | None = None,
 ) -> int:
     """Apply one segment; returns the number of transactions sent to the server.
 
@@ -287,17 +325,36 @@ def _apply_one(
                     if not header_written:
                         out.write(BINLOG_MAGIC + fde)
                         header_written = True
+                    gtid = gtid_of(group.first, parse_header(group.first).server_id)[0]
                     if coordinate_key(file, end_pos) <= resume:
                         result.skipped_applied += 1
+                        result.stopped(file, end_pos, gtid, commit_ts)
                         continue
-                    if until_ts is not None and commit_ts > until_ts:
+                    if (stop_key is not None and coordinate_key(file, end_pos) > stop_key) or (
+                        until_ts is not None and commit_ts > until_ts
+                    ):
                         result.reached_until = True
+                        result.next_gtid = gtid
+                        result.next_event_at = datetime.fromtimestamp(commit_ts, UTC)
                         break
-                    if source_database not in dbs and "*" not in dbs:
+                    result.stopped(file, end_pos, gtid, commit_ts)
+                    # A DDL is judged by what it names, whatever its default database was.
+                    if not standalone and source_database not in dbs and "*" not in dbs:
                         continue
                     crc = _has_crc(fde)
                     post = transactions.table_map_post
-                    decisions = plan_statements(group, scope, post)
+                    try:
+                        decisions = plan_statements(group, scope, post, crc)
+                    except ScopeError as exc:
+                        first = parse_header(group.first)
+                        start_pos = first.next_pos - first.size
+                        at = datetime.fromtimestamp(commit_ts, UTC).isoformat()
+                        raise ScopeError(
+                            f"{exc} (binlog {stream}:{file}:{start_pos}, GTID {gtid}, "
+                            f"committed {at}); restore to a point before it: "
+                            f"--before-gtid {gtid} or --until {stream}:{file}:{start_pos}",
+                            statement=exc.statement,
+                        ) from exc
                     if decisions is None:
                         continue
                     cut = crash_after is not None and state["sent"] >= crash_after
@@ -315,8 +372,10 @@ def _apply_one(
                         state["crashed"] = True
                         break
                     if standalone:
-                        # A DDL: its statement, then its position (a DDL commits by itself).
-                        out.write(last)
+                        # A DDL: its statement (as rewritten for the target), then its
+                        # position (a DDL commits by itself).
+                        rewritten = decisions[-1] if decisions else None
+                        out.write(rewritten if isinstance(rewritten, bytes) else last)
                         out.write(_query_event(last, marker(end_pos), crc))
                     else:
                         out.write(_query_event(last, marker(end_pos), crc))

@@ -64,6 +64,8 @@ def restore_request_as_dict(*, request: RestoreRequest) -> dict:
                 "rows": r.rows,
                 "rows_expected": r.rows_expected,
                 "checksum_ok": r.checksum_ok,
+                "status": r.status,
+                "error": r.error,
             }
             for r in run.results.all()
         ]
@@ -107,6 +109,15 @@ def restore_request_as_dict(*, request: RestoreRequest) -> dict:
             else None
         ),
         "results": results,
+        # Where each shard stopped (point-in-time restores): file, pos, gtid, time, reached.
+        "before_gtid": request.before_gtid or None,
+        "until": [
+            f"{p['instance']}:{p['file']}:{p['pos']}"
+            for p in request.stop_positions
+            if not request.before_gtid
+        ],
+        "stop_points": (run.stop_points if run else []) or [],
+        "planned_stops": request.plan.get("stops", []) if request.plan else [],
         "q": run.q if run else None,
         "error": (run.error if run and run.error else request.error) or None,
     }

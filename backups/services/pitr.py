@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from django.utils import timezone
 
 from backups.engine import codec
 from backups.engine.binlog_apply import SegmentSource, apply_segments
+from backups.engine.binlog_events import coordinate_key
 from backups.models import BackupSet
 from backups.selectors.incrementals import chain_after
 from backups.services.errors import ChainError
@@ -87,44 +89,107 @@ def segment_sources(chain: list[BackupSet], instance_name: str) -> list[SegmentS
     return sources
 
 
+@dataclass(frozen=True)
+class ShardStop:
+    """Where one shard's roll-forward stops: a time (inclusive, to the second), a binlog
+    position (stop before the first transaction ending past it), or both."""
+
+    until: datetime | None = None
+    position: tuple[str, int] | None = None
+    before_gtid: str = ""
+    label: str = ""
+
+
+def shard_stop(
+    *, at: datetime | None, before_gtid: str = "", stop_positions=(), shard: dict
+) -> ShardStop:
+    """The stop point of `shard` (a manifest entry: name, instance, database) for a request.
+
+    `--before-gtid`: the GTID's own shard stops right before it, every other shard at its
+    commit second (`at`). `--until`: the shard's instance's position. Otherwise `at`.
+    """
+    for stop in stop_positions or ():
+        if stop["instance"] != shard["instance"]:
+            continue
+        if before_gtid and shard["database"] not in stop.get("databases", []):
+            continue
+        position = (stop["file"], int(stop["pos"]))
+        if before_gtid:
+            label = f"stops before GTID {before_gtid} at {stop['file']}:{stop['pos']}"
+        else:
+            label = f"stops at {stop['instance']}:{stop['file']}:{stop['pos']}"
+        return ShardStop(position=position, before_gtid=before_gtid, label=label)
+    if at is None:
+        return ShardStop(label="at the end of the full set")
+    if timezone.is_naive(at):
+        at = at.replace(tzinfo=UTC)
+    label = f"at {at.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S')} UTC (whole second)"
+    if before_gtid:
+        label = f"at the commit second of GTID {before_gtid}: " + label[3:]
+    return ShardStop(until=at, label=label)
+
+
 def pitr_apply(
     *,
     run=None,
     shard: dict,
     target,
     target_database: str,
-    at: datetime,
+    at: datetime | None,
+    stop_at: tuple[str, int] | None = None,
     table_renames: dict[str, str] | None = None,
+    whole_database: bool = False,
     full_set: BackupSet | None = None,
     progress=None,
     should_cancel=None,
 ):
-    """Roll one restored shard forward from its full set's coordinates to `at`.
+    """Roll one restored shard forward from its full set's coordinates to `at` / `stop_at`.
 
     `shard` is the full set's manifest entry for the shard (name, instance, database,
     binlog_file, binlog_pos); `table_renames` maps source tables to the names they were
     loaded under (None: every table, same names). Applies whole transactions committed
-    at or before `at` (to the second), idempotently; returns the engine's ApplyResult
-    and records the instant on `run.restored_to`.
+    at or before `at` (to the second) and ending at or before `stop_at` (file, pos),
+    idempotently; returns the engine's ApplyResult (with where it stopped). The run records
+    `restored_to` only once every shard reached its stop point.
     """
     if full_set is None:
         full_set = run.request.source_set
-    if timezone.is_naive(at):
+    if at is not None and timezone.is_naive(at):
         at = at.replace(tzinfo=UTC)
-    chain = chain_cut(chain_after(full_set), at)
+    chain = chain_after(full_set)
+    if stop_at is not None:
+        chain = chain_cut_position(chain, shard["instance"], stop_at)
+    else:
+        chain = chain_cut(chain, at)
     result = chain_apply(
         chain=chain,
         shard=shard,
         target=target,
         target_database=target_database,
-        until=at,
+        until=at if stop_at is None else None,
+        stop_at=stop_at,
         table_renames=table_renames,
+        whole_database=whole_database,
         progress=progress,
         should_cancel=should_cancel,
     )
-    if run is not None:
-        type(run).objects.filter(pk=run.pk).update(restored_to=at.replace(microsecond=0))
     return result
+
+
+def chain_cut_position(
+    chain: list[BackupSet], instance_name: str, position: tuple[str, int]
+) -> list[BackupSet]:
+    """The links of `chain` whose segments of `instance_name` reach `position`."""
+    wanted = coordinate_key(*position)
+    needed = []
+    for incremental in chain:
+        needed.append(incremental)
+        for seg in incremental.segments.filter(instance_name=instance_name):
+            if coordinate_key(seg.last_file, seg.last_pos) >= wanted:
+                return needed
+    raise ChainError(
+        f"the stored binlog of {instance_name} does not reach {position[0]}:{position[1]}"
+    )
 
 
 def chain_apply(
@@ -133,8 +198,10 @@ def chain_apply(
     shard: dict,
     target,
     target_database: str,
-    until: datetime,
+    until: datetime | None,
+    stop_at: tuple[str, int] | None = None,
     table_renames: dict[str, str] | None = None,
+    whole_database: bool = False,
     progress=None,
     should_cancel=None,
 ):
@@ -144,7 +211,7 @@ def chain_apply(
     `shard` is the full set's manifest entry for the shard. No run is recorded: restores
     (`pitr_apply`) and restore drills both call this. Returns the engine's ApplyResult.
     """
-    if timezone.is_naive(until):
+    if until is not None and timezone.is_naive(until):
         until = until.replace(tzinfo=UTC)
     sources = segment_sources(chain, shard["instance"])
     return apply_segments(
@@ -156,7 +223,9 @@ def chain_apply(
         start_file=shard["binlog_file"],
         start_pos=int(shard["binlog_pos"]),
         until=until,
+        stop_at=stop_at,
         tables=table_renames,
+        whole_database=whole_database,
         progress=progress,
         should_cancel=should_cancel,
     )
