@@ -14,6 +14,7 @@ from django.utils import timezone
 from backups.models import BackupSet, RestoreRequest, RestoreRun
 from backups.selectors.restores import restore_request_as_dict
 from backups.services.errors import RestoreError
+from backups.services.flashback import flashback_request_file
 from backups.services.restore_requests import (
     restore_request_approve,
     restore_request_file,
@@ -51,12 +52,26 @@ class Command(BaseCommand):
 
         p = sub.add_parser("request", help="file a restore request (prints its id)")
         p.add_argument("--cluster", required=True)
-        source = p.add_mutually_exclusive_group(required=True)
+        # Not required here: a flashback names no set or time (checked in do_request).
+        source = p.add_mutually_exclusive_group()
         source.add_argument("--set", dest="set_id", type=int)
         source.add_argument("--at")
+        p.add_argument(
+            "--flashback",
+            action="store_true",
+            help="undo the row changes of --gtid G,.. (or of --since/--until on --tables) in place",
+        )
+        p.add_argument("--gtid", default="", help="with --flashback: the GTIDs to undo")
+        p.add_argument("--since", help="with --flashback: start of the window (ISO 8601)")
+        p.add_argument(
+            "--until",
+            action="append",
+            default=[],
+            help="with --flashback: end of the window (ISO 8601)",
+        )
         p.add_argument("--shards", default="")
         p.add_argument("--tables", default="")
-        p.add_argument("--target", required=True, help="side, inplace or instance:NAME")
+        p.add_argument("--target", help="side, inplace or instance:NAME")
         p.add_argument("--reason", required=True)
         p.add_argument("--as", dest="as_user", required=True)
         p.add_argument("--json", action="store_true")
@@ -138,6 +153,20 @@ class Command(BaseCommand):
         cluster = Cluster.objects.filter(name=options["cluster"]).first()
         if cluster is None:
             raise CommandError(f"no cluster named {options['cluster']!r}")
+        if options.get("flashback"):
+            self._request_flashback(user, cluster, options)
+            return
+        if options.get("gtid") or options.get("since"):
+            raise CommandError("--gtid and --since belong to --flashback")
+        if (
+            options.get("set_id") is None
+            and not options.get("at")
+            and not options.get("before_gtid")
+            and not options.get("until")
+        ):
+            raise CommandError("give --set, --at, --before-gtid or --until (or --flashback)")
+        if not options.get("target"):
+            raise CommandError("give --target side, inplace or instance:NAME")
         source_set = at = None
         if options.get("set_id") is not None:
             source_set = BackupSet.objects.filter(pk=options["set_id"]).first()
@@ -153,6 +182,28 @@ class Command(BaseCommand):
             shards=_names(options["shards"]),
             tables=_names(options["tables"]),
             target=options["target"],
+            reason=options["reason"],
+        )
+        self.request_obj = request
+        self._print(request, str(request.pk))
+
+    def _request_flashback(self, user, cluster, options):
+        if options.get("set_id") is not None or options.get("at"):
+            raise CommandError("--flashback undoes transactions; it takes no --set or --at")
+        if options.get("target") not in (None, "inplace"):
+            raise CommandError("a flashback changes the live tables: its target is inplace")
+        if len(options["until"]) > 1:
+            raise CommandError("--flashback takes one --until time")
+        since = parse_at(options["since"]) if options.get("since") else None
+        until = parse_at(options["until"][0]) if options["until"] else None
+        request = flashback_request_file(
+            cluster=cluster,
+            requester=user,
+            gtids=_names(options["gtid"]),
+            since=since,
+            until=until,
+            shards=_names(options["shards"]),
+            tables=_names(options["tables"]),
             reason=options["reason"],
         )
         self.request_obj = request
