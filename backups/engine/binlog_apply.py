@@ -16,10 +16,13 @@ Plain Python (no Django). The server's own decoder does the row work:
   at any point and a rerun converge to the same rows. (A DDL statement commits
   by itself; its position is written right after it.)
 * The source's GTIDs and server id are never replayed into the target's binlog.
-* DDL in the window (ALTER TABLE ... ADD COLUMN) is applied in order; statements
-  run with the source database as default database are rewritten to the target.
-  DDL naming the source database explicitly cannot be redirected: refused, never run
-  against the source.
+* DDL in the window is applied in order, never skipped: `binlog_select.Scope` reads
+  each statement's tables with a tokenizer (`backups.engine.ddl`), resolving unqualified
+  names with the event's default database, and rewrites every in-scope name to the
+  target's qualified name (so it never runs against the source, whatever database the
+  session had). What cannot be redirected safely is refused with `ScopeError`, naming
+  the statement, its position and GTID, and a stop point before it.
+* Stops at `until` (a time) or `stop_at` (a position), and reports where it stopped.
 * Memory stays bounded: a transaction past SPOOL_BYTES spills to a temporary file
   (`backups.engine.binlog_select` chooses what is applied; this module applies it).
 """
