@@ -381,6 +381,7 @@ def flashback_run_execute(*, run: RestoreRun, request: RestoreRequest, tracker) 
                         + " (between approval and run)"
                     )
                 total += rows
+                tracker.add(rows=rows)
                 applied.append(item.shard.name)
                 for table, counts in sorted(item.inverse.rows.items()):
                     RestoreTableResult.objects.create(
@@ -410,7 +411,6 @@ def flashback_run_execute(*, run: RestoreRun, request: RestoreRequest, tracker) 
                         "section_sha256": item.inverse.sha256,
                     },
                 )
-            RestoreRun.objects.filter(pk=run.pk).update(rows_done=total)
         tracker.stop()
         return restore_run_finish(
             run=run,
