@@ -16,7 +16,8 @@ from django.utils import timezone
 from backups.engine import codec
 from backups.engine.binlog_apply import SegmentSource, apply_segments
 from backups.engine.binlog_events import coordinate_key
-from backups.models import BackupSet
+from backups.engine.binlog_select import transaction_find
+from backups.models import BackupSet, BinlogSegment
 from backups.selectors.incrementals import chain_after
 from backups.services.errors import ChainError
 from backups.services.sets import set_data_key, set_storage
@@ -243,3 +244,178 @@ def chain_cut(chain: list[BackupSet], at: datetime) -> list[BackupSet]:
         f"the chain does not reach {at.isoformat()}: the newest recoverable point is "
         f"{newest.isoformat() if newest else 'the full set itself'}"
     )
+
+
+# -- stop points: --before-gtid and --until ----------------------------------------------
+
+
+def _parse_gtid(gtid: str) -> tuple[int, int, int]:
+    try:
+        domain, server, seq = (int(part) for part in gtid.strip().split("-"))
+    except ValueError as exc:
+        raise ChainError(f"{gtid!r} is not a GTID (domain-server-sequence, e.g. 0-1-123)") from exc
+    return domain, server, seq
+
+
+def _stored_segments(cluster: Cluster):
+    return (
+        BinlogSegment.objects.filter(
+            backup_set__cluster=cluster,
+            backup_set__kind=BackupSet.Kind.INCREMENTAL,
+            backup_set__status=BackupSet.Status.SUCCEEDED,
+        )
+        .select_related("backup_set")
+        .order_by("instance_name", "backup_set_id", "index")
+    )
+
+
+def stored_binlog_coverage(cluster: Cluster) -> str:
+    """What the stored incrementals of `cluster` cover, per instance: positions and GTIDs."""
+    spans: dict[str, list[BinlogSegment]] = {}
+    for seg in _stored_segments(cluster):
+        spans.setdefault(seg.instance_name, []).append(seg)
+    if not spans:
+        return f"no incremental of {cluster.name} is stored"
+    parts = []
+    for instance, segs in sorted(spans.items()):
+        segs.sort(key=lambda s: coordinate_key(s.first_file, s.first_pos))
+        first, last = segs[0], segs[-1]
+        gtids = next((s.first_gtid for s in segs if s.first_gtid), "")
+        last_gtid = next((s.last_gtid for s in reversed(segs) if s.last_gtid), "")
+        parts.append(
+            f"{instance}: {first.first_file}:{first.first_pos}..{last.last_file}:{last.last_pos}"
+            + (f" (GTIDs {gtids}..{last_gtid})" if gtids else "")
+        )
+    return "; ".join(parts)
+
+
+def _open_segment(seg: BinlogSegment):
+    storage = set_storage(seg.backup_set)
+    data_key = set_data_key(seg.backup_set)
+    stored = storage.get_stream(seg.key, expect_sha256=seg.sha256, expect_size=seg.stored_bytes)
+    return codec.decode(stored, data_key=data_key, aad=seg.key.encode(), object_key=seg.key)
+
+
+def _covers_gtid(seg: BinlogSegment, wanted: tuple[int, int, int]) -> bool:
+    try:
+        first, last = _parse_gtid(seg.first_gtid), _parse_gtid(seg.last_gtid)
+    except ChainError:
+        return False
+    return first[0] == wanted[0] == last[0] and first[2] <= wanted[2] <= last[2]
+
+
+def _full_before(
+    cluster: Cluster, positions: list[dict], at: datetime | None
+) -> tuple[BackupSet, list[BackupSet]]:
+    """The newest succeeded full set before every position, with a chain reaching them all."""
+    fulls = BackupSet.objects.filter(
+        cluster=cluster, kind=BackupSet.Kind.FULL, status=BackupSet.Status.SUCCEEDED
+    ).order_by("-consistent_at", "-id")
+    if at is not None:
+        fulls = fulls.filter(consistent_at__lte=at)
+    for full in fulls:
+        before = True
+        for stop in positions:
+            for sb in full.shard_backups.filter(instance_name=stop["instance"]):
+                if not sb.binlog_file or coordinate_key(sb.binlog_file, sb.binlog_pos or 0) > (
+                    coordinate_key(stop["file"], stop["pos"])
+                ):
+                    before = False
+        if not before:
+            continue
+        chain = chain_after(full)
+        try:
+            for stop in positions:
+                chain_cut_position(chain, stop["instance"], (stop["file"], stop["pos"]))
+        except ChainError:
+            continue
+        return full, chain
+    raise ChainError(
+        "no succeeded full backup of "
+        f"{cluster.name} precedes "
+        + ", ".join(f"{p['instance']}:{p['file']}:{p['pos']}" for p in positions)
+        + " with an unbroken chain of incrementals up to it"
+    )
+
+
+def pitr_resolve_gtid(*, cluster: Cluster, gtid: str) -> tuple[BackupSet, datetime, dict]:
+    """(full set, commit second, stop position) for `--before-gtid GTID`.
+
+    The stop position is where the transaction starts on its instance, with the databases
+    it touches (its shards stop there; the others at the commit second). ChainError when
+    no stored incremental holds the GTID, naming what is covered.
+    """
+    wanted = _parse_gtid(gtid)
+    gtid = "-".join(str(part) for part in wanted)
+    found = []
+    for seg in _stored_segments(cluster):
+        if not _covers_gtid(seg, wanted):
+            continue
+        where = transaction_find(_open_segment(seg), gtid)
+        if where is not None:
+            found.append((seg, where))
+            break
+    if not found:
+        raise ChainError(
+            f"GTID {gtid} is in no stored incremental of {cluster.name}; covered: "
+            f"{stored_binlog_coverage(cluster)}"
+        )
+    seg, where = found[0]
+    shard_databases = set(
+        cluster.shards.filter(instance__name=seg.instance_name).values_list("database", flat=True)
+    )
+    databases = sorted(set(where["databases"]) & shard_databases)
+    if not databases:
+        raise ChainError(
+            f"GTID {gtid} changes no shard of {cluster.name} "
+            f"(it touches {', '.join(where['databases']) or 'no database'} on {seg.instance_name})"
+        )
+    committed = datetime.fromtimestamp(where["commit_ts"], UTC)
+    stop = {
+        "instance": seg.instance_name,
+        "file": seg.first_file,
+        "pos": where["start_pos"],
+        "end_pos": where["end_pos"],
+        "gtid": gtid,
+        "databases": databases,
+        "committed_at": committed.isoformat(),
+    }
+    full, _chain = _full_before(cluster, [stop], committed)
+    chain_cut(chain_after(full), committed)
+    return full, committed, stop
+
+
+def pitr_resolve_positions(*, cluster: Cluster, until: list[str]) -> tuple[BackupSet, list[dict]]:
+    """(full set, stop positions) for `--until INSTANCE:FILE:POS` (one per instance).
+
+    ChainError for a malformed or unknown position, or one no stored incremental covers
+    (naming what is covered).
+    """
+    positions: list[dict] = []
+    instances = set(cluster.instances.values_list("name", flat=True))
+    segments = list(_stored_segments(cluster))
+    for text in until:
+        parts = text.strip().rsplit(":", 2)
+        if len(parts) != 3 or not parts[2].isdigit() or not parts[0] or not parts[1]:
+            raise ChainError(f"--until {text!r} is not INSTANCE:FILE:POS")
+        instance, file, pos = parts[0], parts[1], int(parts[2])
+        if instance not in instances:
+            raise ChainError(f"--until {text}: {cluster.name} has no instance named {instance!r}")
+        if any(p["instance"] == instance for p in positions):
+            raise ChainError(f"--until names instance {instance} twice")
+        key = coordinate_key(file, pos)
+        if not any(
+            s.instance_name == instance
+            and coordinate_key(s.first_file, s.first_pos) <= key
+            <= coordinate_key(s.last_file, s.last_pos)
+            for s in segments
+        ):
+            raise ChainError(
+                f"{instance}:{file}:{pos} is in no stored incremental of {cluster.name}; "
+                f"covered: {stored_binlog_coverage(cluster)}"
+            )
+        positions.append({"instance": instance, "file": file, "pos": pos})
+    if not positions:
+        raise ChainError("--until needs at least one INSTANCE:FILE:POS")
+    full, _chain = _full_before(cluster, positions, None)
+    return full, positions

@@ -56,6 +56,12 @@ class Command(BaseCommand):
         source = p.add_mutually_exclusive_group()
         source.add_argument("--set", dest="set_id", type=int)
         source.add_argument("--at")
+        source.add_argument(
+            "--before-gtid",
+            dest="before_gtid",
+            default="",
+            help="stop the GTID's shard right before it, every other shard at its commit second",
+        )
         p.add_argument(
             "--flashback",
             action="store_true",
@@ -67,7 +73,8 @@ class Command(BaseCommand):
             "--until",
             action="append",
             default=[],
-            help="with --flashback: end of the window (ISO 8601)",
+            help="INSTANCE:FILE:POS, once per instance: stop there (with --flashback: the end "
+            "of the window, ISO 8601)",
         )
         p.add_argument("--shards", default="")
         p.add_argument("--tables", default="")
@@ -172,13 +179,15 @@ class Command(BaseCommand):
             source_set = BackupSet.objects.filter(pk=options["set_id"]).first()
             if source_set is None:
                 raise CommandError(f"no backup set {options['set_id']}")
-        else:
+        elif options.get("at"):
             at = parse_at(options["at"])
         request = restore_request_file(
             cluster=cluster,
             requester=user,
             source_set=source_set,
             at=at,
+            before_gtid=options.get("before_gtid") or "",
+            until=options.get("until") or [],
             shards=_names(options["shards"]),
             tables=_names(options["tables"]),
             target=options["target"],
