@@ -11,9 +11,9 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from backups.models import BinlogSegment
-from backups.selectors.binlog_browser import segment_open
+from backups.selectors.binlog_browser import binlog_transactions_page, segment_open
 from tests.backups.test_pitr import run_backup, server_for
-from tests.factories import make_cluster
+from tests.factories import make_cluster, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -142,3 +142,50 @@ def test_binlog_events_refuses_unknown_names_in_one_line(cluster):
         call_command("binlog", "events", cluster.name, "--shards", "s99")
     with pytest.raises(CommandError, match="is not an ISO 8601 time"):
         call_command("binlog", "events", cluster.name, "--since", "yesterday")
+
+
+def test_preflight_warns_when_the_binlog_does_not_record_statements(cluster, mariadb_servers):
+    server = mariadb_servers[1]
+    server.execute("SET GLOBAL binlog_annotate_row_events = OFF")
+    try:
+        out = StringIO()
+        try:
+            call_command("topology", "discover", cluster.name, "--json", stdout=out)
+        except SystemExit:
+            pass
+    finally:
+        server.execute("SET GLOBAL binlog_annotate_row_events = ON")
+    findings = json.loads(out.getvalue())["findings"]
+    warned = [f for f in findings if "binlog_annotate_row_events" in f["message"]]
+    assert [(f["severity"], f["instance"]) for f in warned] == [("warning", server.name)]
+
+
+def test_transactions_page_lists_and_pages_for_readers_only(
+    cluster, mariadb_servers, run_jobs, client
+):
+    run_backup("full", cluster, run_jobs)
+    shard = cluster.shards.select_related("instance").first()
+    server = server_for(mariadb_servers, shard)
+    for n in range(3):
+        server.execute(f"UPDATE t_order SET note = 'n{n}' WHERE id = 1", database=shard.database)
+    run_backup("incremental", cluster, run_jobs)
+    url = f"/backups/transactions/{cluster.name}/"
+    assert client.get(url).status_code == 302  # to the login page
+    client.force_login(make_user(None))
+    assert client.get(url).status_code == 403
+    client.force_login(make_user("auditor"))
+    page = client.get(url, {"shard": shard.name})
+    assert page.status_code == 200
+    body = page.content.decode()
+    assert body.count('class="transaction"') == 3
+    assert "undo this (flashback)" not in body  # auditors change nothing
+    rows, more = binlog_transactions_page(cluster=cluster, shards=[shard.name], page_size=2)
+    assert len(rows) == 2 and more
+    rest, more = binlog_transactions_page(cluster=cluster, shards=[shard.name], page_size=2, page=2)
+    assert len(rest) == 1 and not more
+    assert {r["gtid"] for r in rows}.isdisjoint(r["gtid"] for r in rest)
+    client.force_login(make_user("operator"))
+    body = client.get(url, {"tables": "t_order", "page": "2"}).content.decode()
+    assert body.count('class="transaction"') == 0 and "No stored transaction matches" in body
+    body = client.get(url, {"since": "yesterday"})
+    assert body.status_code == 400
