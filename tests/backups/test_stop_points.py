@@ -108,7 +108,9 @@ def incident(mariadb_servers, unique_name, run_jobs):
     }
 
 
-def test_before_gtid_restores_exactly_the_state_before_the_bad_transaction(incident, run_jobs):
+def test_before_gtid_restores_exactly_the_state_before_the_bad_transaction(
+    incident, run_jobs, client
+):
     cluster, gtid = incident["cluster"], incident["bad_gtid"]
     (s00, s01), (a, b) = incident["shards"], incident["servers"]
     instance, file, pos = incident["bad_at"]
@@ -134,6 +136,36 @@ def test_before_gtid_restores_exactly_the_state_before_the_bad_transaction(incid
     call_command("restore", "show", str(request.pk), "--json", stdout=out)
     shown = json.loads(out.getvalue())
     assert {p["shard"] for p in shown["stop_points"]} == {s00.name, s01.name}
+
+    # The run page says where each shard stopped.
+    client.force_login(make_user("auditor"))
+    page = client.get(f"/restores/{request.pk}/").content.decode()
+    assert 'id="run-stop-points"' in page and f"{instance}:{file}:{pos}" in page
+    assert f"stops before GTID {gtid}" in page
+
+
+def test_the_wizard_takes_a_gtid_from_a_link_and_shows_each_shards_stop(incident, client):
+    cluster, gtid = incident["cluster"], incident["bad_gtid"]
+    s00, s01 = incident["shards"]
+    client.force_login(make_user("operator"))
+    linked = client.get("/restores/new/", {"cluster": cluster.name, "before_gtid": gtid})
+    assert linked.status_code == 200
+    assert f'value="{gtid}"' in linked.content.decode()
+
+    base = {"cluster": cluster.name, "preview": "1", "before_gtid": gtid, "target": "side"}
+    preview = client.get("/restores/new/", base)
+    assert preview.status_code == 200, preview.content.decode()
+    text = preview.content.decode()
+    assert 'id="plan-stops"' in text and f"stops before GTID {gtid}" in text
+    assert f"at the commit second of GTID {gtid}" in text
+
+    both = client.get("/restores/new/", {**base, "at": "2026-01-01T00:00:00"})
+    assert both.status_code == 200 and "Choose one source" in both.content.decode()
+
+    filed = client.post("/restores/new/", {**base, "reason": "undo the bad delete"})
+    request = RestoreRequest.objects.get(cluster=cluster)
+    assert filed.status_code == 302
+    assert request.before_gtid == gtid and request.stop_positions[0]["gtid"] == gtid
 
 
 def test_until_positions_restore_the_same_state(incident, run_jobs):
