@@ -152,3 +152,85 @@ def test_a_swap_bringing_in_a_table_outside_the_restore_is_refused_by_name(
     assert f"shard {shard.name}" in run.error
     assert f"--before-gtid {gtid}" in run.error
     assert run.restored_to is None
+
+
+# -- the statement rules, on QUERY events built here (no server needed) --------------------
+
+
+def query_event(database: str, statement: str) -> bytes:
+    import struct
+
+    from backups.engine.binlog_events import HEADER_LEN, QUERY_EVENT
+
+    status = b"\x00\x00\x00\x00\x00"  # Q_FLAGS2_CODE 0: one status variable
+    body = (
+        struct.pack("<IIBHH", 7, 0, len(database), 0, len(status))
+        + status
+        + database.encode()
+        + b"\x00"
+        + statement.encode()
+    )
+    return struct.pack("<IBIIIH", 1700000000, QUERY_EVENT, 1, HEADER_LEN + len(body), 999, 0) + body
+
+
+def decide(scope, database, statement):
+    from backups.engine.binlog_events import query_of
+
+    decision = scope.plan_query(query_event(database, statement), False)
+    return query_of(decision) if isinstance(decision, bytes) else decision
+
+
+@pytest.mark.parametrize(
+    ("default_db", "statement", "expected"),
+    [
+        ("src", "ALTER TABLE t ADD COLUMN c INT", "ALTER TABLE `dst`.`t` ADD COLUMN c INT"),
+        ("other", "ALTER TABLE src.t ADD COLUMN c INT", "ALTER TABLE `dst`.`t` ADD COLUMN c INT"),
+        ("", "ALTER TABLE `src`.`t` ADD COLUMN c INT", "ALTER TABLE `dst`.`t` ADD COLUMN c INT"),
+        ("src", "CREATE INDEX ix ON t (a)", "CREATE INDEX ix ON `dst`.`t` (a)"),
+        ("src", "TRUNCATE TABLE t", "TRUNCATE TABLE `dst`.`t`"),
+        ("src", "ALTER TABLE u ADD COLUMN c INT", False),  # not restored
+        ("other", "ALTER TABLE t ADD COLUMN c INT", False),  # another database's t
+        ("src", "OPTIMIZE TABLE t", False),  # changes neither rows nor shape
+        ("src", "ALTER TABLE t COMMENT 'src.u'", "ALTER TABLE `dst`.`t` COMMENT 'src.u'"),
+    ],
+)
+def test_ddl_of_restored_tables_is_rewritten_to_the_target_whatever_the_default_database(
+    default_db, statement, expected
+):
+    from backups.engine.binlog_select import Scope
+
+    result = decide(Scope("src", "dst", {"t": "t"}), default_db, statement)
+    if expected is False:
+        assert result is False
+    else:
+        assert result == ("dst", expected.encode())
+
+
+@pytest.mark.parametrize(
+    ("statement", "named"),
+    [
+        ("CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW SET NEW.a = 1", "CREATE TRIGGER tr"),
+        ("CREATE TABLE t2 SELECT * FROM t", "CREATE TABLE t2 SELECT"),
+        ("ALTER TABLE t ADD FOREIGN KEY (a) REFERENCES u (id)", "REFERENCES u"),
+        ("RENAME TABLE t TO other.t", "RENAME TABLE t TO other.t"),
+        ("INSERT INTO t VALUES (1)", "INSERT INTO t"),
+        ("DROP DATABASE src", "DROP DATABASE src"),
+    ],
+)
+def test_ddl_that_cannot_be_redirected_is_refused_naming_the_statement(statement, named):
+    from backups.engine.binlog_select import Scope, ScopeError
+
+    with pytest.raises(ScopeError, match=named):
+        decide(Scope("src", "dst", {"t": "t"}), "src", statement)
+
+
+def test_in_place_shadow_tables_take_alters_but_refuse_renames():
+    from backups.engine.binlog_select import Scope, ScopeError
+
+    scope = Scope("src", "src", {"t": "t__sv_new_4"})
+    assert decide(scope, "src", "ALTER TABLE t ADD COLUMN c INT") == (
+        "src",
+        b"ALTER TABLE `src`.`t__sv_new_4` ADD COLUMN c INT",
+    )
+    with pytest.raises(ScopeError, match="shadow"):
+        decide(scope, "src", "RENAME TABLE t TO t_old, t_gho TO t")
