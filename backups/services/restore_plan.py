@@ -147,7 +147,11 @@ def _non_empty(instance: Instance, database: str, tables: list[str]) -> set[str]
 
 
 def _stops(doc: dict, entries: list[dict], at, before_gtid: str, positions: list[dict]):
-    """Where each shard in scope stops; refuses `--until` that leaves an instance out."""
+    """Where each shard in scope stops; refuses `--until` that leaves an instance out.
+
+    With `--before-gtid`, shards the GTID does not touch (also when its own shard is out
+    of scope) stop at its commit second.
+    """
     in_scope = {e["shard"] for e in entries}
     shards = [s for s in manifest_shards(doc) if s["name"] in in_scope]
     if positions and not before_gtid:
@@ -159,24 +163,10 @@ def _stops(doc: dict, entries: list[dict], at, before_gtid: str, positions: list
                 + ", ".join(missing)
                 + " (it holds shards in scope); give one --until per instance"
             )
-    if before_gtid:
-        stop = positions[0]
-        if not any(
-            s["instance"] == stop["instance"] and s["database"] in stop["databases"]
-            for s in shards
-        ):
-            raise RestoreError(
-                f"GTID {before_gtid} changes {', '.join(stop['databases'])} on "
-                f"{stop['instance']}, which is not in the restore's scope"
-            )
     result = []
     for shard in shards:
-        stop = shard_stop(
-            at=at, before_gtid=before_gtid, stop_positions=positions, shard=shard
-        )
-        result.append(
-            {"shard": shard["name"], "instance": shard["instance"], "stop": stop.label}
-        )
+        stop = shard_stop(at=at, before_gtid=before_gtid, stop_positions=positions, shard=shard)
+        result.append({"shard": shard["name"], "instance": shard["instance"], "stop": stop.label})
     return result
 
 
