@@ -214,7 +214,8 @@ class Scope:
     """Which source tables are restored, and under which target names.
 
     `tables` maps source tables to target tables (None: every table of the database, same
-    names). `whole_database` also takes in tables the window creates (same names). Tables
+    names). `whole_database` also takes in tables the window creates (same names; tables
+    that existed but were left out of the set, by policy, stay out). Tables
     a shadow-table migration creates from an in-scope table (`CREATE TABLE _t_gho LIKE t`,
     and the names a rename gives in-scope tables) join the scope as the window is read, so
     a gh-ost or pt-online-schema-change swap is applied whole.
@@ -234,9 +235,7 @@ class Scope:
         self.whole_database = whole_database and not self.renames()
 
     def wants(self, database: str, table: str) -> bool:
-        return database == self.source and (
-            self.tables is None or table in self.tables or self.whole_database
-        )
+        return database == self.source and (self.tables is None or table in self.tables)
 
     def target_table(self, table: str) -> str:
         return self.tables.get(table, table) if self.tables else table
@@ -307,15 +306,16 @@ class Scope:
         if not any(in_scope(r) for r in changed):
             created = changed[0] if changed else None
             reads = [r for r in ddl.refs if r.role == READS]
-            if (
-                ddl.creates_like
+            creates = (
+                ddl.head == "CREATE"
                 and created is not None
                 and in_db(created)
-                and reads
-                and all(in_scope(r) for r in reads)
                 and not self.renames()
-            ):
+            )
+            if creates and ddl.creates_like and reads and all(in_scope(r) for r in reads):
                 self._join(created.table)  # a shadow copy of an in-scope table (gh-ost, pt-osc)
+            elif creates and self.whole_database and not ddl.creates_like:
+                self._join(created.table)  # a new table of a whole-database restore
             elif names_source:
                 raise refuse(f"names {src} in a way ShardVault cannot follow")
             else:
