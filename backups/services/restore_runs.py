@@ -34,8 +34,8 @@ from backups.engine.target import (
 from backups.engine.types import TableLoadJob
 from backups.models import BackupSet, LoadedChunk, RestoreRequest, RestoreRun, RestoreTableResult
 from backups.services.connection_slots import ConnectionSlots, SlotNeed
-from backups.services.flashback import flashback_run_execute
 from backups.services.errors import ChainError, RestoreError, SwapIncomplete
+from backups.services.flashback import flashback_run_execute
 from backups.services.pitr import pitr_apply, shard_stop
 from backups.services.progress import JobTracker
 from backups.services.restore_plan import manifest_shards, manifest_tables
