@@ -111,6 +111,7 @@ def segment_transactions(
     current: TransactionSummary | None = None
     wanted = False
     statements: list[str] = []
+    parsed: dict[bytes, object] = {}
     for position, event in binlog_events(blocks):
         kind = event[4]
         if kind == FORMAT_DESCRIPTION_EVENT:
@@ -129,7 +130,14 @@ def segment_transactions(
             raise EngineError(f"binlog segment {file} has no format description event")
         done = False
         if kind == TABLE_MAP_EVENT:
-            table_map = table_map_parse(event, fde.post_header_len(TABLE_MAP_EVENT))
+            # A busy binlog maps the same tables over and over: parse each mapping once.
+            body = event[HEADER_LEN : len(event) - 4 if fde.checksum else len(event)]
+            table_map = parsed.get(body)
+            if table_map is None:
+                if len(parsed) > 4096:
+                    parsed.clear()
+                table_map = table_map_parse(event, fde.post_header_len(TABLE_MAP_EVENT))
+                parsed[body] = table_map
             maps[table_map.table_id] = table_map
             if table_map.database not in current.databases:
                 current.databases.append(table_map.database)

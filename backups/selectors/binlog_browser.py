@@ -74,7 +74,7 @@ def _shard_databases(cluster: Cluster, shards) -> dict[tuple[str, str], str]:
     return found
 
 
-def _segment_wanted(segment: BinlogSegment, wants: Callable[[str, str], bool] | None, databases):
+def segment_wanted(segment: BinlogSegment, wants: Callable[[str, str], bool] | None, databases):
     for entry in segment.tables or []:
         database, _, table = entry.partition(".")
         if database != "*" and database not in databases:
@@ -139,7 +139,7 @@ def instance_transactions(
     for segment in segments:
         if reached is not None and coordinate_key(segment.last_file, segment.last_pos) <= reached:
             continue
-        if not _segment_wanted(segment, wants, databases):
+        if not segment_wanted(segment, wants, databases):
             continue
 
         def in_scope(database: str, table: str) -> bool:
