@@ -136,6 +136,10 @@ def test_before_gtid_restores_exactly_the_state_before_the_bad_transaction(
     call_command("restore", "show", str(request.pk), "--json", stdout=out)
     shown = json.loads(out.getvalue())
     assert {p["shard"] for p in shown["stop_points"]} == {s00.name, s01.name}
+    out = StringIO()
+    call_command("restore", "show", str(request.pk), stdout=out)
+    assert f"stopped at {instance}:{file}:{pos}" in out.getvalue()
+    assert f"before GTID {gtid}" in out.getvalue()
 
     # The run page says where each shard stopped.
     client.force_login(make_user("auditor"))

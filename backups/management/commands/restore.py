@@ -253,6 +253,12 @@ class Command(BaseCommand):
                 f"  {r['shard']} {r['database']}.{r['table']} -> {r['target_database']}.{r['target_table']}: "
                 f"{r['rows']} rows, checksum {mark}"
             )
+        for p in data.get("stop_points") or []:
+            lines.append(
+                f"  {p['shard']} {p['target']}: stopped at {p['instance']}:{p['file']}:{p['pos']}"
+                + (f" after GTID {p['gtid']}" if p.get("gtid") else "")
+                + (f", before GTID {p['next_gtid']}" if p.get("next_gtid") else "")
+            )
         if data["q"] is not None:
             lines.append(f"  Q = {data['q']:.4f}")
         if data["error"]:
