@@ -195,9 +195,14 @@ def flashback_build(
     with open(binlog_path, "wb") as out:
         out.write(BINLOG_MAGIC)
         fde_written = False
+        seen: set[tuple[str, int]] = set()
         for segment in segments:
             for kept in _chosen_transactions(segment, choice, inverse):
                 fde, group, gtid, end_pos = kept
+                if (segment.file, end_pos) in seen:
+                    group.close()  # two overlapping incrementals hold it: undo it once
+                    continue
+                seen.add((segment.file, end_pos))
                 if not fde_written:
                     out.write(fde.event)
                     fde_written = True

@@ -24,7 +24,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from backups.engine.errors import EngineError
+from backups.engine.errors import ConnectError, EngineError
 from backups.engine.flashback import (
     FlashbackChoice,
     FlashbackSegment,
@@ -139,11 +139,11 @@ def flashback_inverses(
                 choice=_choice(shard, spec, wants),
                 workdir=shard_dir,
             )
-        except (EngineError, MissingPassword) as exc:
+            if not inverse.transactions:
+                continue
+            infos = {t: table_info(endpoint, shard.database, t) for t in inverse.columns}
+        except (EngineError, ConnectError, MissingPassword) as exc:
             raise RestoreError(f"shard {shard.name}: {exc}") from exc
-        if not inverse.transactions:
-            continue
-        infos = {t: table_info(endpoint, shard.database, t) for t in inverse.columns}
         results.append(ShardFlashback(shard, endpoint, inverse, infos))
     found = {t["gtid"] for r in results for t in r.inverse.transactions}
     missing = sorted(set(spec.get("gtids") or ()) - found)
@@ -216,7 +216,10 @@ def _plan(shards: list[ShardFlashback], conflicts: list[tuple[str, int, list]]) 
 def _check_conflicts(shards: list[ShardFlashback]) -> list[tuple[str, int, list]]:
     found = []
     for item in shards:
-        conn = connect(item.endpoint, item.shard.database)
+        try:
+            conn = connect(item.endpoint, item.shard.database)
+        except ConnectError as exc:
+            raise RestoreError(f"shard {item.shard.name}: {exc}") from exc
         try:
             count, sample = flashback_conflicts(conn, item.inverse, item.infos)
         finally:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from django.contrib import messages
 from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_http_methods
 
 from backups.engine.errors import EngineError
@@ -72,7 +73,7 @@ def transactions(request, cluster: str):
         return render(request, "backups/transactions.html", context, status=400)
     context.update(rows=rows, more=more)
     filters = {k: context[k] for k in ("since", "until", "shard", "tables") if context[k]}
-    context["filter_query"] = "&".join(f"{k}={v}" for k, v in filters.items())
+    context["filter_query"] = urlencode(filters)
     return render(request, "backups/transactions.html", context)
 
 

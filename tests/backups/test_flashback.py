@@ -70,7 +70,7 @@ def cluster(mariadb_servers, unique_name):
 
 
 def test_flashback_of_the_bad_delete_brings_back_exactly_its_rows_and_keeps_later_writes(
-    cluster, mariadb_servers, run_jobs
+    cluster, mariadb_servers, run_jobs, client
 ):
     shard = cluster.shards.select_related("instance").get()
     server = server_for(mariadb_servers, shard)
@@ -105,6 +105,13 @@ def test_flashback_of_the_bad_delete_brings_back_exactly_its_rows_and_keeps_late
     stored = b"".join(flashback_artifact_open(request))
     assert hashlib.sha256(stored).hexdigest() == filed["artifact"]["sha256"]
     assert b"BINLOG '" in stored and b"### INSERT INTO" in stored
+    # Downloadable from the request page by console users only, as stored.
+    url = f"/restores/{request.pk}/flashback.sql"
+    client.force_login(make_user(None))
+    assert client.get(url).status_code == 403
+    client.force_login(make_user("auditor"))
+    download = client.get(url)
+    assert download.status_code == 200 and b"".join(download.streaming_content) == stored
     audit = AuditEvent.objects.get(action="restore.requested", object_id=str(request.pk))
     assert audit.details["artifact_sha256"] == filed["artifact"]["sha256"]
     with pytest.raises(RestoreDenied):

@@ -78,8 +78,14 @@ class Command(BaseCommand):
             self.stdout.write(
                 f'{{"cluster": {json.dumps(cluster.name)}, "transactions": [', ending=""
             )
-            for index, row in enumerate(transactions):
-                self.stdout.write(("" if index == 0 else ", ") + json.dumps(row), ending="")
+            try:
+                for index, row in enumerate(transactions):
+                    self.stdout.write(("" if index == 0 else ", ") + json.dumps(row), ending="")
+            except (RestoreError, EngineError) as exc:
+                # Still one object: the transactions listed so far, and why it stopped.
+                self.stdout.write(f'], "error": {json.dumps(str(exc))}}}')
+                self.as_json = False
+                raise CommandError(str(exc)) from exc
             self.stdout.write("]}")
             return
         for row in transactions:
