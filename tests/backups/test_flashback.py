@@ -139,6 +139,10 @@ def test_flashback_of_the_bad_delete_brings_back_exactly_its_rows_and_keeps_late
     assert AuditEvent.objects.filter(
         action="restore.flashback_applied", object_id=str(request.pk)
     ).exists()
+    text = StringIO()
+    call_command("restore", "show", str(filed["id"]), stdout=text)
+    assert f"flashback of {bad['gtid']}" in text.getvalue()
+    assert "undoes 5 row(s) in 1 statement(s)" in text.getvalue()
 
 
 def test_a_row_changed_again_after_the_bad_update_refuses_the_flashback(

@@ -238,10 +238,22 @@ class Command(BaseCommand):
         if self.as_json:
             self.stdout.write(json.dumps(data))
             return
+        source = f"set {data['source_set']}"
+        if data.get("flashback"):
+            undo = data["flashback"].get("gtids") or [
+                f"{data['flashback']['since']}..{data['flashback']['until']}"
+            ]
+            source = f"flashback of {', '.join(undo)}"
         lines = [
             f"restore {data['id']}: {data['state']} ({data['target']}, cluster {data['cluster']}, "
-            f"set {data['source_set']}), requested by {data['requested_by']}: {data['reason']}",
+            f"{source}), requested by {data['requested_by']}: {data['reason']}",
         ]
+        if data.get("artifact"):
+            plan = data["plan"]
+            lines.append(
+                f"  undoes {plan.get('rows')} row(s) in {plan.get('statements')} statement(s); "
+                f"SQL sha256 {data['artifact']['sha256']}"
+            )
         for a in data["approvals"]:
             lines.append(
                 f"  {a['decision']} by {a['by']} at {a['at']}"
