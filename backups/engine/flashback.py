@@ -391,55 +391,71 @@ def _where(info: TableInfo) -> str:
     return " AND ".join(f"{quote_ident(info.columns[i])} = %s" for i in info.key)
 
 
+KEY_BATCH = 500  # keys per query when checking that deleted rows are still absent
+
+
 def flashback_conflicts(
     conn, inverse: ShardInverse, infos: dict[str, TableInfo], *, lock: bool = False
 ) -> tuple[int, list[dict]]:
     """(conflict count, a sample of them): rows whose live state is not the after image.
 
     `conn` is a connection to the shard's server; with `lock` every row read is locked
-    (FOR UPDATE) in the caller's transaction.
+    (FOR UPDATE) in the caller's transaction. Rows that must be absent (the change
+    deleted them) are looked up KEY_BATCH keys at a time; the others one by one, every
+    column compared by the server (`<=>`, exact for each type).
     """
     count = 0
     sample: list[dict] = []
     suffix = " FOR UPDATE" if lock else ""
+
+    def conflict(table: str, key, reason: str) -> None:
+        nonlocal count
+        count += 1
+        if len(sample) < CONFLICT_SAMPLE:
+            info = infos[table]
+            sample.append(
+                {
+                    "table": table,
+                    "key": {info.columns[i]: _plain(k) for i, k in zip(info.key, key, strict=True)},
+                    "reason": reason,
+                }
+            )
+
+    absent: dict[str, list[tuple]] = {}
     with conn.cursor() as cur:
         for (table, key), image in inverse.after.items():
-            info = infos[table]
-            qualified = quote_qualified(inverse.database, table)
-            reason = ""
             if image is None:
-                cur.execute(f"SELECT 1 FROM {qualified} WHERE {_where(info)}{suffix}", key)  # noqa: S608 - quoted identifiers
-                if cur.fetchone():
-                    reason = "the row the undo would re-insert exists again"
-            else:
-                columns = inverse.columns[table]
-                compares, params = [], []
-                for i, name in enumerate(info.columns):
-                    value = signed_value(image[i], columns[i], info.unsigned[i])
-                    compares.append(f"{comparison_sql(columns[i], quote_ident(name))} <=> %s")
-                    params.append(value)
+                absent.setdefault(table, []).append(key)
+                continue
+            info = infos[table]
+            columns = inverse.columns[table]
+            compares, params = [], []
+            for i, name in enumerate(info.columns):
+                params.append(signed_value(image[i], columns[i], info.unsigned[i]))
+                compares.append(f"{comparison_sql(columns[i], quote_ident(name))} <=> %s")
+            cur.execute(
+                f"SELECT {' AND '.join(compares)} FROM {quote_qualified(inverse.database, table)}"  # noqa: S608 - quoted identifiers
+                f" WHERE {_where(info)}{suffix}",
+                (*params, *key),
+            )
+            row = cur.fetchone()
+            if row is None:
+                conflict(table, key, "the row was deleted after the change")
+            elif not row[0]:
+                conflict(table, key, "the row was changed again after the change")
+        for table, keys in absent.items():
+            info = infos[table]
+            names = ", ".join(quote_ident(info.columns[i]) for i in info.key)
+            one = "(" + ", ".join(["%s"] * len(info.key)) + ")"
+            for start in range(0, len(keys), KEY_BATCH):
+                batch = keys[start : start + KEY_BATCH]
                 cur.execute(
-                    f"SELECT {' AND '.join(compares)} FROM {qualified} WHERE {_where(info)}{suffix}",  # noqa: S608 - quoted identifiers
-                    (*params, *key),
+                    f"SELECT {names} FROM {quote_qualified(inverse.database, table)}"  # noqa: S608 - quoted identifiers
+                    f" WHERE ({names}) IN ({', '.join([one] * len(batch))}){suffix}",
+                    [value for key in batch for value in key],
                 )
-                row = cur.fetchone()
-                if row is None:
-                    reason = "the row was deleted after the change"
-                elif not row[0]:
-                    reason = "the row was changed again after the change"
-            if reason:
-                count += 1
-                if len(sample) < CONFLICT_SAMPLE:
-                    sample.append(
-                        {
-                            "table": table,
-                            "key": {
-                                info.columns[i]: _plain(k)
-                                for i, k in zip(info.key, key, strict=True)
-                            },
-                            "reason": reason,
-                        }
-                    )
+                for found in cur.fetchall():
+                    conflict(table, found, "the row the undo would re-insert exists again")
     return count, sample
 
 
