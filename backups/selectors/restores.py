@@ -74,8 +74,6 @@ def restore_request_as_dict(*, request: RestoreRequest) -> dict:
                 "rows": r.rows,
                 "rows_expected": r.rows_expected,
                 "checksum_ok": r.checksum_ok,
-                "status": r.status,
-                "error": r.error,
             }
             for r in run.results.all()
         ]
