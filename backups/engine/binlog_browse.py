@@ -12,6 +12,7 @@ wanted table (and skips counting the rows of the others).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -168,9 +169,11 @@ def segment_transactions(
             elif not head.startswith(b"BEGIN"):
                 text = statement.decode("utf-8", "replace")
                 statements.append(text)
-                if database and database not in current.databases:
-                    current.databases.append(database)
-                if wants is not None and _statement_wanted(wants, database, text):
+                named = statement_tables(database, text)
+                for name_db, _table in named:
+                    if name_db and name_db not in current.databases:
+                        current.databases.append(name_db)
+                if wants is not None and any(wants(d, t) for d, t in named):
                     wanted = True
                 if current.ddl:
                     done = True
@@ -185,7 +188,23 @@ def segment_transactions(
             current = None
 
 
-def _statement_wanted(wants: Callable[[str, str], bool], database: str, text: str) -> bool:
-    """A DDL or statement-logged change is kept when it names a wanted table (a word match)."""
-    words = {w.strip("`").lower() for w in text.replace(".", " ").replace(",", " ").split()}
-    return any(wants(database, word) for word in words)
+_NAME = r"(?:`((?:[^`]|``)+)`|([A-Za-z0-9_$\u0080-\uffff]+))"
+_QUALIFIED = re.compile(_NAME + r"\s*\.\s*" + _NAME)
+_WORD = re.compile(_NAME)
+
+
+def statement_tables(database: str, text: str) -> list[tuple[str, str]]:
+    """(database, name) pairs a statement may name: `db`.`t` as written, and every other
+    word under the session's default database. Generous on purpose: a word that is no
+    table only costs a transaction shown that a table filter did not need."""
+    pairs = []
+    for found in _QUALIFIED.finditer(text):
+        db = (found.group(1) or found.group(2) or "").replace("``", "`")
+        table = (found.group(3) or found.group(4) or "").replace("``", "`")
+        pairs.append((db, table))
+    rest = _QUALIFIED.sub(" ", text)
+    for found in _WORD.finditer(rest):
+        pairs.append((database, (found.group(1) or found.group(2)).replace("``", "`")))
+    if database and not pairs:
+        pairs.append((database, ""))
+    return pairs

@@ -31,7 +31,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from backups.engine.binlog_browse import FormatDescription, binlog_events
+from backups.engine.binlog_browse import FormatDescription, binlog_events, statement_tables
 from backups.engine.binlog_events import (
     BINLOG_MAGIC,
     FL_STANDALONE,
@@ -108,6 +108,8 @@ class ShardInverse:
     # (table, key values) -> the after image (tuple) or None (the row must be absent).
     after: dict[tuple, tuple | None] = field(default_factory=dict)
     columns: dict[str, tuple] = field(default_factory=dict)  # table -> binlog Column tuple
+    schema_changed: str = ""  # a table whose live columns differ from the binlog's
+    later_ddl: str = ""  # the first DDL on a table in scope after the chosen transactions
 
     @property
     def row_count(self) -> int:
@@ -165,13 +167,12 @@ def _chosen(choice: FlashbackChoice, gtid: str, commit_ts: int | None) -> bool |
 
 
 def _names_wanted(choice: FlashbackChoice, database: str, statement: bytes) -> bool:
-    text = statement.decode("utf-8", "replace")
-    words = {w.strip("`").lower() for w in re.split(r"[\s.,()]+", text)}
-    if choice.database.lower() not in words and database != choice.database:
-        return False
-    if choice.wants is None:
-        return True
-    return any(choice.wants(word) for word in words)
+    """Whether a statement may change a table in scope (qualified, or under its default db)."""
+    named = statement_tables(database, statement.decode("utf-8", "replace"))
+    return any(
+        db == choice.database and (choice.wants is None or not table or choice.wants(table))
+        for db, table in named
+    )
 
 
 def flashback_build(
@@ -211,11 +212,22 @@ def flashback_build(
                     if event[4] == TABLE_MAP_EVENT:
                         table_map = table_map_parse(event, fde.post_header_len(TABLE_MAP_EVENT))
                         _note_table(inverse, infos, endpoint, table_map)
-                _after_images(group, fde, inverse, infos)
+                if not inverse.schema_changed:
+                    _after_images(group, fde, inverse, infos)
                 group.close()
                 inverse.transactions.append(
                     {"gtid": gtid, "file": segment.file, "end_pos": end_pos}
                 )
+    if inverse.schema_changed:
+        cause = (
+            f": {inverse.later_ddl} changed it after the chosen transactions"
+            if inverse.later_ddl
+            else " (its schema changed since)"
+        )
+        raise EngineError(
+            f"{inverse.schema_changed}{cause}; the flashback is refused (restore to a point in "
+            "time before the change instead)"
+        )
     if not inverse.transactions:
         return inverse
     sql_path = os.path.join(workdir, f"{choice.database}.sql")
@@ -240,11 +252,11 @@ def _note_table(inverse, infos, endpoint, table_map: TableMap) -> None:
     if table_map.table in infos:
         return
     info = table_info(endpoint, table_map.database, table_map.table)
-    if len(info.columns) != len(table_map.columns):
-        raise EngineError(
+    if len(info.columns) != len(table_map.columns) and not inverse.schema_changed:
+        # Said once the whole binlog is read: a DDL in scope found later is named instead.
+        inverse.schema_changed = (
             f"table {table_map.database}.{table_map.table} has {len(info.columns)} columns now "
-            f"but {len(table_map.columns)} in the binlog (its schema changed since); flashback "
-            "refused"
+            f"but {len(table_map.columns)} in the binlog"
         )
     infos[table_map.table] = info
     inverse.columns[table_map.table] = table_map.columns
@@ -259,7 +271,7 @@ def _chosen_transactions(
     gtid = ""
     maps: dict[int, TableMap] = {}
     statement_tables: list[bool] = []
-    ddl = False
+    ddl = watch = False
     for _position, event in binlog_events(segment.open()):
         kind = event[4]
         if kind == FORMAT_DESCRIPTION_EVENT:
@@ -271,10 +283,20 @@ def _chosen_transactions(
             ddl = bool(flags & FL_STANDALONE)
             if group is not None:
                 group.close()
-            group = None if _chosen(choice, gtid, None) is False else Transaction(event)
+            chosen = _chosen(choice, gtid, None)
+            group = None if chosen is False else Transaction(event)
+            # A DDL after the chosen transactions may have changed their tables: remember it.
+            watch = ddl and chosen is False and bool(inverse.transactions)
             maps, statement_tables = {}, []
             continue
         if group is None:
+            if watch and kind == QUERY_EVENT:
+                watch = False
+                database, statement = query_of(event)
+                statement = statement[:-4] if fde.checksum else statement
+                if not inverse.later_ddl and _names_wanted(choice, database, statement):
+                    text = statement.decode("utf-8", "replace")[:200]
+                    inverse.later_ddl = f"{text} (GTID {gtid})"
             continue
         end = False
         if kind == TABLE_MAP_EVENT:
@@ -301,13 +323,14 @@ def _chosen_transactions(
                 statement_tables = []
         elif kind == QUERY_EVENT:
             database, statement = query_of(event)
+            statement = statement[:-4] if fde.checksum else statement
             head = statement[:8].upper()
             if head.startswith((b"COMMIT", b"ROLLBACK")):
                 end = True
             elif not head.startswith(b"BEGIN"):
                 if _names_wanted(choice, database, statement):
                     if ddl or _chosen(choice, gtid, int.from_bytes(event[0:4], "little")):
-                        text = statement.decode("utf-8", "replace").rstrip("\x00")[:200]
+                        text = statement.decode("utf-8", "replace")[:200]
                         raise EngineError(
                             f"transaction {gtid} runs a statement on a table in scope "
                             f"({text}); flashback undoes row changes only, so it is refused "

@@ -265,3 +265,53 @@ def test_flashback_refusals_name_the_problem(cluster, mariadb_servers, run_jobs)
         from backups.services.flashback import flashback_spec
 
         flashback_spec()
+
+
+def test_ddl_among_the_chosen_transactions_is_refused_by_name(
+    cluster, mariadb_servers, run_jobs, unique_name
+):
+    shard = cluster.shards.select_related("instance").get()
+    server = server_for(mariadb_servers, shard)
+    db = shard.database
+    other = f"other_{unique_name}"
+    server.execute("CREATE TABLE t_user LIKE t_order", database=db)
+    server.execute(f"DROP DATABASE IF EXISTS {other}", f"CREATE DATABASE {other}")
+    run_backup("full", cluster, run_jobs)
+    server.execute("DELETE FROM t_order WHERE id <= 3", database=db)
+    server.execute("ALTER TABLE t_order ADD COLUMN c1 INT NULL", database=db)  # unqualified
+    server.execute(f"ALTER TABLE {db}.t_user ADD COLUMN c2 INT NULL", database=other)
+    server.execute(
+        "CREATE TABLE _t_user_gho LIKE t_user",
+        "RENAME TABLE t_user TO _t_user_old, _t_user_gho TO t_user",  # a gh-ost style swap
+        database=db,
+    )
+    run_backup("incremental", cluster, run_jobs)
+    listed = binlog_events_json(cluster.name)["transactions"]
+    by_statement = {t["statement"]: t["gtid"] for t in listed}
+    orders = checksum_of(server, db, "t_order")
+    operator = make_user("operator")
+
+    # A window over t_order takes in the unqualified ALTER: refused, naming it.
+    with pytest.raises(CommandError, match="ALTER TABLE t_order ADD COLUMN c1"):
+        request_flashback(
+            cluster, operator, "--since", "2020-01-01T00:00:00", "--until",
+            "2999-01-01T00:00:00", "--tables", "t_order",
+        )  # fmt: skip
+    # Qualified, from another default database.
+    qualified = next(g for s, g in by_statement.items() if s and "c2" in s)
+    with pytest.raises(CommandError, match=f"ALTER TABLE {db}.t_user ADD COLUMN c2"):
+        request_flashback(cluster, operator, "--gtid", qualified, "--tables", "t_user")
+    # The shadow-table swap.
+    swap = next(g for s, g in by_statement.items() if s and s.startswith("RENAME"))
+    with pytest.raises(CommandError, match="RENAME TABLE t_user TO _t_user_old"):
+        request_flashback(cluster, operator, "--gtid", swap)
+    # The DELETE itself, now that t_order has another column: refused, never half applied.
+    delete = next(g for s, g in by_statement.items() if s and s.startswith("DELETE"))
+    with pytest.raises(
+        CommandError,
+        match="ALTER TABLE t_order ADD COLUMN c1 INT NULL \\(GTID .*\\) changed it after",
+    ):
+        request_flashback(cluster, operator, "--gtid", delete)
+    assert not RestoreRequest.objects.filter(cluster=cluster).exists()
+    assert checksum_of(server, db, "t_order") == orders
+    server.execute(f"DROP DATABASE IF EXISTS {other}")
