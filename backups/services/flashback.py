@@ -257,6 +257,35 @@ def flashback_spec(*, gtids=(), since: datetime | None = None, until: datetime |
     return {"since": since.astimezone(UTC).isoformat(), "until": until.astimezone(UTC).isoformat()}
 
 
+def _clean_scope(*, gtids, since, until, shards, tables) -> tuple[dict, list[str], list[str]]:
+    spec = flashback_spec(gtids=gtids, since=since, until=until)
+    shards = [s.strip() for s in shards if s and s.strip()]
+    tables = [t.strip() for t in tables if t and t.strip()]
+    if "since" in spec and not tables:
+        raise RestoreError("a flashback of a time window needs --tables")
+    return spec, shards, tables
+
+
+def flashback_preview(
+    *,
+    cluster: Cluster,
+    gtids=(),
+    since: datetime | None = None,
+    until: datetime | None = None,
+    shards=(),
+    tables=(),
+) -> dict:
+    """The plan a flashback request would have, conflicts included; nothing is filed."""
+    spec, shards, tables = _clean_scope(
+        gtids=gtids, since=since, until=until, shards=shards, tables=tables
+    )
+    with tempfile.TemporaryDirectory(prefix="shardvault-flashback-") as workdir:
+        built = flashback_inverses(
+            cluster=cluster, spec=spec, shards=shards, tables=tables, workdir=workdir
+        )
+        return _plan(built, _check_conflicts(built))
+
+
 def flashback_request_file(
     *,
     cluster: Cluster,
@@ -278,11 +307,9 @@ def flashback_request_file(
     reason = (reason or "").strip()
     if not reason:
         raise RestoreError("a restore request needs a reason")
-    spec = flashback_spec(gtids=gtids, since=since, until=until)
-    shards = [s.strip() for s in shards if s and s.strip()]
-    tables = [t.strip() for t in tables if t and t.strip()]
-    if "since" in spec and not tables:
-        raise RestoreError("a flashback of a time window needs --tables")
+    spec, shards, tables = _clean_scope(
+        gtids=gtids, since=since, until=until, shards=shards, tables=tables
+    )
     with tempfile.TemporaryDirectory(prefix="shardvault-flashback-") as workdir:
         built = flashback_inverses(
             cluster=cluster, spec=spec, shards=shards, tables=tables, workdir=workdir

@@ -14,7 +14,11 @@ from backups.engine.errors import EngineError
 from backups.models import RestoreRequest
 from backups.selectors.binlog_browser import PAGE_SIZE, binlog_transactions_page
 from backups.services.errors import RestoreError
-from backups.services.flashback import flashback_artifact_open, flashback_request_file
+from backups.services.flashback import (
+    flashback_artifact_open,
+    flashback_preview,
+    flashback_request_file,
+)
 from console.roles import OPERATOR, has_role, role_required
 from shards.models import Cluster
 
@@ -103,16 +107,18 @@ def flashback_new(request):
             since, until = _time(context["since"]), _time(context["until"])
         except ValueError as exc:
             raise RestoreError("times are ISO 8601, e.g. 2026-01-31T12:00:00") from exc
-        filed = flashback_request_file(
-            cluster=cluster,
-            requester=request.user,
-            gtids=_names(context["gtid"]),
-            since=since,
-            until=until,
-            shards=_names(context["shards"]),
-            tables=_names(context["tables"]),
-            reason=context["reason"],
-        )
+        scope = {
+            "cluster": cluster,
+            "gtids": _names(context["gtid"]),
+            "since": since,
+            "until": until,
+            "shards": _names(context["shards"]),
+            "tables": _names(context["tables"]),
+        }
+        if "preview" in request.POST:
+            context["plan"] = flashback_preview(**scope)
+            return render(request, "backups/flashback_new.html", context)
+        filed = flashback_request_file(requester=request.user, reason=context["reason"], **scope)
     except RestoreError as exc:
         context["error"] = str(exc)
         return render(request, "backups/flashback_new.html", context, status=400)

@@ -11,7 +11,7 @@ from django.core.management import CommandError, call_command
 
 from backups.models import RestoreRequest
 from backups.services.errors import RestoreDenied, RestoreError
-from backups.services.flashback import flashback_artifact_open
+from backups.services.flashback import flashback_artifact_open, flashback_preview
 from backups.services.restore_requests import restore_request_approve
 from backups.services.restore_run_states import restore_run_start
 from console.models import AuditEvent
@@ -162,6 +162,16 @@ def test_a_row_changed_again_after_the_bad_update_refuses_the_flashback(
         if t["tables"][0]["updated"] == 5
     )
     live = checksum_of(server, shard.database, "t_order")
+    preview = flashback_preview(cluster=cluster, gtids=[bad["gtid"]])
+    assert preview["conflicts"] == 1 and preview["rows"] == 5
+    assert preview["conflict_sample"] == [
+        {
+            "shard": shard.name,
+            "table": "t_order",
+            "key": {"id": 2},
+            "reason": "the row was changed again after the change",
+        }
+    ]
     with pytest.raises(CommandError, match="changed again after"):
         request_flashback(cluster, make_user("operator"), "--gtid", bad["gtid"])
     assert not RestoreRequest.objects.filter(cluster=cluster).exists()

@@ -45,6 +45,10 @@ def test_operator_finds_the_bad_delete_and_two_approvers_sign_off_its_flashback(
 
     # The flashback form arrives prefilled; the operator gives a reason and files it.
     expect(operator.locator("#fb-gtid")).to_have_value(gtid)
+    operator.click("#preview-flashback")  # see what undoing it changes before filing
+    expect(operator.locator("#flashback-plan #plan-rows")).to_have_text("5")
+    expect(operator.locator("#plan-conflicts")).to_contain_text("No conflicts")
+    assert not RestoreRequest.objects.filter(cluster=cluster).exists()
     operator.fill("#fb-reason", "a DELETE without the right WHERE")
     operator.click("#file-flashback")
     request = RestoreRequest.objects.get(cluster=cluster)
