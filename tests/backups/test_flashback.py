@@ -7,6 +7,7 @@ import json
 from io import StringIO
 
 import pytest
+from django.core import mail
 from django.core.management import CommandError, call_command
 
 from backups.models import RestoreRequest
@@ -82,9 +83,14 @@ def test_flashback_of_the_bad_delete_brings_back_exactly_its_rows_and_keeps_late
     listed = binlog_events_json(cluster.name)["transactions"]
     bad = next(t for t in listed if t["tables"][0]["deleted"])
 
+    watcher = make_user("approver")
+    watcher.email = "fb-approver@example.test"
+    watcher.save()
     operator = make_user("operator")
     filed = request_flashback(cluster, operator, "--gtid", bad["gtid"])
     assert filed["state"] == "pending_approval" and filed["target"] == "inplace"
+    told = [m for m in mail.outbox if m.to == ["fb-approver@example.test"]]
+    assert told and f"flashback (undo in place) of {bad['gtid']}" in told[0].body
     assert filed["flashback"] == {"gtids": [bad["gtid"]]}
     plan = filed["plan"]
     assert plan["rows"] == 5 and plan["statements"] == 1 and plan["conflicts"] == 0
