@@ -404,12 +404,14 @@ def pitr_resolve_positions(*, cluster: Cluster, until: list[str]) -> tuple[Backu
         if any(p["instance"] == instance for p in positions):
             raise ChainError(f"--until names instance {instance} twice")
         key = coordinate_key(file, pos)
-        if not any(
-            s.instance_name == instance
-            and coordinate_key(s.first_file, s.first_pos) <= key
-            <= coordinate_key(s.last_file, s.last_pos)
+        covering = [
+            s
             for s in segments
-        ):
+            if s.instance_name == instance
+            and coordinate_key(s.first_file, s.first_pos) <= key
+            and key <= coordinate_key(s.last_file, s.last_pos)
+        ]
+        if not covering:
             raise ChainError(
                 f"{instance}:{file}:{pos} is in no stored incremental of {cluster.name}; "
                 f"covered: {stored_binlog_coverage(cluster)}"
