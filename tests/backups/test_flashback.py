@@ -25,7 +25,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 MIXED_DDL = (
     "CREATE TABLE mixed (tenant INT NOT NULL, code VARCHAR(20) NOT NULL, doc JSON NULL,"
     " bin BLOB NULL, amount DECIMAL(30,10) NULL, at DATETIME(6) NULL, small TINYINT NULL,"
-    " big BIGINT UNSIGNED NULL, PRIMARY KEY (tenant, code))"
+    " big BIGINT UNSIGNED NULL, tm TIME(6) NULL, bits BIT(10) NULL, e ENUM('x', 'y z') NULL,"
+    " st SET('p', 'q', 'r') NULL, f FLOAT NULL, ts TIMESTAMP(6) NULL, yr YEAR NULL,"
+    " neg MEDIUMINT NULL, PRIMARY KEY (tenant, code))"
 )
 
 
@@ -216,21 +218,27 @@ def test_flashback_restores_json_blob_decimal_datetime_nulls_and_composite_keys(
     with conn.cursor() as cur:
         cur.execute(MIXED_DDL)
         cur.executemany(
-            "INSERT INTO mixed VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            "INSERT INTO mixed VALUES"
+            " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             [
                 (1, "a", '{"k": "v\\n", "n": [1, 2.5, null]}', bytes(range(256)), "-0.0000000001",
-                 "1000-01-01 00:00:00.000001", -128, 2**64 - 1),
-                (1, "b", None, None, None, None, None, None),
+                 "1000-01-01 00:00:00.000001", -128, 2**64 - 1, "-838:59:58.999999", 682, "y z",
+                 "p,r", 0.1, "2038-01-19 03:14:07.999999", 2155, -8388608),
+                (1, "b", None, None, None, None, None, None, None, None, None, None, None, None,
+                 None, None),
                 (2, "a", "[]", b"\x00", "12345678901234567890.0123456789",
-                 "9999-12-31 23:59:59.999999", 127, 0),
-                (2, "é😀", '"text"', b"\xff\xfe", "0.5", "2024-02-29 12:00:00.5", 0, 42),
+                 "9999-12-31 23:59:59.999999", 127, 0, "00:00:00.5", 0, "x", "", -1.5e10,
+                 "1970-01-02 00:00:00", 1901, 8388607),
+                (2, "é😀", '"text"', b"\xff\xfe", "0.5", "2024-02-29 12:00:00.5", 0, 42,
+                 "-00:00:00.001", 1, None, "q", 3.25, None, None, -1),
             ],
         )  # fmt: skip
     conn.close()
     run_backup("full", cluster, run_jobs)
     reference = checksum_of(server, shard.database, "mixed")
     server.execute(
-        "UPDATE mixed SET doc = NULL, bin = 'x', amount = 1, at = NOW(6), small = 1 WHERE tenant = 1",
+        "UPDATE mixed SET doc = NULL, bin = 'x', amount = 1, at = NOW(6), small = 1, tm = '01:02:03',"
+        " bits = b'1', e = 'x', st = 'q', f = 2.5, ts = NOW(6), yr = 2000, neg = 5 WHERE tenant = 1",
         "DELETE FROM mixed WHERE tenant = 2",
         database=shard.database,
     )
