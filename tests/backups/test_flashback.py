@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC, datetime, timedelta
 from io import StringIO
 
 import pytest
@@ -339,3 +340,54 @@ def test_ddl_among_the_chosen_transactions_is_refused_by_name(
     assert not RestoreRequest.objects.filter(cluster=cluster).exists()
     assert checksum_of(server, db, "t_order") == orders
     server.execute(f"DROP DATABASE IF EXISTS {other}")
+
+
+def test_a_window_on_one_table_is_undone_on_every_shard_and_other_tables_keep_their_changes(
+    mariadb_servers, unique_name, run_jobs
+):
+    cluster = make_cluster(
+        mariadb_servers[:2], name=f"fbw{unique_name}", tables={"t_order": 10, "t_user": 5}
+    )
+    shards = list(cluster.shards.select_related("instance"))
+    run_backup("full", cluster, run_jobs)
+    before = {}
+    for shard in shards:
+        server = server_for(mariadb_servers, shard)
+        before[shard.name] = checksum_of(server, shard.database, "t_order")
+    since = datetime.now(UTC).replace(microsecond=0)
+    for shard in shards:
+        server_for(mariadb_servers, shard).execute(
+            "UPDATE t_order SET amount = 0 WHERE id <= 3",
+            "UPDATE t_user SET note = 'kept' WHERE id = 1",
+            database=shard.database,
+        )
+    until = datetime.now(UTC) + timedelta(seconds=1)
+    run_backup("incremental", cluster, run_jobs)
+    filed = request_flashback(
+        cluster,
+        make_user("operator"),
+        "--since",
+        since.isoformat(),
+        "--until",
+        until.isoformat(),
+        "--tables",
+        "t_order",
+    )
+    plan = filed["plan"]
+    assert plan["rows"] == 6
+    assert sorted((t["shard"], t["table"], t["update"]) for t in plan["flashback_tables"]) == [
+        (shards[0].name, "t_order", 3),
+        (shards[1].name, "t_order", 3),
+    ]
+    run = approve_twice_and_run(filed["id"], run_jobs)
+    assert run.status == "succeeded", run.error
+    assert run.rows_done == 6
+    for shard in shards:
+        server = server_for(mariadb_servers, shard)
+        assert checksum_of(server, shard.database, "t_order") == before[shard.name]
+        note = server.execute("SELECT note FROM t_user WHERE id = 1", database=shard.database)
+        assert note[0][0] == "kept"
+    applied = AuditEvent.objects.filter(
+        action="restore.flashback_applied", object_id=str(filed["id"])
+    )
+    assert sorted(e.details["shard"] for e in applied) == [s.name for s in shards]
