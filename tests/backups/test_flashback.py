@@ -391,3 +391,35 @@ def test_a_window_on_one_table_is_undone_on_every_shard_and_other_tables_keep_th
         action="restore.flashback_applied", object_id=str(filed["id"])
     )
     assert sorted(e.details["shard"] for e in applied) == [s.name for s in shards]
+
+
+def test_a_shard_is_undone_in_one_transaction_a_failing_statement_undoes_nothing(
+    cluster, mariadb_servers, run_jobs, tmp_path
+):
+    from backups.engine.flashback import flashback_apply
+    from backups.services.flashback import flashback_inverses
+
+    shard = cluster.shards.select_related("instance").get()
+    server = server_for(mariadb_servers, shard)
+    run_backup("full", cluster, run_jobs)
+    server.execute("DELETE FROM t_order WHERE id IN (3, 4)", database=shard.database)
+    server.execute("DELETE FROM t_order WHERE id IN (5, 6)", database=shard.database)
+    run_backup("incremental", cluster, run_jobs)
+    deletes = [t["gtid"] for t in binlog_events_json(cluster.name)["transactions"] if t["tables"]]
+    built = flashback_inverses(
+        cluster=cluster, spec={"gtids": deletes}, shards=[], tables=[], workdir=str(tmp_path)
+    )
+    (item,) = built
+    assert item.inverse.statements == 2  # newest first: 5 and 6 come back, then 3 and 4
+    # Row 3 reappears behind the check's back: the second statement must fail...
+    server.execute(
+        "INSERT INTO t_order VALUES (3, 'x', 1, 'by hand', NOW(6))", database=shard.database
+    )
+    live = checksum_of(server, shard.database, "t_order")
+    item.inverse.after.clear()  # (skip the row check, to reach the statements)
+    with open(item.inverse.sql_path, "rb") as lines, pytest.raises(Exception, match="Duplicate"):
+        flashback_apply(
+            endpoint=item.endpoint, inverse=item.inverse, infos=item.infos, sql_lines=lines
+        )
+    # ...and the first one's rows (5, 6) are rolled back with it.
+    assert checksum_of(server, shard.database, "t_order") == live
