@@ -1,4 +1,4 @@
-"""The restore wizard's form: cluster, source (set or time), scope, target, reason."""
+"""The restore wizard's form: cluster, source (set, time or stop point), scope, target, reason."""
 
 from __future__ import annotations
 
@@ -21,6 +21,18 @@ class RestoreRequestForm(forms.Form):
         required=False,
         label="Or a point in time (UTC)",
         help_text="ISO 8601, e.g. 2026-01-31 12:00:00; without an offset it means UTC.",
+    )
+    before_gtid = forms.CharField(
+        required=False,
+        max_length=100,
+        label="Or stop right before GTID",
+        help_text="The GTID's shard stops right before that transaction; every other shard "
+        "at its commit second (e.g. 0-1-123, as listed on the Transactions page).",
+    )
+    until = forms.CharField(
+        required=False,
+        label="Or stop at binlog positions",
+        help_text="INSTANCE:FILE:POS, one per instance in scope, comma-separated.",
     )
     shards = forms.MultipleChoiceField(
         required=False, widget=forms.CheckboxSelectMultiple, help_text="None chosen: every shard."
@@ -53,9 +65,21 @@ class RestoreRequestForm(forms.Form):
 
     def clean(self):
         data = super().clean()
-        if data.get("source_set") and data.get("at"):
-            raise forms.ValidationError("Choose a backup set or a point in time, not both.")
-        if not data.get("source_set") and not data.get("at"):
-            raise forms.ValidationError("Choose a backup set or a point in time.")
+        data["before_gtid"] = (data.get("before_gtid") or "").strip()
+        data["until_positions"] = _names(data.get("until", ""))
+        chosen = [
+            bool(data.get("source_set")),
+            bool(data.get("at")),
+            bool(data["before_gtid"]),
+            bool(data["until_positions"]),
+        ]
+        if sum(chosen) > 1:
+            raise forms.ValidationError(
+                "Choose one source: a backup set, a point in time, a GTID or positions."
+            )
+        if not any(chosen):
+            raise forms.ValidationError(
+                "Choose a backup set, a point in time, a GTID to stop before, or positions."
+            )
         data["table_names"] = _names(data.get("tables", ""))
         return data

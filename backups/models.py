@@ -291,8 +291,19 @@ class RestoreRequest(models.Model):
         BackupSet, null=True, blank=True, on_delete=models.PROTECT, related_name="restore_requests"
     )
     at = models.DateTimeField(null=True, blank=True)  # point-in-time target, if any
+    # `--before-gtid`: the GTID whose shard stops right before it (others at its commit second).
+    before_gtid = models.CharField(max_length=100, blank=True)
+    # `--until INSTANCE:FILE:POS` and the resolved before-gtid position:
+    # [{"instance", "file", "pos", "gtid"?, "databases"?}], one per instance.
+    stop_positions = models.JSONField(default=list, blank=True)
     # {"shards": [names], "tables": [logical or physical names]}; empty lists mean everything.
     scope = models.JSONField(default=dict, blank=True)
+    # Flashback (`--flashback`): {"gtids": [...]} or {"since": ISO, "until": ISO}; empty: none.
+    flashback = models.JSONField(default=dict, blank=True)
+    # The flashback's generated SQL, stored in the default storage with its sha256.
+    artifact_key = models.CharField(max_length=1000, blank=True)
+    artifact_sha256 = models.CharField(max_length=64, blank=True)
+    artifact_bytes = models.BigIntegerField(default=0)
     target_kind = models.CharField(max_length=10, choices=Target.choices)
     target_instance = models.ForeignKey(
         Instance, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
@@ -323,6 +334,10 @@ class RestoreRequest(models.Model):
     @property
     def is_approved(self) -> bool:
         return self.state == RequestState.APPROVED
+
+    @property
+    def is_flashback(self) -> bool:
+        return bool(self.flashback)
 
     @property
     def target_label(self) -> str:
@@ -376,6 +391,9 @@ class RestoreRun(models.Model):
     q = models.FloatField(null=True, blank=True)
     # For point-in-time restores: the instant each shard was rolled forward to.
     restored_to = models.DateTimeField(null=True, blank=True)
+    # Where each shard's binlog apply stopped: [{"shard", "instance", "file", "pos", "gtid",
+    # "time", "next_gtid", "reached", "target"}].
+    stop_points = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
 
     class Meta:

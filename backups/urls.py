@@ -1,11 +1,12 @@
 from django.urls import path
 
-from backups.views import policy, sets, verify
+from backups.views import binlog, policy, sets, verify
 
 app_name = "backups"
 urlpatterns = [
     path("", sets.set_list, name="set_list"),
     path("start/", sets.set_start, name="set_start"),
+    path("transactions/<str:cluster>/", binlog.transactions, name="transactions"),
     path("<int:pk>/", sets.set_detail, name="set_detail"),
     path("<int:pk>/progress/", sets.set_progress, name="set_progress"),
     path("<int:pk>/cancel/", sets.set_cancel, name="set_cancel"),

@@ -234,6 +234,7 @@ def _check_instance(endpoint: Endpoint, findings: list[FindingInfo]):
                     "binlog_format",
                     "binlog_row_image",
                     "binlog_row_metadata",
+                    "binlog_annotate_row_events",
                     "gtid_mode",
                     "gtid_binlog_pos",
                     "gtid_strict_mode",
@@ -312,6 +313,15 @@ def _binlog_findings(name: str, info: InstanceInfo, variables: dict[str, str]):
             "binlog.row_metadata",
             f"binlog_row_metadata is {str(metadata).upper()} on {name}: set "
             "binlog_row_metadata=FULL so incrementals keep column names across schema changes",
+            instance=name,
+        )
+    annotate = variables.get("binlog_annotate_row_events")
+    if annotate is not None and str(annotate).upper() not in ("ON", "1"):
+        yield FindingInfo(
+            WARNING,
+            "binlog.annotate",
+            f"binlog_annotate_row_events is OFF on {name}: the binlog browser cannot show the "
+            "statement behind each transaction; set binlog_annotate_row_events=ON",
             instance=name,
         )
     if info.flavour == "mysql":

@@ -16,10 +16,13 @@ Plain Python (no Django). The server's own decoder does the row work:
   at any point and a rerun converge to the same rows. (A DDL statement commits
   by itself; its position is written right after it.)
 * The source's GTIDs and server id are never replayed into the target's binlog.
-* DDL in the window (ALTER TABLE ... ADD COLUMN) is applied in order; statements
-  run with the source database as default database are rewritten to the target.
-  DDL naming the source database explicitly cannot be redirected: refused, never run
-  against the source.
+* DDL in the window is applied in order, never skipped: `binlog_select.Scope` reads
+  each statement's tables with a tokenizer (`backups.engine.ddl`), resolving unqualified
+  names with the event's default database, and rewrites every in-scope name to the
+  target's qualified name (so it never runs against the source, whatever database the
+  session had). What cannot be redirected safely is refused with `ScopeError`, naming
+  the statement, its position and GTID, and a stop point before it.
+* Stops at `until` (a time) or `stop_at` (a position), and reports where it stopped.
 * Memory stays bounded: a transaction past SPOOL_BYTES spills to a temporary file
   (`backups.engine.binlog_select` chooses what is applied; this module applies it).
 """
@@ -42,9 +45,16 @@ from backups.engine.binlog_events import (
     HEADER_LEN,
     QUERY_EVENT,
     coordinate_key,
+    gtid_of,
     parse_header,
 )
-from backups.engine.binlog_select import Scope, Transactions, plan_statements, scoped_events
+from backups.engine.binlog_select import (
+    Scope,
+    ScopeError,
+    Transactions,
+    plan_statements,
+    scoped_events,
+)
 from backups.engine.errors import Cancelled, EngineError
 from backups.engine.mysql import Endpoint, connect, quote_ident, quote_qualified
 from backups.engine.throttle import ThreadsRunningGate
@@ -70,6 +80,21 @@ class ApplyResult:
     last_pos: int = 0
     last_event_at: datetime | None = None
     reached_until: bool = False
+    # Where the apply stopped: the end of the last transaction at or before the stop point
+    # (applied, or not in scope), its GTID and commit time; the first transaction left out.
+    stop_file: str = ""
+    stop_pos: int = 0
+    stop_gtid: str = ""
+    stop_event_at: datetime | None = None
+    next_gtid: str = ""
+    next_event_at: datetime | None = None
+    # The end of the last segment given: the apply had the binlog up to here.
+    covered_file: str = ""
+    covered_pos: int = 0
+
+    def stopped(self, file: str, pos: int, gtid: str, commit_ts: int) -> None:
+        self.stop_file, self.stop_pos, self.stop_gtid = file, pos, gtid
+        self.stop_event_at = datetime.fromtimestamp(commit_ts, UTC)
 
 
 def tools_available() -> bool:
@@ -127,6 +152,8 @@ def apply_segments(
     start_pos: int,
     until: datetime | None,
     tables: dict[str, str] | None = None,
+    whole_database: bool = False,
+    stop_at: tuple[str, int] | None = None,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     crash_after_transactions: int | None = None,
@@ -136,12 +163,16 @@ def apply_segments(
     """Apply every transaction of `source_database` after (start_file, start_pos) up to `until`.
 
     `tables` maps the restored source tables to their target names (None: every table of
-    the database, same names); `excluded` names tables the set's policy excluded, whose
-    events are never applied. `throttle` (the target's max_threads_running gate) holds
-    each next segment back while the target is busy. `stream` names the source (the instance) in the position table. Segments must be
-    in binlog order. `crash_after_transactions` exists for tests: the apply is cut
-    off (mariadb killed mid-stream) after that many transactions were sent.
-    Returns what was applied; raises `EngineError` with mariadb's message on failure.
+    the database, same names); `whole_database` also applies tables the window creates;
+    `excluded` names tables the set's policy excluded, whose events are never applied.
+    `stop_at` (file, pos) stops before the first transaction that ends past it (with
+    `until`, whichever comes first). `throttle` (the target's max_threads_running gate)
+    holds each next segment back while the target is busy. `stream` names the source (the
+    instance) in the position table. Segments must be in binlog order.
+    `crash_after_transactions` exists for tests: the apply is cut off (mariadb killed
+    mid-stream) after that many transactions were sent. Returns what was applied and where
+    it stopped; raises `EngineError` with mariadb's message on failure, `ScopeError` naming
+    a statement that cannot be applied (with its position and GTID, to stop before it).
     """
     if not tools_available():
         raise EngineError(
@@ -153,13 +184,21 @@ def apply_segments(
     resume = coordinate_key(start_file, start_pos)
     if applied and coordinate_key(*applied) > resume:
         resume = coordinate_key(*applied)
+    stop_key = coordinate_key(*stop_at) if stop_at else None
+    result.stop_file, result.stop_pos = resume[1], resume[2]
+    scope = Scope(source_database, target_database, tables, excluded, whole_database=whole_database)
     sent = 0
     for source in segments:
         entry = source.entry
         file = entry["first_file"]
+        result.covered_file = entry.get("last_file") or file
+        result.covered_pos = int(entry["last_pos"])
         if coordinate_key(file, int(entry["last_pos"])) <= resume:
             result.skipped_applied += 1
             continue
+        if stop_key is not None and coordinate_key(file, int(entry["first_pos"])) >= stop_key:
+            result.reached_until = True
+            break
         if should_cancel and should_cancel():
             raise Cancelled("cancelled while applying binlogs")
         if throttle is not None and not throttle.wait(
@@ -169,12 +208,13 @@ def apply_segments(
         with throttle.chunk() if throttle is not None else nullcontext():
             outcome = _apply_one(
                 target=target,
-                scope=Scope(source_database, target_database, tables, excluded),
+                scope=scope,
                 stream=stream,
                 file=file,
                 blocks=source.open(),
                 resume=resume,
                 until_ts=until_ts,
+                stop_key=stop_key,
                 result=result,
                 crash_after=(crash_after_transactions - sent) if crash_after_transactions else None,
             )
@@ -224,6 +264,7 @@ def _apply_one(
     until_ts: int | None,
     result: ApplyResult,
     crash_after: int | None,
+    stop_key: tuple | None = None,
 ) -> int:
     """Apply one segment; returns the number of transactions sent to the server.
 
@@ -298,17 +339,36 @@ def _apply_one(
                     if not header_written:
                         out.write(BINLOG_MAGIC + fde)
                         header_written = True
+                    gtid = gtid_of(group.first, parse_header(group.first).server_id)[0]
                     if coordinate_key(file, end_pos) <= resume:
                         result.skipped_applied += 1
+                        result.stopped(file, end_pos, gtid, commit_ts)
                         continue
-                    if until_ts is not None and commit_ts > until_ts:
+                    if (stop_key is not None and coordinate_key(file, end_pos) > stop_key) or (
+                        until_ts is not None and commit_ts > until_ts
+                    ):
                         result.reached_until = True
+                        result.next_gtid = gtid
+                        result.next_event_at = datetime.fromtimestamp(commit_ts, UTC)
                         break
-                    if source_database not in dbs and "*" not in dbs:
+                    result.stopped(file, end_pos, gtid, commit_ts)
+                    # A DDL is judged by what it names, whatever its default database was.
+                    if not standalone and source_database not in dbs and "*" not in dbs:
                         continue
                     crc = _has_crc(fde)
                     post = transactions.table_map_post
-                    decisions = plan_statements(group, scope, post)
+                    try:
+                        decisions = plan_statements(group, scope, post, crc)
+                    except ScopeError as exc:
+                        first = parse_header(group.first)
+                        start_pos = first.next_pos - first.size
+                        at = datetime.fromtimestamp(commit_ts, UTC).isoformat()
+                        raise ScopeError(
+                            f"{exc} (binlog {stream}:{file}:{start_pos}, GTID {gtid}, "
+                            f"committed {at}); restore to a point before it: "
+                            f"--before-gtid {gtid} or --until {stream}:{file}:{start_pos}",
+                            statement=exc.statement,
+                        ) from exc
                     if decisions is None:
                         continue
                     cut = crash_after is not None and state["sent"] >= crash_after
@@ -326,8 +386,10 @@ def _apply_one(
                         state["crashed"] = True
                         break
                     if standalone:
-                        # A DDL: its statement, then its position (a DDL commits by itself).
-                        out.write(last)
+                        # A DDL: its statement (as rewritten for the target), then its
+                        # position (a DDL commits by itself).
+                        rewritten = decisions[-1] if decisions else None
+                        out.write(rewritten if isinstance(rewritten, bytes) else last)
                         out.write(_query_event(last, marker(end_pos), crc))
                     else:
                         out.write(_query_event(last, marker(end_pos), crc))

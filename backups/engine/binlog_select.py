@@ -11,7 +11,6 @@ Memory stays bounded: a transaction past SPOOL_BYTES spills to a temporary file.
 
 from __future__ import annotations
 
-import re
 import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -31,7 +30,22 @@ from backups.engine.binlog_events import (
     query_of,
     table_map_names,
 )
+from backups.engine.ddl import (
+    CHANGES,
+    DATABASE,
+    DML,
+    HARMLESS,
+    OBJECT,
+    READS,
+    RENAME,
+    TEMPORARY,
+    TRANSACTION,
+    UNKNOWN,
+    TableRef,
+    ddl_analyse,
+)
 from backups.engine.errors import EngineError
+from backups.engine.mysql import quote_qualified
 
 SPOOL_BYTES = 64 << 20  # a transaction larger than this spills to a temporary file
 ROWS_EVENTS = frozenset({23, 24, 25, 30, 31, 32, 166, 167, 168, 169, 170, 171})
@@ -160,7 +174,11 @@ class Transactions:
 
 
 class ScopeError(EngineError):
-    """A transaction mixes tables in and out of the restore's scope in one statement."""
+    """A statement of the window cannot be applied to the restore safely; `statement` names it."""
+
+    def __init__(self, message: str, *, statement: str = ""):
+        super().__init__(message)
+        self.statement = statement
 
 
 def _with_crc(body: bytes, checksum: bool) -> bytes:
@@ -192,16 +210,17 @@ def rewrite_table_map(event: bytes, post: int, database: str, table: str, checks
     return _with_crc(body, checksum)
 
 
-# The table a DDL statement changes: the name after TABLE (the last part of a qualified name).
-_DDL_TABLE = re.compile(
-    r"\bTABLE\s+(?:IF\s+(?:NOT\s+)?EXISTS\s+)?(?:(?:`(?:[^`]|``)*`|\w+)\s*\.\s*)?"
-    r"(?:`((?:[^`]|``)*)`|(\w+))",
-    re.IGNORECASE,
-)
-
-
 class Scope:
-    """Which source tables are restored, and under which target names."""
+    """Which source tables are restored, and under which target names.
+
+    `tables` maps source tables to target tables (None: every table of the database, same
+    names). `whole_database` also takes in tables the window creates (same names; tables
+    that existed but were left out of the set, by policy, stay out). Tables
+    a shadow-table migration creates from an in-scope table (`CREATE TABLE _t_gho LIKE t`,
+    and the names a rename gives in-scope tables) join the scope as the window is read, so
+    a gh-ost or pt-online-schema-change swap is applied whole. `excluded` names tables the
+    set's policy excluded: never restored, so their events are never applied.
+    """
 
     def __init__(
         self,
@@ -209,12 +228,14 @@ class Scope:
         target_database: str,
         tables: dict[str, str] | None,
         excluded: Iterable[str] = (),
+        *,
+        whole_database: bool = False,
     ):
         self.source = source_database
         self.target = target_database
-        self.tables = tables  # source table -> target table; None: every table of the database
-        # Tables the set's policy excluded: never restored, so their events are never applied.
+        self.tables = dict(tables) if tables is not None else None
         self.excluded = frozenset(excluded)
+        self.whole_database = whole_database and not self.renames()
 
     def wants(self, database: str, table: str) -> bool:
         return (
@@ -229,38 +250,165 @@ class Scope:
     def renames(self) -> bool:
         return bool(self.tables) and any(k != v for k, v in self.tables.items())
 
-    def names_source_explicitly(self, statement: bytes, *, always: bool = False) -> bool:
-        """Whether the DDL's object is `src`.table (only matters when redirecting elsewhere).
+    def _join(self, table: str) -> None:
+        if self.tables is not None:
+            self.tables.setdefault(table, table)
 
-        Looks at the name right after TABLE (or ON, for indexes), so `CREATE TABLE other.t
-        LIKE src.t` (which only reads the source) is not mistaken for a change to it.
+    def plan_query(self, event: bytes, checksum: bool) -> bool | bytes:
+        """What to do with one QUERY event: False skip, True keep, bytes: send this instead.
+
+        A statement that changes an in-scope table is rewritten to name the target's
+        tables (qualified, so the session's default database no longer matters) or
+        refused with `ScopeError` naming it; it is never skipped.
         """
-        if self.source == self.target and not always:
-            return False
-        name = re.escape(self.source)
-        pattern = rf"\b(?:TABLE|ON)\s+(?:IF\s+(?:NOT\s+)?EXISTS\s+)?(?:`{name}`|{name})\s*\."
-        return re.search(pattern, statement.decode("utf-8", "replace"), re.IGNORECASE) is not None
+        database, statement = query_of(event)
+        if checksum:
+            statement = statement[:-4]
+        text = statement.decode("utf-8", "surrogateescape")
+        ddl = ddl_analyse(text)
+        src = self.source
 
-    def statement_touches(self, statement: bytes) -> bool:
-        if self.excluded:
-            match = _DDL_TABLE.search(statement.decode("utf-8", "replace"))
-            if match and (match.group(1) or match.group(2)).replace("``", "`") in self.excluded:
-                return False
-        if self.tables is None:
+        def in_db(ref: TableRef) -> bool:
+            return ref.resolved(database) == src
+
+        def in_scope(ref: TableRef) -> bool:
+            return in_db(ref) and self.wants(src, ref.table)
+
+        def refuse(reason: str) -> ScopeError:
+            return ScopeError(f"the statement `{_shown(text)}` {reason}", statement=text)
+
+        names_source = [r for r in ddl.stray if r.database == src]
+        if ddl.kind == TRANSACTION:
             return True
-        text = statement.decode("utf-8", "replace").lower()
-        return any(name.lower() in text for name in self.tables)
+        if ddl.kind in (HARMLESS, TEMPORARY):
+            return False
+        if ddl.kind == DATABASE:
+            if src in ddl.databases:
+                raise refuse(f"changes the restored database {src} itself")
+            return False
+        if ddl.kind == DML:
+            if database == src or names_source:
+                raise refuse(
+                    f"changes rows of {src} as a statement (the binlog is not in ROW format); "
+                    "it cannot be applied to one restored table safely"
+                )
+            return False
+        if ddl.kind == UNKNOWN:
+            if database == src or names_source:
+                raise refuse(f"may change {src}, and ShardVault cannot tell what it changes")
+            return False
+        if ddl.kind == OBJECT:
+            if any(in_scope(r) for r in ddl.refs[1:]) or (
+                self.whole_database and (in_db(ddl.refs[0]) or names_source)
+            ):
+                raise refuse(
+                    f"creates or drops a {ddl.refs[0].role.lower()} in {src}; "
+                    "it is not replayed into a restore"
+                )
+            return False
+        if ddl.kind == RENAME:
+            return self._plan_rename(ddl, text, event, checksum, in_db, in_scope, refuse)
+        # TABLE
+        changed = [r for r in ddl.refs if r.role == CHANGES]
+        if not any(in_scope(r) for r in changed):
+            created = changed[0] if changed else None
+            reads = [r for r in ddl.refs if r.role == READS]
+            creates = (
+                ddl.head == "CREATE"
+                and created is not None
+                and in_db(created)
+                and not self.renames()
+            )
+            if creates and ddl.creates_like and reads and all(in_scope(r) for r in reads):
+                self._join(created.table)  # a shadow copy of an in-scope table (gh-ost, pt-osc)
+            elif creates and self.whole_database and not ddl.creates_like:
+                self._join(created.table)  # a new table of a whole-database restore
+            elif names_source:
+                raise refuse(f"names {src} in a way ShardVault cannot follow")
+            else:
+                return False
+        outside = [r for r in ddl.refs if not in_scope(r)]
+        if outside or names_source:
+            named = ", ".join(_ref_name(r, database) for r in outside + names_source)
+            raise refuse(
+                f"also names {named}, which the restore does not hold; it cannot be applied "
+                "to the restore's tables alone"
+            )
+        if self.renames() and ddl.head in ("CREATE", "DROP"):
+            raise refuse("creates or drops a table, which cannot be done to in-place shadow tables")
+        return self._rewritten(event, text, ddl.refs, checksum)
+
+    def _plan_rename(self, ddl, text, event, checksum, in_db, in_scope, refuse) -> bool | bytes:
+        if not any(in_scope(old) or in_scope(new) for old, new in ddl.renames):
+            return False
+        if self.renames():
+            raise refuse("renames a table, which cannot be done to in-place shadow tables")
+        for old, new in ddl.renames:
+            if not in_scope(old):
+                raise refuse(
+                    f"puts {_ref_name(old, None)} in the place of {_ref_name(new, None)}, but the "
+                    f"restore does not hold {_ref_name(old, None)}"
+                )
+            if not in_db(new):
+                raise refuse(
+                    f"moves {_ref_name(old, None)} out of {self.source}; the restore cannot follow it"
+                )
+        for _old, new in ddl.renames:
+            self._join(new.table)
+        refs = [r for pair in ddl.renames for r in pair]
+        return self._rewritten(event, text, refs, checksum)
+
+    def _rewritten(self, event: bytes, text: str, refs: list[TableRef], checksum: bool) -> bytes:
+        """The event with every named table replaced by its target, and the target as default."""
+        pieces, last = [], 0
+        for ref in sorted(refs, key=lambda r: r.start):
+            pieces.append(text[last : ref.start])
+            pieces.append(quote_qualified(self.target, self.target_table(ref.table)))
+            last = ref.end
+        pieces.append(text[last:])
+        statement = "".join(pieces).encode("utf-8", "surrogateescape")
+        return rewrite_query(event, self.target, statement, checksum)
 
 
-def plan_statements(group: Transaction, scope: Scope, post: int) -> list[bool] | None:
-    """Whether each statement of the transaction is kept; None when none of it is in scope.
+def _shown(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _ref_name(ref: TableRef, default_database: str | None) -> str:
+    database = ref.database if ref.database is not None else default_database
+    return f"{database}.{ref.table}" if database else ref.table
+
+
+def rewrite_query(event: bytes, database: str, statement: bytes, checksum: bool) -> bytes:
+    """A QUERY event with its default database and statement replaced (status vars kept)."""
+    status_len = int.from_bytes(event[HEADER_LEN + 11 : HEADER_LEN + 13], "little")
+    db_start = HEADER_LEN + 13 + status_len
+    db_raw = database.encode()
+    body = (
+        event[: HEADER_LEN + 8]
+        + bytes([len(db_raw)])
+        + event[HEADER_LEN + 9 : db_start]
+        + db_raw
+        + b"\x00"
+        + statement
+    )
+    return _with_crc(body, checksum)
+
+
+def plan_statements(
+    group: Transaction, scope: Scope, post: int, checksum: bool = False
+) -> list[bool | bytes] | None:
+    """What to do with each statement of the transaction; None when none of it is in scope.
 
     A statement is a run of table maps and row events ending with STMT_END_F, or one
-    Query event. Read once here and once more when sending, so a huge transaction
-    never has to sit in memory.
+    Query event (True: keep, False: drop, bytes: a rewritten Query event to send instead).
+    Read once here and once more when sending, so a huge transaction never has to sit in
+    memory. `checksum`: whether the binlog's events end with a CRC32.
     """
-    decisions: list[bool] = []
+    decisions: list[bool | bytes] = []
     tables: list[bool] = []
+    meaningful = False
     events = iter(group)
     next(events)  # the GTID event
     for event in events:
@@ -272,6 +420,7 @@ def plan_statements(group: Transaction, scope: Scope, post: int) -> list[bool] |
             if flags & STMT_END_F:
                 if tables and all(tables):
                     decisions.append(True)
+                    meaningful = True
                 elif any(tables):
                     raise ScopeError(
                         "a statement in the binlog changes tables inside and outside the "
@@ -281,29 +430,18 @@ def plan_statements(group: Transaction, scope: Scope, post: int) -> list[bool] |
                     decisions.append(False)
                 tables = []
         elif kind == QUERY_EVENT:
-            database, statement = query_of(event)
+            _database, statement = query_of(event)
             if statement[:8].upper().startswith((b"BEGIN", b"COMMIT", b"ROLLBACK")):
                 continue
-            if not database and scope.names_source_explicitly(statement, always=True):
-                raise ScopeError(
-                    f"a DDL statement in the window names database {scope.source} explicitly "
-                    "without a default database; it cannot be applied to the restore safely "
-                    "(restore to a point before it, or apply it by hand)"
-                )
-            keep = database == scope.source and scope.statement_touches(statement)
-            if keep and scope.names_source_explicitly(statement):
-                raise ScopeError(
-                    f"a DDL statement in the window names database {scope.source} explicitly; "
-                    "it cannot be redirected to the restore's database, so it is not applied "
-                    "(restore to a point before it, or apply it by hand)"
-                )
-            if keep and scope.renames():
-                raise ScopeError(
-                    "a DDL statement in the window cannot be applied to renamed (in-place "
-                    "shadow) tables; restore to a side database instead"
-                )
-            decisions.append(keep)
-    return decisions if any(decisions) else None
+            decision = scope.plan_query(event, checksum)
+            decisions.append(decision)
+            if decision is not True or not _is_transaction_control(statement):
+                meaningful = meaningful or decision is not False
+    return decisions if meaningful else None
+
+
+def _is_transaction_control(statement: bytes) -> bool:
+    return statement.lstrip()[:9].upper().startswith((b"SAVEPOINT", b"RELEASE", b"XA "))
 
 
 def scoped_events(
@@ -334,8 +472,30 @@ def scoped_events(
             if statement[:8].upper().startswith((b"BEGIN", b"COMMIT", b"ROLLBACK")):
                 yield event
                 continue
-            if keep:
+            if isinstance(keep, bytes):
+                yield keep
+            elif keep:
                 yield event
             index += 1
         else:
             yield event  # session variables and the like: harmless on their own
+
+
+def transaction_find(blocks: Iterable[bytes], gtid: str) -> dict | None:
+    """Where the transaction `gtid` sits in a segment: start and end position, commit time
+    (epoch seconds) and the databases it touches; None when the segment does not hold it."""
+    transactions = Transactions(blocks)
+    for group, end_pos, commit_ts, dbs, _standalone in transactions:
+        header = parse_header(group.first)
+        found = gtid_of(group.first, header.server_id)[0] == gtid
+        if found:
+            start_pos = header.next_pos - header.size
+            group.close()
+            return {
+                "start_pos": start_pos,
+                "end_pos": end_pos,
+                "commit_ts": commit_ts,
+                "databases": sorted(d for d in dbs if d != "*"),
+            }
+        group.close()
+    return None

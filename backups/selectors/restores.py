@@ -48,6 +48,16 @@ def restore_request_timeline(*, request: RestoreRequest) -> QuerySet[AuditEvent]
     ).order_by("id")
 
 
+FLASHBACK_PLAN_KEYS = (
+    "statements",
+    "flashback_tables",
+    "sample",
+    "conflicts",
+    "conflict_sample",
+    "transactions",
+)
+
+
 def restore_request_as_dict(*, request: RestoreRequest) -> dict:
     """The JSON object of the `restore` commands (DESIGN.md keys; more may be added)."""
     run = restore_request_latest_run(request=request)
@@ -90,6 +100,7 @@ def restore_request_as_dict(*, request: RestoreRequest) -> dict:
         "plan": {
             k: request.plan.get(k)
             for k in ("objects", "rows", "bytes", "estimate", "target_databases")
+            + (FLASHBACK_PLAN_KEYS if request.flashback else ())
         }
         if request.plan
         else {},
@@ -107,6 +118,21 @@ def restore_request_as_dict(*, request: RestoreRequest) -> dict:
             else None
         ),
         "results": results,
+        # Where each shard stopped (point-in-time restores): file, pos, gtid, time, reached.
+        "before_gtid": request.before_gtid or None,
+        "until": [
+            f"{p['instance']}:{p['file']}:{p['pos']}"
+            for p in request.stop_positions
+            if not request.before_gtid
+        ],
+        "stop_points": (run.stop_points if run else []) or [],
+        "planned_stops": request.plan.get("stops", []) if request.plan else [],
+        "flashback": request.flashback or None,
+        "artifact": (
+            {"sha256": request.artifact_sha256, "bytes": request.artifact_bytes}
+            if request.artifact_key
+            else None
+        ),
         "q": run.q if run else None,
         "error": (run.error if run and run.error else request.error) or None,
     }

@@ -161,11 +161,20 @@ def alerts_check_rpo(*, now=None) -> list[str]:
 def _describe(request: RestoreRequest) -> str:
     plan = request.plan or {}
     scope = request.scope or {}
+    source = f"backup set {request.source_set_id}" + (
+        f" rolled forward to {request.at.isoformat()}" if request.at else ""
+    )
+    if request.flashback:
+        undo = request.flashback.get("gtids") or [
+            f"{request.flashback.get('since')}..{request.flashback.get('until')}"
+        ]
+        source = f"flashback (undo in place) of {', '.join(undo)}; SQL sha256 " + (
+            request.artifact_sha256 or "-"
+        )
     return (
         f"Cluster: {request.cluster.name}\n"
-        f"Source: backup set {request.source_set_id}"
-        + (f" rolled forward to {request.at.isoformat()}" if request.at else "")
-        + f"\nScope: shards {', '.join(scope.get('shards') or ['all'])}; "
+        f"Source: {source}\n"
+        f"Scope: shards {', '.join(scope.get('shards') or ['all'])}; "
         f"tables {', '.join(scope.get('tables') or ['all'])}\n"
         f"Target: {request.target_label}\n"
         f"Plan: {plan.get('objects', 0)} objects, {plan.get('rows', 0)} rows, "

@@ -22,6 +22,7 @@ from backups.engine.manifest import manifest_excluded
 from backups.engine.target import non_empty_tables
 from backups.models import BackupSet, RestoreRequest, RestoreRun
 from backups.services.errors import RestoreError
+from backups.services.pitr import shard_stop
 from backups.services.sets import set_manifest, set_prefix, set_storage
 from backups.status import RunStatus, SetStatus
 from backups.storage import Storage, StorageError
@@ -156,6 +157,33 @@ def _non_empty(instance: Instance, database: str, tables: list[str]) -> set[str]
         raise RestoreError(f"target instance {instance.name} is unreachable: {exc}") from exc
 
 
+# -- stop points -------------------------------------------------------------------------
+
+
+def _stops(doc: dict, entries: list[dict], at, before_gtid: str, positions: list[dict]):
+    """Where each shard in scope stops; refuses `--until` that leaves an instance out.
+
+    With `--before-gtid`, shards the GTID does not touch (also when its own shard is out
+    of scope) stop at its commit second.
+    """
+    in_scope = {e["shard"] for e in entries}
+    shards = [s for s in manifest_shards(doc) if s["name"] in in_scope]
+    if positions and not before_gtid:
+        named = {p["instance"] for p in positions}
+        missing = sorted({s["instance"] for s in shards} - named)
+        if missing:
+            raise RestoreError(
+                "--until names no position for instance "
+                + ", ".join(missing)
+                + " (it holds shards in scope); give one --until per instance"
+            )
+    result = []
+    for shard in shards:
+        stop = shard_stop(at=at, before_gtid=before_gtid, stop_positions=positions, shard=shard)
+        result.append({"shard": shard["name"], "instance": shard["instance"], "stop": stop.label})
+    return result
+
+
 # -- the estimate ----------------------------------------------------------------------
 
 
@@ -201,6 +229,8 @@ def restore_plan_build(
     target_instance: Instance | None = None,
     request_id: int | None = None,
     check_targets: bool = True,
+    before_gtid: str = "",
+    stop_positions=(),
 ) -> dict:
     """The plan as a JSON-able dict; raises RestoreError for anything that would refuse.
 
@@ -304,10 +334,11 @@ def restore_plan_build(
             names = ", ".join(c["target"] for c in conflicts[:10])
             raise RestoreError(f"target tables are not empty (only inplace may overwrite): {names}")
 
+    stops = _stops(doc, entries, at, before_gtid, list(stop_positions or ()))
     seconds, text = estimate_text(rows, measured_rows_per_second())
     # A lockfree set's shards were cut at different instants: any `at` rolls every shard
     # forward through its binlog to that common instant (DESIGN.md, "lockfree").
-    needs_incrementals = bool(
+    needs_incrementals = bool(stop_positions) or bool(
         at
         and source_set.consistent_at
         and (at > source_set.consistent_at or source_set.consistency == "lockfree")
@@ -331,6 +362,8 @@ def restore_plan_build(
         "conflicts": conflicts,
         # Tables the set's policy kept out: never restored (DESIGN.md, exclude_tables).
         "excluded": manifest_excluded(doc),
+        "before_gtid": before_gtid or None,
+        "stops": stops if (at or stop_positions) else [],
         "estimate_seconds": seconds,
         "estimate": text,
     }

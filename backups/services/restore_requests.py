@@ -18,7 +18,7 @@ from django.utils import timezone
 from backups.models import Approval, BackupSet, RestoreRequest
 from backups.services.alerts import notify_decision, notify_request_filed
 from backups.services.errors import ChainError, RestoreDenied, RestoreError
-from backups.services.pitr import pitr_resolve
+from backups.services.pitr import pitr_resolve, pitr_resolve_gtid, pitr_resolve_positions
 from backups.services.restore_plan import restore_plan_build
 from backups.status import RequestState, SetStatus
 from console.audit import audit_record
@@ -97,6 +97,29 @@ def _source_lock(full_set: BackupSet) -> None:
         )
 
 
+def restore_stop_resolve(
+    *,
+    cluster: Cluster,
+    source_set: BackupSet | None = None,
+    at: datetime | None = None,
+    before_gtid: str = "",
+    until=(),
+) -> tuple[BackupSet, datetime | None, list[dict]]:
+    """(full set, at, stop positions) for `--before-gtid` or `--until` (RestoreError if refused)."""
+    if source_set is not None or at is not None or (before_gtid and until):
+        raise RestoreError(
+            "give one source: a backup set, a point in time, --before-gtid or --until"
+        )
+    try:
+        if before_gtid:
+            full_set, at, stop = pitr_resolve_gtid(cluster=cluster, gtid=before_gtid)
+            return full_set, at, [stop]
+        full_set, positions = pitr_resolve_positions(cluster=cluster, until=list(until))
+    except ChainError as exc:
+        raise RestoreError(str(exc)) from exc
+    return full_set, None, positions
+
+
 def restore_request_file(
     *,
     cluster: Cluster,
@@ -107,11 +130,17 @@ def restore_request_file(
     tables=(),
     target: str,
     reason: str,
+    before_gtid: str = "",
+    until=(),
 ) -> RestoreRequest:
     """File a request (operators, admins). Refuses bad scope, conflicts and unreadable sets.
 
-    The plan (objects, rows, bytes, targets, storage check, estimate) is computed in the
-    same transaction, after the row exists, because side databases are named by its id.
+    The source is a set, a time `at`, a `before_gtid` (its shard stops right before it,
+    the others at its commit second) or `until` positions (INSTANCE:FILE:POS, one per
+    instance in scope); a GTID or position no stored incremental covers is refused,
+    naming what is covered. The plan (objects, rows, bytes, targets, storage check,
+    stop point per shard, estimate) is computed in the same transaction, after the row
+    exists, because side databases are named by its id.
     """
     if not has_role(requester, OPERATOR):
         raise RestoreDenied(f"{requester.get_username()} may not request restores (operators only)")
@@ -119,7 +148,15 @@ def restore_request_file(
     if not reason:
         raise RestoreError("a restore request needs a reason")
     kind, instance = parse_target(cluster=cluster, target=target)
-    full_set = restore_source_resolve(cluster=cluster, source_set=source_set, at=at)
+    before_gtid = (before_gtid or "").strip()
+    until = [u.strip() for u in until or () if u and u.strip()]
+    if before_gtid or until:
+        full_set, at, stop_positions = restore_stop_resolve(
+            cluster=cluster, source_set=source_set, at=at, before_gtid=before_gtid, until=until
+        )
+    else:
+        stop_positions = []
+        full_set = restore_source_resolve(cluster=cluster, source_set=source_set, at=at)
     shards = [s.strip() for s in shards if s and s.strip()]
     tables = [t.strip() for t in tables if t and t.strip()]
     now = timezone.now()
@@ -129,6 +166,8 @@ def restore_request_file(
             cluster=cluster,
             source_set=full_set,
             at=at,
+            before_gtid=before_gtid,
+            stop_positions=stop_positions,
             scope={"shards": shards, "tables": tables},
             target_kind=kind,
             target_instance=instance,
@@ -146,6 +185,8 @@ def restore_request_file(
             target_kind=kind,
             target_instance=instance,
             request_id=request.pk,
+            before_gtid=before_gtid,
+            stop_positions=stop_positions,
         )
         RestoreRequest.objects.filter(pk=request.pk).update(plan=plan)
         request.plan = plan
@@ -157,6 +198,8 @@ def restore_request_file(
                 "cluster": cluster.name,
                 "source_set": full_set.pk,
                 "at": at.isoformat() if at else None,
+                "before_gtid": before_gtid or None,
+                "until": until or None,
                 "scope": request.scope,
                 "target": request.target_label,
                 "reason": reason,

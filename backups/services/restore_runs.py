@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from backups import queue
 from backups.engine.binlog_apply import APPLIED_TABLE, applied_marker_drop
+from backups.engine.binlog_events import coordinate_key
 from backups.engine.errors import Cancelled, ConnectError, EngineError, IntegrityError
 from backups.engine.load import create_database_objects, load_table
 from backups.engine.mysql import Endpoint
@@ -41,8 +42,9 @@ from backups.models import (
     RestoreTableResult,
 )
 from backups.services.connection_slots import ConnectionSlots, SlotNeed
-from backups.services.errors import RestoreError, SwapIncomplete
-from backups.services.pitr import pitr_apply
+from backups.services.errors import ChainError, RestoreError, SwapIncomplete
+from backups.services.flashback import flashback_run_execute
+from backups.services.pitr import pitr_apply, shard_stop
 from backups.services.progress import JobTracker
 from backups.services.restore_plan import manifest_shards, manifest_tables
 from backups.services.restore_run_states import (
@@ -78,6 +80,21 @@ class TableOutcome:
     loaded: bool = False
     error: str = ""
     bad_object: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Loaded, verified, and its shard reached its stop point with nothing going wrong."""
+        return self.checksum_ok and not self.error
+
+
+@dataclass
+class ShardOutcome:
+    """One shard's tables, the error that failed the shard (if any), and where it stopped."""
+
+    name: str
+    tables: list[TableOutcome]
+    error: str = ""
+    stop_point: dict | None = None
 
 
 @dataclass
@@ -226,22 +243,72 @@ def _preflight_targets(request: RestoreRequest, entries: list[dict]) -> None:
 
 def _apply_incrementals(
     run: RestoreRun, shard: dict, *, endpoint, target_database, table_names, tracker, throttle
-) -> None:
-    """Roll one shard forward to `request.at` with issue 5's binlog chain, when asked for."""
+) -> dict | None:
+    """Roll one shard forward to its stop point through the binlog chain, when asked for.
+
+    Returns the stop point reached (file, pos, GTID, time, the first transaction left
+    out); RestoreError when the stored binlog ends before the stop point.
+    """
     request = run.request
     if not request.plan.get("needs_incrementals"):
-        return
-    pitr_apply(
-        run=run,
-        shard=shard,
-        target=endpoint,
-        target_database=target_database,
-        table_renames=table_names,
+        return None
+    stop = shard_stop(
         at=request.at,
-        progress=tracker.progress,
-        should_cancel=tracker.should_cancel,
-        throttle=throttle,
+        before_gtid=request.before_gtid,
+        stop_positions=request.stop_positions,
+        shard=shard,
     )
+    try:
+        result = pitr_apply(
+            run=run,
+            shard=shard,
+            target=endpoint,
+            target_database=target_database,
+            table_renames=table_names,
+            whole_database=not request.scope.get("tables")
+            and request.target_kind != Target.INPLACE,
+            at=stop.until,
+            stop_at=stop.position,
+            progress=tracker.progress,
+            should_cancel=tracker.should_cancel,
+            throttle=throttle,
+        )
+    except ChainError as exc:
+        raise RestoreError(str(exc)) from exc
+    point = {
+        "shard": shard["name"],
+        "instance": shard["instance"],
+        "database": shard["database"],
+        "target": stop.label,
+        "file": result.stop_file,
+        "pos": result.stop_pos,
+        "gtid": result.stop_gtid,
+        "time": result.stop_event_at.isoformat() if result.stop_event_at else None,
+        "next_gtid": result.next_gtid,
+        "transactions": result.transactions,
+    }
+    reached = True
+    if stop.position is not None:
+        reached = result.reached_until or (
+            bool(result.covered_file)
+            and coordinate_key(result.covered_file, result.covered_pos)
+            >= coordinate_key(*stop.position)
+        )
+        if stop.before_gtid and result.next_gtid and result.next_gtid != stop.before_gtid:
+            raise RestoreError(
+                f"the transaction at {stop.position[0]}:{stop.position[1]} is GTID "
+                f"{result.next_gtid}, not {stop.before_gtid}"
+            )
+    point["reached"] = reached
+    if not reached:
+        covered = (
+            f"{result.covered_file}:{result.covered_pos}" if result.covered_file else "nothing"
+        )
+        raise RestoreError(
+            f"did not reach its stop point ({stop.label}): the stored binlog of "
+            f"{shard['instance']} ends at {covered}"
+        )
+    return point
 
 
 def _restore_shard(
@@ -259,9 +326,10 @@ def _restore_shard(
     resume: bool,
     gate: InstanceGate | None = None,
     throttle: ThreadsRunningGate | None = None,
-) -> list[TableOutcome]:
+) -> ShardOutcome:
     close_old_connections()
     outcomes = [TableOutcome(entry=e) for e in entries]
+    shard = ShardOutcome(name=shard_doc["name"], tables=outcomes)
     if gate is not None:
         gate.permits.acquire()
     parallel = gate.per_shard if gate is not None else CHUNK_PARALLEL
@@ -340,7 +408,7 @@ def _restore_shard(
                 "" if outcome.checksum_ok else "checksum does not match the manifest"
             )
         if all(o.checksum_ok for o in outcomes):
-            _apply_incrementals(
+            shard.stop_point = _apply_incrementals(
                 run,
                 shard_doc,
                 endpoint=endpoint,
@@ -359,17 +427,23 @@ def _restore_shard(
                 )
                 if note:
                     notes.append(f"{shard_doc['name']}: {note}")
-    except (RestoreError, EngineError, ConnectError) as exc:
-        if isinstance(exc, Cancelled):
-            raise
+    except Cancelled:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any error fails the shard, whatever its tables' state
+        if not isinstance(exc, (RestoreError, EngineError, ConnectError, MissingPassword)):
+            log.exception("restore run %s: shard %s failed", run.pk, shard.name)
+        # Tables that loaded and verified are still not at the stop point: every table of
+        # the shard fails with the shard's cause (issue 13: an apply error after every table
+        # verified was dropped, and the run reported success).
+        shard.error = str(exc) or exc.__class__.__name__
         for outcome in outcomes:
-            if not outcome.error and not outcome.checksum_ok:
-                outcome.error = str(exc)
+            if not outcome.error:
+                outcome.error = f"shard {shard.name}: {shard.error}"
     finally:
         if gate is not None:
             gate.permits.release()
         connections.close_all()
-    return outcomes
+    return shard
 
 
 def _drop_applied_markers(outcomes: list[TableOutcome], notes: list[str]) -> None:
@@ -400,7 +474,7 @@ def _save_results(run: RestoreRun, outcomes: list[TableOutcome], *, applied: boo
             target_instance_name=o.entry["target_instance"],
             target_database=o.entry["target_database"],
             target_table=o.entry["target_table"],
-            status=ResultStatus.SUCCEEDED if (o.checksum_ok and applied) else ResultStatus.FAILED,
+            status=ResultStatus.SUCCEEDED if (o.ok and applied) else ResultStatus.FAILED,
             rows_expected=o.entry["rows"],
             rows=o.rows,
             checksum_expected=o.entry.get("checksum", "")[:64],
@@ -416,9 +490,9 @@ def _factors(
     plan: dict, outcomes: list[TableOutcome], *, applied: bool
 ) -> tuple[float, float, float]:
     rows_total = sum(o.entry["rows"] for o in outcomes)
-    rows_restored = sum(min(o.rows, o.entry["rows"]) for o in outcomes if o.checksum_ok and applied)
+    rows_restored = sum(min(o.rows, o.entry["rows"]) for o in outcomes if o.ok and applied)
     t = rows_restored / rows_total if rows_total else (1.0 if applied else 0.0)
-    d = sum(1 for o in outcomes if o.checksum_ok and applied) / len(outcomes) if outcomes else 0.0
+    d = sum(1 for o in outcomes if o.ok and applied) / len(outcomes) if outcomes else 0.0
     objects = int(plan.get("objects", 0))
     bad = len({o.bad_object for o in outcomes if o.bad_object})
     a = (objects - bad) / objects if objects else 1.0
@@ -439,6 +513,8 @@ def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
     tracker = JobTracker(RestoreRun, run.pk, rows_done=rows_done, interval=PROGRESS_EVERY_SECONDS)
     tracker.start()
     try:
+        if request.is_flashback:
+            return flashback_run_execute(run=run, request=request, tracker=tracker)
         return _execute(run, request, request.plan, tracker, resume=resume)
     finally:
         tracker.stop()
@@ -508,14 +584,22 @@ def _execute(
                 for name, entries in sorted(groups.items())
             ]
             errors = []
+            shard_outcomes: list[ShardOutcome] = []
             for future in futures:
                 try:
-                    outcomes.extend(future.result())
+                    shard_outcome = future.result()
                 except Cancelled as exc:
                     errors.append(exc)
+                    continue
+                shard_outcomes.append(shard_outcome)
+                outcomes.extend(shard_outcome.tables)
+            stop_points = [s.stop_point for s in shard_outcomes if s.stop_point is not None]
+            if stop_points:
+                RestoreRun.objects.filter(pk=run.pk).update(stop_points=stop_points)
             if errors:
                 raise errors[0]
-        all_ok = bool(outcomes) and all(o.checksum_ok for o in outcomes)
+        shard_errors = [s for s in shard_outcomes if s.error]
+        all_ok = bool(outcomes) and not shard_errors and all(o.ok for o in outcomes)
         applied = not inplace
         if inplace:
             if all_ok:
@@ -536,15 +620,24 @@ def _execute(
         if all_ok:
             if plan.get("needs_incrementals"):
                 _drop_applied_markers(outcomes, notes)
+                if request.at is not None:
+                    RestoreRun.objects.filter(pk=run.pk).update(
+                        restored_to=request.at.replace(microsecond=0)
+                    )
             return restore_run_finish(
                 run=run, status=RunStatus.SUCCEEDED, t=t, d=d, a=a, note="; ".join(notes)
             )
-        failed = [o for o in outcomes if not o.checksum_ok]
-        first = failed[0]
-        error = (
-            f"{len(failed)} of {len(outcomes)} tables did not verify; first: "
-            f"{first.entry['shard']} {first.entry['database']}.{first.entry['table']}: {first.error or 'checksum mismatch'}"
-        )
+        if shard_errors:
+            error = "; ".join(f"shard {s.name}: {s.error}" for s in shard_errors[:3]) + (
+                f" (and {len(shard_errors) - 3} more shards)" if len(shard_errors) > 3 else ""
+            )
+        else:
+            failed = [o for o in outcomes if not o.ok]
+            first = failed[0]
+            error = (
+                f"{len(failed)} of {len(outcomes)} tables did not verify; first: "
+                f"{first.entry['shard']} {first.entry['database']}.{first.entry['table']}: {first.error or 'checksum mismatch'}"
+            )
         if inplace:
             error += "; the live tables were left untouched"
         return restore_run_finish(run=run, status=RunStatus.FAILED, error=error, t=t, d=d, a=a)

@@ -28,6 +28,7 @@ from backups.services.restore_requests import (
     restore_request_file,
     restore_request_reject,
     restore_source_resolve,
+    restore_stop_resolve,
 )
 from backups.services.restore_run_states import restore_run_cancel, restore_run_start
 from backups.status import RequestState, RunStatus
@@ -77,9 +78,12 @@ def request_new(request):
         return render(request, "backups/restore_new.html", context)
     context["point"] = RecoveryPoint(cluster, *recoverable_window(cluster))
     bound = "preview" in source or request.method == "POST"
-    form = RestoreRequestForm(
-        source if bound else None, cluster=cluster, initial={"cluster": cluster.name}
-    )
+    # Prefilled from links (the Transactions page: ?cluster=..&before_gtid=..&tables=..).
+    initial = {"cluster": cluster.name}
+    for name in ("before_gtid", "until", "tables", "at"):
+        if source.get(name):
+            initial[name] = source.get(name)
+    form = RestoreRequestForm(source if bound else None, cluster=cluster, initial=initial)
     context["form"] = form
     if not bound or not form.is_valid():
         return render(request, "backups/restore_new.html", context)
@@ -95,19 +99,27 @@ def request_new(request):
                 tables=data["table_names"],
                 target=data["target"],
                 reason=data["reason"],
+                before_gtid=data["before_gtid"],
+                until=data["until_positions"],
             )
             messages.success(
                 request, f"Restore request {filed.pk} filed; approvers have been told."
             )
             return redirect("restores:request_detail", pk=filed.pk)
         kind, instance = parse_target(cluster=cluster, target=data["target"])
-        source_set = data["source_set"]
-        if source_set is None:
-            source_set = restore_source_resolve(cluster=cluster, source_set=None, at=data["at"])
+        source_set, at, stop_positions = data["source_set"], data["at"], []
+        if data["before_gtid"] or data["until_positions"]:
+            source_set, at, stop_positions = restore_stop_resolve(
+                cluster=cluster, before_gtid=data["before_gtid"], until=data["until_positions"]
+            )
+        elif source_set is None:
+            source_set = restore_source_resolve(cluster=cluster, source_set=None, at=at)
         context["plan"] = restore_plan_build(
             cluster=cluster,
             source_set=source_set,
-            at=data["at"],
+            at=at,
+            before_gtid=data["before_gtid"],
+            stop_positions=stop_positions,
             shards=data["shards"],
             tables=data["table_names"],
             target_kind=kind,

@@ -348,7 +348,7 @@ def test_apply_restores_only_the_scoped_tables_under_their_new_names(
     server.execute(f"DROP DATABASE IF EXISTS {quote_ident(src)}")
 
 
-def test_ddl_naming_the_source_database_is_refused_not_run_against_the_source(
+def test_ddl_naming_the_source_database_is_applied_to_the_target_never_the_source(
     mariadb_servers, unique_name, storage, segment_store
 ):
     server = mariadb_servers[1]
@@ -375,19 +375,20 @@ def test_ddl_naming_the_source_database_is_refused_not_run_against_the_source(
     )
     server.execute(f"ALTER TABLE {quote_ident(src)}.t DROP COLUMN c")
 
-    with pytest.raises(EngineError, match=f"names database {src} explicitly"):
-        apply_segments(
-            target=server.endpoint,
-            source_database=src,
-            target_database=dst,
-            stream=server.name,
-            segments=sources(storage, capture.segments),
-            start_file=start_file,
-            start_pos=start_pos,
-            until=None,
-        )
+    apply_segments(
+        target=server.endpoint,
+        source_database=src,
+        target_database=dst,
+        stream=server.name,
+        segments=sources(storage, capture.segments),
+        start_file=start_file,
+        start_pos=start_pos,
+        until=None,
+    )
     source_columns = [r[0] for r in server.execute("SHOW COLUMNS FROM t", database=src)]
     assert source_columns == ["id"]  # the source was never touched
-    assert server.execute("SELECT id FROM t", database=dst) == [(1,)]  # applied up to the DDL
+    # The qualified DDL (issued without a default database) was redirected to the target.
+    assert [r[0] for r in server.execute("SHOW COLUMNS FROM t", database=dst)] == ["id", "c"]
+    assert server.execute("SELECT id FROM t", database=dst) == [(1,)]
     for name in (src, dst):
         server.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)}")

@@ -14,6 +14,7 @@ from django.utils import timezone
 from backups.models import BackupSet, RestoreRequest, RestoreRun
 from backups.selectors.restores import restore_request_as_dict
 from backups.services.errors import RestoreError
+from backups.services.flashback import flashback_request_file
 from backups.services.restore_requests import (
     restore_request_approve,
     restore_request_file,
@@ -51,12 +52,33 @@ class Command(BaseCommand):
 
         p = sub.add_parser("request", help="file a restore request (prints its id)")
         p.add_argument("--cluster", required=True)
-        source = p.add_mutually_exclusive_group(required=True)
+        # Not required here: a flashback names no set or time (checked in do_request).
+        source = p.add_mutually_exclusive_group()
         source.add_argument("--set", dest="set_id", type=int)
         source.add_argument("--at")
+        source.add_argument(
+            "--before-gtid",
+            dest="before_gtid",
+            default="",
+            help="stop the GTID's shard right before it, every other shard at its commit second",
+        )
+        p.add_argument(
+            "--flashback",
+            action="store_true",
+            help="undo the row changes of --gtid G,.. (or of --since/--until on --tables) in place",
+        )
+        p.add_argument("--gtid", default="", help="with --flashback: the GTIDs to undo")
+        p.add_argument("--since", help="with --flashback: start of the window (ISO 8601)")
+        p.add_argument(
+            "--until",
+            action="append",
+            default=[],
+            help="INSTANCE:FILE:POS, once per instance: stop there (with --flashback: the end "
+            "of the window, ISO 8601)",
+        )
         p.add_argument("--shards", default="")
         p.add_argument("--tables", default="")
-        p.add_argument("--target", required=True, help="side, inplace or instance:NAME")
+        p.add_argument("--target", help="side, inplace or instance:NAME")
         p.add_argument("--reason", required=True)
         p.add_argument("--as", dest="as_user", required=True)
         p.add_argument("--json", action="store_true")
@@ -138,21 +160,59 @@ class Command(BaseCommand):
         cluster = Cluster.objects.filter(name=options["cluster"]).first()
         if cluster is None:
             raise CommandError(f"no cluster named {options['cluster']!r}")
+        if options.get("flashback"):
+            self._request_flashback(user, cluster, options)
+            return
+        if options.get("gtid") or options.get("since"):
+            raise CommandError("--gtid and --since belong to --flashback")
+        if (
+            options.get("set_id") is None
+            and not options.get("at")
+            and not options.get("before_gtid")
+            and not options.get("until")
+        ):
+            raise CommandError("give --set, --at, --before-gtid or --until (or --flashback)")
+        if not options.get("target"):
+            raise CommandError("give --target side, inplace or instance:NAME")
         source_set = at = None
         if options.get("set_id") is not None:
             source_set = BackupSet.objects.filter(pk=options["set_id"]).first()
             if source_set is None:
                 raise CommandError(f"no backup set {options['set_id']}")
-        else:
+        elif options.get("at"):
             at = parse_at(options["at"])
         request = restore_request_file(
             cluster=cluster,
             requester=user,
             source_set=source_set,
             at=at,
+            before_gtid=options.get("before_gtid") or "",
+            until=options.get("until") or [],
             shards=_names(options["shards"]),
             tables=_names(options["tables"]),
             target=options["target"],
+            reason=options["reason"],
+        )
+        self.request_obj = request
+        self._print(request, str(request.pk))
+
+    def _request_flashback(self, user, cluster, options):
+        if options.get("set_id") is not None or options.get("at"):
+            raise CommandError("--flashback undoes transactions; it takes no --set or --at")
+        if options.get("target") not in (None, "inplace"):
+            raise CommandError("a flashback changes the live tables: its target is inplace")
+        if len(options["until"]) > 1:
+            raise CommandError("--flashback takes one --until time")
+        since = parse_at(options["since"]) if options.get("since") else None
+        until = parse_at(options["until"][0]) if options["until"] else None
+        request = flashback_request_file(
+            cluster=cluster,
+            requester=user,
+            gtids=_names(options["gtid"]),
+            since=since,
+            until=until,
+            shards=_names(options["shards"]),
+            tables=_names(options["tables"]),
             reason=options["reason"],
         )
         self.request_obj = request
@@ -178,10 +238,22 @@ class Command(BaseCommand):
         if self.as_json:
             self.stdout.write(json.dumps(data))
             return
+        source = f"set {data['source_set']}"
+        if data.get("flashback"):
+            undo = data["flashback"].get("gtids") or [
+                f"{data['flashback']['since']}..{data['flashback']['until']}"
+            ]
+            source = f"flashback of {', '.join(undo)}"
         lines = [
             f"restore {data['id']}: {data['state']} ({data['target']}, cluster {data['cluster']}, "
-            f"set {data['source_set']}), requested by {data['requested_by']}: {data['reason']}",
+            f"{source}), requested by {data['requested_by']}: {data['reason']}",
         ]
+        if data.get("artifact"):
+            plan = data["plan"]
+            lines.append(
+                f"  undoes {plan.get('rows')} row(s) in {plan.get('statements')} statement(s); "
+                f"SQL sha256 {data['artifact']['sha256']}"
+            )
         for a in data["approvals"]:
             lines.append(
                 f"  {a['decision']} by {a['by']} at {a['at']}"
@@ -192,6 +264,12 @@ class Command(BaseCommand):
             lines.append(
                 f"  {r['shard']} {r['database']}.{r['table']} -> {r['target_database']}.{r['target_table']}: "
                 f"{r['rows']} rows, checksum {mark}"
+            )
+        for p in data.get("stop_points") or []:
+            lines.append(
+                f"  {p['shard']} {p['target']}: stopped at {p['instance']}:{p['file']}:{p['pos']}"
+                + (f" after GTID {p['gtid']}" if p.get("gtid") else "")
+                + (f", before GTID {p['next_gtid']}" if p.get("next_gtid") else "")
             )
         if data["q"] is not None:
             lines.append(f"  Q = {data['q']:.4f}")
