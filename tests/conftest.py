@@ -185,3 +185,21 @@ def s3_server():
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def fake_mysql():
+    """Start fake MySQL servers (tests/fake_mysql.py): `fake_mysql(**options)` returns a
+    started FakeMySQLServer; every one is stopped after the test."""
+    from tests.fake_mysql import FakeMySQLServer
+
+    started: list[FakeMySQLServer] = []
+
+    def start(**options) -> FakeMySQLServer:
+        server = FakeMySQLServer(**options).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
