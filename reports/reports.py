@@ -36,6 +36,7 @@ from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun, Veri
 from backups.selectors.verification import cluster_rpo_target, quality_level, sets_with_quality
 from backups.status import SetStatus
 from console.audit import audit_chain_head
+from console.exports import spreadsheet_safe
 from console.selectors import MomentError
 from console.selectors import parse_moment as _parse_moment
 from reports.pdf import render_pdf
@@ -373,7 +374,7 @@ def _cell(value: Any) -> Any:
         return ""
     if isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True, default=str)
-    return value
+    return spreadsheet_safe(value)
 
 
 def report_csv(period: ReportPeriod) -> Iterator[str]:

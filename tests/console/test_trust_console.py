@@ -1,0 +1,111 @@
+"""Issue 12, console side: redirects, CSV exports, the demo seeder, logins, the Django admin,
+identity changes in the audit log and the production security headers."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.urls import reverse
+from django.utils import timezone
+
+from backups.models import Approval, BackupSet, RestoreRequest
+from shards.models import Cluster
+from tests.factories import make_user
+
+pytestmark = pytest.mark.django_db
+
+
+# ---- 13: the verify button's `next` stays on this console ----------------------------------
+
+
+@pytest.mark.parametrize("evil", ["/\\evil.com", "//evil.com", "https://evil.com/", "/\\/evil.com"])
+def test_verify_button_does_not_redirect_to_another_host(client, evil):
+    backup_set = BackupSet.objects.create(
+        cluster=Cluster.objects.create(name="redir"), storage_url="file:///x"
+    )
+    client.force_login(make_user("operator"))
+    response = client.post(reverse("backups:verify_start", args=[backup_set.pk]), {"next": evil})
+    assert response.status_code == 302
+    assert response["Location"] == reverse("backups:set_detail", args=[backup_set.pk])
+
+
+def test_verify_button_still_returns_to_a_local_page(client):
+    backup_set = BackupSet.objects.create(
+        cluster=Cluster.objects.create(name="redir2"), storage_url="file:///x"
+    )
+    client.force_login(make_user("operator"))
+    response = client.post(
+        reverse("backups:verify_start", args=[backup_set.pk]), {"next": "/backups/?cluster=x"}
+    )
+    assert response["Location"] == "/backups/?cluster=x"
+
+
+# ---- 14: CSV exports never hand a spreadsheet a formula ------------------------------------
+
+FORMULAS = ['=HYPERLINK("http://evil")', "+1+1", "-2+3", "@SUM(A1)", "\t=1", "\r=1"]
+
+
+def _csv_rows(response) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))
+
+
+def test_audit_csv_export_neutralises_formulas_in_failed_login_names(client):
+    for n, name in enumerate(FORMULAS):
+        client.post(
+            reverse("login"), {"username": name, "password": "x"}, REMOTE_ADDR=f"10.9.0.{n}"
+        )
+    client.force_login(make_user("auditor"))
+    rows = _csv_rows(client.get(reverse("audit_export"), {"action": "login.failed"}))
+    actors = [r[2] for r in rows[1:]]
+    reprs = [r[6] for r in rows[1:]]
+    assert len(actors) == len(FORMULAS)
+    for cell in actors + reprs:
+        assert cell[0] not in "=+-@\t\r", cell
+    assert '\'=HYPERLINK("http://evil")' in actors
+
+
+def test_report_csv_neutralises_formulas_in_reasons_and_comments(client):
+    cluster = Cluster.objects.create(name="formulas")
+    good = BackupSet.objects.create(cluster=cluster, storage_url="file:///x", status="succeeded")
+    request = RestoreRequest.objects.create(
+        cluster=cluster, source_set=good, target_kind="side", reason="=cmd|' /C calc'!A0",
+        requested_by=make_user("operator", "=evilname"), state="rejected",
+        expires_at=timezone.now() + timedelta(days=1),
+    )  # fmt: skip
+    Approval.objects.create(
+        request=request, approver=make_user("approver"), decision="reject", comment="@SUM(1)"
+    )
+    client.force_login(make_user("auditor"))
+    response = client.get(
+        reverse("reports"), {"cluster": "formulas", "format": "csv", "download": "1"}
+    )
+    rows = _csv_rows(response)
+    cells = [cell for row in rows for cell in row]
+    assert "'=cmd|' /C calc'!A0" in cells and "'@SUM(1)" in cells and "'=evilname" in cells
+    assert not [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r")]
+
+
+# ---- 18: seed_demo refuses to create known passwords on a production console ---------------
+
+
+def test_seed_demo_refuses_without_debug_or_force(settings):
+    settings.DEBUG = False
+    with pytest.raises(CommandError) as refused:
+        call_command("seed_demo", "--port", "1", stdout=StringIO())
+    message = str(refused.value)
+    assert "--force" in message and "\n" not in message
+    assert not Cluster.objects.filter(name="demo").exists()
+
+
+def test_seed_demo_with_debug_goes_on_to_the_server(settings):
+    settings.DEBUG = True
+    with pytest.raises(CommandError) as failed:
+        # Port 1 answers nothing: the command got past the DEBUG check to the connection.
+        call_command("seed_demo", "--port", "1", stdout=StringIO())
+    assert str(failed.value).startswith("cannot seed the demo: ")
