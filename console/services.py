@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import unicodedata
+
 from django.conf import settings
 from django.contrib.auth.models import Group, User
 from django.core.cache import cache
@@ -38,8 +41,16 @@ def user_create(
     return user
 
 
+def login_name_normalised(username: str) -> str:
+    """The name as authentication sees it (the form strips it, `UsernameField` applies NFKC),
+    casefolded so that `" alice"`, `"ＡＬＩＣＥ"` and `"alice"` are one name to the throttle."""
+    return unicodedata.normalize("NFKC", username.strip()).casefold()
+
+
 def _throttle_keys(username: str, address: str) -> list[str]:
-    return [f"login-fail:user:{username.lower()}", f"login-fail:addr:{address}"]
+    # Hashed: a cache key must not carry whatever bytes somebody typed as a username.
+    name = hashlib.sha256(login_name_normalised(username).encode()).hexdigest()
+    return [f"login-fail:user:{name}", f"login-fail:addr:{address}"]
 
 
 def login_throttled(*, username: str, address: str) -> bool:

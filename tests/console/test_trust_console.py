@@ -15,6 +15,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backups.models import Approval, BackupSet, RestoreRequest
+from console.models import AuditEvent
 from shards.models import Cluster
 from tests.factories import make_user
 
@@ -109,3 +110,53 @@ def test_seed_demo_with_debug_goes_on_to_the_server(settings):
         # Port 1 answers nothing: the command got past the DEBUG check to the connection.
         call_command("seed_demo", "--port", "1", stdout=StringIO())
     assert str(failed.value).startswith("cannot seed the demo: ")
+
+
+# ---- 7: the throttle counts a name the way authentication reads it -------------------------
+
+
+def _login(client, username: str, password: str, address: str, path: str | None = None):
+    return client.post(
+        path or reverse("login"), {"username": username, "password": password}, REMOTE_ADDR=address
+    )
+
+
+def test_login_throttle_counts_spaced_and_fullwidth_spellings_as_one_user(client, settings):
+    make_user("operator", username="alice", password="Right-pw-123")
+    spellings = [" alice", "ａｌｉｃｅ", "ALICE ", "alice\t", "Ａlice"]
+    for n in range(settings.LOGIN_THROTTLE_ATTEMPTS):
+        _login(client, spellings[n % len(spellings)], "wrong", address=f"10.3.0.{n}")
+    blocked = _login(client, "alice", "Right-pw-123", address="10.3.0.99")
+    assert blocked.status_code == 429
+    assert "_auth_user_id" not in client.session
+
+
+# ---- 4: the Django admin's sign-in is the console's throttled, audited one ------------------
+
+
+def test_admin_login_is_throttled_and_audited(client, settings):
+    make_user("admin", username="root-admin", password="Right-pw-123")
+    url = reverse("admin:login")
+    for n in range(12):
+        response = _login(client, "root-admin", f"wrong-{n}", address=f"10.4.0.{n}", path=url)
+        assert "_auth_user_id" not in client.session
+    assert response.status_code == 429
+    failed = AuditEvent.objects.filter(action="login.failed", actor_name="root-admin").count()
+    assert failed == settings.LOGIN_THROTTLE_ATTEMPTS
+    # Even the right password is refused while throttled.
+    assert _login(client, "root-admin", "Right-pw-123", "10.4.0.99", path=url).status_code == 429
+
+
+def test_admin_login_signs_in_an_admin_and_lands_on_the_admin(client):
+    admin_user = make_user("admin", username="ada", password="Right-pw-123")
+    response = _login(client, "ada", "Right-pw-123", "10.5.0.1", path=reverse("admin:login"))
+    assert response.status_code == 302 and response["Location"] == reverse("admin:index")
+    assert AuditEvent.objects.filter(action="login", actor=admin_user).exists()
+    assert client.get(reverse("admin:index")).status_code == 200
+    assert client.get(reverse("admin:login")).status_code == 302
+
+
+def test_admin_login_shows_the_form_to_a_signed_in_non_admin(client):
+    client.force_login(make_user("operator"))
+    assert client.get(reverse("admin:index"))["Location"].startswith(reverse("admin:login"))
+    assert client.get(reverse("admin:login")).status_code == 200
