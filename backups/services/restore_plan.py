@@ -18,9 +18,10 @@ from typing import Any
 from django.db.models import F, Sum
 
 from backups.engine.errors import ConnectError
+from backups.engine.identity import server_identity
 from backups.engine.target import non_empty_tables
 from backups.models import BackupSet, RestoreRequest, RestoreRun
-from backups.services.errors import RestoreError
+from backups.services.errors import RestoreError, TargetChanged
 from backups.services.sets import set_manifest, set_prefix, set_storage
 from backups.status import RunStatus, SetStatus
 from backups.storage import Storage, StorageError
@@ -134,6 +135,82 @@ def _target_instance(kind: str, shard: dict, instances: dict[str, Instance], tar
     return instance
 
 
+def _identity(instance: Instance) -> str:
+    """The identity the instance's server reports for itself (engine.identity)."""
+    try:
+        return server_identity(instance_endpoint(instance))
+    except (ConnectError, MissingPassword) as exc:
+        raise RestoreError(f"target instance {instance.name} is unreachable: {exc}") from exc
+
+
+def _same_server(source: Instance, target: Instance, target_identity: str) -> bool:
+    """Whether two registered instances are one server, by what the servers say.
+
+    Host and port as text miss `localhost` versus `127.0.0.1`, a DNS alias or a proxy; a
+    source that cannot be reached (which is often why one restores elsewhere) falls back
+    to that text comparison.
+    """
+    if source.pk == target.pk:
+        return True
+    try:
+        return server_identity(instance_endpoint(source)) == target_identity
+    except (ConnectError, MissingPassword):
+        return (source.host, source.port) == (target.host, target.port)
+
+
+def _target_record(instance: Instance, identity: str) -> dict:
+    return {
+        "instance": instance.name,
+        "instance_id": instance.pk,
+        "host": instance.host,
+        "port": instance.port,
+        "user": instance.user,
+        "identity": identity,
+    }
+
+
+def restore_plan_targets_check(request: RestoreRequest) -> None:
+    """Refuse a run whose target servers are not the ones approved (RestoreError).
+
+    The plan recorded each target's host, port, user and server identity when the request
+    was filed; an operator re-pointing an instance, or another server answering behind the
+    same address, voids the approval.
+    """
+    targets = request.plan.get("targets")
+    if not targets:
+        raise TargetChanged(
+            f"restore {request.pk} was planned without recording its target servers, so its "
+            "approval covers no server; file a new request"
+        )
+    for recorded in targets:
+        instance = Instance.objects.filter(pk=recorded["instance_id"]).first()
+        if instance is None:
+            raise TargetChanged(
+                f"target instance {recorded['instance']} was removed after restore {request.pk} "
+                "was approved; file a new request"
+            )
+        was = f"{recorded['user']}@{recorded['host']}:{recorded['port']}"
+        now = f"{instance.user}@{instance.host}:{instance.port}"
+        if was != now:
+            raise TargetChanged(
+                f"target instance {instance.name} was changed from {was} to {now} after restore "
+                f"{request.pk} was filed, and its approval covers only {was}; file a new request"
+            )
+        try:
+            identity = server_identity(instance_endpoint(instance))
+        except (ConnectError, MissingPassword) as exc:
+            raise TargetChanged(
+                f"target instance {instance.name} is unreachable, so it cannot be checked "
+                f"against the server approved for restore {request.pk}: {exc}"
+            ) from exc
+        if identity != recorded["identity"]:
+            raise TargetChanged(
+                f"target instance {instance.name} ({instance.host}:{instance.port}) is now a "
+                f"different server ({identity}) from the one approved ({recorded['identity']}) "
+                f"for restore {request.pk}; file a new request"
+            )
+
+
 def _non_empty(instance: Instance, database: str, tables: list[str]) -> set[str]:
     """Those of `tables` that exist on the target and hold rows."""
     try:
@@ -204,6 +281,8 @@ def restore_plan_build(
     missing: list[str] = []
     objects = rows = stored = raw = 0
     by_target: dict[tuple[int, str], list[dict]] = {}
+    identities: dict[int, str] = {}
+    targets: list[dict] = []
     for shard, table in _scope_tables(cluster, doc, list(shards), list(tables)):
         instance = _target_instance(target_kind, shard, instances, target_instance)
         database = shard["database"]
@@ -211,14 +290,14 @@ def restore_plan_build(
             target_database = side_database(database, request_id)
         else:
             target_database = database
+        if instance.pk not in identities:
+            identities[instance.pk] = _identity(instance)
+            targets.append(_target_record(instance, identities[instance.pk]))
         source = instances.get(shard.get("instance", ""))
         if (
             target_kind == Target.INSTANCE
             and source is not None
-            and (
-                source.pk == instance.pk
-                or (source.host, source.port) == (instance.host, instance.port)
-            )
+            and _same_server(source, instance, identities[instance.pk])
         ):
             raise RestoreError(
                 f"target instance {instance.name} holds the source database {database} of shard "
@@ -306,6 +385,8 @@ def restore_plan_build(
         "needs_incrementals": needs_incrementals,
         "target_kind": target_kind,
         "target_instance": target_instance.name if target_instance else "",
+        # What the approval covers: each target's address, user and server identity.
+        "targets": targets,
         "objects": objects,
         "rows": rows,
         "bytes": stored,

@@ -3,15 +3,20 @@ given for, and a run restores only the manifest of its own set. Real servers and
 
 from __future__ import annotations
 
+import socket
+import threading
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
 from backups.models import RestoreRequest, RestoreRun
+from backups.services.errors import RestoreError
 from backups.services.restore_requests import restore_request_approve, restore_requests_expire
 from backups.services.restore_run_states import restore_run_start
+from console.keys import encrypt_secret
 from console.models import AuditEvent
+from shards.models import Instance
 from tests.backups.test_restore_rules import file_request, make_backup, server_for
 from tests.factories import make_cluster, make_user
 
@@ -72,3 +77,142 @@ def test_run_queued_in_time_but_begun_after_the_approval_lapsed_is_refused(
     assert run.started_at is None and run.status == "pending"
     assert AuditEvent.objects.filter(action="restore.expired", object_id=str(request.pk)).exists()
     assert _side_databases(cluster, request, mariadb_servers) == []
+
+
+# ---- 3: an approval covers the server it was given for --------------------------------------
+
+
+class SwitchableProxy:
+    """A TCP forwarder on 127.0.0.1 whose backend can be switched: another server behind
+    the same address, as a re-pointed DNS name or load balancer would put there."""
+
+    def __init__(self, backend_port: int):
+        self.backend_port = backend_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            backend = socket.create_connection(("127.0.0.1", self.backend_port))
+            for a, b in ((client, backend), (backend, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self._listener.close()
+
+
+def _register(cluster, name: str, server, *, host: str = "127.0.0.1", port: int | None = None):
+    return Instance.objects.create(
+        cluster=cluster,
+        name=name,
+        host=host,
+        port=port or server.endpoint.port,
+        user=server.endpoint.user,
+        password_encrypted=encrypt_secret(server.endpoint.password),
+    )
+
+
+def _approved_run(cluster, backup_set, target="side"):
+    request = file_request(cluster, backup_set, target=target)
+    restore_request_approve(request=request, approver=make_user("approver"))
+    run = restore_run_start(request=request, actor=make_user("operator"))
+    return request, run
+
+
+def test_plan_records_each_target_address_user_and_server_identity(cluster, backup_set):
+    request = file_request(cluster, backup_set)
+    targets = {t["instance"]: t for t in request.plan["targets"]}
+    assert set(targets) == set(cluster.instances.values_list("name", flat=True))
+    for instance in cluster.instances.all():
+        recorded = targets[instance.name]
+        assert (recorded["host"], recorded["port"], recorded["user"]) == (
+            instance.host, instance.port, instance.user,
+        )  # fmt: skip
+        assert (
+            recorded["identity"].startswith("mariadb:")
+            and str(instance.port) in recorded["identity"]
+        )
+
+
+def test_re_pointing_an_approved_target_refuses_the_run(
+    cluster, backup_set, run_jobs, mariadb_servers
+):
+    request, run = _approved_run(cluster, backup_set)
+    other = mariadb_servers[2]
+    moved = cluster.instances.get(name=mariadb_servers[0].name)
+    moved.port = other.endpoint.port
+    moved.save(update_fields=["port"])
+    run_jobs("restores")
+    run.refresh_from_db()
+    assert run.status == "failed"
+    assert f"target instance {moved.name} was changed from" in run.error
+    assert "file a new request" in run.error and "\n" not in run.error
+    assert _side_databases(cluster, request, mariadb_servers) == []
+
+
+def test_another_server_behind_the_approved_address_refuses_the_run(
+    mariadb_servers, unique_name, run_jobs
+):
+    source, first, second = mariadb_servers
+    cluster = make_cluster([source], name=f"tp{unique_name}")
+    backup_set = make_backup(cluster, run_jobs)
+    proxy = SwitchableProxy(first.endpoint.port)
+    try:
+        _register(cluster, "dr", first, port=proxy.port)
+        request, run = _approved_run(cluster, backup_set, target="instance:dr")
+        [recorded] = request.plan["targets"]
+        assert recorded["port"] == proxy.port and str(first.endpoint.port) in recorded["identity"]
+        proxy.backend_port = second.endpoint.port  # same host and port, another server
+        run_jobs("restores")
+    finally:
+        proxy.close()
+    run.refresh_from_db()
+    assert run.status == "failed"
+    assert "target instance dr" in run.error and "is now a different server" in run.error
+    database = cluster.shards.get().database
+    for server in (first, second):
+        assert not server.execute(
+            f"SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = '{database}'"
+        )
+
+
+def test_the_approved_server_still_restores(cluster, backup_set, run_jobs, mariadb_servers):
+    request, run = _approved_run(cluster, backup_set)
+    run_jobs("restores")
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error
+    assert len(_side_databases(cluster, request, mariadb_servers)) == cluster.shards.count()
+    for side in _side_databases(cluster, request, mariadb_servers):
+        for server in mariadb_servers:
+            server.execute(f"DROP DATABASE IF EXISTS `{side}`")
+
+
+def test_same_server_under_another_name_is_recognised_as_the_source(
+    mariadb_servers, unique_name, run_jobs
+):
+    source = mariadb_servers[0]
+    cluster = make_cluster([source], name=f"ts{unique_name}")
+    backup_set = make_backup(cluster, run_jobs)
+    # `localhost` and `127.0.0.1` differ as text; the server says it is the same one.
+    _register(cluster, "alias", source, host="localhost")
+    with pytest.raises(RestoreError, match="holds the source database"):
+        file_request(cluster, backup_set, target="instance:alias")
