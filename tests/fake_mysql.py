@@ -288,6 +288,8 @@ class FakeMySQLServer:
             try:
                 while True:
                     seq, data = self._read(sock)
+                    if seq == 0:  # a new command (COM_QUIT): the client sent no file at all
+                        raise _Closed
                     if not data:
                         break
                     received += data
