@@ -135,6 +135,11 @@ LOGOUT_REDIRECT_URL = "login"
 # Failed logins allowed per user and per address in LOGIN_THROTTLE_WINDOW seconds.
 LOGIN_THROTTLE_ATTEMPTS = env.int("SHARDVAULT_LOGIN_THROTTLE_ATTEMPTS", default=5)
 LOGIN_THROTTLE_WINDOW = env.int("SHARDVAULT_LOGIN_THROTTLE_WINDOW", default=60)
+# Globs an instance's `password_env` must match (the console's own variables are refused
+# whatever this says; see backups.engine.mysql.PASSWORD_ENV_DENYLIST).
+SHARDVAULT_PASSWORD_ENV_PATTERN = env.list(
+    "SHARDVAULT_PASSWORD_ENV_PATTERN", default=["*_PW", "*_PASSWORD"]
+)
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
