@@ -216,3 +216,52 @@ def test_same_server_under_another_name_is_recognised_as_the_source(
     _register(cluster, "alias", source, host="localhost")
     with pytest.raises(RestoreError, match="holds the source database"):
         file_request(cluster, backup_set, target="instance:alias")
+
+
+# ---- 8: a manifest vouches only for its own set --------------------------------------------
+
+
+def _put_manifest(backup_set, data: bytes) -> None:
+    from backups.engine.manifest import manifest_key
+    from backups.services.sets import set_prefix, set_storage
+
+    set_storage(backup_set).put_bytes(manifest_key(set_prefix(backup_set)), data)
+
+
+def _manifest_bytes(backup_set) -> bytes:
+    from backups.engine.manifest import manifest_key
+    from backups.services.sets import set_prefix, set_storage
+
+    return set_storage(backup_set).get_bytes(manifest_key(set_prefix(backup_set)))
+
+
+def test_another_sets_signed_manifest_is_refused_by_restore_verify_and_drill(
+    cluster, backup_set, run_jobs
+):
+    from backups.services.verification import verification_run_now
+
+    other = make_backup(cluster, run_jobs)
+    _put_manifest(backup_set, _manifest_bytes(other))  # validly signed, but set `other`'s
+    with pytest.raises(RestoreError) as refused:
+        file_request(cluster, backup_set)
+    message = str(refused.value)
+    assert f"set {other.pk} of cluster" in message and f"not of set {backup_set.pk}" in message
+    for drill in (False, True):
+        check = verification_run_now(backup_set=backup_set, drill=drill)
+        assert check.q == 0.0 and check.a == 0.0
+        assert any(f"not of set {backup_set.pk}" in p["reason"] for p in check.problems)
+
+
+def test_a_re_signed_manifest_of_the_same_set_is_refused_by_its_recorded_sha256(
+    cluster, backup_set
+):
+    import json
+
+    from backups.engine.manifest import manifest_sign
+    from console.keys import manifest_hmac_key
+
+    doc = json.loads(_manifest_bytes(backup_set))
+    doc["shards"] = doc["shards"][:1]  # one shard fewer, signed with the real key
+    _put_manifest(backup_set, json.dumps(manifest_sign(doc, manifest_hmac_key())).encode())
+    with pytest.raises(RestoreError, match="sha256 mismatch"):
+        file_request(cluster, backup_set)
