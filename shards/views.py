@@ -200,7 +200,10 @@ def _connection_result(request, cluster, ok: bool, message: str):
 
 def _endpoint_for_test(stored, form) -> Endpoint:
     """The form's connection; its password is the typed one, else the variable it names, else
-    the stored instance's (read only when needed, so a typed password wins over an unreadable one)."""
+    the stored instance's (read only when needed, so a typed password wins over an unreadable one).
+
+    The stored password is only used when the form's host, port and user are the ones it was
+    stored for (DESIGN.md): otherwise the test asks for the password again."""
     if form is None:
         return instance_endpoint(stored)
     data = form.cleaned_data
@@ -212,6 +215,16 @@ def _endpoint_for_test(stored, form) -> Endpoint:
     elif data.get("password"):
         password = data["password"]
     elif stored is not None:
+        if (data["host"], int(data["port"]), data["user"]) != (
+            stored.host,
+            stored.port,
+            stored.user,
+        ):
+            raise MissingPassword(
+                f"Type the password to test {name} at {data['host']}:{data['port']} as "
+                f"{data['user']}: a stored password is only sent to the host, port and user it "
+                "was stored for."
+            )
         password = instance_endpoint(stored).password
     else:
         password = ""

@@ -22,6 +22,8 @@ Options (all keyword-only, all optional):
                      object per request, b"" when the client sent an empty reply), and the
                      query then gets an OK;
     "error"          an error packet (1064, "fake error").
+- `infile_on`: a substring; any query containing it (case-insensitive, `SET ...` included) gets
+  the LOCAL INFILE request as in "infile" above, whatever `queries` says.
 - `answers`: {substring: rows} — a query containing `substring` (case-insensitive, first match
   in insertion order) gets a result set with those rows (tuples of str/None; columns c0..cN).
 - `server_version`: the version string in the greeting (default "8.0.99-fake").
@@ -82,6 +84,7 @@ class FakeMySQLServer:
         queries: str = "ok",
         answers: dict[str, list[tuple]] | None = None,
         infile_name: str = "/proc/self/environ",
+        infile_on: str | None = None,
         server_version: str = "8.0.99-fake",
     ):
         assert mode in ("normal", "silent")
@@ -93,6 +96,7 @@ class FakeMySQLServer:
         self.query_mode = queries
         self.answers = dict(answers or {})
         self.infile_name = infile_name
+        self.infile_on = infile_on
         self.server_version = server_version
         self.host = "127.0.0.1"
         self.port = 0
@@ -272,6 +276,9 @@ class FakeMySQLServer:
     def _query(self, sock: socket.socket, sql: str) -> None:
         self.queries_seen.append(sql)
         lowered = sql.lower()
+        if self.infile_on and self.infile_on.lower() in lowered:
+            self._infile(sock)
+            return
         for key, rows in self.answers.items():
             if key.lower() in lowered:
                 self._result_set(sock, 1, list(rows))
@@ -282,17 +289,20 @@ class FakeMySQLServer:
             self._result_set(sock, 1, [])
         elif self.query_mode == "error":
             self._write(sock, 1, b"\xff" + struct.pack("<H", 1064) + b"#42000fake error")
-        else:  # infile
-            self._write(sock, 1, b"\xfb" + self.infile_name.encode())
-            received = b""
-            try:
-                while True:
-                    seq, data = self._read(sock)
-                    if seq == 0:  # a new command (COM_QUIT): the client sent no file at all
-                        raise _Closed
-                    if not data:
-                        break
-                    received += data
-            finally:  # also when the client hangs up instead of answering
-                self.received_infile.append(received)
-            self._write(sock, seq + 1, self._ok())
+        else:
+            self._infile(sock)
+
+    def _infile(self, sock: socket.socket) -> None:
+        self._write(sock, 1, b"\xfb" + self.infile_name.encode())
+        received = b""
+        try:
+            while True:
+                seq, data = self._read(sock)
+                if seq == 0:  # a new command (COM_QUIT): the client sent no file at all
+                    raise _Closed
+                if not data:
+                    break
+                received += data
+        finally:  # also when the client hangs up instead of answering
+            self.received_infile.append(received)
+        self._write(sock, seq + 1, self._ok())

@@ -28,19 +28,29 @@ STREAM_NAME = "shardvault-chunk-stream"
 PACKET_BYTES = 1 << 20
 
 # --------------------------------------------------------------------------- LOAD DATA LOCAL from an iterator
-_original_send_local_file = pymysql.connections._send_local_file
+LOCAL_FILE_REFUSED = 2000  # CR_UNKNOWN_ERROR: the client refused the server's request
 
 
 def _send_local_stream(filename, conn):
-    """PyMySQL hook: when the connection carries a byte iterator, send it instead of a file.
+    """PyMySQL hook (replaces its `_send_local_file`): send the chunk stream the loader armed.
 
-    Only a connection we armed (attribute `_shardvault_source`) ever streams; any other
-    LOAD DATA LOCAL request falls back to PyMySQL's own behaviour.
+    This is the only LOAD DATA LOCAL answer PyMySQL gives anywhere in the process: it never
+    opens a file. Only a connection the loader armed (`_shardvault_source`), and only for the
+    name the loader's own statement gave (STREAM_NAME), gets the stream; any other request (a
+    server asking for /proc/self/environ, or any name at all outside a load) gets an empty
+    reply (PyMySQL sends the end-of-data packet after this returns or raises) and the
+    statement fails with one sentence.
     """
     source = getattr(conn, "_shardvault_source", None)
-    if source is None:
-        return _original_send_local_file(filename, conn)
     conn._shardvault_source = None
+    name = filename.decode("utf-8", "replace") if isinstance(filename, bytes) else str(filename)
+    if source is None or name != STREAM_NAME:
+        raise pymysql.err.OperationalError(
+            LOCAL_FILE_REFUSED,
+            f"the server asked for the local file '{name[:200]}', which was refused: only the "
+            "chunk stream the restore itself opened is ever sent (is this really the target "
+            "server?)",
+        )
     packet = max(16 * 1024, min(int(conn.max_allowed_packet) - 1024, PACKET_BYTES))
     try:
         for piece in source:
