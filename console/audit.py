@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
+import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +19,34 @@ from django.utils import timezone
 from console.models import AuditEvent
 
 GENESIS_HASH = "0" * 64
+
+# The web request being served, set by console.middleware.AuditContextMiddleware. Outside a
+# request (management commands, workers started by `manage.py rqworker`) every event records
+# the operating-system user that ran the process (DESIGN.md, after the command list).
+_current_request: ContextVar[Any] = ContextVar("audit_current_request", default=None)
+
+
+@contextmanager
+def audit_request_context(request) -> Iterator[None]:
+    token = _current_request.set(request)
+    try:
+        yield
+    finally:
+        _current_request.reset(token)
+
+
+def audit_request_user():
+    """The signed-in user of the request being served, or None (no request, or anonymous)."""
+    request = _current_request.get()
+    user = getattr(request, "user", None)
+    return user if getattr(user, "is_authenticated", False) else None
+
+
+def os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid without a passwd entry (containers)
+        return f"uid:{os.getuid()}"
 
 
 def _canonical(event: AuditEvent) -> str:
@@ -55,6 +88,9 @@ def audit_record(
         object_repr = object_repr or str(obj)[:300]
     actor_user = actor if hasattr(actor, "pk") else None
     actor_name = actor.get_username() if actor_user is not None else (actor or "system")
+    details = dict(details or {})
+    if _current_request.get() is None:
+        details.setdefault("os_user", os_user())
     now = timezone.now()
     with transaction.atomic():
         head = AuditEvent.objects.select_for_update().order_by("-id").first()
@@ -67,7 +103,7 @@ def audit_record(
             object_type=object_type,
             object_id=str(object_id),
             object_repr=object_repr[:300],
-            details=json.loads(json.dumps(details or {}, default=str)),
+            details=json.loads(json.dumps(details, default=str)),
             prev_hash=prev,
             hash="pending-" + uuid.uuid4().hex,
         )

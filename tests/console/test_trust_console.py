@@ -160,3 +160,85 @@ def test_admin_login_shows_the_form_to_a_signed_in_non_admin(client):
     client.force_login(make_user("operator"))
     assert client.get(reverse("admin:index"))["Location"].startswith(reverse("admin:login"))
     assert client.get(reverse("admin:login")).status_code == 200
+
+
+# ---- 5: every identity change is in the hash chain, with the OS user for commands ----------
+
+
+def _events(action: str, user) -> list[AuditEvent]:
+    return list(AuditEvent.objects.filter(action=action, object_id=str(user.pk)))
+
+
+def test_role_grant_in_the_django_admin_is_audited_with_its_admin(client):
+    from django.contrib.auth.models import Group
+
+    admin_user = make_user("admin", username="adm")
+    target = make_user("operator", username="olivia")
+    client.force_login(admin_user)
+    url = reverse("admin:auth_user_change", args=[target.pk])
+    groups = [Group.objects.get(name="operator").pk, Group.objects.get(name="approver").pk]
+    response = client.post(
+        url,
+        {
+            "username": "olivia", "first_name": "", "last_name": "", "email": "",
+            "is_active": "on", "groups": groups, "user_permissions": [],
+            "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00",
+            "last_login_0": "", "last_login_1": "",
+        },
+    )  # fmt: skip
+    assert response.status_code == 302, response.content.decode()[:2000]
+    [granted] = _events("user.groups_changed", target)[-1:]
+    assert granted.details["added"] == ["approver"] and granted.actor == admin_user
+    assert "os_user" not in granted.details
+
+
+def test_password_reset_and_reactivation_in_the_django_admin_are_audited(client):
+    admin_user = make_user("admin", username="adm2")
+    target = make_user("auditor", username="paula")
+    client.force_login(admin_user)
+    response = client.post(
+        reverse("admin:auth_user_password_change", args=[target.pk]),
+        {"password1": "A-new-pw-8812", "password2": "A-new-pw-8812", "usable_password": "true"},
+    )
+    assert response.status_code == 302
+    [reset] = _events("user.password_changed", target)
+    assert reset.actor == admin_user and "A-new-pw" not in str(reset.details)
+    target.refresh_from_db()
+    target.is_active = False
+    target.save()
+    target.is_active = True
+    target.save()
+    assert _events("user.deactivated", target) and _events("user.reactivated", target)
+
+
+def test_group_membership_and_permission_changes_from_any_side_are_audited():
+    from django.contrib.auth.models import Group, Permission
+
+    user = make_user(None, username="gina")
+    group = Group.objects.create(name="custom-team")
+    group.user_set.add(user)  # from the group's side
+    permission = Permission.objects.get(codename="view_auditevent")
+    group.permissions.add(permission)
+    user.user_permissions.add(permission)
+    user.groups.clear()
+    assert _events("user.groups_changed", user)[0].details["added"] == ["custom-team"]
+    assert _events("user.groups_changed", user)[1].details["removed"] == ["custom-team"]
+    [perm] = _events("group.permissions_changed", group)
+    assert perm.details["added"] == ["console.view_auditevent"]
+    assert _events("user.permissions_changed", user)
+    assert _events("group.created", group)
+    assert AuditEvent.objects.filter(action="user.created", object_id=str(user.pk)).exists()
+
+
+def test_events_written_by_a_command_record_the_os_user():
+    import getpass
+
+    call_command("users", "create", "carl", "--role", "operator", stdout=StringIO())
+    [created] = AuditEvent.objects.filter(action="user.create", object_repr="carl")
+    assert created.details["os_user"] == getpass.getuser()
+    assert created.details["role"] == "operator"
+    # One event for the command's user, not the receivers' pair as well.
+    assert not AuditEvent.objects.filter(action="user.created", object_repr="carl").exists()
+    out = StringIO()
+    call_command("audit", "verify", stdout=out)
+    assert "intact" in out.getvalue()
