@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from console.models import AuditEvent
@@ -67,6 +67,24 @@ def event_hash(prev_hash: str, event: AuditEvent) -> str:
     return hashlib.sha256((prev_hash + _canonical(event)).encode()).hexdigest()
 
 
+# pg_advisory_xact_lock key: "SVAUDIT" as a number, one lock for the whole chain.
+AUDIT_CHAIN_LOCK = 0x5356415544495400
+
+
+def _chain_lock() -> None:
+    """Serialise appends until the caller's transaction ends.
+
+    Locking the head row is not enough on PostgreSQL: under READ COMMITTED a writer that
+    waited for it re-checks that same row after the other commits, and both new events
+    then name it as their predecessor, forking the chain. An advisory lock taken before
+    the head is read makes the read see the other writer's committed event. SQLite
+    serialises writers by itself (IMMEDIATE transactions).
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [AUDIT_CHAIN_LOCK])
+
+
 def audit_record(
     *,
     actor: Any = None,
@@ -93,6 +111,7 @@ def audit_record(
         details.setdefault("os_user", os_user())
     now = timezone.now()
     with transaction.atomic():
+        _chain_lock()
         head = AuditEvent.objects.select_for_update().order_by("-id").first()
         prev = head.hash if head else GENESIS_HASH
         event = AuditEvent(
