@@ -45,7 +45,14 @@ from backups.engine.binlog_events import (
 )
 from backups.engine.binlog_select import Scope, Transactions, plan_statements, scoped_events
 from backups.engine.errors import Cancelled, EngineError
-from backups.engine.mysql import Endpoint, connect, quote_ident, quote_qualified
+from backups.engine.mysql import (
+    Endpoint,
+    connect,
+    control_character_refusal,
+    endpoint_refusal,
+    quote_ident,
+    quote_qualified,
+)
 from backups.engine.types import CancelFn, ProgressEvent, ProgressFn
 
 APPLIED_TABLE = "__shardvault_applied"
@@ -137,6 +144,9 @@ def apply_segments(
     off (mariadb killed mid-stream) after that many transactions were sent.
     Returns what was applied; raises `EngineError` with mariadb's message on failure.
     """
+    refusal = apply_refusal(target, source_database, target_database)
+    if refusal:
+        raise EngineError(refusal)
     if not tools_available():
         raise EngineError(
             "mariadb-binlog and mariadb must be installed on the worker to apply binlogs"
@@ -198,7 +208,36 @@ def _query_event(like: bytes, query: bytes, checksum: bool) -> bytes:
     return event
 
 
+def apply_refusal(target: Endpoint, source_database: str, target_database: str) -> str | None:
+    """Why binlogs cannot be applied from `source_database` to `target` / `target_database`,
+    or None. Checked before anything runs:
+
+    * every connection field goes into the client's option file, where a newline would add
+      options of its own: hosts must be host names or IP addresses, no field may hold a
+      control character;
+    * mariadb-binlog's `--rewrite-db=FROM->TO` has no escaping, so a database name that
+      contains `->` (or a control character) would be split in the wrong place.
+    """
+    problem = endpoint_refusal(target)
+    if problem:
+        return f"refusing to apply binlogs to {target.name}: {problem}"
+    if source_database != target_database:
+        for name in (source_database, target_database):
+            if "->" in name or control_character_refusal(name, "database name"):
+                return (
+                    f"cannot apply binlogs from database '{source_database}' to "
+                    f"'{target_database}': a database name containing '->' or a control "
+                    "character cannot be given to mariadb-binlog's --rewrite-db unambiguously; "
+                    "rename the database or restore it in place"
+                )
+    return None
+
+
 def _option_value(value: str) -> str:
+    """One option-file value, double-quoted (backslash and quote escaped). Callers have refused
+    control characters already (`apply_refusal`), so the value stays on its own line."""
+    if control_character_refusal(value, "value"):
+        raise EngineError("an option-file value cannot contain a control character")
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -238,11 +277,12 @@ def _apply_one(
         with open(os.open(defaults, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
             handle.write(
                 "[client]\n"
-                f"host={target.host}\nport={int(target.port)}\nuser={_option_value(target.user)}\n"
+                f"host={_option_value(target.host)}\nport={int(target.port)}\n"
+                f"user={_option_value(target.user)}\n"
                 f"password={_option_value(target.password or '')}\n"
             )
             if target.tls_ca:
-                handle.write(f"ssl-ca={target.tls_ca}\n")
+                handle.write(f"ssl-ca={_option_value(target.tls_ca)}\n")
         # Both tools' stderr go to files: an unread pipe could fill and stall the feed.
         decoder_err_file = open(os.path.join(tmp, "decoder.err"), "w+b")
         client_err = open(os.path.join(tmp, "client.err"), "w+b")
