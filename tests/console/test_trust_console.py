@@ -242,3 +242,53 @@ def test_events_written_by_a_command_record_the_os_user():
     out = StringIO()
     call_command("audit", "verify", stdout=out)
     assert "intact" in out.getvalue()
+
+
+# ---- 19: production defaults: CSP, secure cookies and HSTS over HTTPS, short sessions -------
+
+
+def test_every_page_carries_a_strict_content_security_policy(client):
+    client.force_login(make_user("admin"))
+    for url in (reverse("login"), reverse("dashboard"), reverse("admin:index")):
+        policy = client.get(url)["Content-Security-Policy"]
+        directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+        assert directives["script-src"] == "'self'", url
+        assert "unsafe" not in directives["style-src"] and directives["frame-ancestors"] == "'none'"
+
+
+def test_templates_have_no_inline_scripts_or_event_handlers_and_configure_htmx(client):
+    import re
+    from pathlib import Path
+
+    for path in Path("templates").rglob("*.html"):
+        text = path.read_text()
+        for tag in re.findall(r"<script\b[^>]*>", text):
+            assert "src=" in tag, f"{path}: inline script {tag}"
+        assert not re.search(r"\son[a-z]+\s*=", text), f"{path}: inline event handler"
+        assert "hx-on" not in text and "javascript:" not in text, path
+    page = client.get(reverse("login")).content.decode()
+    assert '"includeIndicatorStyles": false' in page
+
+
+def test_sessions_last_a_working_day_not_two_weeks(client):
+    make_user("operator", username="sam", password="Right-pw-123")
+    _login(client, "sam", "Right-pw-123", address="10.6.0.1")
+    assert 0 < int(client.cookies["sessionid"]["max-age"]) <= 8 * 3600
+
+
+def test_https_setting_turns_on_secure_cookies_and_hsts_for_check_deploy():
+    import base64
+    import os
+
+    from tests.console.test_settings import _check_deploy
+
+    result = _check_deploy(
+        {
+            "SHARDVAULT_SECRET_KEY": "x" * 20 + base64.urlsafe_b64encode(os.urandom(40)).decode(),
+            "SHARDVAULT_DATA_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+            "SHARDVAULT_HTTPS": "1",
+            "SHARDVAULT_SSL_REDIRECT": "1",
+            "SHARDVAULT_ALLOWED_HOSTS": "shardvault.example.internal",
+        }
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
