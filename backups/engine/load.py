@@ -80,6 +80,8 @@ def _load_stream(conn, sql: str, source: Iterable[bytes]) -> int:
 
 
 # --------------------------------------------------------------------------- schema
+# ER_SPECIFIC_ACCESS_DENIED_ERROR, ER_ACCESS_DENIED_ERROR: creating an object for another definer
+DEFINER_REFUSED = (1227, 1045)
 LOAD_SQL_MODE = "SET SESSION sql_mode = 'NO_AUTO_VALUE_ON_ZERO,NO_ENGINE_SUBSTITUTION'"
 
 
@@ -183,9 +185,13 @@ def recreate_database_objects(
 ) -> list[str]:
     """Create views, triggers, routines and events after the data is loaded.
 
-    DEFINER clauses are dropped (the account may not exist on the target) and
-    references to the source database are pointed at `target_database`. Returns the
-    names created; raises EngineError naming the first object that cannot be created.
+    DEFINER clauses are kept, so a restored object runs as the account it ran as at the
+    source, never as the (usually all-powerful) restore account; creating an object for
+    another definer needs SET USER (or SUPER) on the target, and a refusal says so. Events
+    are created DISABLED: a restored copy (side, instance, drill) must not run production's
+    schedule against its tables. References to the source database are pointed at
+    `target_database`. Returns the names created; raises EngineError naming the first
+    object that cannot be created.
     """
     source = shard_manifest.get("database", target_database)
     created: list[str] = []
@@ -198,23 +204,30 @@ def recreate_database_objects(
                 while entries:
                     failed, last_error = [], None
                     for entry in entries:
-                        ddl = schema.retarget_database(
-                            schema.strip_definer(entry["ddl"]), source, target_database
-                        )
+                        ddl = schema.retarget_database(entry["ddl"], source, target_database)
                         try:
+                            if kind == "events":
+                                ddl = schema.event_disabled(ddl)
                             if entry.get("sql_mode") is not None:
                                 cur.execute("SET SESSION sql_mode = %s", (entry["sql_mode"],))
                             cur.execute(ddl)
                             created.append(entry["name"])
-                        except pymysql.err.MySQLError as exc:
+                        except (pymysql.err.MySQLError, ValueError) as exc:
                             failed.append(entry)
                             last_error = (entry, exc)
                         finally:
                             cur.execute(LOAD_SQL_MODE)
                     if len(failed) == len(entries):
                         entry, exc = last_error
+                        hint = ""
+                        if exc.args and exc.args[0] in DEFINER_REFUSED:
+                            hint = (
+                                f" (its definer is {schema.definer_of(entry['ddl'])}: the restore "
+                                "account needs SET USER or SUPER to create it as that account)"
+                            )
                         raise EngineError(
-                            f"cannot create {kind[:-1]} {entry['name']} in {target_database}: {exc.args[-1]}"
+                            f"cannot create {kind[:-1]} {entry['name']} in {target_database}: "
+                            f"{exc.args[-1]}{hint}"
                         )
                     entries = failed
     except pymysql.err.MySQLError as exc:
