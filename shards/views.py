@@ -36,7 +36,12 @@ from shards.services.topology import (
     shard_update,
 )
 from shards.services.topology_import import topology_import
-from shards.topology_file import TopologyFileError, parse_topology
+from shards.topology_file import (
+    MAX_TOPOLOGY_BYTES,
+    TopologyFileError,
+    parse_topology,
+    topology_too_large,
+)
 
 FORM_TEMPLATE = "shards/object_form.html"
 
@@ -327,7 +332,9 @@ def topology_import_view(request):
     if request.method == "POST" and form.is_valid():
         upload = form.cleaned_data["file"]
         try:
-            text = upload.read().decode("utf-8")
+            if upload.size > MAX_TOPOLOGY_BYTES:
+                raise TopologyFileError(topology_too_large())
+            text = upload.read(MAX_TOPOLOGY_BYTES + 1).decode("utf-8")
             summary = topology_import(actor=request.user, document=parse_topology(text))
         except UnicodeDecodeError:
             form.add_error("file", "The file is not UTF-8 text.")

@@ -10,7 +10,6 @@ target tables unless the target is `inplace`.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -27,6 +26,7 @@ from backups.status import RunStatus, SetStatus
 from backups.storage import Storage, StorageError
 from shards.models import Cluster, Instance, LogicalTable
 from shards.selectors import MissingPassword, instance_endpoint
+from shards.table_patterns import PatternError, pattern_fullmatch
 
 Target = RestoreRequest.Target
 
@@ -84,6 +84,13 @@ def old_table(table: str, request_id: int) -> str:
 # -- scope ---------------------------------------------------------------------------
 
 
+def _logical_match(pattern: str, table: str) -> bool:
+    try:
+        return pattern_fullmatch(pattern, table)
+    except PatternError as exc:
+        raise RestoreError(str(exc)) from None
+
+
 def _scope_tables(
     cluster: Cluster, doc: dict, shard_names: list[str], table_names: list[str]
 ) -> Iterator[tuple[dict, dict]]:
@@ -99,8 +106,8 @@ def _scope_tables(
     physical = {t["name"] for s in shards for t in manifest_tables(s)}
     for name in table_names:
         if name in logical:
-            pattern = re.compile(logical[name])
-            matchers.append((name, lambda t, p=pattern: p.fullmatch(t) is not None))
+            # Bounded: a catastrophic pattern raises PatternError (one sentence), never hangs.
+            matchers.append((name, lambda t, p=logical[name]: _logical_match(p, t)))
         elif name in physical:
             matchers.append((name, lambda t, n=name: t == n))
         else:
