@@ -265,3 +265,39 @@ def test_a_re_signed_manifest_of_the_same_set_is_refused_by_its_recorded_sha256(
     _put_manifest(backup_set, json.dumps(manifest_sign(doc, manifest_hmac_key())).encode())
     with pytest.raises(RestoreError, match="sha256 mismatch"):
         file_request(cluster, backup_set)
+
+
+# ---- 3, against a fake server: what the identity is, and a server that will not say -------
+
+
+def test_server_identity_is_mysqls_server_uuid_or_mariadbs_own_description(
+    fake_mysql, mariadb_servers
+):
+    from backups.engine.identity import server_identity
+    from backups.engine.mysql import Endpoint
+
+    fake = fake_mysql(answers={"server_uuid": [("3e11fa47-71ca-11e1-9e33-c80aa9429562",)]})
+    endpoint = Endpoint(name="fake", host=fake.host, port=fake.port, user="u")
+    assert server_identity(endpoint) == "mysql:3e11fa47-71ca-11e1-9e33-c80aa9429562"
+    real = mariadb_servers[1]
+    assert server_identity(real.endpoint) == server_identity(real.endpoint)
+    assert server_identity(real.endpoint) != server_identity(mariadb_servers[2].endpoint)
+    assert f":{real.endpoint.port}:" in server_identity(real.endpoint)
+
+
+def test_a_target_that_will_not_say_which_server_it_is_is_refused_in_one_sentence(
+    fake_mysql, mariadb_servers, unique_name, run_jobs
+):
+    source = mariadb_servers[0]
+    cluster = make_cluster([source], name=f"tf{unique_name}")
+    backup_set = make_backup(cluster, run_jobs)
+    fake = fake_mysql(queries="empty")
+    Instance.objects.create(
+        cluster=cluster, name="odd", host=fake.host, port=fake.port, user="u",
+        password_encrypted=encrypt_secret(""),
+    )  # fmt: skip
+    with pytest.raises(RestoreError) as refused:
+        file_request(cluster, backup_set, target="instance:odd")
+    message = str(refused.value)
+    assert "target instance odd" in message and "did not say which server it is" in message
+    assert "\n" not in message
