@@ -21,7 +21,8 @@ Options (all keyword-only, all optional):
                      whatever the client sends back is recorded in `received_infile` (one bytes
                      object per request, b"" when the client sent an empty reply), and the
                      query then gets an OK;
-    "error"          an error packet (1064, "fake error").
+    "error"          an error packet (1064, "fake error");
+    "mute"           no answer at all (the connection stays open): a server that hangs mid-query.
 - `infile_on`: a substring; any query containing it (case-insensitive, `SET ...` included) gets
   the LOCAL INFILE request as in "infile" above, whatever `queries` says.
 - `answers`: {substring: rows} — a query containing `substring` (case-insensitive, first match
@@ -89,7 +90,7 @@ class FakeMySQLServer:
     ):
         assert mode in ("normal", "silent")
         assert auth_switch in (None, "mysql_clear_password", "dialog")
-        assert queries in ("ok", "empty", "infile", "error")
+        assert queries in ("ok", "empty", "infile", "error", "mute")
         self.mode = mode
         self.auth_switch = auth_switch
         self.greeting_plugin = greeting_plugin
@@ -287,6 +288,8 @@ class FakeMySQLServer:
             self._write(sock, 1, self._ok())
         elif self.query_mode == "empty":
             self._result_set(sock, 1, [])
+        elif self.query_mode == "mute":
+            return
         elif self.query_mode == "error":
             self._write(sock, 1, b"\xff" + struct.pack("<H", 1064) + b"#42000fake error")
         else:

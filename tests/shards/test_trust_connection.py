@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import time
 
+import pymysql
 import pytest
 import yaml
 from django.core.management import call_command
@@ -272,3 +273,24 @@ def test_discovery_of_a_silent_or_odd_server_ends_with_one_finding_naming_it(
     with pytest.raises(SystemExit):
         call_command("topology", "discover", cluster.name, stdout=out, stderr=err)
     assert "NoneType" not in out.getvalue() + err.getvalue()
+
+
+def test_a_server_that_hangs_mid_query_is_given_up_on_by_discovery_and_restore_probes(
+    stored, fake_mysql, monkeypatch
+):
+    """Greets, accepts the session set-up, then never answers a question."""
+    from backups.engine import target as restore_target
+    from backups.engine.mysql import Endpoint
+    from shards import discovery
+
+    monkeypatch.setattr(discovery, "METADATA_TIMEOUT_SECONDS", 1)
+    monkeypatch.setattr(restore_target, "METADATA_TIMEOUT_SECONDS", 1)
+    fake = fake_mysql(queries="mute")
+    endpoint = Endpoint(name="hung", host=fake.host, port=fake.port, user="u", password="x")
+    started = time.monotonic()
+    ok, message = discovery.connection_check(endpoint)
+    assert not ok and f"hung (127.0.0.1:{fake.port})" in message and "in time" in message
+    with pytest.raises(pymysql.err.OperationalError) as probe:
+        restore_target.non_empty_tables(endpoint, "db", ["t"])
+    assert "timed out" in str(probe.value)
+    assert time.monotonic() - started < 10
