@@ -4,9 +4,11 @@ mariadb-binlog's `--rewrite-db=FROM->TO` ambiguous. Nothing is connected to or r
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
-from backups.engine.binlog_apply import apply_segments
+from backups.engine.binlog_apply import apply_segments, client_command
 from backups.engine.errors import EngineError
 from backups.engine.mysql import Endpoint
 
@@ -54,3 +56,34 @@ def test_database_names_with_an_arrow_are_refused_for_rewrite_db(fake_mysql, sou
         _apply(endpoint, source, target)
     assert "--rewrite-db" in str(refused.value) and f"'{source}'" in str(refused.value)
     assert fake.connections == 0
+
+
+@pytest.mark.parametrize("plugin", ["mysql_clear_password", "dialog"])
+def test_the_mariadb_client_that_applies_binlogs_never_sends_a_cleartext_password(
+    fake_mysql, tmp_path, plugin
+):
+    """The apply pipes SQL into the mariadb client, which (unlike PyMySQL) has no switch to
+    refuse these plugins: it only gets a plugin directory without them."""
+    fake = fake_mysql(auth_switch=plugin)
+    target = Endpoint(name="side", host=fake.host, port=fake.port, user="root", password="pw-9")
+    done = subprocess.run(
+        client_command(target, str(tmp_path), "db"),
+        input=b"SELECT 1;\n",
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode != 0 and b"could not be loaded" in done.stderr
+    assert fake.handshakes, "the client never reached the fake server"
+    assert all(received == b"" for received in fake.received_passwords)
+
+
+def test_the_mariadb_client_still_connects_to_a_real_server(mariadb_servers, tmp_path):
+    server = mariadb_servers[0]
+    done = subprocess.run(
+        client_command(server.endpoint, str(tmp_path), "mysql"),
+        input=b"SELECT 40 + 2;\n",
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == b"42"
