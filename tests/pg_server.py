@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -63,28 +64,47 @@ class PostgresServer:
     def stop(self) -> None:
         if self.datadir is not None:
             subprocess.run(
-                [_binary("pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop"],
+                _as_server_user(
+                    [_binary("pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop"]
+                ),
                 capture_output=True,
                 check=False,
             )
+            if os.geteuid() == 0:
+                shutil.rmtree(self.datadir.parent, ignore_errors=True)
 
 
-def postgres_start(root: Path) -> PostgresServer:
+def _as_server_user(command: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run it as the `postgres` account then."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *command]
+    return command
+
+
+def postgres_start(root: Path, *, use_running: bool = True) -> PostgresServer:
     """The running server on 5432 when it accepts user postgres, else a new one under `root`."""
-    if _accepts(5432):
+    if use_running and _accepts(5432):
         return PostgresServer(port=5432)
+    if os.geteuid() == 0:
+        # pytest's temporary directories are private to root; the postgres account needs its own.
+        root = Path(tempfile.mkdtemp(prefix="sv-postgres-"))
+        root.chmod(0o755)
+        shutil.chown(root, user="postgres")
+    root.mkdir(parents=True, exist_ok=True)
     datadir = root / "pgdata"
     subprocess.run(
-        [_binary("initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        _as_server_user(
+            [_binary("initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
+        ),
         capture_output=True,
         check=True,
     )
     port = free_port()
     subprocess.run(
-        [
+        _as_server_user([
             _binary("pg_ctl"), "-D", str(datadir), "-l", str(root / "postgres.log"), "-w",
             "-o", f"-h 127.0.0.1 -p {port} -k {root}", "start",
-        ],
+        ]),
         capture_output=True,
         check=True,
     )  # fmt: skip
