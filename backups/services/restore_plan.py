@@ -150,19 +150,28 @@ def _identity(instance: Instance) -> str:
         raise RestoreError(f"target instance {instance.name} is unreachable: {exc}") from exc
 
 
-def _same_server(source: Instance, target: Instance, target_identity: str) -> bool:
+def _source_identity(source: Instance) -> str | None:
+    """The source server's identity, or None when it cannot be reached (which is often why
+    one restores elsewhere)."""
+    try:
+        return server_identity(instance_endpoint(source))
+    except (ConnectError, MissingPassword):
+        return None
+
+
+def _same_server(
+    source: Instance, target: Instance, source_identity: str | None, target_identity: str
+) -> bool:
     """Whether two registered instances are one server, by what the servers say.
 
-    Host and port as text miss `localhost` versus `127.0.0.1`, a DNS alias or a proxy; a
-    source that cannot be reached (which is often why one restores elsewhere) falls back
-    to that text comparison.
+    Host and port as text miss `localhost` versus `127.0.0.1`, a DNS alias or a proxy; only
+    a source that could not say who it is falls back to that text comparison.
     """
     if source.pk == target.pk:
         return True
-    try:
-        return server_identity(instance_endpoint(source)) == target_identity
-    except (ConnectError, MissingPassword):
+    if source_identity is None:
         return (source.host, source.port) == (target.host, target.port)
+    return source_identity == target_identity
 
 
 def _target_record(instance: Instance, identity: str) -> dict:
@@ -289,6 +298,7 @@ def restore_plan_build(
     objects = rows = stored = raw = 0
     by_target: dict[tuple[int, str], list[dict]] = {}
     identities: dict[int, str] = {}
+    source_identities: dict[int, str | None] = {}
     targets: list[dict] = []
     for shard, table in _scope_tables(cluster, doc, list(shards), list(tables)):
         instance = _target_instance(target_kind, shard, instances, target_instance)
@@ -301,15 +311,16 @@ def restore_plan_build(
             identities[instance.pk] = _identity(instance)
             targets.append(_target_record(instance, identities[instance.pk]))
         source = instances.get(shard.get("instance", ""))
-        if (
-            target_kind == Target.INSTANCE
-            and source is not None
-            and _same_server(source, instance, identities[instance.pk])
-        ):
-            raise RestoreError(
-                f"target instance {instance.name} holds the source database {database} of shard "
-                f"{shard['name']}; restore there with inplace or side instead"
-            )
+        if target_kind == Target.INSTANCE and source is not None:
+            if source.pk not in source_identities:
+                source_identities[source.pk] = _source_identity(source)
+            if _same_server(
+                source, instance, source_identities[source.pk], identities[instance.pk]
+            ):
+                raise RestoreError(
+                    f"target instance {instance.name} holds the source database {database} of "
+                    f"shard {shard['name']}; restore there with inplace or side instead"
+                )
         chunks = table.get("chunks", [])
         recorded = [(c["key"], chunk_size(c)) for c in chunks]
         if table.get("schema_key"):
