@@ -385,7 +385,7 @@ def report_csv(period: ReportPeriod) -> Iterator[str]:
         w = csv.writer(_Line(), lineterminator="\n")
         yield w.writerow(["section", "key", "value"])
         for key, value in _header(period, "csv").items():
-            yield w.writerow(["report", key, value])
+            yield w.writerow(["report", key, _cell(value)])
         yield w.writerow(["section", *SET_COLUMNS])
         for s in report_sets(period):
             s["verification_dates"] = ";".join(
