@@ -94,3 +94,12 @@ def test_password_env_names_follow_the_pattern_and_the_denylist(name, allowed):
     from backups.engine.mysql import password_env_refusal
 
     assert (password_env_refusal(name, ["*_PW", "*_PASSWORD"]) is None) is allowed
+
+
+def test_a_server_greeting_with_the_cleartext_plugin_gets_no_password_either(fake_mysql):
+    server = fake_mysql(greeting_plugin="mysql_clear_password")
+    with pytest.raises(ConnectError) as refused:
+        connect(_endpoint(server))
+    assert server.handshakes and server.handshakes[0]["auth_response"] == b""
+    assert b"stored-secret-pw" not in repr(server.handshakes).encode()
+    assert "clear text" in str(refused.value)
