@@ -185,12 +185,12 @@ def _target_record(instance: Instance, identity: str) -> dict:
     }
 
 
-def restore_plan_targets_check(request: RestoreRequest) -> None:
-    """Refuse a run whose target servers are not the ones approved (RestoreError).
+def restore_plan_targets_registered(request: RestoreRequest) -> list[tuple[dict, Instance]]:
+    """Each target the plan recorded with its instance as registered now; TargetChanged when
+    one was removed or re-pointed (host, port or user) since the request was filed.
 
-    The plan recorded each target's host, port, user and server identity when the request
-    was filed; an operator re-pointing an instance, or another server answering behind the
-    same address, voids the approval.
+    Reads only the console's database: `restore_run_start` refuses with it at once, and
+    `restore_plan_targets_check` then also asks the servers who they are.
     """
     targets = request.plan.get("targets")
     if not targets:
@@ -198,6 +198,7 @@ def restore_plan_targets_check(request: RestoreRequest) -> None:
             f"restore {request.pk} was planned without recording its target servers, so its "
             "approval covers no server; file a new request"
         )
+    registered = []
     for recorded in targets:
         instance = Instance.objects.filter(pk=recorded["instance_id"]).first()
         if instance is None:
@@ -212,6 +213,18 @@ def restore_plan_targets_check(request: RestoreRequest) -> None:
                 f"target instance {instance.name} was changed from {was} to {now} after restore "
                 f"{request.pk} was filed, and its approval covers only {was}; file a new request"
             )
+        registered.append((recorded, instance))
+    return registered
+
+
+def restore_plan_targets_check(request: RestoreRequest) -> None:
+    """Refuse a run whose target servers are not the ones approved (TargetChanged).
+
+    The plan recorded each target's host, port, user and server identity when the request
+    was filed; an operator re-pointing an instance, or another server answering behind the
+    same address, voids the approval.
+    """
+    for recorded, instance in restore_plan_targets_registered(request):
         try:
             identity = server_identity(instance_endpoint(instance))
         except (ConnectError, MissingPassword) as exc:

@@ -22,6 +22,7 @@ from backups import queue
 from backups.models import RestoreRequest, RestoreRun
 from backups.services.alerts import notify_run_finished
 from backups.services.errors import RestoreDenied, RestoreError
+from backups.services.restore_plan import restore_plan_targets_registered
 from backups.services.restore_requests import restore_request_expire_if_due, restore_request_lock
 from backups.status import RequestState, RunStatus
 from console.audit import audit_record
@@ -83,6 +84,9 @@ def restore_run_start(*, request: RestoreRequest, actor=None) -> RestoreRun:
                     f"restore {locked.pk} is {locked.state}; only approved requests can run"
                 )
             else:
+                # A target re-pointed since approval is refused now; the worker also asks
+                # the servers who they are before it touches them.
+                restore_plan_targets_registered(locked)
                 run = RestoreRun.objects.filter(
                     request=locked, status=RunStatus.PENDING
                 ).first() or RestoreRun.objects.create(

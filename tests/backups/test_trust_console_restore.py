@@ -301,3 +301,16 @@ def test_a_target_that_will_not_say_which_server_it_is_is_refused_in_one_sentenc
     message = str(refused.value)
     assert "target instance odd" in message and "did not say which server it is" in message
     assert "\n" not in message
+
+
+def test_starting_the_run_of_a_re_pointed_target_is_refused_at_once(
+    cluster, backup_set, mariadb_servers
+):
+    request = file_request(cluster, backup_set)
+    restore_request_approve(request=request, approver=make_user("approver"))
+    moved = cluster.instances.get(name=mariadb_servers[1].name)
+    moved.user = "someone_else"
+    moved.save(update_fields=["user"])
+    with pytest.raises(RestoreError, match=f"target instance {moved.name} was changed from"):
+        restore_run_start(request=request, actor=make_user("operator"))
+    assert not RestoreRun.objects.filter(request=request).exists()
