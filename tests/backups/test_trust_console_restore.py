@@ -314,3 +314,15 @@ def test_starting_the_run_of_a_re_pointed_target_is_refused_at_once(
     with pytest.raises(RestoreError, match=f"target instance {moved.name} was changed from"):
         restore_run_start(request=request, actor=make_user("operator"))
     assert not RestoreRun.objects.filter(request=request).exists()
+
+
+def test_approvers_see_which_servers_their_approval_covers(client, cluster, backup_set):
+    from django.urls import reverse
+
+    request = file_request(cluster, backup_set)
+    client.force_login(make_user("approver"))
+    page = client.get(reverse("restores:request_detail", args=[request.pk])).content.decode()
+    assert "Approval covers only these servers" in page
+    for target in request.plan["targets"]:
+        assert f"{target['user']}@{target['host']}:{target['port']}" in page
+        assert target["identity"] in page
