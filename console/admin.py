@@ -2,6 +2,7 @@ from django.contrib import admin
 
 from console.models import AuditEvent
 from console.roles import ADMIN, has_role
+from console.views import admin_login
 
 
 def _admin_only(request) -> bool:
@@ -11,6 +12,8 @@ def _admin_only(request) -> bool:
 # The Django admin is for the `admin` role only (DESIGN.md, "Who uses it").
 admin.site.has_permission = _admin_only
 admin.site.site_header = "ShardVault administration"
+# Admin accounts sign in through the console's throttled, audited login, never Django's own.
+admin.site.login = admin_login
 
 
 @admin.register(AuditEvent)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import unicodedata
+
 from django.conf import settings
 from django.contrib.auth.models import Group, User
 from django.core.cache import cache
 from django.db import transaction
 
 from console.audit import audit_record
+from console.identity_audit import identity_audit_muted
 from console.roles import ROLES
 
 
@@ -23,7 +27,8 @@ def user_create(
         raise UserError(f"unknown role '{role}': choose one of {', '.join(ROLES)}")
     if not username or len(username) > 150:
         raise UserError("a username must have 1 to 150 characters")
-    with transaction.atomic():
+    # One event naming the role, instead of the receivers' created + groups_changed pair.
+    with transaction.atomic(), identity_audit_muted():
         if User.objects.filter(username=username).exists():
             raise UserError(f"user '{username}' already exists")
         user = User(username=username, email=email, is_staff=(role == "admin"))
@@ -38,8 +43,16 @@ def user_create(
     return user
 
 
+def login_name_normalised(username: str) -> str:
+    """The name as authentication sees it (the form strips it, `UsernameField` applies NFKC),
+    casefolded so that `" alice"`, `"ＡＬＩＣＥ"` and `"alice"` are one name to the throttle."""
+    return unicodedata.normalize("NFKC", username.strip()).casefold()
+
+
 def _throttle_keys(username: str, address: str) -> list[str]:
-    return [f"login-fail:user:{username.lower()}", f"login-fail:addr:{address}"]
+    # Hashed: a cache key must not carry whatever bytes somebody typed as a username.
+    name = hashlib.sha256(login_name_normalised(username).encode()).hexdigest()
+    return [f"login-fail:user:{name}", f"login-fail:addr:{address}"]
 
 
 def login_throttled(*, username: str, address: str) -> bool:

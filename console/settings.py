@@ -71,6 +71,8 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    "console.middleware.AuditContextMiddleware",
+    "console.middleware.ContentSecurityPolicyMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
@@ -137,6 +139,11 @@ LOGOUT_REDIRECT_URL = "login"
 # Failed logins allowed per user and per address in LOGIN_THROTTLE_WINDOW seconds.
 LOGIN_THROTTLE_ATTEMPTS = env.int("SHARDVAULT_LOGIN_THROTTLE_ATTEMPTS", default=5)
 LOGIN_THROTTLE_WINDOW = env.int("SHARDVAULT_LOGIN_THROTTLE_WINDOW", default=60)
+# Globs an instance's `password_env` must match (the console's own variables are refused
+# whatever this says; see backups.engine.mysql.PASSWORD_ENV_DENYLIST).
+SHARDVAULT_PASSWORD_ENV_PATTERN = env.list(
+    "SHARDVAULT_PASSWORD_ENV_PATTERN", default=["*_PW", "*_PASSWORD"]
+)
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -170,13 +177,32 @@ CSRF_COOKIE_HTTPONLY = False  # HTMX reads nothing from it; the token is put on 
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
+# SHARDVAULT_HTTPS=1: the console is served over HTTPS (directly or behind a TLS proxy that
+# sets SHARDVAULT_PROXY_SSL_HEADER, e.g. HTTP_X_FORWARDED_PROTO). With DEBUG off that turns
+# on secure cookies and a year of HSTS; each can still be set on its own.
+HTTPS = env.bool("SHARDVAULT_HTTPS", default=False)
+_proxy_ssl_header = env.str("SHARDVAULT_PROXY_SSL_HEADER", default="")
+if _proxy_ssl_header:
+    SECURE_PROXY_SSL_HEADER = (_proxy_ssl_header, "https")
 if not DEBUG:
-    SESSION_COOKIE_SECURE = env.bool("SHARDVAULT_SECURE_COOKIES", default=False)
+    SESSION_COOKIE_SECURE = env.bool("SHARDVAULT_SECURE_COOKIES", default=HTTPS)
     CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
     SECURE_SSL_REDIRECT = env.bool("SHARDVAULT_SSL_REDIRECT", default=False)
-    SECURE_HSTS_SECONDS = env.int("SHARDVAULT_HSTS_SECONDS", default=0)
+    SECURE_HSTS_SECONDS = env.int(
+        "SHARDVAULT_HSTS_SECONDS", default=365 * 24 * 3600 if HTTPS else 0
+    )
     SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_SECONDS > 0
     SECURE_HSTS_PRELOAD = SECURE_HSTS_SECONDS > 0
+# A signed-in session lasts a working day, not Django's two weeks.
+SESSION_COOKIE_AGE = env.int("SHARDVAULT_SESSION_SECONDS", default=8 * 3600)
+# Scripts only from our own static files (htmx included, configured by a meta tag so it
+# injects no <style>); inline style attributes (progress bar widths) are the one exception.
+CONTENT_SECURITY_POLICY = env.str(
+    "SHARDVAULT_CONTENT_SECURITY_POLICY",
+    default="default-src 'self'; script-src 'self'; style-src 'self'; "
+    "style-src-attr 'unsafe-inline'; img-src 'self' data:; object-src 'none'; "
+    "base-uri 'self'; form-action 'self'; frame-ancestors 'none'",
+)
 
 LOGGING = {
     "version": 1,

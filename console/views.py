@@ -1,5 +1,8 @@
-from django.contrib import messages
+from django.contrib import admin, messages
 from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_not_required
+from django.shortcuts import redirect
+from django.urls import reverse
 
 from console.services import login_failure_record, login_success_record, login_throttled
 
@@ -33,3 +36,27 @@ class LoginView(auth_views.LoginView):
         response = super().form_valid(form)
         login_success_record(user=form.get_user(), address=client_address(self.request))
         return response
+
+
+class AdminLoginView(LoginView):
+    """`/admin/login/`: the same throttled, audited sign-in, landing on the admin's index.
+
+    Someone signed in without the admin role sees the form (as Django's admin login shows
+    it) rather than a redirect back to the admin, which would send them here again.
+    """
+
+    redirect_authenticated_user = False
+
+    def get(self, request, *args, **kwargs):
+        if admin.site.has_permission(request):
+            return redirect(self.get_success_url())
+        return super().get(request, *args, **kwargs)
+
+    def get_default_redirect_url(self):
+        return reverse("admin:index")
+
+
+@login_not_required
+def admin_login(request, extra_context=None):
+    """Installed as `admin.site.login` (console.admin)."""
+    return AdminLoginView.as_view()(request)

@@ -11,6 +11,7 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from console.audit import audit_verify_chain
+from console.exports import spreadsheet_safe
 from console.models import AuditEvent
 from console.roles import ADMIN, AUDITOR, role_required
 from console.selectors import audit_events_filtered
@@ -56,7 +57,8 @@ def audit_export(request):
         yield writer.writerow(columns)
         for e in events.order_by("id").iterator(chunk_size=2000):
             yield writer.writerow(
-                [
+                spreadsheet_safe(cell)
+                for cell in [
                     e.pk,
                     e.at.isoformat(),
                     e.actor_name,

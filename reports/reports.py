@@ -36,6 +36,7 @@ from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun, Veri
 from backups.selectors.verification import cluster_rpo_target, quality_level, sets_with_quality
 from backups.status import SetStatus
 from console.audit import audit_chain_head
+from console.exports import spreadsheet_safe
 from console.selectors import MomentError
 from console.selectors import parse_moment as _parse_moment
 from reports.pdf import render_pdf
@@ -373,7 +374,7 @@ def _cell(value: Any) -> Any:
         return ""
     if isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True, default=str)
-    return value
+    return spreadsheet_safe(value)
 
 
 def report_csv(period: ReportPeriod) -> Iterator[str]:
@@ -384,7 +385,7 @@ def report_csv(period: ReportPeriod) -> Iterator[str]:
         w = csv.writer(_Line(), lineterminator="\n")
         yield w.writerow(["section", "key", "value"])
         for key, value in _header(period, "csv").items():
-            yield w.writerow(["report", key, value])
+            yield w.writerow(["report", key, _cell(value)])
         yield w.writerow(["section", *SET_COLUMNS])
         for s in report_sets(period):
             s["verification_dates"] = ";".join(

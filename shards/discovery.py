@@ -15,7 +15,13 @@ import pymysql
 
 from backups.engine.errors import ConnectError
 from backups.engine.exclusions import exclusions_for_server
-from backups.engine.mysql import Endpoint, connect, describe_error, server_flavour
+from backups.engine.mysql import (
+    METADATA_TIMEOUT_SECONDS,
+    Endpoint,
+    connect,
+    describe_error,
+    server_flavour,
+)
 
 OK = "ok"
 WARNING = "warning"
@@ -32,6 +38,45 @@ PRIVILEGE_ALIASES = {
     "REPLICATION REPLICA": "REPLICATION SLAVE",
     "SLAVE MONITOR": "REPLICATION CLIENT",
 }
+
+
+class OddAnswer(Exception):
+    """A server answered a metadata query with something no MySQL server sends (no row, too few
+    columns, a value of the wrong kind); the message says which question it got wrong."""
+
+
+# Whatever a server does while answering discovery's questions ends in one of these.
+SERVER_PROBLEMS = (pymysql.MySQLError, OddAnswer, ValueError, TypeError, IndexError)
+
+
+def _metadata_connection(endpoint: Endpoint, database: str | None = None):
+    """A connection whose every read and write is bounded: a server that stops answering
+    half-way through a question cannot hang discovery or a page."""
+    return connect(
+        endpoint,
+        database,
+        read_timeout=METADATA_TIMEOUT_SECONDS,
+        write_timeout=METADATA_TIMEOUT_SECONDS,
+    )
+
+
+def _one_row(cur, width: int, question: str) -> tuple:
+    row = cur.fetchone()
+    if row is None or len(row) < width:
+        raise OddAnswer(f"the server gave no answer to {question}")
+    return row
+
+
+def _problem(exc: BaseException, endpoint: Endpoint, database: str | None = None) -> str:
+    """One sentence naming the instance and what went wrong, for any of SERVER_PROBLEMS."""
+    if isinstance(exc, pymysql.MySQLError):
+        return describe_error(exc, endpoint, database)
+    if isinstance(exc, OddAnswer):
+        return f"{endpoint.name} ({endpoint.address}): {exc}, so it does not behave like MySQL"
+    return (
+        f"{endpoint.name} ({endpoint.address}) answered with something unexpected ({exc}), "
+        "so it does not behave like MySQL"
+    )
 
 
 @dataclass(frozen=True)
@@ -158,25 +203,25 @@ def discover(
 def connection_check(endpoint: Endpoint, databases: list[str] | None = None) -> tuple[bool, str]:
     """Connect (and open each database); returns (ok, one sentence)."""
     try:
-        conn = connect(endpoint)
+        conn = _metadata_connection(endpoint)
     except ConnectError as exc:
         return False, str(exc)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT VERSION()")
-            version = cur.fetchone()[0]
+            version = str(_one_row(cur, 1, "SELECT VERSION()")[0])
             for database in databases or []:
                 cur.execute(
                     "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
                     (database,),
                 )
-                if not cur.fetchone()[0]:
+                if not _one_row(cur, 1, "the list of databases")[0]:
                     return (
                         False,
                         f"database '{database}' does not exist on {endpoint.name} ({endpoint.address})",
                     )
-    except pymysql.MySQLError as exc:
-        return False, describe_error(exc, endpoint)
+    except SERVER_PROBLEMS as exc:
+        return False, _problem(exc, endpoint)
     finally:
         conn.close()
     return (
@@ -194,7 +239,7 @@ def _variables(cur, names: list[str]) -> dict[str, str]:
         "WHERE VARIABLE_NAME IN (" + ", ".join(["%s"] * len(names)) + ")",
         [n.upper() for n in names],
     )
-    return {name.lower(): value for name, value in cur.fetchall()}
+    return {str(row[0]).lower(): row[1] for row in cur.fetchall()}
 
 
 def _global_variables(cur, names: list[str]) -> dict[str, str]:
@@ -206,7 +251,7 @@ def _global_variables(cur, names: list[str]) -> dict[str, str]:
         for name in names:
             cur.execute("SHOW GLOBAL VARIABLES LIKE %s", (name,))
             row = cur.fetchone()
-            if row:
+            if row and len(row) > 1:
                 values[name] = row[1]
         return values
 
@@ -215,18 +260,20 @@ def _check_instance(endpoint: Endpoint, findings: list[FindingInfo]):
     name = endpoint.name
     info = InstanceInfo(name=name)
     try:
-        conn = connect(endpoint)
+        conn = _metadata_connection(endpoint)
     except ConnectError as exc:
         findings.append(FindingInfo(ERROR, "instance.unreachable", str(exc), instance=name))
         return info, None
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT VERSION(), @@server_id")
-            version, server_id = cur.fetchone()
+            version, server_id = _one_row(cur, 2, "SELECT VERSION(), @@server_id")[:2]
+            version = str(version)
+            server_id = int(server_id)
             info.reachable = True
             info.version = version
             info.flavour = server_flavour(version)
-            info.server_id = int(server_id)
+            info.server_id = server_id
             variables = _global_variables(
                 cur,
                 [
@@ -241,10 +288,10 @@ def _check_instance(endpoint: Endpoint, findings: list[FindingInfo]):
                 ],
             )
             cur.execute("SHOW GRANTS FOR CURRENT_USER()")
-            grants = parse_grants(row[0] for row in cur.fetchall())
-    except pymysql.MySQLError as exc:
+            grants = parse_grants(str(row[0]) for row in cur.fetchall() if row)
+    except SERVER_PROBLEMS as exc:
         findings.append(
-            FindingInfo(ERROR, "instance.query", describe_error(exc, endpoint), instance=name)
+            FindingInfo(ERROR, "instance.query", _problem(exc, endpoint), instance=name)
         )
         return info, None
     finally:
@@ -474,7 +521,7 @@ def _check_shard(
     exclude_tables: tuple[str, ...] = (),
 ):
     try:
-        conn = connect(endpoint, shard.database)
+        conn = _metadata_connection(endpoint, shard.database)
     except ConnectError as exc:
         findings.append(
             FindingInfo(
@@ -496,17 +543,23 @@ def _check_shard(
                 "ORDER BY t.TABLE_NAME",
                 (shard.database,),
             )
-            for name, engine, rows, data, index, has_pk in cur.fetchall():
+            for row in cur.fetchall():
+                if len(row) < 6:
+                    raise OddAnswer("the server listed the shard's tables with too few columns")
+                name, engine, rows, data, index, has_pk = row[:6]
                 tables.append(
-                    TableInfo(name, engine, int(rows), int(data), int(index), bool(has_pk))
-                )
+                    TableInfo(
+                        str(name), str(engine or ""), int(rows or 0), int(data or 0),
+                        int(index or 0), str(has_pk) not in ("0", "", "None"),
+                    )
+                )  # fmt: skip
         exclusions = exclusions_for_server(exclude_tables, conn)
-    except pymysql.MySQLError as exc:
+    except SERVER_PROBLEMS as exc:
         findings.append(
             FindingInfo(
                 ERROR,
                 "shard.query",
-                describe_error(exc, endpoint, shard.database),
+                _problem(exc, endpoint, shard.database),
                 instance=shard.instance,
                 shard=shard.name,
             )

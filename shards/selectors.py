@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from django.conf import settings
 from django.db.models import (
     Case,
     Count,
@@ -18,7 +19,7 @@ from django.db.models import (
 from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404
 
-from backups.engine.mysql import Endpoint
+from backups.engine.mysql import Endpoint, password_env_refusal
 from console.keys import decrypt_secret
 from shards.models import SEVERITY_RANK, Cluster, Finding, Instance, PhysicalTable, Shard
 from shards.topology_file import dump_topology
@@ -34,6 +35,11 @@ def instance_endpoint(instance: Instance) -> Endpoint:
     `password_env` is read here, by whichever process connects, each time (DESIGN.md).
     """
     if instance.password_env:
+        refused = password_env_refusal(
+            instance.password_env, settings.SHARDVAULT_PASSWORD_ENV_PATTERN
+        )
+        if refused:  # checked again here: a row saved before the rule, or edited in the database
+            raise MissingPassword(f"instance {instance.name}: {refused}")
         if instance.password_env not in os.environ:
             raise MissingPassword(
                 f"instance {instance.name}: environment variable {instance.password_env} "

@@ -11,11 +11,21 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from shards.table_patterns import pattern_refusal
+
+# A topology file is a few kilobytes per cluster; anything near this is a mistake or an attack.
+MAX_TOPOLOGY_BYTES = 1 << 20
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 class TopologyFileError(Exception):
     """The file cannot be used; the message is one sentence naming the line or field."""
+
+
+def topology_too_large() -> str:
+    return (
+        f"the file is larger than {MAX_TOPOLOGY_BYTES // 1024} KiB, the most a topology file may be"
+    )
 
 
 @dataclass
@@ -199,6 +209,8 @@ def _sequence(node, what: str) -> list:
 
 def parse_topology(text: str) -> TopologyDocument:
     """Parse and validate a topology file; raises TopologyFileError with the line and field."""
+    if len(text) > MAX_TOPOLOGY_BYTES or len(text.encode("utf-8")) > MAX_TOPOLOGY_BYTES:
+        raise TopologyFileError(topology_too_large())
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -289,13 +301,9 @@ def _parse_cluster(node) -> ClusterSpec:
             pattern=_scalar(tvalues["pattern"], "logical table pattern"),
             line=_line(tnode),
         )
-        try:
-            re.compile(table.pattern)
-        except re.error as exc:
-            _fail(
-                tvalues["pattern"],
-                f"pattern of logical table '{table.name}' is not a valid regular expression ({exc})",
-            )
+        refused = pattern_refusal(table.pattern)
+        if refused:
+            _fail(tvalues["pattern"], f"logical table '{table.name}': {refused}")
         if any(t.name == table.name for t in cluster.logical_tables):
             _fail(tnode, f"logical table '{table.name}' appears twice in {what}")
         cluster.logical_tables.append(table)

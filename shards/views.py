@@ -36,7 +36,12 @@ from shards.services.topology import (
     shard_update,
 )
 from shards.services.topology_import import topology_import
-from shards.topology_file import TopologyFileError, parse_topology
+from shards.topology_file import (
+    MAX_TOPOLOGY_BYTES,
+    TopologyFileError,
+    parse_topology,
+    topology_too_large,
+)
 
 FORM_TEMPLATE = "shards/object_form.html"
 
@@ -200,7 +205,10 @@ def _connection_result(request, cluster, ok: bool, message: str):
 
 def _endpoint_for_test(stored, form) -> Endpoint:
     """The form's connection; its password is the typed one, else the variable it names, else
-    the stored instance's (read only when needed, so a typed password wins over an unreadable one)."""
+    the stored instance's (read only when needed, so a typed password wins over an unreadable one).
+
+    The stored password is only used when the form's host, port and user are the ones it was
+    stored for (DESIGN.md): otherwise the test asks for the password again."""
     if form is None:
         return instance_endpoint(stored)
     data = form.cleaned_data
@@ -212,6 +220,16 @@ def _endpoint_for_test(stored, form) -> Endpoint:
     elif data.get("password"):
         password = data["password"]
     elif stored is not None:
+        if (data["host"], int(data["port"]), data["user"]) != (
+            stored.host,
+            stored.port,
+            stored.user,
+        ):
+            raise MissingPassword(
+                f"Type the password to test {name} at {data['host']}:{data['port']} as "
+                f"{data['user']}: a stored password is only sent to the host, port and user it "
+                "was stored for."
+            )
         password = instance_endpoint(stored).password
     else:
         password = ""
@@ -314,7 +332,9 @@ def topology_import_view(request):
     if request.method == "POST" and form.is_valid():
         upload = form.cleaned_data["file"]
         try:
-            text = upload.read().decode("utf-8")
+            if upload.size > MAX_TOPOLOGY_BYTES:
+                raise TopologyFileError(topology_too_large())
+            text = upload.read(MAX_TOPOLOGY_BYTES + 1).decode("utf-8")
             summary = topology_import(actor=request.user, document=parse_topology(text))
         except UnicodeDecodeError:
             form.add_error("file", "The file is not UTF-8 text.")

@@ -46,6 +46,17 @@ def mariadb_servers(tmp_path_factory):
     stop_servers(servers)
 
 
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A real PostgreSQL (the one on 127.0.0.1:5432, or one this session starts); tests
+    make their own throwaway databases on it (`create_database()`)."""
+    from tests.pg_server import postgres_start
+
+    server = postgres_start(tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def unique_name():
     """A short unique suffix for database names, so tests never collide on shared servers."""
@@ -192,3 +203,21 @@ def s3_server():
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def fake_mysql():
+    """Start fake MySQL servers (tests/fake_mysql.py): `fake_mysql(**options)` returns a
+    started FakeMySQLServer; every one is stopped after the test."""
+    from tests.fake_mysql import FakeMySQLServer
+
+    started: list[FakeMySQLServer] = []
+
+    def start(**options) -> FakeMySQLServer:
+        server = FakeMySQLServer(**options).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

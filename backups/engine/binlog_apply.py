@@ -56,7 +56,14 @@ from backups.engine.binlog_select import (
     scoped_events,
 )
 from backups.engine.errors import Cancelled, EngineError
-from backups.engine.mysql import Endpoint, connect, quote_ident, quote_qualified
+from backups.engine.mysql import (
+    Endpoint,
+    connect,
+    control_character_refusal,
+    endpoint_refusal,
+    quote_ident,
+    quote_qualified,
+)
 from backups.engine.throttle import ThreadsRunningGate
 from backups.engine.types import CancelFn, ProgressEvent, ProgressFn
 
@@ -174,6 +181,9 @@ def apply_segments(
     it stopped; raises `EngineError` with mariadb's message on failure, `ScopeError` naming
     a statement that cannot be applied (with its position and GTID, to stop before it).
     """
+    refusal = apply_refusal(target, source_database, target_database)
+    if refusal:
+        raise EngineError(refusal)
     if not tools_available():
         raise EngineError(
             "mariadb-binlog and mariadb must be installed on the worker to apply binlogs"
@@ -249,7 +259,93 @@ def _query_event(like: bytes, query: bytes, checksum: bool) -> bytes:
     return event
 
 
+def apply_refusal(target: Endpoint, source_database: str, target_database: str) -> str | None:
+    """Why binlogs cannot be applied from `source_database` to `target` / `target_database`,
+    or None. Checked before anything runs:
+
+    * every connection field goes into the client's option file, where a newline would add
+      options of its own: hosts must be host names or IP addresses, no field may hold a
+      control character;
+    * mariadb-binlog's `--rewrite-db=FROM->TO` has no escaping, so a database name that
+      contains `->` (or a control character) would be split in the wrong place.
+    """
+    problem = endpoint_refusal(target)
+    if problem:
+        return f"refusing to apply binlogs to {target.name}: {problem}"
+    if source_database != target_database:
+        for name in (source_database, target_database):
+            if "->" in name or control_character_refusal(name, "database name"):
+                return (
+                    f"cannot apply binlogs from database '{source_database}' to "
+                    f"'{target_database}': a database name containing '->' or a control "
+                    "character cannot be given to mariadb-binlog's --rewrite-db unambiguously; "
+                    "rename the database or restore it in place"
+                )
+    return None
+
+
+# Client auth plugins the mariadb client may load: the ones that never send the password
+# itself. mysql_clear_password and dialog are left out, so a server that asks for them gets
+# "plugin could not be loaded" instead of the password (the client has no switch for this).
+SAFE_CLIENT_PLUGINS = (
+    "caching_sha2_password.so",
+    "client_ed25519.so",
+    "sha256_password.so",
+    "auth_gssapi_client.so",
+    "parsec.so",
+)
+CLIENT_PLUGIN_DIRS = (
+    "/usr/lib/x86_64-linux-gnu/libmariadb3/plugin",
+    "/usr/lib/aarch64-linux-gnu/libmariadb3/plugin",
+    "/usr/lib64/mariadb/plugin",
+    "/usr/lib/mysql/plugin",
+    "/usr/local/mysql/lib/plugin",
+)
+
+
+def client_plugin_dir(tmp: str) -> str:
+    """A plugin directory under `tmp` holding links to the safe client auth plugins only."""
+    path = os.path.join(tmp, "client-plugins")
+    os.makedirs(path, exist_ok=True)
+    for directory in CLIENT_PLUGIN_DIRS:
+        for name in SAFE_CLIENT_PLUGINS:
+            source, link = os.path.join(directory, name), os.path.join(path, name)
+            if os.path.isfile(source) and not os.path.lexists(link):
+                os.symlink(source, link)
+    return path
+
+
+def client_command(target: Endpoint, tmp: str, database: str) -> list[str]:
+    """The `mariadb` client command that runs SQL from stdin in `database` on `target`: the
+    connection in an option file under `tmp` (mode 0600, every value quoted), only the safe
+    auth plugins loadable, LOAD DATA LOCAL off."""
+    defaults = os.path.join(tmp, "client.cnf")
+    with open(os.open(defaults, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
+        handle.write(
+            "[client]\n"
+            f"host={_option_value(target.host)}\nport={int(target.port)}\n"
+            f"user={_option_value(target.user)}\n"
+            f"password={_option_value(target.password or '')}\n"
+        )
+        if target.tls_ca:
+            handle.write(f"ssl-ca={_option_value(target.tls_ca)}\n")
+    return [
+        "mariadb",
+        f"--defaults-extra-file={defaults}",
+        f"--plugin-dir={client_plugin_dir(tmp)}",
+        "--local-infile=0",
+        "--binary-mode",
+        "--batch",
+        "--silent",
+        database,
+    ]
+
+
 def _option_value(value: str) -> str:
+    """One option-file value, double-quoted (backslash and quote escaped). Callers have refused
+    control characters already (`apply_refusal`), so the value stays on its own line."""
+    if control_character_refusal(value, "value"):
+        raise EngineError("an option-file value cannot contain a control character")
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -286,15 +382,6 @@ def _apply_one(
         ).encode()
 
     with tempfile.TemporaryDirectory(prefix="shardvault-apply-") as tmp:
-        defaults = os.path.join(tmp, "client.cnf")
-        with open(os.open(defaults, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
-            handle.write(
-                "[client]\n"
-                f"host={target.host}\nport={int(target.port)}\nuser={_option_value(target.user)}\n"
-                f"password={_option_value(target.password or '')}\n"
-            )
-            if target.tls_ca:
-                handle.write(f"ssl-ca={target.tls_ca}\n")
         # Both tools' stderr go to files: an unread pipe could fill and stall the feed.
         decoder_err_file = open(os.path.join(tmp, "decoder.err"), "w+b")
         client_err = open(os.path.join(tmp, "client.err"), "w+b")
@@ -315,14 +402,7 @@ def _apply_one(
             stderr=decoder_err_file,
         )
         client = subprocess.Popen(
-            [
-                "mariadb",
-                f"--defaults-extra-file={defaults}",
-                "--binary-mode",
-                "--batch",
-                "--silent",
-                target_database,
-            ],
+            client_command(target, tmp, target_database),
             stdin=decoder.stdout,
             stdout=subprocess.DEVNULL,
             stderr=client_err,

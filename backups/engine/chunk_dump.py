@@ -220,7 +220,7 @@ class ChunkDumper:
         info = table.info
         suffix = ".tsv.zst.enc" if self.data_key else ".tsv.zst"
         key = f"{table.prefix}/chunk-{chunk.index:06d}{suffix}"
-        where, params = chunk.where()
+        where = chunk.where(conn.escape)  # values inlined: no %-formatting of identifiers
         sql = f"SELECT {table.line_sql} FROM {quote_qualified(info.database, info.name)} WHERE {where}"  # noqa: S608
         counts = {"rows": 0, "raw": 0, "sum": 0, "xor": 0}
         abort = self.abort
@@ -231,7 +231,7 @@ class ChunkDumper:
             rows_total = raw_total = crc_sum = crc_xor = 0
             pending_rows = pending_bytes = 0
             last_event = time.monotonic()
-            for lines in stream_lines(conn, sql, params):
+            for lines in stream_lines(conn, sql):
                 if abort.is_set():
                     raise _Aborted()
                 for line in lines:

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from backups.engine.mysql import quote_ident, quote_qualified
 from backups.engine.schema import INTEGER_TYPES, TableInfo
+
+Literal = Callable[[Any], str]  # a value -> its SQL literal (PyMySQL's `conn.escape`)
 
 
 @dataclass(frozen=True)
@@ -33,31 +36,31 @@ class ChunkRange:
     lower: tuple | None  # inclusive
     upper: tuple | None  # exclusive
 
-    def where(self) -> tuple[str, list[Any]]:
-        """SQL condition and parameters selecting exactly this range."""
-        parts, params = [], []
+    def where(self, literal: Literal) -> str:
+        """SQL condition selecting exactly this range, its values already written as literals by
+        `literal` (the connection's `conn.escape`, which PyMySQL itself uses to bind values).
+
+        The statement is then run without parameters: PyMySQL's `%`-formatting never sees an
+        identifier, so a table or column named `100%_off` or `a%sb` is read as itself."""
+        parts = []
         if self.lower is not None:
-            sql, p = _compare(self.columns, self.lower, ">=")
-            parts.append(sql)
-            params += p
+            parts.append(_compare(self.columns, self.lower, ">=", literal))
         if self.upper is not None:
-            sql, p = _compare(self.columns, self.upper, "<")
-            parts.append(sql)
-            params += p
-        return (" AND ".join(parts) or "1=1"), params
+            parts.append(_compare(self.columns, self.upper, "<", literal))
+        return " AND ".join(parts) or "1=1"
 
 
-def _compare(columns: tuple[str, ...], values: tuple, op: str) -> tuple[str, list[Any]]:
+def _compare(columns: tuple[str, ...], values: tuple, op: str, literal: Literal) -> str:
     """Row comparison `(c1, c2, ...) op (v1, v2, ...)` expanded so index ranges apply.
 
     (a, b) >= (x, y)  <=>  a > x OR (a = x AND b >= y)
     """
     strict = op[0]  # ">" or "<"
-    head, value = quote_ident(columns[0]), values[0]
+    head, value = quote_ident(columns[0]), literal(values[0])
     if len(columns) == 1:
-        return f"{head} {op} %s", [value]
-    rest_sql, rest_params = _compare(columns[1:], values[1:], op)
-    return f"({head} {strict} %s OR ({head} = %s AND {rest_sql}))", [value, value, *rest_params]
+        return f"{head} {op} {value}"
+    rest = _compare(columns[1:], values[1:], op, literal)
+    return f"({head} {strict} {value} OR ({head} = {value} AND {rest}))"
 
 
 class TablePlan:
@@ -145,13 +148,12 @@ class TablePlan:
         pk = tuple(self.table.primary_key)
         lower = self._cursor
         chunk_range = ChunkRange(0, pk, lower, None)
-        where, params = chunk_range.where()
+        where = chunk_range.where(conn.escape)
         order = ", ".join(quote_ident(c) for c in pk)
         with conn.cursor() as cur:
-            cur.execute(
+            cur.execute(  # no parameters: identifiers never go through %-formatting
                 f"SELECT {order} FROM {quote_qualified(self.table.database, self.table.name)}"  # noqa: S608
-                f" WHERE {where} ORDER BY {order} LIMIT 1 OFFSET {self.chunk_rows}",
-                params,
+                f" WHERE {where} ORDER BY {order} LIMIT 1 OFFSET {int(self.chunk_rows)}"
             )
             row = cur.fetchone()
         if row is None:

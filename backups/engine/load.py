@@ -30,19 +30,29 @@ STREAM_NAME = "shardvault-chunk-stream"
 PACKET_BYTES = 1 << 20
 
 # --------------------------------------------------------------------------- LOAD DATA LOCAL from an iterator
-_original_send_local_file = pymysql.connections._send_local_file
+LOCAL_FILE_REFUSED = 2000  # CR_UNKNOWN_ERROR: the client refused the server's request
 
 
 def _send_local_stream(filename, conn):
-    """PyMySQL hook: when the connection carries a byte iterator, send it instead of a file.
+    """PyMySQL hook (replaces its `_send_local_file`): send the chunk stream the loader armed.
 
-    Only a connection we armed (attribute `_shardvault_source`) ever streams; any other
-    LOAD DATA LOCAL request falls back to PyMySQL's own behaviour.
+    This is the only LOAD DATA LOCAL answer PyMySQL gives anywhere in the process: it never
+    opens a file. Only a connection the loader armed (`_shardvault_source`), and only for the
+    name the loader's own statement gave (STREAM_NAME), gets the stream; any other request (a
+    server asking for /proc/self/environ, or any name at all outside a load) gets an empty
+    reply (PyMySQL sends the end-of-data packet after this returns or raises) and the
+    statement fails with one sentence.
     """
     source = getattr(conn, "_shardvault_source", None)
-    if source is None:
-        return _original_send_local_file(filename, conn)
     conn._shardvault_source = None
+    name = filename.decode("utf-8", "replace") if isinstance(filename, bytes) else str(filename)
+    if source is None or name != STREAM_NAME:
+        raise pymysql.err.OperationalError(
+            LOCAL_FILE_REFUSED,
+            f"the server asked for the local file '{name[:200]}', which was refused: only the "
+            "chunk stream the restore itself opened is ever sent (is this really the target "
+            "server?)",
+        )
     packet = max(16 * 1024, min(int(conn.max_allowed_packet) - 1024, PACKET_BYTES))
     try:
         for piece in source:
@@ -72,6 +82,8 @@ def _load_stream(conn, sql: str, source: Iterable[bytes]) -> int:
 
 
 # --------------------------------------------------------------------------- schema
+# ER_SPECIFIC_ACCESS_DENIED_ERROR, ER_ACCESS_DENIED_ERROR: creating an object for another definer
+DEFINER_REFUSED = (1227, 1045)
 LOAD_SQL_MODE = "SET SESSION sql_mode = 'NO_AUTO_VALUE_ON_ZERO,NO_ENGINE_SUBSTITUTION'"
 
 
@@ -175,9 +187,13 @@ def recreate_database_objects(
 ) -> list[str]:
     """Create views, triggers, routines and events after the data is loaded.
 
-    DEFINER clauses are dropped (the account may not exist on the target) and
-    references to the source database are pointed at `target_database`. Returns the
-    names created; raises EngineError naming the first object that cannot be created.
+    DEFINER clauses are kept, so a restored object runs as the account it ran as at the
+    source, never as the (usually all-powerful) restore account; creating an object for
+    another definer needs SET USER (or SUPER) on the target, and a refusal says so. Events
+    are created DISABLED: a restored copy (side, instance, drill) must not run production's
+    schedule against its tables. References to the source database are pointed at
+    `target_database`. Returns the names created; raises EngineError naming the first
+    object that cannot be created.
     """
     source = shard_manifest.get("database", target_database)
     created: list[str] = []
@@ -190,23 +206,30 @@ def recreate_database_objects(
                 while entries:
                     failed, last_error = [], None
                     for entry in entries:
-                        ddl = schema.retarget_database(
-                            schema.strip_definer(entry["ddl"]), source, target_database
-                        )
+                        ddl = schema.retarget_database(entry["ddl"], source, target_database)
                         try:
+                            if kind == "events":
+                                ddl = schema.event_disabled(ddl)
                             if entry.get("sql_mode") is not None:
                                 cur.execute("SET SESSION sql_mode = %s", (entry["sql_mode"],))
                             cur.execute(ddl)
                             created.append(entry["name"])
-                        except pymysql.err.MySQLError as exc:
+                        except (pymysql.err.MySQLError, ValueError) as exc:
                             failed.append(entry)
                             last_error = (entry, exc)
                         finally:
                             cur.execute(LOAD_SQL_MODE)
                     if len(failed) == len(entries):
                         entry, exc = last_error
+                        hint = ""
+                        if exc.args and exc.args[0] in DEFINER_REFUSED:
+                            hint = (
+                                f" (its definer is {schema.definer_of(entry['ddl'])}: the restore "
+                                "account needs SET USER or SUPER to create it as that account)"
+                            )
                         raise EngineError(
-                            f"cannot create {kind[:-1]} {entry['name']} in {target_database}: {exc.args[-1]}"
+                            f"cannot create {kind[:-1]} {entry['name']} in {target_database}: "
+                            f"{exc.args[-1]}{hint}"
                         )
                     entries = failed
     except pymysql.err.MySQLError as exc:

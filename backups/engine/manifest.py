@@ -42,7 +42,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from backups.engine import checksum
-from backups.engine.errors import EngineError
+from backups.engine.errors import EngineError, IntegrityError
 from backups.engine.snapshot import Coordinates
 from backups.engine.types import BackupResult, BackupSpec, ChunkResult
 from backups.storage.base import Storage, StoredObject
@@ -285,20 +285,41 @@ def manifest_read(
     hmac_key: bytes,
     *,
     expect_sha256: str | None = None,
+    expect_set_id: int | None = None,
+    expect_cluster: str | None = None,
 ) -> dict:
     """Read, parse and verify `<set_prefix>/manifest.json`.
 
     Raises IntegrityError when it is missing or its sha256 differs from `expect_sha256`, and
-    EngineError when it is not valid JSON, of an unknown format, or its signature fails.
+    EngineError when it is not valid JSON, of an unknown format, or its signature fails, or
+    when it is another set's (its `set_id` or `cluster` differ from the ones expected): a
+    validly signed manifest only vouches for the set it names.
     """
     key = manifest_key(set_prefix)
-    data = storage.get_bytes(key, expect_sha256=expect_sha256)
+    data = storage.get_bytes(key)
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise EngineError(f"manifest {key} is not valid JSON ({exc})") from exc
     if not isinstance(doc, dict):
         raise EngineError(f"manifest {key} is not a JSON object")
+    wanted = (
+        expect_set_id if expect_set_id is not None else doc.get("set_id"),
+        expect_cluster if expect_cluster is not None else doc.get("cluster"),
+    )
+    if (doc.get("set_id"), doc.get("cluster")) != wanted:
+        raise EngineError(
+            f"manifest {key} is the manifest of set {doc.get('set_id')} of cluster "
+            f"{doc.get('cluster')!r}, not of set {wanted[0]} of cluster {wanted[1]!r}"
+        )
+    # After the set (another set's manifest is named as such, not as a bad hash), before the
+    # signature (an altered manifest is named by the hash its set recorded).
+    actual = hashlib.sha256(data).hexdigest()
+    if expect_sha256 is not None and actual != expect_sha256.lower():
+        raise IntegrityError(
+            key,
+            f"sha256 mismatch: the manifest hashes to {actual}, the set records {expect_sha256}",
+        )
     manifest_verify(doc, hmac_key)
     if doc.get("format") != FORMAT:
         raise EngineError(

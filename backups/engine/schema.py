@@ -44,6 +44,16 @@ _DEFINER = re.compile(
     re.I,
 )
 
+# CREATE [DEFINER=...] EVENT `name` ON SCHEDULE ... ON COMPLETION [NOT] PRESERVE <status>
+_EVENT_STATUS = re.compile(
+    r"\s*CREATE\s+(?:DEFINER\s*=\s*(?:`(?:[^`]|``)*`|'(?:[^']|'')*'|[^\s@]+)"
+    r"(?:@(?:`(?:[^`]|``)*`|'(?:[^']|'')*'|[^\s]+))?\s+)?EVENT\s+(?:`(?:[^`]|``)*`\.)?`(?:[^`]|``)*`"
+    r"\s+ON\s+SCHEDULE\s+(?:'(?:[^'\\]|''|\\.)*'|[^'])*?"
+    r"\s+ON\s+COMPLETION\s+(?:NOT\s+)?PRESERVE\s+"
+    r"(?P<status>DISABLE\s+ON\s+(?:SLAVE|REPLICA)|ENABLE|DISABLE)\b",
+    re.I | re.S,
+)
+
 
 @dataclass
 class Column:
@@ -151,9 +161,23 @@ def rename_table_ddl(ddl: str, new_name: str) -> str:
     return match.group(1) + quote_ident(new_name) + ddl[match.end() :]
 
 
-def strip_definer(ddl: str) -> str:
-    """Drop `DEFINER=user@host`: the account may not exist on a restore target."""
-    return _DEFINER.sub("", ddl, count=1)
+def definer_of(ddl: str) -> str:
+    """The `user@host` of the DDL's DEFINER clause, as written ("" when it has none)."""
+    match = _DEFINER.search(ddl)
+    return match.group(0).split("=", 1)[1].strip() if match else ""
+
+
+def event_disabled(ddl: str) -> str:
+    """`SHOW CREATE EVENT` DDL with its status clause made DISABLE, so a restored copy of an
+    event never fires (side, instance and drill copies are not the production schedule).
+
+    The status clause follows `ON COMPLETION [NOT] PRESERVE` in the header, before the body;
+    only that one is rewritten. Raises ValueError when the header is not where it should be.
+    """
+    match = _EVENT_STATUS.match(ddl)
+    if match is None:
+        raise ValueError("stored event DDL has no ON COMPLETION ... ENABLE/DISABLE clause")
+    return ddl[: match.start("status")] + "DISABLE" + ddl[match.end("status") :]
 
 
 def retarget_database(ddl: str, source_database: str, target_database: str) -> str:

@@ -9,12 +9,20 @@ is quoted with `quote_ident` / `quote_qualified`. Connection failures raise
 
 from __future__ import annotations
 
-from backups.engine.mysql import Endpoint, connect, quote_qualified
+from backups.engine.mysql import METADATA_TIMEOUT_SECONDS, Endpoint, connect, quote_qualified
+
+
+def _probe_connection(endpoint: Endpoint):
+    """For the probes below: every read and write bounded, so a server that stops answering
+    fails the plan with a sentence instead of hanging it."""
+    return connect(
+        endpoint, read_timeout=METADATA_TIMEOUT_SECONDS, write_timeout=METADATA_TIMEOUT_SECONDS
+    )
 
 
 def existing_tables(endpoint: Endpoint, database: str) -> set[str] | None:
     """Tables of `database`, or None when the database does not exist."""
-    conn = connect(endpoint)
+    conn = _probe_connection(endpoint)
     try:
         with conn.cursor() as cur:
             cur.execute(
@@ -38,7 +46,7 @@ def non_empty_tables(
 
     `existing` (the database's tables, from `existing_tables`) saves looking them up again.
     """
-    conn = connect(endpoint)
+    conn = _probe_connection(endpoint)
     try:
         with conn.cursor() as cur:
             if existing is None:
@@ -53,7 +61,8 @@ def non_empty_tables(
                     continue
                 # EXISTS reads at most one row, however large the table.
                 cur.execute(f"SELECT EXISTS (SELECT 1 FROM {quote_qualified(database, table)})")  # noqa: S608 - quoted identifiers
-                if cur.fetchone()[0]:
+                row = cur.fetchone()
+                if row is None or row[0]:  # no answer: treat as holding rows, never overwrite
                     full.append(table)
             return full
     finally:

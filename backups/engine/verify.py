@@ -122,6 +122,9 @@ def storage_check(
     data_key: bytes | None,
     progress: ProgressFn = _quiet,
     should_cancel: CancelFn = _never,
+    expect_manifest_sha256: str | None = None,
+    expect_set_id: int | None = None,
+    expect_cluster: str | None = None,
 ) -> StorageCheck:
     """Read every object of the set once, streamed, and count those that are whole.
 
@@ -132,7 +135,14 @@ def storage_check(
     """
     result = StorageCheck()
     try:
-        doc = manifest_read(storage, set_prefix, hmac_key)
+        doc = manifest_read(
+            storage,
+            set_prefix,
+            hmac_key,
+            expect_sha256=expect_manifest_sha256,
+            expect_set_id=expect_set_id,
+            expect_cluster=expect_cluster,
+        )
     except Exception as exc:  # missing, unreadable or a bad signature: all say "untrusted"
         result.problems.append({"object": manifest_key(set_prefix), "reason": _reason(exc)})
         return result

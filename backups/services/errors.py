@@ -39,6 +39,10 @@ class RestoreDenied(RestoreError):
     """The person may not do this (wrong role, or deciding their own request)."""
 
 
+class TargetChanged(RestoreError):
+    """A run's target is not the server its approval covers; nothing may touch it."""
+
+
 class SwapIncomplete(RestoreError):
     """Some databases were swapped in place before another one failed (never 'untouched')."""
 

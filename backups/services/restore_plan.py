@@ -10,7 +10,6 @@ target tables unless the target is `inplace`.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -18,16 +17,18 @@ from typing import Any
 from django.db.models import F, Sum
 
 from backups.engine.errors import ConnectError
+from backups.engine.identity import server_identity
 from backups.engine.manifest import manifest_excluded
 from backups.engine.target import non_empty_tables
 from backups.models import BackupSet, RestoreRequest, RestoreRun
-from backups.services.errors import RestoreError
+from backups.services.errors import RestoreError, TargetChanged
 from backups.services.pitr import shard_stop
 from backups.services.sets import set_manifest, set_prefix, set_storage
 from backups.status import RunStatus, SetStatus
 from backups.storage import Storage, StorageError
 from shards.models import Cluster, Instance, LogicalTable
 from shards.selectors import MissingPassword, instance_endpoint
+from shards.table_patterns import PatternError, pattern_fullmatch
 
 Target = RestoreRequest.Target
 
@@ -85,6 +86,13 @@ def old_table(table: str, request_id: int) -> str:
 # -- scope ---------------------------------------------------------------------------
 
 
+def _logical_match(pattern: str, table: str) -> bool:
+    try:
+        return pattern_fullmatch(pattern, table)
+    except PatternError as exc:
+        raise RestoreError(str(exc)) from None
+
+
 def _scope_tables(
     cluster: Cluster, doc: dict, shard_names: list[str], table_names: list[str]
 ) -> Iterator[tuple[dict, dict]]:
@@ -104,8 +112,8 @@ def _scope_tables(
         if name not in physical and (name in excluded or name in excluded_qualified):
             raise RestoreError(_excluded_sentence(name, doc))
         if name in logical:
-            pattern = re.compile(logical[name])
-            matchers.append((name, lambda t, p=pattern: p.fullmatch(t) is not None))
+            # Bounded: a catastrophic pattern raises PatternError (one sentence), never hangs.
+            matchers.append((name, lambda t, p=logical[name]: _logical_match(p, t)))
         elif name in physical:
             matchers.append((name, lambda t, n=name: t == n))
         else:
@@ -147,6 +155,104 @@ def _target_instance(kind: str, shard: dict, instances: dict[str, Instance], tar
             "restore it to another instance with instance:NAME"
         )
     return instance
+
+
+def _identity(instance: Instance) -> str:
+    """The identity the instance's server reports for itself (engine.identity)."""
+    try:
+        return server_identity(instance_endpoint(instance))
+    except (ConnectError, MissingPassword) as exc:
+        raise RestoreError(f"target instance {instance.name} is unreachable: {exc}") from exc
+
+
+def _source_identity(source: Instance) -> str | None:
+    """The source server's identity, or None when it cannot be reached (which is often why
+    one restores elsewhere)."""
+    try:
+        return server_identity(instance_endpoint(source))
+    except (ConnectError, MissingPassword):
+        return None
+
+
+def _same_server(
+    source: Instance, target: Instance, source_identity: str | None, target_identity: str
+) -> bool:
+    """Whether two registered instances are one server, by what the servers say.
+
+    Host and port as text miss `localhost` versus `127.0.0.1`, a DNS alias or a proxy; only
+    a source that could not say who it is falls back to that text comparison.
+    """
+    if source.pk == target.pk:
+        return True
+    if source_identity is None:
+        return (source.host, source.port) == (target.host, target.port)
+    return source_identity == target_identity
+
+
+def _target_record(instance: Instance, identity: str) -> dict:
+    return {
+        "instance": instance.name,
+        "instance_id": instance.pk,
+        "host": instance.host,
+        "port": instance.port,
+        "user": instance.user,
+        "identity": identity,
+    }
+
+
+def restore_plan_targets_registered(request: RestoreRequest) -> list[tuple[dict, Instance]]:
+    """Each target the plan recorded with its instance as registered now; TargetChanged when
+    one was removed or re-pointed (host, port or user) since the request was filed.
+
+    Reads only the console's database: `restore_run_start` refuses with it at once, and
+    `restore_plan_targets_check` then also asks the servers who they are.
+    """
+    targets = request.plan.get("targets")
+    if not targets:
+        raise TargetChanged(
+            f"restore {request.pk} was planned without recording its target servers, so its "
+            "approval covers no server; file a new request"
+        )
+    registered = []
+    for recorded in targets:
+        instance = Instance.objects.filter(pk=recorded["instance_id"]).first()
+        if instance is None:
+            raise TargetChanged(
+                f"target instance {recorded['instance']} was removed after restore {request.pk} "
+                "was approved; file a new request"
+            )
+        was = f"{recorded['user']}@{recorded['host']}:{recorded['port']}"
+        now = f"{instance.user}@{instance.host}:{instance.port}"
+        if was != now:
+            raise TargetChanged(
+                f"target instance {instance.name} was changed from {was} to {now} after restore "
+                f"{request.pk} was filed, and its approval covers only {was}; file a new request"
+            )
+        registered.append((recorded, instance))
+    return registered
+
+
+def restore_plan_targets_check(request: RestoreRequest) -> None:
+    """Refuse a run whose target servers are not the ones approved (TargetChanged).
+
+    The plan recorded each target's host, port, user and server identity when the request
+    was filed; an operator re-pointing an instance, or another server answering behind the
+    same address, voids the approval.
+    """
+    for recorded, instance in restore_plan_targets_registered(request):
+        try:
+            identity = server_identity(instance_endpoint(instance))
+        except (ConnectError, MissingPassword) as exc:
+            raise TargetChanged(
+                f"target instance {instance.name} is unreachable, so it cannot be checked "
+                f"against the server approved for restore {request.pk}: {exc}"
+            ) from exc
+        if identity != recorded["identity"]:
+            raise TargetChanged(
+                f"target instance {instance.name} ({instance.host}:{instance.port}) is now a "
+                f"different server ({identity}) from the one approved ({recorded['identity']}) "
+                f"for restore {request.pk}; file a new request"
+            )
 
 
 def _non_empty(instance: Instance, database: str, tables: list[str]) -> set[str]:
@@ -248,6 +354,9 @@ def restore_plan_build(
     missing: list[str] = []
     objects = rows = stored = raw = 0
     by_target: dict[tuple[int, str], list[dict]] = {}
+    identities: dict[int, str] = {}
+    source_identities: dict[int, str | None] = {}
+    targets: list[dict] = []
     for shard, table in _scope_tables(cluster, doc, list(shards), list(tables)):
         instance = _target_instance(target_kind, shard, instances, target_instance)
         database = shard["database"]
@@ -255,19 +364,20 @@ def restore_plan_build(
             target_database = side_database(database, request_id)
         else:
             target_database = database
+        if instance.pk not in identities:
+            identities[instance.pk] = _identity(instance)
+            targets.append(_target_record(instance, identities[instance.pk]))
         source = instances.get(shard.get("instance", ""))
-        if (
-            target_kind == Target.INSTANCE
-            and source is not None
-            and (
-                source.pk == instance.pk
-                or (source.host, source.port) == (instance.host, instance.port)
-            )
-        ):
-            raise RestoreError(
-                f"target instance {instance.name} holds the source database {database} of shard "
-                f"{shard['name']}; restore there with inplace or side instead"
-            )
+        if target_kind == Target.INSTANCE and source is not None:
+            if source.pk not in source_identities:
+                source_identities[source.pk] = _source_identity(source)
+            if _same_server(
+                source, instance, source_identities[source.pk], identities[instance.pk]
+            ):
+                raise RestoreError(
+                    f"target instance {instance.name} holds the source database {database} of "
+                    f"shard {shard['name']}; restore there with inplace or side instead"
+                )
         chunks = table.get("chunks", [])
         recorded = [(c["key"], chunk_size(c)) for c in chunks]
         if table.get("schema_key"):
@@ -351,6 +461,8 @@ def restore_plan_build(
         "needs_incrementals": needs_incrementals,
         "target_kind": target_kind,
         "target_instance": target_instance.name if target_instance else "",
+        # What the approval covers: each target's address, user and server identity.
+        "targets": targets,
         "objects": objects,
         "rows": rows,
         "bytes": stored,

@@ -221,7 +221,8 @@ def restore_request_expire_if_due(locked: RestoreRequest, now: datetime) -> bool
     `locked` must be locked by the caller's transaction (`restore_request_lock`).
     """
     if locked.state in (State.PENDING_APPROVAL, State.APPROVED) and locked.expires_at <= now:
-        if locked.state == State.APPROVED and locked.runs.exists():
+        # A run that was queued but never began does not keep an approval alive.
+        if locked.state == State.APPROVED and locked.runs.filter(started_at__isnull=False).exists():
             return False
         previous = locked.state
         locked.state = State.EXPIRED

@@ -22,6 +22,7 @@ from backups import queue
 from backups.models import RestoreRequest, RestoreRun
 from backups.services.alerts import notify_run_finished
 from backups.services.errors import RestoreDenied, RestoreError
+from backups.services.restore_plan import restore_plan_targets_registered
 from backups.services.restore_requests import restore_request_expire_if_due, restore_request_lock
 from backups.status import RequestState, RunStatus
 from console.audit import audit_record
@@ -83,6 +84,9 @@ def restore_run_start(*, request: RestoreRequest, actor=None) -> RestoreRun:
                     f"restore {locked.pk} is {locked.state}; only approved requests can run"
                 )
             else:
+                # A target re-pointed since approval is refused now; the worker also asks
+                # the servers who they are before it touches them.
+                restore_plan_targets_registered(locked)
                 run = RestoreRun.objects.filter(
                     request=locked, status=RunStatus.PENDING
                 ).first() or RestoreRun.objects.create(
@@ -154,10 +158,15 @@ def restore_run_begin(*, run: RestoreRun) -> bool:
     approved (or whose approval lapsed) is refused here, before anything is written.
     """
     now = timezone.now()
+    expired = False
     with transaction.atomic():
         request = RestoreRequest.objects.select_for_update().get(pk=run.request_id)
         locked = RestoreRun.objects.select_for_update().get(pk=run.pk)
-        if request.state == State.RUNNING and locked.status == RunStatus.RUNNING:
+        # The approval lapses 24 h after it was given unless a run has begun by then: what
+        # counts is now, not when the run was queued.
+        if locked.status == RunStatus.PENDING and restore_request_expire_if_due(request, now):
+            expired = True
+        elif request.state == State.RUNNING and locked.status == RunStatus.RUNNING:
             if not restore_run_is_stale(locked, now):
                 # Another worker is still beating for this run: never load twice at once.
                 raise RestoreError(f"restore run {locked.pk} is already running in another worker")
@@ -176,10 +185,6 @@ def restore_run_begin(*, run: RestoreRun) -> bool:
                 raise RestoreError(
                     f"restore run {locked.pk} is {locked.status}; it cannot start again"
                 )
-            if request.expires_at <= locked.created_at:
-                raise RestoreError(
-                    f"the approval of restore {request.pk} had expired; the run refuses to start"
-                )
             if locked.cancel_requested:
                 raise RestoreError(f"restore run {locked.pk} was cancelled")
             request.state = State.RUNNING
@@ -192,6 +197,11 @@ def restore_run_begin(*, run: RestoreRun) -> bool:
                 actor="worker", action="restore.run_started", obj=request, details={"run": run.pk}
             )
             resume = False
+    if expired:
+        raise RestoreError(
+            f"the approval of restore {request.pk} has expired; the run refuses to start "
+            "(file a new request)"
+        )
     run.refresh_from_db()
     return resume
 

@@ -42,11 +42,15 @@ from backups.models import (
     RestoreTableResult,
 )
 from backups.services.connection_slots import ConnectionSlots, SlotNeed
-from backups.services.errors import ChainError, RestoreError, SwapIncomplete
+from backups.services.errors import ChainError, RestoreError, SwapIncomplete, TargetChanged
 from backups.services.flashback import flashback_run_execute
 from backups.services.pitr import pitr_apply, shard_stop
 from backups.services.progress import JobTracker
-from backups.services.restore_plan import manifest_shards, manifest_tables
+from backups.services.restore_plan import (
+    manifest_shards,
+    manifest_tables,
+    restore_plan_targets_check,
+)
 from backups.services.restore_run_states import (
     restore_run_begin,
     restore_run_finish,
@@ -539,6 +543,7 @@ def _execute(
     notes: list[str] = []
     throttles: dict[int, ThreadsRunningGate] = {}
     try:
+        restore_plan_targets_check(request)  # the servers approved, or nothing at all
         if not resume:
             _preflight_targets(request, plan["tables"])
         tracker.say("reading the manifest")
@@ -654,7 +659,8 @@ def _execute(
     except Exception as exc:  # noqa: BLE001 - the run must end with its reason, whatever broke
         if not isinstance(exc, (RestoreError, EngineError, ConnectError, MissingPassword)):
             log.exception("restore run %s failed", run.pk)
-        if inplace and not isinstance(exc, SwapIncomplete):
+        # Nothing is dropped on a server the approval does not cover.
+        if inplace and not isinstance(exc, SwapIncomplete | TargetChanged):
             restore_shadows_drop(entries=plan["tables"])
         tracker.stop()
         _save_results(run, outcomes, applied=False)

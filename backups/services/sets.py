@@ -110,11 +110,23 @@ def set_data_key_create(backup_set: BackupSet) -> None:
     backup_set.key_id = fresh.key_id
 
 
+def set_manifest_binding(backup_set: BackupSet) -> dict:
+    """What the set's manifest must be: the sha256 recorded when it was written (sets from
+    before that was recorded have none), and this set's own id and cluster."""
+    return {
+        "expect_sha256": backup_set.manifest_sha256 or None,
+        "expect_set_id": backup_set.pk,
+        "expect_cluster": backup_set.cluster.name,
+    }
+
+
 def set_manifest(backup_set: BackupSet, storage: Storage | None = None) -> dict:
     """The set's manifest, its signature checked; RestoreError when it cannot be read."""
     storage = storage or set_storage(backup_set)
     try:
-        return manifest_read(storage, set_prefix(backup_set), manifest_hmac_key())
+        return manifest_read(
+            storage, set_prefix(backup_set), manifest_hmac_key(), **set_manifest_binding(backup_set)
+        )
     except Exception as exc:  # noqa: BLE001 - any failure here means: cannot restore from it
         raise RestoreError(
             f"the manifest of backup set {backup_set.pk} cannot be read: {exc}"

@@ -24,7 +24,13 @@ from backups.services.alerts import alert_quality_dropped
 from backups.services.errors import VerificationError
 from backups.services.pitr import chain_apply
 from backups.services.progress import JobTracker
-from backups.services.sets import lock_set, set_data_key, set_prefix, set_storage
+from backups.services.sets import (
+    lock_set,
+    set_data_key,
+    set_manifest_binding,
+    set_prefix,
+    set_storage,
+)
 from backups.status import SetStatus, VerificationStatus
 from console.audit import audit_record
 from console.keys import manifest_hmac_key
@@ -358,12 +364,16 @@ def _chain_storage_check(sets: list[BackupSet], *, progress) -> engine.StorageCh
     combined = engine.StorageCheck()
     manifests_ok = True
     for index, member in enumerate(sets):
+        binding = set_manifest_binding(member)
         check = engine.storage_check(
             set_storage(member),
             set_prefix(member),
             hmac_key=manifest_hmac_key(),
             data_key=set_data_key(member),
             progress=progress,
+            expect_manifest_sha256=binding["expect_sha256"],
+            expect_set_id=binding["expect_set_id"],
+            expect_cluster=binding["expect_cluster"],
         )
         combined.objects_total += check.objects_total
         combined.objects_ok += check.objects_ok

@@ -6,6 +6,7 @@ from django.contrib import messages
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
 from backups.models import BackupSet
@@ -17,7 +18,10 @@ from console.roles import ADMIN, OPERATOR, role_required
 
 def _back(request, backup_set: BackupSet) -> str:
     nxt = request.POST.get("next", "")
-    if nxt.startswith("/") and not nxt.startswith("//"):
+    # Only a path on this console: `//evil.com` and `/\evil.com` are other hosts to a browser.
+    if url_has_allowed_host_and_scheme(
+        nxt, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ) and nxt.startswith("/"):
         return nxt
     return reverse("backups:set_detail", args=[backup_set.pk])
 

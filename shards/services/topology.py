@@ -7,11 +7,17 @@ Every change writes an audit event in the same transaction. Actors are Users
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from backups.engine.errors import KeyMaterialError
-from backups.engine.mysql import Endpoint
+from backups.engine.mysql import (
+    Endpoint,
+    control_character_refusal,
+    host_refusal,
+    password_env_refusal,
+)
 from console.audit import audit_record
 from console.keys import decrypt_secret, encrypt_secret
 from console.roles import OPERATOR, require_role
@@ -116,8 +122,18 @@ def _apply(obj, values: dict) -> dict:
 
 def instance_password_apply(*, instance: Instance, password: str | None, password_env: str) -> dict:
     """Set (not save) the instance's password or password variable; `password=None` keeps the
-    stored one. Returns audit-safe changes: never the secret, only that it changed."""
+    stored one. Returns audit-safe changes: never the secret, only that it changed.
+
+    Refuses a `password_env` outside SHARDVAULT_PASSWORD_ENV_PATTERN or naming one of the
+    console's own variables, and a password holding a control character."""
     changes = {}
+    if password_env:
+        refused = password_env_refusal(password_env, settings.SHARDVAULT_PASSWORD_ENV_PATTERN)
+        if refused:
+            raise TopologyError(f"instance {instance.name}: {refused}", field="password_env")
+    problem = control_character_refusal(password, "password")
+    if problem:
+        raise TopologyError(f"instance {instance.name}: {problem}", field="password")
     if password_env:
         if instance.password_env != password_env:
             changes["password_env"] = [instance.password_env, password_env]
@@ -233,7 +249,7 @@ def _instance_fields(
 ) -> dict:
     """An instance's connection fields as stored: host and user stripped, the port checked."""
     port = _valid_port(port)
-    return {
+    values = {
         "host": host.strip(),
         "port": port,
         "user": user.strip(),
@@ -241,6 +257,41 @@ def _instance_fields(
         "tls_verify": tls_verify,
         "max_connections": max_connections,
     }
+    instance_connection_fields_check(values)
+    return values
+
+
+def instance_connection_fields_check(values: dict) -> None:
+    """Refuses a host that is neither a host name nor an IP address, and a control character
+    (a newline would add options to a client option file) in any connection field."""
+    if values.get("host"):
+        problem = host_refusal(values["host"])
+        if problem:
+            raise TopologyError(problem, field="host")
+    for key, what in (("user", "user"), ("tls_ca", "TLS CA path")):
+        problem = control_character_refusal(values.get(key), what)
+        if problem:
+            raise TopologyError(problem, field=key)
+
+
+def _stored_password_stays_with_its_server(
+    instance: Instance, values: dict, password: str | None, password_env: str
+) -> None:
+    """A stored password is only ever sent to the host, port and user it was stored for: a change
+    of any of them without the password (or a password variable) given again is refused."""
+    if password is not None or password_env or not instance.password_encrypted:
+        return
+    moved = [
+        key
+        for key in ("host", "port", "user")
+        if key in values and values[key] != getattr(instance, key)
+    ]
+    if moved:
+        raise TopologyError(
+            f"instance {instance.name}: changing its {' and '.join(moved)} needs the password "
+            "again, because a stored password is only sent to the server and user it was stored for",
+            field="password",
+        )
 
 
 def instance_change(
@@ -248,6 +299,7 @@ def instance_change(
 ) -> bool:
     """Save and audit the changed fields (and password) of an instance the caller has locked;
     True if any."""
+    _stored_password_stays_with_its_server(instance, values, password, password_env)
     changes = _apply(instance, values)
     changes.update(
         instance_password_apply(instance=instance, password=password, password_env=password_env)

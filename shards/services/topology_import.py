@@ -15,6 +15,7 @@ from shards.services.topology import (
     TopologyError,
     cluster_change,
     instance_change,
+    instance_connection_fields_check,
     instance_password_apply,
     shard_change,
     topology_authorise,
@@ -94,6 +95,10 @@ def _import_cluster(actor, spec: ClusterSpec, summary: ImportSummary) -> None:
             "tls_verify": ispec.tls_verify,
             "max_connections": ispec.max_connections,
         }
+        try:
+            instance_connection_fields_check(values)
+        except TopologyError as exc:
+            raise TopologyError(f"instance {spec.name}/{ispec.name}: {exc}") from None
         if instance is None:
             instance = Instance(cluster=cluster, name=ispec.name, **values)
             instance_password_apply(

@@ -15,7 +15,7 @@ from shards.models import Cluster, Finding
 @pytest.mark.django_db(transaction=True)
 def test_demo_cluster_seeds_idempotently_and_backs_up_with_every_checksum(mariadb_servers):
     server = mariadb_servers[2]
-    args = ["--host", "127.0.0.1", "--port", str(server.port), "--user", "root"]
+    args = ["--host", "127.0.0.1", "--port", str(server.port), "--user", "root", "--force"]
     call_command("seed_demo", *args, stdout=StringIO())
     second = StringIO()
     call_command("seed_demo", *args, stdout=second)
@@ -44,7 +44,7 @@ def test_a_user_who_may_not_create_the_demo_databases_gets_one_sentence(
     user = f"np{unique_name}"[:32]
     server.execute(f"CREATE USER '{user}'@'%'")
     try:
-        args = ["--host", "127.0.0.1", "--port", str(server.port), "--user", user]
+        args = ["--host", "127.0.0.1", "--port", str(server.port), "--user", user, "--force"]
         with pytest.raises(CommandError) as failure:
             call_command("seed_demo", *args, stdout=StringIO())
         message = str(failure.value)

@@ -7,6 +7,7 @@ the cluster imported (no changes the second time), users created if missing.
 from __future__ import annotations
 
 import pymysql
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand, CommandError
 
@@ -46,8 +47,19 @@ class Command(BaseCommand):
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=3306)
         parser.add_argument("--user", default="root")
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help="seed even though DEBUG is off (creates accounts with known passwords)",
+        )
 
-    def handle(self, *args, host: str, port: int, user: str, **options):
+    def handle(self, *args, host: str, port: int, user: str, force: bool = False, **options):
+        if not settings.DEBUG and not force:
+            # The demo users have published passwords: never by accident on a real console.
+            raise CommandError(
+                "seed_demo creates accounts with known passwords and runs only with "
+                "SHARDVAULT_DEBUG=1 or --force"
+            )
         endpoint = Endpoint(name="local", host=host, port=port, user=user, password="")
         try:
             self._create_databases(endpoint)

@@ -12,7 +12,7 @@ from shards.selectors import discovery_report, topology_export
 from shards.services.discovery_runs import discovery_run
 from shards.services.topology import TopologyError
 from shards.services.topology_import import topology_import
-from shards.topology_file import TopologyFileError, parse_topology
+from shards.topology_file import MAX_TOPOLOGY_BYTES, TopologyFileError, parse_topology
 
 
 class Command(BaseCommand):
@@ -33,11 +33,12 @@ class Command(BaseCommand):
 
     def handle_import(self, *, file: str, **options):
         try:
+            # Never more than one byte past the limit: parse_topology refuses a longer file.
             if file == "-":
-                text = sys.stdin.read()
+                text = sys.stdin.read(MAX_TOPOLOGY_BYTES + 1)
             else:
                 with open(file, encoding="utf-8") as handle:
-                    text = handle.read()
+                    text = handle.read(MAX_TOPOLOGY_BYTES + 1)
         except OSError as exc:
             raise CommandError(f"cannot read {file}: {exc.strerror}") from None
         except UnicodeDecodeError:
