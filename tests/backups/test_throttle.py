@@ -157,6 +157,7 @@ def test_the_gate_holds_work_while_the_server_is_busy_and_says_when_it_resumes(m
             assert gate.others_running() == 0
         # A stop request ends the wait at once, without a green light.
         with Sleepers(server, SLEEPERS, 30):
+            time.sleep(0.25)  # past the shared reading of the previous wait
             started = time.monotonic()
             stop = threading.Timer(0.5, lambda: None)
             stop.start()
