@@ -40,6 +40,7 @@ from backups.models import RestoreRequest, RestoreRun, RestoreTableResult
 from backups.selectors.binlog_browser import binlog_segments, segment_open, table_filter
 from backups.services.alerts import notify_request_filed
 from backups.services.errors import RestoreDenied, RestoreError
+from backups.services.restore_plan import restore_plan_target_records
 from backups.services.restore_run_states import restore_run_finish
 from backups.services.sets import default_storage, storage_for_url
 from backups.status import ResultStatus, RunStatus
@@ -210,6 +211,8 @@ def _plan(shards: list[ShardFlashback], conflicts: list[tuple[str, int, list]]) 
             {"shard": shard, **c} for shard, _count, found in conflicts for c in found
         ][:20],
         "target_databases": sorted({item.shard.database for item in shards}),
+        # The servers the approval covers: a flashback runs in place on the shards' own.
+        "targets": restore_plan_target_records(item.shard.instance for item in shards),
     }
 
 

@@ -200,6 +200,13 @@ def _target_record(instance: Instance, identity: str) -> dict:
     }
 
 
+def restore_plan_target_records(instances) -> list[dict]:
+    """What an approval covers for these target instances: host, port, user and the identity
+    each server reports now (RestoreError when one cannot be reached)."""
+    unique = {instance.pk: instance for instance in instances}
+    return [_target_record(i, _identity(i)) for _pk, i in sorted(unique.items())]
+
+
 def restore_plan_targets_registered(request: RestoreRequest) -> list[tuple[dict, Instance]]:
     """Each target the plan recorded with its instance as registered now; TargetChanged when
     one was removed or re-pointed (host, port or user) since the request was filed.
