@@ -258,6 +258,11 @@ def _chunk_source(storage, chunk: dict, data_key: bytes | None):
         ) from exc
 
 
+# ER_LOCK_DEADLOCK and ER_LOCK_WAIT_TIMEOUT: the chunk's transaction was rolled back whole.
+_RETRYABLE = (1213, 1205)
+CHUNK_DEADLOCK_ATTEMPTS = 3
+
+
 def load_table(
     job: TableLoadJob,
     storage,
@@ -317,18 +322,29 @@ def load_table(
                     chunk = work.get_nowait()
                 except queue.Empty:
                     return
-                try:
-                    with throttle.chunk() if throttle is not None else nullcontext():
-                        loaded = _load_stream(
-                            conn, sql, _chunk_source(storage, chunk, job.data_key)
-                        )
-                    conn.commit()
-                except BaseException:
+                for attempt in range(1, CHUNK_DEADLOCK_ATTEMPTS + 1):
                     try:
-                        conn.rollback()
-                    except Exception:  # noqa: BLE001
-                        pass
-                    raise
+                        with throttle.chunk() if throttle is not None else nullcontext():
+                            loaded = _load_stream(
+                                conn, sql, _chunk_source(storage, chunk, job.data_key)
+                            )
+                        conn.commit()
+                        break
+                    except pymysql.err.OperationalError as exc:
+                        try:
+                            conn.rollback()
+                        except Exception:  # noqa: BLE001
+                            pass
+                        # Parallel loads into one table can meet in InnoDB's gap locks; the
+                        # server rolled the chunk's transaction back, so it is loaded again.
+                        if exc.args[0] not in _RETRYABLE or attempt == CHUNK_DEADLOCK_ATTEMPTS:
+                            raise
+                    except BaseException:
+                        try:
+                            conn.rollback()
+                        except Exception:  # noqa: BLE001
+                            pass
+                        raise
                 results.put(("done", chunk, loaded))
         except BaseException as exc:  # noqa: BLE001 - reported to the caller's thread
             stop.set()
