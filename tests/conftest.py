@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -190,9 +191,13 @@ def rq_worker_process(redis_url, settings, tmp_path):
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        # The whole session: a worker's work horse and its scheduler are child processes
+        # that would otherwise outlive the test and take the next test's jobs.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 @pytest.fixture(scope="session")
