@@ -162,6 +162,11 @@ BACKUP_LOCK_WAIT_TIMEOUT = env.int("SHARDVAULT_LOCK_WAIT_TIMEOUT", default=2)
 BACKUP_LOCK_RETRIES = env.int("SHARDVAULT_LOCK_RETRIES", default=5)
 # A running job writes a heartbeat at least this often; older means its worker died.
 JOB_HEARTBEAT_STALE_SECONDS = env.int("SHARDVAULT_HEARTBEAT_STALE_SECONDS", default=60)
+# A set's copy to a storage target that fails is tried again after each of these delays
+# (seconds), then alerts (backups.services.copies).
+COPY_RETRY_SECONDS = [
+    int(v) for v in env.list("SHARDVAULT_COPY_RETRY_SECONDS", default=["30", "120", "600"])
+]
 
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # HTMX reads nothing from it; the token is put on <body>.

@@ -19,7 +19,7 @@ from django.db.models import Max, Q
 from django.utils import timezone
 
 import notify
-from backups.models import BackupSet, RestoreRequest, RestoreRun, VerificationRun
+from backups.models import BackupSet, RestoreRequest, RestoreRun, SetCopy, VerificationRun
 from backups.selectors.verification import cluster_rpo_target
 from backups.status import SetStatus
 from console.roles import ADMIN, APPROVER, OPERATOR
@@ -63,6 +63,31 @@ def alert_backup_failed(backup_set: BackupSet) -> dict | None:
         subject=subject,
         body=body,
         payload={"set": backup_set.pk, "kind": backup_set.kind, "error": backup_set.error},
+    )
+
+
+def alert_copy_failed(copy: SetCopy) -> dict | None:
+    """A set's copy to a storage target failed after its last retry; once per copy."""
+    if not notify.first_time(f"alert:copy-failed:{copy.pk}", seconds=14 * 24 * 3600):
+        return None
+    backup_set = copy.backup_set
+    cluster = backup_set.cluster
+    subject = f"copy of backup set {backup_set.pk} of {cluster.name} to {copy.target} failed"
+    body = (
+        f"{subject} after {copy.attempts} attempts.\n\nReason: {copy.error or 'not recorded'}\n"
+        "The set itself is intact on its other targets.\n"
+    )
+    return _alert(
+        kind="copy_failed",
+        cluster=cluster,
+        subject=subject,
+        body=body,
+        payload={
+            "set": backup_set.pk,
+            "target": copy.target,
+            "attempts": copy.attempts,
+            "error": copy.error,
+        },
     )
 
 

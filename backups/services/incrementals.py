@@ -37,6 +37,7 @@ from backups.services.sets import (
     backup_set_record,
     busy_reason,
     lock_set,
+    set_copies_on_commit,
     set_data_key,
     set_storage,
 )
@@ -403,6 +404,7 @@ def _finish(
         )
         cluster_id = locked.cluster_id
         transaction.on_commit(lambda: _reschedule_quietly(cluster_id))
+        set_copies_on_commit(locked)
     return locked
 
 

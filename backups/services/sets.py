@@ -358,7 +358,15 @@ def backup_set_finish_succeeded(
         )
         if on_commit is not None:
             transaction.on_commit(lambda: on_commit(locked))
+        set_copies_on_commit(locked)
     return locked
+
+
+def set_copies_on_commit(backup_set: BackupSet) -> None:
+    """After the commit of a success: copy the set to its policy's `copy_to` targets."""
+    from backups.services.copies import set_copies_after_success  # copies builds on sets
+
+    transaction.on_commit(lambda: set_copies_after_success(backup_set))
 
 
 def set_tables_persist(shard_backup: ShardBackup, tables, now: datetime) -> None:
@@ -448,4 +456,9 @@ def backup_set_expire(*, backup_set: BackupSet, actor) -> BackupSet:
 
 def _delete_objects_quietly(set_id: int) -> None:
     # The set is expired either way; set_objects_delete logs what could not be deleted.
-    set_objects_delete(BackupSet.objects.get(pk=set_id))
+    from backups.services.storage_targets import set_objects_delete_everywhere
+
+    backup_set = BackupSet.objects.get(pk=set_id)
+    set_objects_delete(backup_set)
+    for problem in set_objects_delete_everywhere(backup_set, set_prefix(backup_set) + "/"):
+        log.warning("deleting the copies of expired set %s: %s", set_id, problem)
