@@ -377,7 +377,9 @@ class RestoreRun(models.Model):
     q = models.FloatField(null=True, blank=True)
     # For point-in-time restores: the instant each shard was rolled forward to.
     restored_to = models.DateTimeField(null=True, blank=True)
-    served_by = models.JSONField(default=dict, blank=True)  # target name -> objects it served
+    # {"objects": {target: objects it served}, "fallbacks": [{"object", "target", "reason",
+    #  "served_by"}]}: which storage target served the reads (backups.services.storage_targets)
+    served_by = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
 
     class Meta:
@@ -459,7 +461,9 @@ class VerificationRun(models.Model):
     drill_instance_name = models.CharField(max_length=63, blank=True)
     # "" reads every target with fallback; a target name checks that one copy only.
     target = models.CharField(max_length=63, blank=True)
-    served_by = models.JSONField(default=dict, blank=True)  # target name -> objects it served
+    # {"objects": {target: objects it served}, "fallbacks": [{"object", "target", "reason",
+    #  "served_by"}]}: which storage target served the reads (backups.services.storage_targets)
+    served_by = models.JSONField(default=dict, blank=True)
     # [{"object": key} or {"table": "db.t"}, "reason": "..."]
     problems = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)

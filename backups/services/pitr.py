@@ -17,7 +17,8 @@ from backups.engine.binlog_apply import SegmentSource, apply_segments
 from backups.models import BackupSet
 from backups.selectors.incrementals import chain_after
 from backups.services.errors import ChainError
-from backups.services.sets import set_data_key, set_storage
+from backups.services.sets import set_data_key
+from backups.services.storage_targets import set_read_storage
 from shards.models import Cluster
 
 
@@ -63,7 +64,7 @@ def segment_sources(chain: list[BackupSet], instance_name: str) -> list[SegmentS
     checked against its sha256, decrypted and decompressed) only when the apply reaches it."""
     sources = []
     for incremental in chain:
-        storage = set_storage(incremental)
+        storage = set_read_storage(incremental)  # falls back to complete copies
         data_key = set_data_key(incremental)
         for seg in incremental.segments.filter(instance_name=instance_name).order_by("index"):
             entry = {

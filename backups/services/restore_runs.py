@@ -48,7 +48,8 @@ from backups.services.restore_swap import (
     restore_shadows_drop,
     restore_swap_inplace,
 )
-from backups.services.sets import set_data_key, set_manifest, set_storage
+from backups.services.sets import set_data_key, set_manifest
+from backups.services.storage_targets import served_record, set_read_storage
 from backups.status import RequestState, ResultStatus, RunStatus
 from shards.models import Instance
 from shards.selectors import MissingPassword, instance_endpoint
@@ -428,11 +429,13 @@ def _execute(
     outcomes: list[TableOutcome] = []
     ledger = ChunkLedger(run_id=run.pk)
     notes: list[str] = []
+    storage = None
     try:
         if not resume:
             _preflight_targets(request, plan["tables"])
         tracker.say("reading the manifest")
-        storage = set_storage(request.source_set)
+        # Default target first, then complete copies: an object bad on one is read from the next.
+        storage = set_read_storage(request.source_set)
         doc = set_manifest(request.source_set, storage)
         data_key = _set_data_key(request.source_set)
         shard_docs = {s["name"]: s for s in manifest_shards(doc)}
@@ -534,6 +537,9 @@ def _execute(
         if inplace and not isinstance(exc, SwapIncomplete):
             message += "; the live tables were left untouched"
         return restore_run_finish(run=run, status=RunStatus.FAILED, error=message, t=t, d=d, a=a)
+    finally:
+        if storage is not None:
+            RestoreRun.objects.filter(pk=run.pk).update(served_by=served_record(storage))
 
 
 def restore_runs_resume_stale(*, now: datetime | None = None) -> list[int]:

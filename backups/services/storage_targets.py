@@ -246,6 +246,13 @@ def _demote_bad_manifests(backup_set: BackupSet, storage: FallbackStorage) -> No
             storage.demote(name)
 
 
+def served_record(storage) -> dict:
+    """What a run stores as `served_by`: objects per target and every fallback taken."""
+    if not isinstance(storage, FallbackStorage):
+        return {}
+    return {"objects": storage.served_summary(), "fallbacks": list(storage.failures)}
+
+
 def set_objects_delete_everywhere(backup_set: BackupSet, prefix: str) -> list[str]:
     """Delete `prefix` (the set's objects) on every target holding the set; returns one
     sentence per target where that failed."""
