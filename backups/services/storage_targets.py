@@ -237,12 +237,19 @@ def _demote_bad_manifests(backup_set: BackupSet, storage: FallbackStorage) -> No
     if len(storage.sources) < 2:
         return
     prefix = set_prefix(backup_set)
+    bad: list[tuple[str, Exception]] = []
+    good = ""
     for name, source in list(storage.sources):
         try:
             manifest_read(source, prefix, manifest_hmac_key())
-            return
         except Exception as exc:  # noqa: BLE001 - any failure: this target's manifest is unusable
-            storage.record_failure(manifest_key(prefix), name, exc)
+            bad.append((name, exc))
+            continue
+        good = name
+        break
+    for name, exc in bad:
+        storage.record_failure(manifest_key(prefix), name, exc, served_by=good)
+        if good:
             storage.demote(name)
 
 

@@ -61,9 +61,15 @@ class FallbackStorage(Storage):
             if len(self.failures) < MAX_RECORDED_FAILURES:
                 self.failures.append({"object": key, "target": name, "reason": reason})
 
-    def record_failure(self, key: str, name: str, exc: Exception) -> None:
-        """Note that `key` could not be used on target `name` (callers that read it themselves)."""
+    def record_failure(self, key: str, name: str, exc: Exception, *, served_by: str = "") -> None:
+        """Note that `key` could not be used on target `name` (callers that read it themselves),
+        and which target served it instead, if one did."""
         self._failed(key, name, exc)
+        if served_by:
+            with self._lock:
+                for failure in self.failures:
+                    if failure["object"] == key and "served_by" not in failure:
+                        failure["served_by"] = served_by
 
     def demote(self, name: str) -> None:
         """Try target `name` last (its manifest did not check out)."""
