@@ -1,6 +1,6 @@
 from django.urls import path
 
-from backups.views import sets, verify
+from backups.views import sets, storage, verify
 
 app_name = "backups"
 urlpatterns = [
@@ -11,4 +11,5 @@ urlpatterns = [
     path("<int:pk>/cancel/", sets.set_cancel, name="set_cancel"),
     path("<int:set_id>/verify/", verify.verify_start, name="verify_start"),
     path("<int:set_id>/quality/", verify.set_quality_view, name="set_quality"),
+    path("storage/", storage.storage_targets, name="storage_targets"),
 ]
