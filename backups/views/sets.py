@@ -17,6 +17,7 @@ from backups.selectors.backups import (
     long_snapshot_shards,
     progress_of,
 )
+from backups.selectors.copies import set_copies, set_target_quality
 from backups.selectors.incrementals import RecoveryPoint, cluster_chains, recoverable_window
 from backups.services.errors import BackupError, BackupRefused
 from backups.services.full_backups import backup_cancel, backup_start
@@ -102,6 +103,8 @@ def set_detail(request, pk: int):
         "progress": progress_of(backup_set),
         "long_snapshots": long_snapshot_shards(backup_set),
         "can_run": has_role(request.user, OPERATOR, ADMIN),
+        "copies": set_copies(backup_set),
+        "target_quality": set_target_quality(backup_set),
     }
     return render(request, "backups/set_detail.html", context)
 

@@ -18,6 +18,7 @@ import boto3
 import pytest
 from django.core import mail
 from django.core.management import call_command
+from django.urls import reverse
 
 from backups.engine.manifest import manifest_objects
 from backups.models import BackupPolicy, Chunk, SetCopy
@@ -148,7 +149,7 @@ def test_copy_is_complete_with_every_object_and_the_manifest_matching_sha256(cop
 
 
 def test_flipped_byte_on_default_is_named_and_restore_succeeds_from_the_copy(
-    copied, cluster, settings, run_jobs, mariadb_servers
+    copied, cluster, settings, run_jobs, mariadb_servers, client
 ):
     backup_set = copied
     key = _chunk_keys(backup_set)[0]
@@ -176,6 +177,15 @@ def test_flipped_byte_on_default_is_named_and_restore_succeeds_from_the_copy(
     assert [(f["object"], f["target"], f["served_by"]) for f in run.served_by["fallbacks"]] == [
         (key, "default", "offsite")
     ]
+
+    # The pages say which target served what.
+    client.force_login(make_user("auditor"))
+    page = client.get(reverse("backups:set_detail", args=[backup_set.pk])).content.decode()
+    assert 'data-copy-state="complete"' in page
+    assert f"{key}</span> on target default" in page and "read from target offsite" in page
+    page = client.get(reverse("restores:request_detail", args=[run.request_id])).content.decode()
+    assert "Read from storage targets: <strong>default</strong>" in page
+    assert "<strong>offsite</strong> (1 objects)" in page
 
 
 def test_default_objects_deleted_drill_and_restore_still_succeed(
