@@ -122,7 +122,9 @@ def _restore_side(cluster, backup_set, run_jobs, mariadb_servers):
     return run
 
 
-def test_copy_is_complete_with_every_object_and_the_manifest_matching_sha256(copied, settings):
+def test_copy_is_complete_with_every_object_and_the_manifest_matching_sha256(
+    copied, cluster, settings, tmp_path
+):
     backup_set = copied
     copy = SetCopy.objects.get(backup_set=backup_set)
     doc = set_manifest(backup_set)
@@ -146,6 +148,23 @@ def test_copy_is_complete_with_every_object_and_the_manifest_matching_sha256(cop
     code, result, _ = _verify(backup_set.pk, "--target", "offsite")
     assert code == 0 and result["q"] == 1.0 and result["target"] == "offsite"
     assert result["served_by"] == {"offsite": len(objects) + 1}
+
+    # Reports carry A and Q per target.
+    call_command("report", cluster.name, "--format", "json", "-o", str(tmp_path / "r.json"))
+    report = json.loads((tmp_path / "r.json").read_text())
+    (row,) = [s for s in report["sets"] if s["id"] == backup_set.pk]
+    assert row["targets"][0] == {
+        "target": "default",
+        "copy_state": "complete",
+        "a": None,
+        "q": None,
+        "checked_at": None,
+    }
+    assert (row["targets"][1]["target"], row["targets"][1]["copy_state"]) == (
+        "offsite",
+        "complete",
+    )
+    assert (row["targets"][1]["a"], row["targets"][1]["q"]) == (1.0, 1.0)
 
 
 def test_flipped_byte_on_default_is_named_and_restore_succeeds_from_the_copy(
