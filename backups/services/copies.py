@@ -109,13 +109,17 @@ def set_copies_after_success(backup_set: BackupSet) -> None:
 
 
 def set_copies_requeue() -> list[str]:
-    """Queue again the pending copies of succeeded sets (housekeeping; idempotent: a job
-    still waiting or running keeps its id)."""
-    pairs = list(
-        SetCopy.objects.filter(
-            state=CopyStatus.PENDING, backup_set__status=SetStatus.SUCCEEDED
-        ).values_list("backup_set_id", "target")
-    )
+    """Queue again the pending copies of succeeded sets, and copies left `copying` by a worker
+    that died (housekeeping). Idempotent: a job still waiting, scheduled for its retry or
+    running keeps its id and is not queued twice."""
+    pairs = []
+    active = SetCopy.objects.filter(
+        state__in=CopyStatus.ACTIVE, backup_set__status=SetStatus.SUCCEEDED
+    ).values_list("backup_set_id", "target")
+    for set_id, target in active:
+        status = queue.job_status(set_copy_job_id(set_id, target), queue=queue.BACKUPS)
+        if status not in queue.LIVE_STATUSES and status != "unknown":
+            pairs.append((set_id, target))
     _enqueue_all(pairs)
     return [set_copy_job_id(s, t) for s, t in pairs]
 

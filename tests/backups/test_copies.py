@@ -23,6 +23,7 @@ from django.urls import reverse
 from backups.engine.manifest import manifest_objects
 from backups.models import BackupPolicy, Chunk, SetCopy
 from backups.selectors.copies import set_copies_json
+from backups.services.housekeeping import housekeeping_checks
 from backups.services.restore_run_states import restore_run_start
 from backups.services.sets import set_manifest, set_prefix
 from backups.services.storage_targets import (
@@ -323,3 +324,22 @@ def test_copy_to_an_s3_server_lost_half_way_is_retried_then_alerts(
     assert set_copies_json(backup_set) == [{"target": "offsite", "state": "failed"}]
     # Reads never use a failed copy.
     assert [name for name, _ in set_read_targets(backup_set)] == ["default"]
+
+
+def test_copy_left_copying_by_a_dead_worker_is_queued_again_by_housekeeping(
+    copied, s3_env, run_jobs
+):
+    backup_set = copied
+    SetCopy.objects.filter(backup_set=backup_set).update(state="copying")  # the worker died
+    listed = s3_env["client"].list_objects_v2(Bucket=s3_env["bucket"], Prefix="copies/")
+    for item in listed["Contents"]:
+        s3_env["client"].delete_object(Bucket=s3_env["bucket"], Key=item["Key"])
+    assert [name for name, _ in set_read_targets(backup_set)] == ["default"]
+    result = housekeeping_checks()
+    assert result["copies_requeued"] == [f"copy-{backup_set.pk}-offsite"]
+    assert housekeeping_checks()["copies_requeued"] == []  # queued once, not twice
+    run_jobs("backups")
+    copy = SetCopy.objects.get(backup_set=backup_set)
+    assert (copy.state, copy.attempts) == ("complete", 2)
+    code, result, _ = _verify(backup_set.pk, "--target", "offsite")
+    assert code == 0 and result["q"] == 1.0
