@@ -17,7 +17,7 @@ from pathlib import Path
 import boto3
 import pytest
 from django.core import mail
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.urls import reverse
 
 from backups.engine.manifest import manifest_objects
@@ -25,7 +25,7 @@ from backups.models import BackupPolicy, Chunk, SetCopy
 from backups.selectors.copies import set_copies_json
 from backups.services.housekeeping import housekeeping_checks
 from backups.services.restore_run_states import restore_run_start
-from backups.services.sets import set_manifest, set_prefix
+from backups.services.sets import backup_set_expire, set_manifest, set_prefix
 from backups.services.storage_targets import (
     set_all_targets,
     set_read_targets,
@@ -343,3 +343,23 @@ def test_copy_left_copying_by_a_dead_worker_is_queued_again_by_housekeeping(
     assert (copy.state, copy.attempts) == ("complete", 2)
     code, result, _ = _verify(backup_set.pk, "--target", "offsite")
     assert code == 0 and result["q"] == 1.0
+
+
+def test_expiring_a_set_removes_every_copy(copied, s3_env, settings):
+    backup_set = copied
+    backup_set_expire(backup_set=backup_set, actor=make_user("operator"))
+    listed = s3_env["client"].list_objects_v2(Bucket=s3_env["bucket"], Prefix="copies/")
+    assert listed.get("KeyCount", 0) == 0
+    root = _default_root(settings) / set_prefix(backup_set)
+    assert not any(p.is_file() for p in root.rglob("*"))
+
+
+def test_verify_target_refuses_unknown_targets_and_sets_without_a_copy(copied, tmp_path):
+    backup_set = copied
+    with pytest.raises(CommandError, match="no storage target named nowhere"):
+        call_command("verify", str(backup_set.pk), "--target", "nowhere")
+    storage_target_add(name="spare", url=f"file://{tmp_path}", user=make_user("admin"))
+    with pytest.raises(
+        CommandError, match=f"set {backup_set.pk} has no copy on storage target spare"
+    ):
+        call_command("verify", str(backup_set.pk), "--target", "spare")
