@@ -363,3 +363,50 @@ def test_verify_target_refuses_unknown_targets_and_sets_without_a_copy(copied, t
         CommandError, match=f"set {backup_set.pk} has no copy on storage target spare"
     ):
         call_command("verify", str(backup_set.pk), "--target", "spare")
+
+
+def test_point_in_time_restore_reads_full_and_binlog_from_the_copy(
+    cluster, offsite, settings, run_jobs, mariadb_servers
+):
+    from datetime import UTC, datetime
+
+    from backups.services.full_backups import backup_start
+    from backups.services.restore_requests import restore_request_approve, restore_request_file
+    from tests.backups.test_pitr import next_second
+
+    full = make_backup(cluster, run_jobs)
+    for shard, server in shard_servers(cluster, mariadb_servers):
+        server.execute(
+            "UPDATE t_order SET note = 'after the full' WHERE id % 5 = 0",
+            "DELETE FROM t_order WHERE id > 650",
+            database=shard.database,
+        )
+    expected = {
+        shard.name: checksum_of(server, shard.database, "t_order")
+        for shard, server in shard_servers(cluster, mariadb_servers)
+    }
+    next_second()
+    at = datetime.now(UTC).replace(microsecond=0)
+    next_second()
+    incremental = backup_start(cluster=cluster, actor=make_user("operator"), kind="incremental")
+    run_jobs("backups")
+    incremental.refresh_from_db()
+    assert incremental.status == "succeeded", incremental.error
+    states = dict(SetCopy.objects.filter(target="offsite").values_list("backup_set_id", "state"))
+    assert states == {full.pk: "complete", incremental.pk: "complete"}
+    for backup_set in (full, incremental):  # the default target loses both sets
+        shutil.rmtree(_default_root(settings) / set_prefix(backup_set))
+
+    request = restore_request_file(
+        cluster=cluster, requester=make_user("operator"), at=at, target="side", reason="pitr"
+    )
+    restore_request_approve(request=request, approver=make_user("approver"))
+    run = restore_run_start(request=request, actor=make_user("operator"))
+    run_jobs("restores")
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error
+    assert set(run.served_by["objects"]) == {"offsite"}
+    for shard, server in shard_servers(cluster, mariadb_servers):
+        side = f"{shard.database}__r{request.pk}"
+        assert checksum_of(server, side, "t_order") == expected[shard.name]
+        server.execute(f"DROP DATABASE `{side}`")
