@@ -198,6 +198,7 @@ def report_drills(period: ReportPeriod) -> Iterator[dict[str, Any]]:
             "rows": v.backup_set.rows,
             "stored_bytes": v.backup_set.stored_bytes,
             "drill_instance": v.drill_instance_name,
+            "target": v.target or "",
         }
 
 
@@ -394,7 +395,7 @@ RESTORE_COLUMNS = [
     "approvals_required", "plan_summary", "state", "decided_at", "approval_chain", "outcome", "error",
 ]  # fmt: skip
 APPROVAL_COLUMNS = ["request", "by", "decision", "at", "comment"]
-DRILL_COLUMNS = ["id", "set", "finished_at", "status", "q", "t", "d", "a", "rto_seconds", "rows", "stored_bytes", "drill_instance"]  # fmt: skip
+DRILL_COLUMNS = ["id", "set", "finished_at", "status", "q", "t", "d", "a", "rto_seconds", "rows", "stored_bytes", "drill_instance", "target"]  # fmt: skip
 
 
 def _cell(value: Any) -> Any:
