@@ -24,7 +24,7 @@ from backups.engine.errors import EngineError
 from backups.engine.manifest import manifest_key, manifest_read
 from backups.models import BackupPolicy, BackupSet, SetCopy, StorageTarget
 from backups.services.errors import BackupError
-from backups.services.sets import default_storage, set_prefix, set_storage, storage_for_url
+from backups.services.sets import default_storage, set_prefix, set_storage
 from backups.status import CopyStatus
 from backups.storage import Storage, StorageError, storage_from_url
 from backups.storage.fallback import FallbackStorage
@@ -166,9 +166,8 @@ def storage_for_target(name: str) -> Storage:
     if target is None:
         raise StorageTargetError(f"there is no storage target named {name}")
     try:
-        if target.endpoint:
-            return storage_from_url(storage_target_url(target), endpoint_url=target.endpoint)
-        return storage_for_url(storage_target_url(target))
+        # A target's endpoint is its own: empty means AWS, whatever S3_ENDPOINT_URL says.
+        return storage_from_url(storage_target_url(target), endpoint_url=target.endpoint or None)
     except EngineError as exc:
         raise StorageTargetError(f"storage target {name} cannot be used: {exc}") from None
 
