@@ -98,10 +98,11 @@ def alert_quality_dropped(verification: VerificationRun) -> dict | None:
     if verification.q is not None and verification.q >= 1.0:
         return None
     what = "drill" if verification.drill else "storage check"
+    on = f" on storage target {verification.target}" if verification.target else ""
     if verification.q is None:
-        subject = f"{what} of set {backup_set.pk} of {cluster.name} could not run"
+        subject = f"{what} of set {backup_set.pk} of {cluster.name}{on} could not run"
     else:
-        subject = f"set {backup_set.pk} of {cluster.name} has Q = {verification.q:.4f} < 1"
+        subject = f"set {backup_set.pk} of {cluster.name}{on} has Q = {verification.q:.4f} < 1"
     lines = [f"{subject}.", ""]
     if verification.q is not None:
         lines.append(f"T = {verification.t}, D = {verification.d}, A = {verification.a} ({what})")
@@ -118,6 +119,7 @@ def alert_quality_dropped(verification: VerificationRun) -> dict | None:
             "set": backup_set.pk,
             "verification": verification.pk,
             "drill": verification.drill,
+            "target": verification.target or None,
             "q": verification.q,
             "t": verification.t,
             "d": verification.d,

@@ -56,7 +56,7 @@ def copy_max_attempts() -> int:
     return 1 + len(settings.COPY_RETRY_SECONDS)
 
 
-def set_copies_start(backup_set: BackupSet) -> list[SetCopy]:
+def set_copies_start(*, backup_set: BackupSet) -> list[SetCopy]:
     """One pending copy per `copy_to` target of the set's policy, each queued after commit.
 
     Called once a set has succeeded; a target that already has a copy of the set keeps it.
@@ -103,7 +103,7 @@ def _enqueue_all(pairs: list[tuple[int, str]]) -> None:
 def set_copies_after_success(backup_set: BackupSet) -> None:
     """The succeeded transition's on_commit hook: start the copies, never failing the caller."""
     try:
-        set_copies_start(backup_set)
+        set_copies_start(backup_set=backup_set)
     except Exception:  # noqa: BLE001 - the set succeeded either way; the copy is retried later
         log.exception("could not start the copies of set %s", backup_set.pk)
 

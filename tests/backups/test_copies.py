@@ -179,10 +179,13 @@ def test_flipped_byte_on_default_is_named_and_restore_succeeds_from_the_copy(
     path.write_bytes(bytes(data))
 
     # The default target alone: A < 1, and the object is named.
+    settings.ALERT_EMAILS = ["oncall@example.com"]
     code, only_default, err = _verify(backup_set.pk, "--target", "default")
     assert code == 1 and only_default["a"] < 1.0
     assert [p["object"] for p in only_default["problems"]] == [key]
     assert key in err
+    (alert,) = [m for m in mail.outbox if "on storage target default" in m.subject]
+    assert key in alert.body
 
     # With fallback: the object is read from the copy, named, and the set is whole.
     code, result, _ = _verify(backup_set.pk)
