@@ -8,7 +8,7 @@ import sys
 from io import StringIO
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.urls import reverse
 
 from backups.models import StorageTarget
@@ -55,6 +55,7 @@ def test_add_then_list_shows_both_and_is_audited(tmp_path, settings):
         "name": "offsite",
         "url": f"file://{tmp_path / 'offsite'}",
         "default": False,
+        "error": "",
     }
     code, out, _ = _storage(
         "add",
@@ -106,6 +107,17 @@ def test_add_refuses_bad_input_with_one_line(args, message):
     assert "\n" not in str(caught.value)
     assert "secret" not in str(caught.value)
     assert not StorageTarget.objects.exists()
+
+
+def test_add_with_json_prints_the_error_as_json_too(tmp_path):
+    admin = make_user("admin")
+    out = StringIO()
+    with pytest.raises(CommandError, match="not supported"):
+        call_command(
+            "storage", "add", "x", "gopher://h/x", "--as", admin.username, "--json", stdout=out
+        )
+    answer = json.loads(out.getvalue())
+    assert answer["name"] == "x" and "not supported" in answer["error"]
 
 
 def test_add_refuses_duplicates_and_non_admins(tmp_path):

@@ -51,14 +51,19 @@ class Command(BaseCommand):
         return self._list(**options)
 
     def _add(self, *, name, url, endpoint, option, check, as_user, as_json, **_):
+        def fail(message: str):
+            if as_json:  # one JSON object on stdout, also when the command fails
+                self.stdout.write(json.dumps({"name": name, "default": False, "error": message}))
+            raise CommandError(message)
+
         user = get_user_model().objects.filter(username=as_user, is_active=True).first()
         if user is None:
-            raise CommandError(f"no active user named {as_user!r}")
+            fail(f"no active user named {as_user!r}")
         parsed = {}
         for item in option:
             key, sep, value = item.partition("=")
             if not sep or not key:
-                raise CommandError(f"--option {item!r} must be KEY=VALUE")
+                fail(f"--option {item!r} must be KEY=VALUE")
             parsed[key] = value
         try:
             target = storage_target_add(
@@ -70,10 +75,10 @@ class Command(BaseCommand):
                 check_reachable=check,
             )
         except (StorageTargetError, RoleDenied) as exc:
-            raise CommandError(str(exc)) from None
+            fail(str(exc))
         if as_json:
             self.stdout.write(
-                json.dumps({"name": target.name, "url": target.url, "default": False})
+                json.dumps({"name": target.name, "url": target.url, "default": False, "error": ""})
             )
         else:
             self.stdout.write(f"storage target {target.name} added: {target.url}")
