@@ -6,61 +6,100 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('backups', '0003_policy_schedules_retention_holds'),
+        ("backups", "0003_policy_schedules_retention_holds"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='restorerun',
-            name='served_by',
+            model_name="restorerun",
+            name="served_by",
             field=models.JSONField(blank=True, default=dict),
         ),
         migrations.AddField(
-            model_name='verificationrun',
-            name='served_by',
+            model_name="verificationrun",
+            name="served_by",
             field=models.JSONField(blank=True, default=dict),
         ),
         migrations.AddField(
-            model_name='verificationrun',
-            name='target',
+            model_name="verificationrun",
+            name="target",
             field=models.CharField(blank=True, max_length=63),
         ),
         migrations.CreateModel(
-            name='StorageTarget',
+            name="StorageTarget",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=63, unique=True)),
-                ('url', models.CharField(max_length=500)),
-                ('endpoint', models.CharField(blank=True, max_length=500)),
-                ('options', models.JSONField(blank=True, default=dict)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=63, unique=True)),
+                ("url", models.CharField(max_length=500)),
+                ("endpoint", models.CharField(blank=True, max_length=500)),
+                ("options", models.JSONField(blank=True, default=dict)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='SetCopy',
+            name="SetCopy",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('target', models.CharField(max_length=63)),
-                ('state', models.CharField(choices=[('pending', 'Pending'), ('copying', 'Copying'), ('complete', 'Complete'), ('failed', 'Failed')], default='pending', max_length=10)),
-                ('attempts', models.PositiveIntegerField(default=0)),
-                ('objects_copied', models.PositiveIntegerField(default=0)),
-                ('bytes', models.BigIntegerField(default=0)),
-                ('error', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('backup_set', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='copies', to='backups.backupset')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("target", models.CharField(max_length=63)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("copying", "Copying"),
+                            ("complete", "Complete"),
+                            ("failed", "Failed"),
+                        ],
+                        default="pending",
+                        max_length=10,
+                    ),
+                ),
+                ("attempts", models.PositiveIntegerField(default=0)),
+                ("objects_copied", models.PositiveIntegerField(default=0)),
+                ("bytes", models.BigIntegerField(default=0)),
+                ("error", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "backup_set",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="copies",
+                        to="backups.backupset",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['backup_set', 'id'],
-                'constraints': [models.UniqueConstraint(fields=('backup_set', 'target'), name='set_copy_once')],
+                "ordering": ["backup_set", "id"],
+                "constraints": [
+                    models.UniqueConstraint(fields=("backup_set", "target"), name="set_copy_once")
+                ],
             },
         ),
     ]
