@@ -42,6 +42,8 @@ if not _data_key:
         "data_key", lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
     )
 SHARDVAULT_DATA_KEY = _data_key
+# Earlier master keys, kept only to read what they made until `keys rotate` has run.
+SHARDVAULT_OLD_DATA_KEYS = env.list("SHARDVAULT_OLD_DATA_KEYS", default=[])
 
 ALLOWED_HOSTS = env.list("SHARDVAULT_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("SHARDVAULT_CSRF_TRUSTED_ORIGINS", default=[])
