@@ -44,6 +44,10 @@ if not _data_key:
 SHARDVAULT_DATA_KEY = _data_key
 # Earlier master keys, kept only to read what they made until `keys rotate` has run.
 SHARDVAULT_OLD_DATA_KEYS = env.list("SHARDVAULT_OLD_DATA_KEYS", default=[])
+# GET /metrics is served only when this is set, to requests bearing it.
+SHARDVAULT_METRICS_TOKEN = env.str("SHARDVAULT_METRICS_TOKEN", default="")
+# The key webhook bodies are signed with (X-ShardVault-Signature: sha256=<hex HMAC>).
+SHARDVAULT_WEBHOOK_SECRET = env.str("SHARDVAULT_WEBHOOK_SECRET", default="")
 
 ALLOWED_HOSTS = env.list("SHARDVAULT_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("SHARDVAULT_CSRF_TRUSTED_ORIGINS", default=[])
