@@ -148,6 +148,15 @@ class CurrentJob:
     def id(self) -> str:
         return self._job.id if self._job is not None else ""
 
+    @property
+    def attempt(self) -> int:
+        """1 on a job's first run, 2 on its first retry (enqueued with `retry_after`), ..."""
+        job = self._job
+        intervals = getattr(job, "retry_intervals", None) if job is not None else None
+        if not intervals or job.retries_left is None:
+            return 1
+        return max(1, len(intervals) - job.retries_left + 1)
+
     def publish(self, meta: dict[str, Any]) -> None:
         """Merge `meta` into the job's meta (RQ's own dashboard reads it)."""
         if self._job is None:

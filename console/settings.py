@@ -173,6 +173,12 @@ JOB_HEARTBEAT_STALE_SECONDS = env.int("SHARDVAULT_HEARTBEAT_STALE_SECONDS", defa
 COPY_RETRY_SECONDS = [
     int(v) for v in env.list("SHARDVAULT_COPY_RETRY_SECONDS", default=["30", "120", "600"])
 ]
+# A webhook delivery that fails (no answer, or not 2xx) is tried again after each of these
+# delays (seconds), then given up (logged with its event name, never its URL).
+WEBHOOK_RETRY_SECONDS = [
+    int(v)
+    for v in env.list("SHARDVAULT_WEBHOOK_RETRY_SECONDS", default=["10", "60", "300", "1800"])
+]
 
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # HTMX reads nothing from it; the token is put on <body>.

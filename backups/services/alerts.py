@@ -21,6 +21,7 @@ from django.utils import timezone
 import notify
 from backups.models import BackupSet, RestoreRequest, RestoreRun, SetCopy, VerificationRun
 from backups.selectors.verification import cluster_rpo_target
+from backups.services.webhooks import webhook_event
 from backups.status import SetStatus
 from console.roles import ADMIN, APPROVER, OPERATOR
 from shards.models import Cluster
@@ -28,26 +29,20 @@ from shards.models import Cluster
 
 def _alert(*, kind: str, cluster: Cluster, subject: str, body: str, payload: dict) -> dict:
     """Send one alert by email (SHARDVAULT_ALERT_EMAILS, else every admin and operator) and,
-    when the cluster's policy names one, to its webhook.
+    when the cluster's policy names one, as a signed webhook (queued, retried with backoff).
 
-    Returns {"email": bool, "webhook": bool|None} (None: no webhook configured).
+    Returns {"email": bool, "webhook": bool|None} (None: no webhook configured; True: queued).
     """
-    policy = getattr(cluster, "policy", None)  # None when the cluster has no policy
     configured = list(settings.ALERT_EMAILS)
-    return notify.send(
+    sent = notify.send(
         subject=subject,
         body=body,
         emails=configured,
         roles=() if configured else (ADMIN, OPERATOR),
-        webhook_url=policy.webhook_url if policy is not None else "",
-        payload={
-            "alert": kind,
-            "cluster": getattr(cluster, "name", ""),
-            "subject": subject,
-            "at": timezone.now().isoformat(),
-            **payload,
-        },
     )
+    document = webhook_event(cluster, kind, {"alert": kind, "subject": subject, **payload})
+    sent["webhook"] = None if document is None else True
+    return sent
 
 
 def alert_backup_failed(backup_set: BackupSet) -> dict | None:
@@ -212,6 +207,7 @@ def notify_request_filed(*, request_id: int) -> None:
         roles=(APPROVER, ADMIN),
         exclude_user_id=request.requested_by_id,
     )
+    webhook_event(request.cluster, "restore_requested", _restore_payload(request))
 
 
 def notify_decision(*, request_id: int, decision: str, by: int) -> None:
@@ -228,6 +224,11 @@ def notify_decision(*, request_id: int, decision: str, by: int) -> None:
         + (f": {comment}" if comment else ".")
         + "\n",
         emails=[request.requested_by.email],
+    )
+    webhook_event(
+        request.cluster,
+        "restore_approved" if decision == "approve" else "restore_rejected",
+        {**_restore_payload(request), "by": who, "comment": comment},
     )
 
 
@@ -246,3 +247,18 @@ def notify_run_finished(*, run_id: int) -> None:
         + "\n",
         emails=[request.requested_by.email],
     )
+    webhook_event(
+        request.cluster,
+        f"restore_{run.status}",
+        {**_restore_payload(request), "run": run.pk, "q": run.q, "error": run.error},
+    )
+
+
+def _restore_payload(request: RestoreRequest) -> dict:
+    return {
+        "request": request.pk,
+        "state": request.state,
+        "source_set": request.source_set_id,
+        "target": request.target_label,
+        "requested_by": request.requested_by.get_username(),
+    }
