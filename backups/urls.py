@@ -8,6 +8,7 @@ urlpatterns = [
     path("start/", sets.set_start, name="set_start"),
     path("<int:pk>/", sets.set_detail, name="set_detail"),
     path("<int:pk>/progress/", sets.set_progress, name="set_progress"),
+    path("<int:pk>/shards/", sets.set_shards, name="set_shards"),
     path("<int:pk>/cancel/", sets.set_cancel, name="set_cancel"),
     path("<int:set_id>/verify/", verify.verify_start, name="verify_start"),
     path("<int:set_id>/quality/", verify.set_quality_view, name="set_quality"),

@@ -28,7 +28,7 @@ from backups.engine.errors import Cancelled, EngineError
 from backups.engine.manifest import manifest_document, manifest_encryption, manifest_write
 from backups.models import BackupPolicy, BackupSet, BinlogSegment, ShardBackup
 from backups.services.errors import BackupError, BackupRefused, ChainError, ChainRefused
-from backups.services.progress import JobTracker
+from backups.services.progress import JobTracker, worker_name
 from backups.services.sets import (
     WORKER_ACTOR,
     backup_authorise,
@@ -179,7 +179,7 @@ def _begin(backup_set: BackupSet) -> bool:
         locked.started_at = now
         locked.heartbeat_at = now
         locked.save(update_fields=["status", "started_at", "heartbeat_at"])
-        locked.shard_backups.update(status=PartStatus.RUNNING, started_at=now)
+        locked.shard_backups.update(status=PartStatus.RUNNING, started_at=now, worker=worker_name())
         audit_record(
             actor=WORKER_ACTOR, action="backup.run", obj=locked, details={"kind": "incremental"}
         )

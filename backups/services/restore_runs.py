@@ -34,6 +34,7 @@ from backups.engine.types import TableLoadJob
 from backups.models import BackupSet, LoadedChunk, RestoreRequest, RestoreRun, RestoreTableResult
 from backups.services.connection_slots import ConnectionSlots, SlotNeed
 from backups.services.errors import RestoreError, SwapIncomplete
+from backups.services.live_progress import RunShardProgress, progress_for_shard
 from backups.services.pitr import pitr_apply
 from backups.services.progress import JobTracker
 from backups.services.restore_plan import manifest_shards, manifest_tables
@@ -286,7 +287,7 @@ def _restore_shard(
                 result = load_table(
                     job,
                     storage,
-                    progress=tracker.progress,
+                    progress=progress_for_shard(tracker.progress, shard_doc["name"]),
                     should_cancel=tracker.should_cancel,
                     is_chunk_done=lambda key: key in done_keys,
                     on_chunk_done=ledger.chunk_done,
@@ -404,7 +405,13 @@ def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
     if resume:
         rows_done = sum(LoadedChunk.objects.filter(run=run).values_list("rows", flat=True))
     # The tracker beats while the run works, also through long chunks and checksums.
-    tracker = JobTracker(RestoreRun, run.pk, rows_done=rows_done, interval=PROGRESS_EVERY_SECONDS)
+    tracker = JobTracker(
+        RestoreRun,
+        run.pk,
+        rows_done=rows_done,
+        interval=PROGRESS_EVERY_SECONDS,
+        on_flush=RunShardProgress(run.pk),  # each shard's live figures for the run page
+    )
     tracker.start()
     try:
         return _execute(run, request, request.plan, tracker, resume=resume)
