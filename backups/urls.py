@@ -1,6 +1,6 @@
 from django.urls import path
 
-from backups.views import sets, storage, verify
+from backups.views import keys, sets, storage, verify
 
 app_name = "backups"
 urlpatterns = [
@@ -13,4 +13,5 @@ urlpatterns = [
     path("<int:set_id>/verify/", verify.verify_start, name="verify_start"),
     path("<int:set_id>/quality/", verify.set_quality_view, name="set_quality"),
     path("storage/", storage.storage_targets, name="storage_targets"),
+    path("keys/", keys.key_ids, name="key_ids"),
 ]

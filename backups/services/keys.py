@@ -101,37 +101,43 @@ def manifest_signer_id(doc: dict) -> str:
     return ""
 
 
-def keys_status() -> dict:
+def keys_status(*, manifests: bool = True) -> dict:
     """{"current", "keys": [{"id", "sets", "passwords", "manifests"}]}: per key id, how
     many encrypted sets' data keys, stored passwords and stored manifests it protects.
 
     Every configured key is listed (current first, then SHARDVAULT_OLD_DATA_KEYS), followed
     by any id found on data that no configured key has. Reads every set's manifest on every
-    target that holds it.
+    target that holds it; with `manifests=False` (a page) it reads none and "manifests"
+    is None.
     """
     sets: Counter = Counter()
-    manifests: Counter = Counter()
+    signed: Counter = Counter()
     passwords: Counter = Counter()
     for backup_set in BackupSet.objects.exclude(status=SetStatus.EXPIRED).select_related("cluster"):
         if backup_set.encrypted and backup_set.wrapped_key:
             sets[console_keys.canonical_key_id(wrapped_key_id(backup_set.wrapped_key))] += 1
-        if backup_set.status in SetStatus.ACTIVE:
+        if not manifests or backup_set.status in SetStatus.ACTIVE:
             continue
         key = manifest_key(set_prefix(backup_set))
         for _name, storage in set_targets(backup_set):
             found = _read_manifest(storage, key)
             if found is not None and found[1]:
-                manifests[manifest_signer_id(found[1]) or "unknown"] += 1
+                signed[manifest_signer_id(found[1]) or "unknown"] += 1
     for token in Instance.objects.exclude(password_encrypted="").values_list(
         "password_encrypted", flat=True
     ):
         passwords[console_keys.secret_key_id(token) or "unknown"] += 1
     ids = console_keys.known_key_ids()
-    ids += sorted((set(sets) | set(manifests) | set(passwords)) - set(ids))
+    ids += sorted((set(sets) | set(signed) | set(passwords)) - set(ids))
     return {
         "current": console_keys.current_key_id(),
         "keys": [
-            {"id": kid, "sets": sets[kid], "passwords": passwords[kid], "manifests": manifests[kid]}
+            {
+                "id": kid,
+                "sets": sets[kid],
+                "passwords": passwords[kid],
+                "manifests": signed[kid] if manifests else None,
+            }
             for kid in ids
         ],
     }

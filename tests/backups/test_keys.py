@@ -235,3 +235,27 @@ def test_password_is_read_with_the_key_its_id_names(key_a, settings):
     settings.SHARDVAULT_OLD_DATA_KEYS = [key_a]
     assert console_keys.decrypt_secret(token) == "s3cret"
     assert console_keys.secret_key_id(token) == engine_keys.key_id(key_a)
+
+
+def test_keys_page_shows_key_ids_to_admins_only(client, key_a, settings):
+    from tests.backups.test_backup_pages import login
+
+    key_b = _new_key()
+    settings.SHARDVAULT_DATA_KEY = key_b
+    settings.SHARDVAULT_OLD_DATA_KEYS = [key_a]
+    other = Cluster.objects.create(name="kp")
+    Instance.objects.create(
+        cluster=other,
+        name="a",
+        host="127.0.0.1",
+        user="backup",
+        password_encrypted=engine_keys.encrypt_secret("pw", key_a),
+    )
+    login(client, "operator")
+    assert client.get("/backups/keys/").status_code == 403
+    login(client, "admin")
+    html = client.get("/backups/keys/").content.decode()
+    id_a, id_b = engine_keys.key_id(key_a), engine_keys.key_id(key_b)
+    assert f'data-key-id="{id_b}"' in html and f'data-key-id="{id_a}"' in html
+    assert "old: still in use" in html
+    assert key_a not in html and key_b not in html
