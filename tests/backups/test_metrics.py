@@ -72,13 +72,15 @@ def test_metrics_are_404_without_a_token_setting_and_401_with_a_wrong_token(clie
 
 
 @pytest.mark.django_db
-def test_metrics_describe_every_cluster_with_a_bounded_number_of_queries(client, settings):
+def test_metrics_describe_every_cluster_with_a_bounded_number_of_queries(
+    client, settings, django_assert_max_num_queries
+):
     settings.SHARDVAULT_METRICS_TOKEN = TOKEN
     _fill(2, 5, "small")
     with CaptureQueriesContext(connection) as few:
         assert _scrape(client).status_code == 200
     _fill(30, 40, "many")
-    with CaptureQueriesContext(connection) as many:
+    with django_assert_max_num_queries(10), CaptureQueriesContext(connection) as many:
         response = _scrape(client)
     assert len(many) == len(few) <= 10
     samples = _samples(response)
