@@ -16,8 +16,11 @@ from django.db import transaction
 
 from backups.models import BackupPolicy, BackupSet
 from backups.services.full_backups import backup_start
+from backups.services.restore_run_states import restore_run_start
 from backups.services.webhooks import webhook_event, webhook_retention_removed
 from shards.models import Cluster, Instance
+from tests.backups.test_restore_rules import file_request, make_backup
+from tests.backups.test_restore_run import approve
 from tests.factories import make_cluster, make_user
 from tests.servers import free_port
 
@@ -131,3 +134,31 @@ def test_a_failed_backup_reaches_the_webhook_signed(
     sent = json.loads(body)
     assert sent["event"] == "backup_failed" and sent["set"] == backup_set.pk
     assert sent["cluster"] == cluster.name and sent["error"]
+
+
+def test_restore_requested_approved_and_succeeded_reach_the_webhook(
+    receiver, webhook_settings, run_jobs, mariadb_servers, unique_name
+):
+    receiver.statuses = []  # every delivery accepted at once
+    cluster = make_cluster(mariadb_servers[:1], name=f"wr{unique_name}", tables={"t_user": 5})
+    BackupPolicy.objects.update_or_create(
+        cluster=cluster, defaults={"webhook_url": receiver.url, "verify_automatically": False}
+    )
+    backup_set = make_backup(cluster, run_jobs)
+    request = file_request(cluster, backup_set, target="side")
+    approve(request)
+    restore_run_start(request=request, actor=make_user("operator"))
+    run_jobs("restores")
+    run_jobs("default")
+    events = [json.loads(body) for _headers, body in receiver.received]
+    assert all(_signed_ok(h, b) for h, b in receiver.received)
+    assert [e["event"] for e in events] == [
+        "restore_requested",
+        "restore_approved",
+        "restore_succeeded",
+    ]
+    assert {e["request"] for e in events} == {request.pk}
+    assert events[1]["state"] == "approved" and events[2]["q"] == 1.0
+    for shard in cluster.shards.select_related("instance"):
+        server = next(s for s in mariadb_servers if s.endpoint.port == shard.instance.port)
+        server.execute(f"DROP DATABASE IF EXISTS `{shard.database}__r{request.pk}`")
