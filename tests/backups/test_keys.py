@@ -259,3 +259,24 @@ def test_keys_page_shows_key_ids_to_admins_only(client, key_a, settings):
     assert f'data-key-id="{id_b}"' in html and f'data-key-id="{id_a}"' in html
     assert "old: still in use" in html
     assert key_a not in html and key_b not in html
+
+
+def test_a_set_key_wrapped_under_the_legacy_key_id_still_opens(key_a, settings):
+    """Sets made before key ids were 8 hex digits carry sha256("key-id:" + key)[:16]."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    legacy_id = engine_keys.legacy_key_id(key_a)
+    assert len(legacy_id) == 16 and legacy_id != engine_keys.key_id(key_a)
+    data_key, nonce = os.urandom(32), os.urandom(12)
+    sealed = AESGCM(engine_keys.derive_key(key_a, "backup-kek")).encrypt(
+        nonce, data_key, f"shardvault-data-key:sv1:{legacy_id}".encode()
+    )
+    wrapped = f"sv1.{legacy_id}.{base64.urlsafe_b64encode(nonce + sealed).decode().rstrip('=')}"
+    settings.SHARDVAULT_DATA_KEY = _new_key()
+    settings.SHARDVAULT_OLD_DATA_KEYS = [key_a]
+    assert console_keys.data_key_unwrap(wrapped) == data_key
+    assert console_keys.canonical_key_id(legacy_id) == engine_keys.key_id(key_a)
+    rewrapped = console_keys.data_key_rewrap(wrapped)
+    assert rewrapped.split(".")[1] == console_keys.current_key_id()
+    settings.SHARDVAULT_OLD_DATA_KEYS = []
+    assert console_keys.data_key_unwrap(rewrapped) == data_key
