@@ -4,6 +4,7 @@ from django.conf import settings
 from django.db import models
 
 from backups.status import (
+    CopyStatus,
     PartStatus,
     RequestState,
     ResultStatus,
@@ -394,6 +395,9 @@ class RestoreRun(models.Model):
     # Where each shard's binlog apply stopped: [{"shard", "instance", "file", "pos", "gtid",
     # "time", "next_gtid", "reached", "target"}].
     stop_points = models.JSONField(default=list, blank=True)
+    # {"objects": {target: objects it served}, "fallbacks": [{"object", "target", "reason",
+    #  "served_by"}]}: which storage target served the reads (backups.services.storage_targets)
+    served_by = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
 
     class Meta:
@@ -473,6 +477,11 @@ class VerificationRun(models.Model):
     q = models.FloatField(null=True, blank=True)
     rto_seconds = models.FloatField(null=True, blank=True)  # drills only
     drill_instance_name = models.CharField(max_length=63, blank=True)
+    # "" reads every target with fallback; a target name checks that one copy only.
+    target = models.CharField(max_length=63, blank=True)
+    # {"objects": {target: objects it served}, "fallbacks": [{"object", "target", "reason",
+    #  "served_by"}]}: which storage target served the reads (backups.services.storage_targets)
+    served_by = models.JSONField(default=dict, blank=True)
     # [{"object": key} or {"table": "db.t"}, "reason": "..."]
     problems = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
@@ -512,3 +521,53 @@ class ScheduleTick(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} tick {self.tick_at:%Y-%m-%d %H:%M} of {self.cluster_id}"
+
+
+class StorageTarget(models.Model):
+    """A named place that holds copies of sets (DESIGN.md "Storage targets and copies").
+
+    The target named `default` is STORAGE_URL (+ S3_ENDPOINT_URL) and has no row.
+    `options` holds S3 options (sse, sse_kms_key_id, storage_class, region,
+    addressing_style), applied as the URL's query parameters.
+    """
+
+    name = models.CharField(max_length=63, unique=True)
+    url = models.CharField(max_length=500)
+    endpoint = models.CharField(max_length=500, blank=True)
+    options = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        USER, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class SetCopy(models.Model):
+    """A set's copy on one `copy_to` target."""
+
+    Status = CopyStatus
+
+    backup_set = models.ForeignKey(BackupSet, on_delete=models.CASCADE, related_name="copies")
+    target = models.CharField(max_length=63)
+    state = models.CharField(max_length=10, choices=CopyStatus.choices, default="pending")
+    attempts = models.PositiveIntegerField(default=0)
+    objects_copied = models.PositiveIntegerField(default=0)
+    bytes = models.BigIntegerField(default=0)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["backup_set", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["backup_set", "target"], name="set_copy_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"copy of set {self.backup_set_id} on {self.target}"

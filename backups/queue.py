@@ -21,7 +21,7 @@ from typing import Any
 import django_rq
 from django.conf import settings
 from redis.exceptions import RedisError
-from rq import Callback, Worker, get_current_job
+from rq import Callback, Retry, Worker, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
@@ -71,9 +71,11 @@ def enqueue(
     after: timedelta | None = None,
     result_ttl: int = 7 * 24 * 3600,
     failure_ttl: int = 30 * 24 * 3600,
+    retry_after: list[int] | None = None,
 ) -> str | None:
     """Queue `path(*args)` on `queue` (now, `at` a time, or `after` a delay).
 
+    `retry_after` (seconds) lets RQ run a job that raised again after each delay in turn.
     Returns the job id, or None when a job with `job_id` is still waiting or running (a
     duplicate is never queued). Raises QueueUnavailable when Redis cannot be reached.
     """
@@ -93,6 +95,8 @@ def enqueue(
         options["job_timeout"] = timeout
     if on_failure:
         options["on_failure"] = Callback(on_failure)
+    if retry_after:
+        options["retry"] = Retry(max=len(retry_after), interval=list(retry_after))
     if at is not None:
         job = rq_queue.enqueue_at(at, path, *args, **options)
     elif after is not None:
@@ -143,6 +147,15 @@ class CurrentJob:
     @property
     def id(self) -> str:
         return self._job.id if self._job is not None else ""
+
+    @property
+    def attempt(self) -> int:
+        """1 on a job's first run, 2 on its first retry (enqueued with `retry_after`), ..."""
+        job = self._job
+        intervals = getattr(job, "retry_intervals", None) if job is not None else None
+        if not intervals or job.retries_left is None:
+            return 1
+        return max(1, len(intervals) - job.retries_left + 1)
 
     def publish(self, meta: dict[str, Any]) -> None:
         """Merge `meta` into the job's meta (RQ's own dashboard reads it)."""

@@ -104,3 +104,13 @@ class RequestState(Lifecycle):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+@lifecycle(active=("pending", "copying"), final=("complete", "failed"))
+class CopyStatus(Lifecycle):
+    """One set's copy on one storage target (SetCopy): `failed` only after its last retry."""
+
+    PENDING = "pending"
+    COPYING = "copying"
+    COMPLETE = "complete"
+    FAILED = "failed"

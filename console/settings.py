@@ -42,6 +42,12 @@ if not _data_key:
         "data_key", lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
     )
 SHARDVAULT_DATA_KEY = _data_key
+# Earlier master keys, kept only to read what they made until `keys rotate` has run.
+SHARDVAULT_OLD_DATA_KEYS = env.list("SHARDVAULT_OLD_DATA_KEYS", default=[])
+# GET /metrics is served only when this is set, to requests bearing it.
+SHARDVAULT_METRICS_TOKEN = env.str("SHARDVAULT_METRICS_TOKEN", default="")
+# The key webhook bodies are signed with (X-ShardVault-Signature: sha256=<hex HMAC>).
+SHARDVAULT_WEBHOOK_SECRET = env.str("SHARDVAULT_WEBHOOK_SECRET", default="")
 
 ALLOWED_HOSTS = env.list("SHARDVAULT_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("SHARDVAULT_CSRF_TRUSTED_ORIGINS", default=[])
@@ -171,6 +177,17 @@ BACKUP_LOCK_WAIT_TIMEOUT = env.int("SHARDVAULT_LOCK_WAIT_TIMEOUT", default=2)
 BACKUP_LOCK_RETRIES = env.int("SHARDVAULT_LOCK_RETRIES", default=5)
 # A running job writes a heartbeat at least this often; older means its worker died.
 JOB_HEARTBEAT_STALE_SECONDS = env.int("SHARDVAULT_HEARTBEAT_STALE_SECONDS", default=60)
+# A set's copy to a storage target that fails is tried again after each of these delays
+# (seconds), then alerts (backups.services.copies).
+COPY_RETRY_SECONDS = [
+    int(v) for v in env.list("SHARDVAULT_COPY_RETRY_SECONDS", default=["30", "120", "600"])
+]
+# A webhook delivery that fails (no answer, or not 2xx) is tried again after each of these
+# delays (seconds), then given up (logged with its event name, never its URL).
+WEBHOOK_RETRY_SECONDS = [
+    int(v)
+    for v in env.list("SHARDVAULT_WEBHOOK_RETRY_SECONDS", default=["10", "60", "300", "1800"])
+]
 
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # HTMX reads nothing from it; the token is put on <body>.

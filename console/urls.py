@@ -13,4 +13,5 @@ urlpatterns = [
     path("backups/", include("backups.urls")),
     path("restores/", include("backups.urls_restores")),
     path("", include("console.urls_audit")),
+    path("", include("backups.urls_metrics")),
 ]

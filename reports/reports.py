@@ -32,7 +32,14 @@ from typing import Any
 from django.db.models import Prefetch
 from django.utils import timezone
 
-from backups.models import Approval, BackupSet, RestoreRequest, RestoreRun, VerificationRun
+from backups.models import (
+    Approval,
+    BackupSet,
+    RestoreRequest,
+    RestoreRun,
+    SetCopy,
+    VerificationRun,
+)
 from backups.selectors.verification import cluster_rpo_target, quality_level, sets_with_quality
 from backups.status import SetStatus
 from console.audit import audit_chain_head
@@ -107,7 +114,10 @@ def report_sets(period: ReportPeriod) -> Iterator[dict[str, Any]]:
     verifications = VerificationRun.objects.filter(finished_at__isnull=False).order_by(
         "finished_at"
     )
-    qs = qs.prefetch_related(Prefetch("verifications", queryset=verifications, to_attr="done"))
+    qs = qs.prefetch_related(
+        Prefetch("verifications", queryset=verifications, to_attr="done"),
+        Prefetch("copies", queryset=SetCopy.objects.order_by("id"), to_attr="copy_list"),
+    )
     for s in qs.iterator(chunk_size=500):
         yield {
             "id": s.pk,
@@ -137,13 +147,31 @@ def report_sets(period: ReportPeriod) -> Iterator[dict[str, Any]]:
                     "status": v.status,
                     "at": _iso(v.finished_at),
                     "q": v.q,
+                    "target": v.target or None,
                     "problems": v.problems or [],
                 }
                 for v in s.done
             ],
+            "targets": _set_targets(s),
             "problems": s.v_problems or [],
             "error": s.error,
         }
+
+
+def _set_targets(backup_set) -> list[dict[str, Any]]:
+    """A and Q per storage target holding the set: each target's newest `verify --target`."""
+    latest = {v.target: v for v in backup_set.done if v.target and v.q is not None}
+    rows = [("default", "complete")] + [(c.target, c.state) for c in backup_set.copy_list]
+    return [
+        {
+            "target": name,
+            "copy_state": state,
+            "a": latest[name].a if name in latest else None,
+            "q": latest[name].q if name in latest else None,
+            "checked_at": _iso(latest[name].finished_at) if name in latest else None,
+        }
+        for name, state in rows
+    ]
 
 
 def report_drills(period: ReportPeriod) -> Iterator[dict[str, Any]]:
@@ -171,6 +199,7 @@ def report_drills(period: ReportPeriod) -> Iterator[dict[str, Any]]:
             "rows": v.backup_set.rows,
             "stored_bytes": v.backup_set.stored_bytes,
             "drill_instance": v.drill_instance_name,
+            "target": v.target or "",
         }
 
 
@@ -360,13 +389,14 @@ SET_COLUMNS = [
     "id", "kind", "status", "consistency", "created_at", "started_at", "finished_at",
     "consistent_at", "rows", "raw_bytes", "stored_bytes", "lock_window_ms", "q", "t", "d", "a",
     "quality", "verified_at", "last_drill_at", "drill_q", "verification_dates", "problems", "error",
+    "targets",
 ]  # fmt: skip
 RESTORE_COLUMNS = [
     "id", "created_at", "requested_by", "reason", "source_set", "at", "scope", "target",
     "approvals_required", "plan_summary", "state", "decided_at", "approval_chain", "outcome", "error",
 ]  # fmt: skip
 APPROVAL_COLUMNS = ["request", "by", "decision", "at", "comment"]
-DRILL_COLUMNS = ["id", "set", "finished_at", "status", "q", "t", "d", "a", "rto_seconds", "rows", "stored_bytes", "drill_instance"]  # fmt: skip
+DRILL_COLUMNS = ["id", "set", "finished_at", "status", "q", "t", "d", "a", "rto_seconds", "rows", "stored_bytes", "drill_instance", "target"]  # fmt: skip
 
 
 def _cell(value: Any) -> Any:
@@ -394,6 +424,10 @@ def report_csv(period: ReportPeriod) -> Iterator[str]:
             )
             s["problems"] = "; ".join(
                 f"{p.get('object') or p.get('table')}: {p.get('reason')}" for p in s["problems"]
+            )
+            s["targets"] = "; ".join(
+                f"{t['target']} ({t['copy_state']}): A={_cell(t['a'])} Q={_cell(t['q'])}"
+                for t in s["targets"]
             )
             yield w.writerow(["sets", *(_cell(s.get(c)) for c in SET_COLUMNS)])
         yield w.writerow(["section", *DRILL_COLUMNS])

@@ -20,7 +20,7 @@ Format 1 (built by `manifest_document`, for full sets by the dump engine through
                              "chunks": [{"index", "key", "rows", "raw_bytes",
                                          "stored_bytes", "sha256"}]}]}],
      "binlog": [{"key", "sha256", "stored_bytes", "instance", ...}],
-     "totals": {...}, "signature": {"algorithm": "hmac-sha256", "value": hex}}
+     "totals": {...}, "signature": {"algorithm": "hmac-sha256", "value": hex, "key_id"}}
 
 Full sets also carry "lock_window_ms", "started_by", "topology" and "checksum_algorithm",
 and the policy's exclusions: "exclude_tables" (the glob patterns in force), "excluded" (every
@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from backups.engine import checksum
 from backups.engine.errors import EngineError, IntegrityError
+from backups.engine.keys import ManifestKeys
 from backups.engine.snapshot import Coordinates
 from backups.engine.types import BackupResult, BackupSpec, ChunkResult
 from backups.storage.base import Storage, StoredObject
@@ -245,18 +246,36 @@ def manifest_key(set_prefix: str) -> str:
     return f"{set_prefix.strip('/')}/{MANIFEST_NAME}"
 
 
-def manifest_sign(doc: dict, hmac_key: bytes) -> dict:
-    """A copy of `doc` (normalised to JSON types) with its "signature" member set."""
-    if not hmac_key:
+def _as_keys(hmac_key: bytes | ManifestKeys) -> ManifestKeys:
+    if isinstance(hmac_key, ManifestKeys):
+        return hmac_key
+    return ManifestKeys(signing=hmac_key)
+
+
+def manifest_signing_key_id(doc: dict) -> str:
+    """The key id the manifest's signature names ("" for one signed before ids existed)."""
+    signature = doc.get("signature") if isinstance(doc, dict) else None
+    return str(signature.get("key_id") or "") if isinstance(signature, dict) else ""
+
+
+def manifest_sign(doc: dict, hmac_key: bytes | ManifestKeys) -> dict:
+    """A copy of `doc` (normalised to JSON types) with its "signature" member set; the
+    signature names the signing key's id when `hmac_key` is a ManifestKeys that has one."""
+    keys = _as_keys(hmac_key)
+    if not keys.signing:
         raise EngineError("cannot sign the manifest: no signing key was given")
     signed = _normalise(doc)
     signed.pop("signature", None)
-    signed["signature"] = {"algorithm": SIGNATURE_ALGORITHM, "value": _mac(signed, hmac_key)}
+    signature = {"algorithm": SIGNATURE_ALGORITHM, "value": _mac(signed, keys.signing)}
+    if keys.signing_id:
+        signature["key_id"] = keys.signing_id
+    signed["signature"] = signature
     return signed
 
 
-def manifest_verify(doc: dict, hmac_key: bytes) -> None:
-    """Raise EngineError unless `doc` carries a valid signature under `hmac_key`."""
+def manifest_verify(doc: dict, hmac_key: bytes | ManifestKeys) -> None:
+    """Raise EngineError unless `doc` carries a valid signature under `hmac_key` (with a
+    ManifestKeys: the key its signature names, or for an unnamed one, any of its keys)."""
     signature = doc.get("signature") if isinstance(doc, dict) else None
     if not isinstance(signature, dict) or not signature.get("value"):
         raise EngineError("manifest signature is missing: the manifest cannot be trusted")
@@ -264,25 +283,41 @@ def manifest_verify(doc: dict, hmac_key: bytes) -> None:
         raise EngineError(
             f"manifest signature uses an unknown algorithm {signature.get('algorithm')!r}"
         )
-    expected = _mac(doc, hmac_key)
-    if not hmac.compare_digest(expected, str(signature["value"])):
+    keys = _as_keys(hmac_key)
+    kid = manifest_signing_key_id(doc)
+    candidates = keys.for_id(kid) if keys.by_id else [keys.signing]
+    if not candidates:
         raise EngineError(
-            "manifest signature does not match: the manifest was altered or signed with "
-            "another SHARDVAULT_DATA_KEY"
+            f"manifest is signed with key id {kid}, which is neither SHARDVAULT_DATA_KEY nor "
+            "one of SHARDVAULT_OLD_DATA_KEYS"
         )
+    body = canonical_json(doc)
+    for candidate in candidates:
+        expected = hmac.new(candidate, body, hashlib.sha256).hexdigest()
+        if hmac.compare_digest(expected, str(signature["value"])):
+            return
+    raise EngineError(
+        "manifest signature does not match: the manifest was altered or signed with "
+        "another SHARDVAULT_DATA_KEY"
+    )
 
 
-def manifest_write(storage: Storage, set_prefix: str, doc: dict, hmac_key: bytes) -> StoredObject:
+def manifest_bytes(signed: dict) -> bytes:
+    """The stored form of a signed manifest."""
+    return json.dumps(signed, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
+
+
+def manifest_write(
+    storage: Storage, set_prefix: str, doc: dict, hmac_key: bytes | ManifestKeys
+) -> StoredObject:
     """Sign `doc` and store it as `<set_prefix>/manifest.json`; returns its size and sha256."""
-    signed = manifest_sign(doc, hmac_key)
-    data = json.dumps(signed, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
-    return storage.put_bytes(manifest_key(set_prefix), data)
+    return storage.put_bytes(manifest_key(set_prefix), manifest_bytes(manifest_sign(doc, hmac_key)))
 
 
 def manifest_read(
     storage: Storage,
     set_prefix: str,
-    hmac_key: bytes,
+    hmac_key: bytes | ManifestKeys,
     *,
     expect_sha256: str | None = None,
     expect_set_id: int | None = None,

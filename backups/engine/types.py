@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from backups.engine.keys import ManifestKeys
 from backups.engine.mysql import Endpoint
 
 
@@ -45,7 +46,7 @@ class BackupSpec:
     data_key: bytes | None = None  # None: no encryption
     key_id: str = ""
     wrapped_key: str = ""
-    manifest_hmac_key: bytes = b""
+    manifest_hmac_key: bytes | ManifestKeys = b""  # ManifestKeys: signs with its key id
     connections_per_instance: int = 4
     chunk_rows: int = 200_000
     lock_wait_timeout: int = 2

@@ -18,6 +18,7 @@ from typing import Any
 from backups.engine.binlog_apply import ApplyResult
 from backups.engine.codec import decode
 from backups.engine.errors import Cancelled, IntegrityError
+from backups.engine.keys import ManifestKeys
 from backups.engine.load import create_database_objects, load_table
 from backups.engine.manifest import manifest_key, manifest_objects, manifest_read
 from backups.engine.mysql import Endpoint, connect, quote_ident
@@ -118,7 +119,7 @@ def storage_check(
     storage,
     set_prefix: str,
     *,
-    hmac_key: bytes,
+    hmac_key: bytes | ManifestKeys,
     data_key: bytes | None,
     progress: ProgressFn = _quiet,
     should_cancel: CancelFn = _never,

@@ -8,6 +8,7 @@ from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 
 from backups.models import BackupSet, ShardBackup, TableBackup
+from backups.selectors.copies import set_copies_json
 from backups.status import SetStatus
 from shards.models import Cluster
 
@@ -83,14 +84,6 @@ def set_triggered_by(backup_set: BackupSet) -> str | None:
     return user.get_username() if user is not None else None
 
 
-def set_copies(backup_set: BackupSet) -> list[dict]:
-    """The set's copies in other storage targets, [{"target", "state"}] (policy `copy_to`).
-
-    Empty until storage targets exist (issue 11 fills it); `backups show` asks only this.
-    """
-    return []
-
-
 def backup_set_show_json(backup_set: BackupSet) -> dict:
     """The object of `backups show --json`: `backup --json` plus parent, hold, copies and
     shards (DESIGN.md; keys never removed). Pass a set from `backup_set_detail`."""
@@ -112,7 +105,7 @@ def backup_set_show_json(backup_set: BackupSet) -> dict:
         "excluded_tables": list(backup_set.excluded_tables or []),
         "storage_url": backup_set.storage_url,
         "object_prefix": backup_set.object_prefix,
-        "copies": set_copies(backup_set),
+        "copies": set_copies_json(backup_set),
         "shards": [
             {
                 "name": sb.shard_name,

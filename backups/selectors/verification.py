@@ -54,9 +54,10 @@ class SetQuality:
 
 
 def verification_latest(*, backup_set: BackupSet) -> VerificationRun | None:
-    """The newest finished verification (storage check or drill) of a set."""
+    """The newest finished verification (storage check or drill) of a set, read with
+    fallback across its targets (a `verify --target` run checks one copy: see selectors.copies)."""
     return (
-        VerificationRun.objects.filter(backup_set=backup_set, q__isnull=False)
+        VerificationRun.objects.filter(backup_set=backup_set, q__isnull=False, target="")
         .order_by("-finished_at", "-id")
         .first()
     )
@@ -85,7 +86,9 @@ def cluster_rpo_target(cluster: Cluster) -> timedelta:
 def set_quality(*, backup_set: BackupSet) -> SetQuality:
     latest = verification_latest(backup_set=backup_set)
     drill = (
-        VerificationRun.objects.filter(backup_set=backup_set, drill=True, q__isnull=False)
+        VerificationRun.objects.filter(
+            backup_set=backup_set, drill=True, q__isnull=False, target=""
+        )
         .order_by("-finished_at", "-id")
         .first()
     )
@@ -119,9 +122,9 @@ def set_needs_drill(*, backup_set: BackupSet, has_passing_drill: bool) -> bool:
 def sets_with_quality(queryset=None):
     """Sets annotated with their latest verification's factors and last drill (one query)."""
     queryset = queryset if queryset is not None else BackupSet.objects.all()
-    latest = VerificationRun.objects.filter(backup_set=OuterRef("pk"), q__isnull=False).order_by(
-        "-finished_at", "-id"
-    )
+    latest = VerificationRun.objects.filter(
+        backup_set=OuterRef("pk"), q__isnull=False, target=""
+    ).order_by("-finished_at", "-id")
     drill = latest.filter(drill=True)
     passing = drill.filter(q__gte=1.0)
     return queryset.annotate(

@@ -19,8 +19,9 @@ from django.db.models import Max, Q
 from django.utils import timezone
 
 import notify
-from backups.models import BackupSet, RestoreRequest, RestoreRun, VerificationRun
+from backups.models import BackupSet, RestoreRequest, RestoreRun, SetCopy, VerificationRun
 from backups.selectors.verification import cluster_rpo_target
+from backups.services.webhooks import webhook_event
 from backups.status import SetStatus
 from console.roles import ADMIN, APPROVER, OPERATOR
 from shards.models import Cluster
@@ -28,26 +29,20 @@ from shards.models import Cluster
 
 def _alert(*, kind: str, cluster: Cluster, subject: str, body: str, payload: dict) -> dict:
     """Send one alert by email (SHARDVAULT_ALERT_EMAILS, else every admin and operator) and,
-    when the cluster's policy names one, to its webhook.
+    when the cluster's policy names one, as a signed webhook (queued, retried with backoff).
 
-    Returns {"email": bool, "webhook": bool|None} (None: no webhook configured).
+    Returns {"email": bool, "webhook": bool|None} (None: no webhook configured; True: queued).
     """
-    policy = getattr(cluster, "policy", None)  # None when the cluster has no policy
     configured = list(settings.ALERT_EMAILS)
-    return notify.send(
+    sent = notify.send(
         subject=subject,
         body=body,
         emails=configured,
         roles=() if configured else (ADMIN, OPERATOR),
-        webhook_url=policy.webhook_url if policy is not None else "",
-        payload={
-            "alert": kind,
-            "cluster": getattr(cluster, "name", ""),
-            "subject": subject,
-            "at": timezone.now().isoformat(),
-            **payload,
-        },
     )
+    document = webhook_event(cluster, kind, {"alert": kind, "subject": subject, **payload})
+    sent["webhook"] = None if document is None else True
+    return sent
 
 
 def alert_backup_failed(backup_set: BackupSet) -> dict | None:
@@ -66,6 +61,31 @@ def alert_backup_failed(backup_set: BackupSet) -> dict | None:
     )
 
 
+def alert_copy_failed(copy: SetCopy) -> dict | None:
+    """A set's copy to a storage target failed after its last retry; once per copy."""
+    if not notify.first_time(f"alert:copy-failed:{copy.pk}", seconds=14 * 24 * 3600):
+        return None
+    backup_set = copy.backup_set
+    cluster = backup_set.cluster
+    subject = f"copy of backup set {backup_set.pk} of {cluster.name} to {copy.target} failed"
+    body = (
+        f"{subject} after {copy.attempts} attempts.\n\nReason: {copy.error or 'not recorded'}\n"
+        "The set itself is intact on its other targets.\n"
+    )
+    return _alert(
+        kind="copy_failed",
+        cluster=cluster,
+        subject=subject,
+        body=body,
+        payload={
+            "set": backup_set.pk,
+            "target": copy.target,
+            "attempts": copy.attempts,
+            "error": copy.error,
+        },
+    )
+
+
 def alert_quality_dropped(verification: VerificationRun) -> dict | None:
     """A verification gave Q < 1, or could not run at all."""
     backup_set = verification.backup_set
@@ -73,10 +93,11 @@ def alert_quality_dropped(verification: VerificationRun) -> dict | None:
     if verification.q is not None and verification.q >= 1.0:
         return None
     what = "drill" if verification.drill else "storage check"
+    on = f" on storage target {verification.target}" if verification.target else ""
     if verification.q is None:
-        subject = f"{what} of set {backup_set.pk} of {cluster.name} could not run"
+        subject = f"{what} of set {backup_set.pk} of {cluster.name}{on} could not run"
     else:
-        subject = f"set {backup_set.pk} of {cluster.name} has Q = {verification.q:.4f} < 1"
+        subject = f"set {backup_set.pk} of {cluster.name}{on} has Q = {verification.q:.4f} < 1"
     lines = [f"{subject}.", ""]
     if verification.q is not None:
         lines.append(f"T = {verification.t}, D = {verification.d}, A = {verification.a} ({what})")
@@ -93,6 +114,7 @@ def alert_quality_dropped(verification: VerificationRun) -> dict | None:
             "set": backup_set.pk,
             "verification": verification.pk,
             "drill": verification.drill,
+            "target": verification.target or None,
             "q": verification.q,
             "t": verification.t,
             "d": verification.d,
@@ -194,6 +216,7 @@ def notify_request_filed(*, request_id: int) -> None:
         roles=(APPROVER, ADMIN),
         exclude_user_id=request.requested_by_id,
     )
+    webhook_event(request.cluster, "restore_requested", _restore_payload(request))
 
 
 def notify_decision(*, request_id: int, decision: str, by: int) -> None:
@@ -210,6 +233,11 @@ def notify_decision(*, request_id: int, decision: str, by: int) -> None:
         + (f": {comment}" if comment else ".")
         + "\n",
         emails=[request.requested_by.email],
+    )
+    webhook_event(
+        request.cluster,
+        "restore_approved" if decision == "approve" else "restore_rejected",
+        {**_restore_payload(request), "by": who, "comment": comment},
     )
 
 
@@ -228,3 +256,18 @@ def notify_run_finished(*, run_id: int) -> None:
         + "\n",
         emails=[request.requested_by.email],
     )
+    webhook_event(
+        request.cluster,
+        f"restore_{run.status}",
+        {**_restore_payload(request), "run": run.pk, "q": run.q, "error": run.error},
+    )
+
+
+def _restore_payload(request: RestoreRequest) -> dict:
+    return {
+        "request": request.pk,
+        "state": request.state,
+        "source_set": request.source_set_id,
+        "target": request.target_label,
+        "requested_by": request.requested_by.get_username(),
+    }

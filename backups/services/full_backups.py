@@ -35,7 +35,7 @@ from backups.services.backup_spec import (
 from backups.services.connection_slots import SlotsUnavailable
 from backups.services.errors import BackupError, BackupRefused
 from backups.services.incrementals import incremental_execute, incremental_start
-from backups.services.progress import JobTracker, ProgressSnapshot
+from backups.services.progress import JobTracker, ProgressSnapshot, worker_name
 from backups.services.sets import (
     HOUSEKEEPING_ACTOR,
     WORKER_ACTOR,
@@ -221,7 +221,7 @@ def backup_execute(*, backup_set: BackupSet, runner_job_id: str = "") -> BackupS
         locked.heartbeat_at = now
         locked.progress_text = "starting"
         locked.save()
-        locked.shard_backups.update(status=PartStatus.RUNNING, started_at=now)
+        locked.shard_backups.update(status=PartStatus.RUNNING, started_at=now, worker=worker_name())
         audit_record(actor=WORKER_ACTOR, action="backup.run", obj=locked, details={})
     backup_set = locked
 

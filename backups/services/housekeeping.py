@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from backups.services.alerts import alerts_check_failed_backups, alerts_check_rpo
+from backups.services.copies import set_copies_requeue
 from backups.services.full_backups import backups_reap_stale
 from backups.services.restore_requests import restore_requests_expire
 from backups.services.restore_runs import restore_runs_resume_stale
@@ -50,12 +51,14 @@ def housekeeping_reap() -> dict:
 
 
 def housekeeping_checks() -> dict:
-    """Queue missed storage checks and due drills; raise RPO and failed-backup alerts (hourly)."""
+    """Queue missed storage checks, due drills and unfinished copies; raise RPO and
+    failed-backup alerts (hourly)."""
     return _steps(
         {
             "storage_checks": lambda: [c.pk for c in verification_backfill_automatic()],
             "drills": lambda: [d.pk for d in verification_drills_schedule()],
             "rpo_alerts": alerts_check_rpo,
             "failed_backup_alerts": alerts_check_failed_backups,
+            "copies_requeued": set_copies_requeue,
         }
     )

@@ -28,7 +28,7 @@ from backups.engine.errors import Cancelled, EngineError
 from backups.engine.manifest import manifest_document, manifest_encryption, manifest_write
 from backups.models import BackupPolicy, BackupSet, BinlogSegment, ShardBackup
 from backups.services.errors import BackupError, BackupRefused, ChainError, ChainRefused
-from backups.services.progress import JobTracker
+from backups.services.progress import JobTracker, worker_name
 from backups.services.sets import (
     WORKER_ACTOR,
     backup_authorise,
@@ -37,6 +37,7 @@ from backups.services.sets import (
     backup_set_record,
     busy_reason,
     lock_set,
+    set_copies_on_commit,
     set_data_key,
     set_storage,
 )
@@ -193,7 +194,7 @@ def _begin(backup_set: BackupSet) -> bool:
         locked.started_at = now
         locked.heartbeat_at = now
         locked.save(update_fields=["status", "started_at", "heartbeat_at"])
-        locked.shard_backups.update(status=PartStatus.RUNNING, started_at=now)
+        locked.shard_backups.update(status=PartStatus.RUNNING, started_at=now, worker=worker_name())
         audit_record(
             actor=WORKER_ACTOR, action="backup.run", obj=locked, details={"kind": "incremental"}
         )
@@ -416,4 +417,5 @@ def _finish(
                 "consistent_at": locked.consistent_at,
             },
         )
+        set_copies_on_commit(locked)
     return locked

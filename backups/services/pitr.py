@@ -20,7 +20,8 @@ from backups.engine.binlog_select import transaction_find
 from backups.models import BackupSet, BinlogSegment
 from backups.selectors.incrementals import chain_after
 from backups.services.errors import ChainError
-from backups.services.sets import set_data_key, set_storage
+from backups.services.sets import set_data_key
+from backups.services.storage_targets import set_read_storage
 from shards.models import Cluster
 
 
@@ -66,7 +67,7 @@ def segment_sources(chain: list[BackupSet], instance_name: str) -> list[SegmentS
     checked against its sha256, decrypted and decompressed) only when the apply reaches it."""
     sources = []
     for incremental in chain:
-        storage = set_storage(incremental)
+        storage = set_read_storage(incremental)  # falls back to complete copies
         data_key = set_data_key(incremental)
         for seg in incremental.segments.filter(instance_name=instance_name).order_by("index"):
             entry = {
@@ -296,7 +297,7 @@ def stored_binlog_coverage(cluster: Cluster) -> str:
 
 
 def _open_segment(seg: BinlogSegment):
-    storage = set_storage(seg.backup_set)
+    storage = set_read_storage(seg.backup_set)
     data_key = set_data_key(seg.backup_set)
     stored = storage.get_stream(seg.key, expect_sha256=seg.sha256, expect_size=seg.stored_bytes)
     return codec.decode(stored, data_key=data_key, aad=seg.key.encode(), object_key=seg.key)

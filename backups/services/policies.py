@@ -6,7 +6,7 @@
 * `policy_changes_errors(changes)`: every bad field with its sentence (for the form).
 * `policy_update(*, cluster, actor, changes)`: apply checked changes, one audit event with
   the old and new values (none when nothing changed), re-arm the schedules after commit.
-* `storage_target_names()`: the names `copy_to` may use (issue 11 adds storage targets).
+* `copy_to` names must be storage targets (`storage_targets.storage_target_names()`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from django.db import transaction
 
 from backups.models import BackupPolicy
 from backups.services.errors import BackupError
+from backups.services.storage_targets import storage_target_names
 from console.audit import audit_record
 from console.roles import ADMIN, require_role
 from shards.models import Cluster
@@ -70,11 +71,6 @@ class PolicyInvalid(BackupError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
-
-
-def storage_target_names() -> set[str]:
-    """Storage targets a policy's `copy_to` may name (only `default` until issue 11)."""
-    return {"default"}
 
 
 def cron_is_valid(expression: str) -> bool:

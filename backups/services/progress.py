@@ -16,6 +16,8 @@ whatever the engine does, and `should_cancel()` costs nothing.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -288,3 +290,8 @@ class JobTracker:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def worker_name() -> str:
+    """`host:pid` of this process: which worker runs a part (shown per shard on the pages)."""
+    return f"{socket.gethostname()}:{os.getpid()}"

@@ -23,7 +23,8 @@ from backups.engine.target import non_empty_tables
 from backups.models import BackupSet, RestoreRequest, RestoreRun
 from backups.services.errors import RestoreError, TargetChanged
 from backups.services.pitr import shard_stop
-from backups.services.sets import set_manifest, set_prefix, set_storage
+from backups.services.sets import set_manifest, set_prefix
+from backups.services.storage_targets import set_read_storage
 from backups.status import RunStatus, SetStatus
 from backups.storage import Storage, StorageError
 from shards.models import Cluster, Instance, LogicalTable
@@ -354,7 +355,7 @@ def restore_plan_build(
         raise RestoreError(
             f"backup set {source_set.pk} is {source_set.status}; only succeeded sets can be restored"
         )
-    storage = set_storage(source_set)
+    storage = set_read_storage(source_set)  # an object missing on one target may be on a copy
     doc = set_manifest(source_set, storage)
     instances = _instances_by_name(cluster)
     entries = []

@@ -44,6 +44,7 @@ from backups.models import (
 from backups.services.connection_slots import ConnectionSlots, SlotNeed
 from backups.services.errors import ChainError, RestoreError, SwapIncomplete, TargetChanged
 from backups.services.flashback import flashback_run_execute
+from backups.services.live_progress import RunShardProgress, progress_for_shard
 from backups.services.pitr import pitr_apply, shard_stop
 from backups.services.progress import JobTracker
 from backups.services.restore_plan import (
@@ -62,7 +63,8 @@ from backups.services.restore_swap import (
     restore_shadows_drop,
     restore_swap_inplace,
 )
-from backups.services.sets import set_data_key, set_manifest, set_storage
+from backups.services.sets import set_data_key, set_manifest
+from backups.services.storage_targets import served_record, set_read_storage
 from backups.status import RequestState, ResultStatus, RunStatus
 from shards.models import Instance
 from shards.selectors import MissingPassword, instance_endpoint
@@ -388,7 +390,7 @@ def _restore_shard(
                 result = load_table(
                     job,
                     storage,
-                    progress=tracker.progress,
+                    progress=progress_for_shard(tracker.progress, shard_doc["name"]),
                     should_cancel=tracker.should_cancel,
                     is_chunk_done=lambda key: key in done_keys,
                     on_chunk_done=ledger.chunk_done,
@@ -514,7 +516,13 @@ def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
     if resume:
         rows_done = sum(LoadedChunk.objects.filter(run=run).values_list("rows", flat=True))
     # The tracker beats while the run works, also through long chunks and checksums.
-    tracker = JobTracker(RestoreRun, run.pk, rows_done=rows_done, interval=PROGRESS_EVERY_SECONDS)
+    tracker = JobTracker(
+        RestoreRun,
+        run.pk,
+        rows_done=rows_done,
+        interval=PROGRESS_EVERY_SECONDS,
+        on_flush=RunShardProgress(run.pk),  # each shard's live figures for the run page
+    )
     tracker.start()
     try:
         if request.is_flashback:
@@ -542,12 +550,14 @@ def _execute(
     ledger = ChunkLedger(run_id=run.pk)
     notes: list[str] = []
     throttles: dict[int, ThreadsRunningGate] = {}
+    storage = None
     try:
         restore_plan_targets_check(request)  # the servers approved, or nothing at all
         if not resume:
             _preflight_targets(request, plan["tables"])
         tracker.say("reading the manifest")
-        storage = set_storage(request.source_set)
+        # Default target first, then complete copies: an object bad on one is read from the next.
+        storage = set_read_storage(request.source_set)
         doc = set_manifest(request.source_set, storage)
         data_key = _set_data_key(request.source_set)
         shard_docs = {s["name"]: s for s in manifest_shards(doc)}
@@ -672,6 +682,8 @@ def _execute(
     finally:
         for throttle in throttles.values():
             throttle.close()
+        if storage is not None:
+            RestoreRun.objects.filter(pk=run.pk).update(served_by=served_record(storage))
 
 
 def restore_runs_resume_stale(*, now: datetime | None = None) -> list[int]:

@@ -24,7 +24,7 @@ held, named by a request, or a live set depends on one.
 Removal of a chain: one transaction locks its rows (primary-key order), re-checks the rules
 that may have changed (hold, request, a new dependent) and marks every set `expiring_since`;
 then, children first, each set's objects are deleted from every storage target
-(`sets.set_storages`; on S3 in batched DeleteObjects) and the set is marked `expired`, row kept,
+(`storage_targets.set_all_targets`: the default target and every copy; on S3 in batched DeleteObjects) and the set is marked `expired`, row kept,
 with one audit event. A removal interrupted half-way leaves sets `expiring_since` but not
 expired: the next run finishes them first and only then reports them removed. A set being
 removed can be neither held nor restored (hold and restore requests refuse it).
@@ -42,7 +42,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from backups.models import BackupPolicy, BackupSet, RestoreRequest
-from backups.services.sets import lock_set, set_prefix, set_storages
+from backups.services.sets import lock_set, set_prefix
+from backups.services.storage_targets import set_all_targets
+from backups.services.webhooks import webhook_retention_removed
 from backups.status import RequestState, SetStatus
 from console.audit import audit_record
 from shards.models import Cluster
@@ -493,7 +495,7 @@ def _objects_remove(backup_set: BackupSet) -> tuple[int, int, list[str]]:
     objects = size = 0
     names = []
     prefix = set_prefix(backup_set) + "/"  # the slash keeps set 1 from taking sets 10, 100...
-    for name, storage in set_storages(backup_set):
+    for name, storage in set_all_targets(backup_set):
         size += sum(info.size for info in storage.list(prefix))
         objects += storage.delete_prefix(prefix)
         names.append(name)
@@ -591,6 +593,8 @@ def retention_apply(
                 result.removed.append(by_id[pk])
     result.removed.sort(key=lambda d: d.set_id, reverse=True)
     result.kept.sort(key=lambda d: d.set_id, reverse=True)
+    if result.removed:
+        webhook_retention_removed(cluster, [d.as_json() for d in result.removed])
     return result
 
 

@@ -77,17 +77,6 @@ def set_storage(backup_set: BackupSet) -> Storage:
 DEFAULT_TARGET = "default"
 
 
-def set_storages(backup_set: BackupSet) -> list[tuple[str, Storage]]:
-    """Every (target name, storage) holding objects of `backup_set`: where it was written
-    first. Removing a set removes it from each (copy targets join this list with issue 11)."""
-    return [(DEFAULT_TARGET, set_storage(backup_set))]
-
-
-def storage_targets() -> list[tuple[str, Storage]]:
-    """Every configured (target name, storage): today the `default` target (STORAGE_URL)."""
-    return [(DEFAULT_TARGET, default_storage())]
-
-
 def set_prefix(backup_set: BackupSet) -> str:
     """`<cluster>/<set-id>`: the set's objects, relative to its storage's prefix."""
     return backup_set.object_prefix or f"{backup_set.cluster.name}/{backup_set.pk}"
@@ -384,7 +373,15 @@ def backup_set_finish_succeeded(
         )
         if on_commit is not None:
             transaction.on_commit(lambda: on_commit(locked))
+        set_copies_on_commit(locked)
     return locked
+
+
+def set_copies_on_commit(backup_set: BackupSet) -> None:
+    """After the commit of a success: copy the set to its policy's `copy_to` targets."""
+    from backups.services.copies import set_copies_after_success  # copies builds on sets
+
+    transaction.on_commit(lambda: set_copies_after_success(backup_set))
 
 
 def set_tables_persist(shard_backup: ShardBackup, tables, now: datetime) -> None:
@@ -474,4 +471,9 @@ def backup_set_expire(*, backup_set: BackupSet, actor) -> BackupSet:
 
 def _delete_objects_quietly(set_id: int) -> None:
     # The set is expired either way; set_objects_delete logs what could not be deleted.
-    set_objects_delete(BackupSet.objects.get(pk=set_id))
+    from backups.services.storage_targets import set_objects_delete_everywhere
+
+    backup_set = BackupSet.objects.get(pk=set_id)
+    set_objects_delete(backup_set)
+    for problem in set_objects_delete_everywhere(backup_set, set_prefix(backup_set) + "/"):
+        log.warning("deleting the copies of expired set %s: %s", set_id, problem)

@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from backups.models import BackupSet
 from backups.services.errors import BackupError
-from backups.services.sets import storage_targets
+from backups.services.storage_targets import storage_targets_all
 from backups.status import SetStatus
 from console.audit import audit_record
 from shards.models import Cluster
@@ -80,11 +80,11 @@ def storage_sweep(
     `target` (or every target). BackupError for an unknown target or a negative grace."""
     if grace_hours < 0:
         raise BackupError("--grace-hours must be zero or more")
-    targets = storage_targets()
+    targets = storage_targets_all()
     if target:
         targets = [(name, storage) for name, storage in targets if name == target]
         if not targets:
-            known = ", ".join(name for name, _ in storage_targets())
+            known = ", ".join(name for name, _ in storage_targets_all())
             raise BackupError(f"no storage target named {target!r} (known: {known})")
     clusters = [cluster] if cluster is not None else list(Cluster.objects.order_by("name"))
     now = now or timezone.now()

@@ -18,7 +18,7 @@ from backups import queue
 from backups.engine import verify as engine
 from backups.engine.throttle import ThreadsRunningGate
 from backups.engine.types import ProgressEvent
-from backups.models import BackupPolicy, BackupSet, VerificationRun
+from backups.models import BackupPolicy, BackupSet, SetCopy, VerificationRun
 from backups.selectors.verification import drills_due
 from backups.services.alerts import alert_quality_dropped
 from backups.services.errors import VerificationError
@@ -29,7 +29,12 @@ from backups.services.sets import (
     set_data_key,
     set_manifest_binding,
     set_prefix,
-    set_storage,
+)
+from backups.services.storage_targets import (
+    DEFAULT_TARGET,
+    served_record,
+    set_read_storage,
+    storage_target_names,
 )
 from backups.status import SetStatus, VerificationStatus
 from console.audit import audit_record
@@ -50,16 +55,25 @@ def _actor_label(user: Any) -> Any:
 
 
 def verification_start(
-    *, backup_set: BackupSet, user: Any = None, drill: bool = False, enqueue: bool = True
+    *,
+    backup_set: BackupSet,
+    user: Any = None,
+    drill: bool = False,
+    enqueue: bool = True,
+    target: str = "",
 ) -> VerificationRun:
     """File a verification of a succeeded set and queue it on `verify`.
 
     `user` must be an operator (or admin); `None` means the console itself (automatic
     verification after a backup, scheduled drills). Refuses sets that did not succeed and a
-    second verification while one is pending or running.
+    second verification while one is pending or running. Without `target` it reads the
+    set with fallback (default first, then complete copies); with one, it checks that
+    target's copy alone (refused when the set has no copy there).
     """
     if user is not None and not isinstance(user, str):
         require_role(user, OPERATOR, ADMIN, action="start a verification")
+    if target:
+        _check_target(backup_set, target)
     with transaction.atomic():
         locked = lock_set(backup_set.pk)
         if locked.status != SetStatus.SUCCEEDED:
@@ -69,13 +83,15 @@ def verification_start(
         if drill and locked.kind == BackupSet.Kind.INCREMENTAL:
             _drill_chain(locked)  # refuses a broken chain now rather than in the worker
         if VerificationRun.objects.filter(
-            backup_set=locked, drill=drill, status__in=VerificationStatus.ACTIVE
+            backup_set=locked, drill=drill, target=target, status__in=VerificationStatus.ACTIVE
         ).exists():
             what = "drilled" if drill else "verified"
-            raise VerificationError(f"set {locked.pk} is already being {what}")
+            where = f" on storage target {target}" if target else ""
+            raise VerificationError(f"set {locked.pk} is already being {what}{where}")
         run = VerificationRun.objects.create(
             backup_set=locked,
             drill=drill,
+            target=target,
             triggered_by=user if user is not None and not isinstance(user, str) else None,
         )
         run.job_id = verification_job_id(run)
@@ -84,7 +100,7 @@ def verification_start(
             actor=_actor_label(user),
             action="verification.request",
             obj=run,
-            details={"set": locked.pk, "drill": drill},
+            details={"set": locked.pk, "drill": drill, "target": target},
         )
         if enqueue:
             job_id = run.job_id
@@ -94,6 +110,15 @@ def verification_start(
             # The reaper (a drill whose worker dies) and the hourly checks; best effort.
             transaction.on_commit(queue.periodic_ensure_scheduled)
     return run
+
+
+def _check_target(backup_set: BackupSet, target: str) -> None:
+    if target not in storage_target_names():
+        raise VerificationError(f"there is no storage target named {target}")
+    if target == DEFAULT_TARGET:
+        return
+    if not SetCopy.objects.filter(backup_set=backup_set, target=target).exists():
+        raise VerificationError(f"set {backup_set.pk} has no copy on storage target {target}")
 
 
 def verification_after_backup(backup_set: BackupSet) -> VerificationRun | None:
@@ -300,7 +325,11 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
                     f"drill: checking the chain of {len(chain) + 1} sets, then restoring full "
                     f"set {full_set.pk} and rolling forward to set {backup_set.pk}"
                 )
-            check = _chain_storage_check([full_set, *chain], progress=progress)
+            storages = {
+                member.pk: set_read_storage(member, target=run.target)
+                for member in [full_set, *chain]
+            }
+            check = _chain_storage_check([full_set, *chain], storages, progress=progress)
             problems = list(check.problems)
             a = check.a
             rto = None
@@ -313,7 +342,7 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
                 try:
                     outcome = engine.drill_run(
                         check.manifest,
-                        set_storage(full_set),
+                        storages[full_set.pk],
                         verification_id=run.pk,
                         targets=targets,
                         data_key=set_data_key(full_set),
@@ -337,6 +366,9 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
                 t, d = _storage_factors(check)
     except Exception as exc:  # the run fails and says why; the set keeps its previous Q
         return _verification_fail(run, str(exc) or exc.__class__.__name__)
+    served = _served(storages.values())
+    # An object bad on one target but read from the next is named too (A counts it served).
+    problems.extend(f for f in served["fallbacks"] if f.get("served_by"))
     return _verification_finish(
         run,
         t=t,
@@ -347,13 +379,26 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
         warning=WARNING_SEPARATOR.join(warnings),
         drill_name=drill_name,
         details=details,
+        served=served,
     )
+
+
+def _served(storages) -> dict:
+    """One `served_by` record for every storage a run read through."""
+    objects: dict[str, int] = {}
+    fallbacks: list[dict] = []
+    for storage in storages:
+        record = served_record(storage)
+        for name, count in record.get("objects", {}).items():
+            objects[name] = objects.get(name, 0) + count
+        fallbacks.extend(record.get("fallbacks", []))
+    return {"objects": objects, "fallbacks": fallbacks}
 
 
 WARNING_SEPARATOR = " | "
 
 
-def _chain_storage_check(sets: list[BackupSet], *, progress) -> engine.StorageCheck:
+def _chain_storage_check(sets: list[BackupSet], storages: dict, *, progress) -> engine.StorageCheck:
     """The storage check of every set (one set, or an incremental's whole chain).
 
     A counts every object of every manifest; the problems name each bad object. The
@@ -366,7 +411,7 @@ def _chain_storage_check(sets: list[BackupSet], *, progress) -> engine.StorageCh
     for index, member in enumerate(sets):
         binding = set_manifest_binding(member)
         check = engine.storage_check(
-            set_storage(member),
+            storages[member.pk],
             set_prefix(member),
             hmac_key=manifest_hmac_key(),
             data_key=set_data_key(member),
@@ -431,7 +476,7 @@ def _binlog_warning(outcome: engine.DrillOutcome, backup_set: BackupSet) -> str:
 
 
 def _verification_finish(
-    run, *, t, d, a, rto, problems, warning, drill_name="", details=None
+    run, *, t, d, a, rto, problems, warning, drill_name="", details=None, served=None
 ) -> VerificationRun:
     q = engine.quality(t, d, a)
     now = timezone.now()
@@ -442,14 +487,16 @@ def _verification_finish(
         run.rto_seconds = rto
         run.drill_instance_name = drill_name
         run.problems = problems
+        run.served_by = served or {}
         run.status = VerificationStatus.SUCCEEDED
         run.finished_at = run.heartbeat_at = now
         run.progress_text = (warning or f"Q = {q:.4f}")[:300]
         run.save()
         previous_q = backup_set.q
-        backup_set.q = q
-        backup_set.verified_at = now
-        backup_set.save(update_fields=["q", "verified_at"])
+        if not run.target:  # the set's Q is what a restore (with fallback) would get
+            backup_set.q = q
+            backup_set.verified_at = now
+            backup_set.save(update_fields=["q", "verified_at"])
         audit_record(
             actor="worker",
             action="verification.finish",
@@ -457,6 +504,8 @@ def _verification_finish(
             details={
                 "set": backup_set.pk,
                 "drill": run.drill,
+                "target": run.target,
+                "served_by": run.served_by.get("objects", {}),
                 "q": q,
                 "t": run.t,
                 "d": run.d,
@@ -494,7 +543,7 @@ def _alert_quality(run_id: int, previous_q: float | None) -> None:
 
 
 def verification_run_now(
-    *, backup_set: BackupSet, user: Any = None, drill: bool = False
+    *, backup_set: BackupSet, user: Any = None, drill: bool = False, target: str = ""
 ) -> VerificationRun:
     """File and run a verification in this process (the `verify` command: no worker needed).
 
@@ -505,7 +554,7 @@ def verification_run_now(
         require_role(user, OPERATOR, ADMIN, action="start a verification")
     queued = (
         VerificationRun.objects.filter(
-            backup_set=backup_set, drill=drill, status=VerificationStatus.PENDING
+            backup_set=backup_set, drill=drill, target=target, status=VerificationStatus.PENDING
         )
         .order_by("id")
         .first()
@@ -514,7 +563,9 @@ def verification_run_now(
         run = verification_execute(verification_id=queued.pk)
         if run.finished_at is not None:
             return run
-    run = verification_start(backup_set=backup_set, user=user, drill=drill, enqueue=False)
+    run = verification_start(
+        backup_set=backup_set, user=user, drill=drill, enqueue=False, target=target
+    )
     return verification_execute(verification_id=run.pk)
 
 
@@ -529,6 +580,8 @@ def verification_summary(run: VerificationRun) -> dict:
         "d": run.d,
         "a": run.a,
         "drill": run.drill,
+        "target": run.target or None,
+        "served_by": dict((run.served_by or {}).get("objects", {})),
         "rto_seconds": run.rto_seconds,
         "drill_instance": run.drill_instance_name,
         "problems": list(run.problems or []),

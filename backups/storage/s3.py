@@ -2,7 +2,8 @@
 
 `s3://bucket/prefix?sse=AES256&storage_class=STANDARD_IA` — keys live under `prefix/`.
 Query parameters: `sse` (ServerSideEncryption: AES256 or aws:kms), `sse_kms_key_id`,
-`storage_class`, `region`, `addressing_style` (path|virtual|auto). Credentials come from
+`storage_class`, `region`, `addressing_style` (path|virtual|auto), `max_attempts` (botocore's
+tries per request, default 10; a copy target may want to fail fast). Credentials come from
 boto3's usual chain (environment, profile, instance role); they are never part of the URL.
 
 Small objects go up in one PUT; larger streams as a multipart upload of `part_size` parts,
@@ -45,6 +46,7 @@ MIB = 1024 * 1024
 DEFAULT_PART_SIZE = 16 * MIB
 MIN_PART_SIZE = 5 * MIB  # S3's floor for every part but the last
 READ_RESUMES = 3
+DEFAULT_MAX_ATTEMPTS = 10
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 
 # boto3 clients are thread-safe once built; building one is slow, so share per configuration
@@ -53,13 +55,18 @@ _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
 
-def _client(endpoint_url: str | None, region: str | None, addressing_style: str):
-    cache_key = (os.getpid(), endpoint_url, region, addressing_style)
+def _client(
+    endpoint_url: str | None,
+    region: str | None,
+    addressing_style: str,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+):
+    cache_key = (os.getpid(), endpoint_url, region, addressing_style, max_attempts)
     with _clients_lock:
         client = _clients.get(cache_key)
         if client is None:
             config = Config(
-                retries={"mode": "adaptive", "max_attempts": 10},
+                retries={"mode": "adaptive", "max_attempts": max_attempts},
                 s3={"addressing_style": addressing_style},
                 connect_timeout=10,
                 read_timeout=120,
@@ -71,6 +78,17 @@ def _client(endpoint_url: str | None, region: str | None, addressing_style: str)
             )
             _clients[cache_key] = client
         return client
+
+
+def _max_attempts(params: dict[str, str]) -> dict[str, int]:
+    if "max_attempts" not in params:
+        return {}
+    try:
+        return {"max_attempts": int(params["max_attempts"])}
+    except ValueError:
+        raise StorageError(
+            f"S3 option max_attempts must be a whole number, not {params['max_attempts']!r}"
+        ) from None
 
 
 def _error_text(exc: Exception) -> str:
@@ -109,6 +127,7 @@ class S3Storage(Storage):
         storage_class: str | None = None,
         addressing_style: str | None = None,
         part_size: int = DEFAULT_PART_SIZE,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ):
         if not bucket:
             raise StorageError("an S3 storage URL must name a bucket (s3://bucket/prefix)")
@@ -125,7 +144,9 @@ class S3Storage(Storage):
         self.storage_class = storage_class
         self.part_size = part_size
         style = addressing_style or ("path" if self.endpoint_url else "auto")
-        self.client = _client(self.endpoint_url, region, style)
+        if max_attempts < 1:
+            raise StorageError("S3 max_attempts must be at least 1")
+        self.client = _client(self.endpoint_url, region, style, max_attempts)
         query = []
         if server_side_encryption:
             query.append(f"sse={server_side_encryption}")
@@ -137,7 +158,14 @@ class S3Storage(Storage):
     def from_url(cls, url: str, *, endpoint_url: str | None = None, **kwargs) -> S3Storage:
         parts = urlsplit(url)
         params = {name: values[-1] for name, values in parse_qs(parts.query).items()}
-        known = {"sse", "sse_kms_key_id", "storage_class", "region", "addressing_style"}
+        known = {
+            "sse",
+            "sse_kms_key_id",
+            "storage_class",
+            "region",
+            "addressing_style",
+            "max_attempts",
+        }
         unknown = sorted(set(params) - known)
         if unknown:
             raise StorageError(
@@ -152,6 +180,7 @@ class S3Storage(Storage):
             sse_kms_key_id=params.get("sse_kms_key_id"),
             storage_class=params.get("storage_class"),
             addressing_style=params.get("addressing_style"),
+            **_max_attempts(params),
             **kwargs,
         )
 

@@ -11,6 +11,7 @@ from django_htmx.http import HttpResponseStopPolling
 from backups.forms_restores import RestoreRequestForm
 from backups.models import RestoreRequest
 from backups.selectors.incrementals import RecoveryPoint, recoverable_window
+from backups.selectors.live import run_shard_rows
 from backups.selectors.restores import (
     restore_request_approvals,
     restore_request_get,
@@ -143,6 +144,7 @@ def _detail_context(request, restore: RestoreRequest, error: str = "") -> dict:
         "timeline": restore_request_timeline(request=restore),
         "run": run,
         "results": run.results.all() if run else [],
+        "shard_rows": run_shard_rows(run),
         "run_active": run_active,
         "can_decide": can_decide,
         "is_requester": restore.requested_by_id == user.pk,

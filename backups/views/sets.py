@@ -17,7 +17,9 @@ from backups.selectors.backups import (
     long_snapshot_shards,
     progress_of,
 )
+from backups.selectors.copies import set_copies, set_target_quality
 from backups.selectors.incrementals import RecoveryPoint, cluster_chains, recoverable_window
+from backups.selectors.live import set_shard_rows
 from backups.services.errors import BackupError, BackupRefused
 from backups.services.full_backups import backup_cancel, backup_start
 from backups.services.holds import backup_set_hold, backup_set_release
@@ -108,8 +110,31 @@ def set_detail(request, pk: int):
         "can_run": has_role(request.user, OPERATOR, ADMIN),
         "retention": retention_notes(sets=[backup_set]).get(backup_set.pk),
         "can_release": has_role(request.user, ADMIN),
+        "copies": set_copies(backup_set),
+        "target_quality": set_target_quality(backup_set),
+        "shard_rows": set_shard_rows(backup_set),
     }
     return render(request, "backups/set_detail.html", context)
+
+
+@require_GET
+@role_required()
+def set_shards(request, pk: int):
+    """The set page's live shard table (rows, bytes, current tables, worker), one HTMX poll
+    for every shard; 286 (stop polling) once the set ended, with the final figures.
+
+    Without HTMX (a plain link), it sends the reader to the set's page.
+    """
+    if not request.htmx:
+        return redirect("backups:set_detail", pk=pk)
+    backup_set = BackupSet.objects.filter(pk=pk).first()
+    if backup_set is None:
+        raise Http404("no such backup set")
+    context = {"set": backup_set, "shard_rows": set_shard_rows(backup_set)}
+    response = render(request, "backups/_set_shards.html", context)
+    if backup_set.is_active:
+        return response
+    return HttpResponseStopPolling(response.content)
 
 
 @require_GET

@@ -254,8 +254,10 @@ def test_manifest_objects_lists_binlog_segments():
 
 
 def test_settings_hmac_key_is_derived_from_the_data_key(settings):
-    assert manifest_hmac_key() == derive_key(settings.SHARDVAULT_DATA_KEY, "manifest-hmac")
-    assert manifest_hmac_key() != derive_key(settings.SHARDVAULT_DATA_KEY, "backup-kek")
-    assert engine_keys.manifest_hmac_key(settings.SHARDVAULT_DATA_KEY) == manifest_hmac_key()
+    signing = manifest_hmac_key().signing
+    assert signing == derive_key(settings.SHARDVAULT_DATA_KEY, "manifest-hmac")
+    assert signing != derive_key(settings.SHARDVAULT_DATA_KEY, "backup-kek")
+    assert engine_keys.manifest_hmac_key(settings.SHARDVAULT_DATA_KEY) == signing
+    assert manifest_hmac_key().signing_id == engine_keys.key_id(settings.SHARDVAULT_DATA_KEY)
     with pytest.raises(EngineError, match="SHARDVAULT_DATA_KEY must decode to 32 bytes"):
         engine_keys.manifest_hmac_key("c2hvcnQ")

@@ -296,10 +296,10 @@ def test_an_interrupted_removal_is_finished_by_the_next_run_and_never_reported_b
     move(f2, NOW - timedelta(days=1))
     policy(cluster)
     state = {"failed": False}
-    real = retention_module.set_storages
+    real = retention_module.set_all_targets
     monkeypatch.setattr(
         retention_module,
-        "set_storages",
+        "set_all_targets",
         lambda s: [(name, _FailingOnce(store, state)) for name, store in real(s)],
     )
 

@@ -276,7 +276,7 @@ def test_only_succeeded_sets_and_operators(backed_up):
         verification_start(backup_set=failed, user=make_user("operator"))
 
 
-def test_quality_drop_sends_mail_and_webhook(backed_up, cluster, settings):
+def test_quality_drop_sends_mail_and_webhook(backed_up, cluster, settings, run_jobs):
     received = []
 
     class Hook(http.server.BaseHTTPRequestHandler):
@@ -299,6 +299,7 @@ def test_quality_drop_sends_mail_and_webhook(backed_up, cluster, settings):
         (_storage_root(settings) / key).unlink()
         run = verification_run_now(backup_set=backed_up, user=make_user("operator"))
         assert run.q < 1
+        run_jobs("default")  # the webhook is delivered by a job
     finally:
         server.shutdown()
     assert [m.to for m in mail.outbox] == [["dba@example.test"]]

@@ -52,6 +52,8 @@ EXPECTATIONS: dict[str, tuple[str, frozenset]] = {
     "backups:policy": ("GET", frozenset({ADMIN})),
     "backups:policy_validate": ("POST", frozenset({ADMIN})),
     "backups:transactions": ("GET", ALL),
+    "backups:storage_targets": ("GET", frozenset({ADMIN})),
+    "backups:key_ids": ("GET", frozenset({ADMIN})),
     "restores:request_list": ("GET", ALL),
     "restores:request_detail": ("GET", ALL),
     "restores:run_progress": ("GET", ALL),
@@ -68,7 +70,11 @@ EXPECTATIONS: dict[str, tuple[str, frozenset]] = {
     "reports": ("GET", AUDITORS),
 }
 # Reachable without a role (and without logging in).
-PUBLIC = {"login", "logout"}
+PUBLIC = {
+    "login",
+    "logout",
+    "metrics",
+}  # metrics: its own bearer token (tests/backups/test_metrics.py)
 # The Django admin has its own login and is checked separately below.
 SKIPPED_NAMESPACES = {"admin"}
 

@@ -1,4 +1,6 @@
-"""`manage.py verify SET_ID [--drill] [--json]`: prove a set restorable and print Q."""
+"""`manage.py verify SET_ID [--drill] [--target NAME] [--json]`: prove a set restorable and
+print Q. Without --target the set is read with fallback (default target first, then complete
+copies); --target checks that one storage target's copy alone."""
 
 from __future__ import annotations
 
@@ -22,10 +24,20 @@ class Command(BaseCommand):
         parser.add_argument(
             "--drill", action="store_true", help="also restore into scratch databases"
         )
+        parser.add_argument("--target", default="", help="check this storage target's copy only")
         parser.add_argument("--json", action="store_true", dest="as_json")
         parser.add_argument("--as", dest="as_user", default="", help="run as this user (operator)")
 
-    def handle(self, *args, set_id: int, drill: bool, as_json: bool, as_user: str, **options):
+    def handle(
+        self,
+        *args,
+        set_id: int,
+        drill: bool,
+        as_json: bool,
+        as_user: str,
+        target: str = "",
+        **options,
+    ):
         user = None
         if as_user:
             user = get_user_model().objects.filter(username=as_user).first()
@@ -35,7 +47,7 @@ class Command(BaseCommand):
         if backup_set is None:
             raise CommandError(f"backup set {set_id} does not exist")
         try:
-            run = verification_run_now(backup_set=backup_set, user=user, drill=drill)
+            run = verification_run_now(backup_set=backup_set, user=user, drill=drill, target=target)
         except (VerificationError, RoleDenied) as exc:
             raise CommandError(str(exc)) from None
         summary = verification_summary(run)
@@ -63,13 +75,22 @@ class Command(BaseCommand):
         def f(x):
             return "-" if x is None else f"{x:.4f}"
 
+        where = f" on target {s['target']}" if s.get("target") else ""
         self.stdout.write(
-            f"set {s['set']} ({kind}): Q={f(s['q'])} T={f(s['t'])} D={f(s['d'])} A={f(s['a'])}"
+            f"set {s['set']} ({kind}{where}): Q={f(s['q'])} T={f(s['t'])} D={f(s['d'])} "
+            f"A={f(s['a'])}"
         )
+        served = s.get("served_by") or {}
+        if served:
+            self.stdout.write(
+                "served by: " + ", ".join(f"{name} ({n} objects)" for name, n in served.items())
+            )
         if s["rto_seconds"] is not None:
             self.stdout.write(f"measured RTO: {s['rto_seconds']:.1f} s")
         for w in s["warnings"]:
             self.stdout.write(w)
         for p in s["problems"]:
             what = p.get("object") or p.get("table")
-            self.stdout.write(f"  problem: {what}: {p.get('reason')}")
+            on = f" on {p['target']}" if p.get("target") else ""
+            then = f" (read from {p['served_by']} instead)" if p.get("served_by") else ""
+            self.stdout.write(f"  problem: {what}{on}: {p.get('reason')}{then}")
