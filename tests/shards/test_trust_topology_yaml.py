@@ -6,6 +6,7 @@ aliases: the parser refuses the first one, quickly, in one sentence naming its l
 
 from __future__ import annotations
 
+import io
 import time
 
 import pytest
@@ -76,3 +77,29 @@ def test_an_ordinary_file_still_parses():
             "    shards:\n      - {name: s0, instance: m0, database: a}\n"
             "      - {name: s0, instance: m0, database: b}\n"
         )
+
+
+@pytest.mark.django_db
+def test_the_import_command_and_page_refuse_an_alias_amplified_file(tmp_path, client):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+    from django.urls import reverse
+
+    from shards.models import Cluster
+    from tests.factories import make_user
+
+    text = _amplified(shards=200, clusters=50)
+    path = tmp_path / "amplified.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(CommandError) as refused:
+        call_command("topology", "import", str(path), stdout=io.StringIO())
+    assert "may not use anchors or aliases" in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+    client.force_login(make_user("operator"))
+    upload = SimpleUploadedFile("amplified.yaml", text.encode(), "application/yaml")
+    response = client.post(reverse("shards:topology_import"), {"file": upload})
+    assert response.status_code == 200
+    assert "may not use anchors or aliases" in response.content.decode()
+    assert not Cluster.objects.filter(name__in=["c0", "c1"]).exists()
