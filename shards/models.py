@@ -65,6 +65,11 @@ class Instance(models.Model):
         validators=[MinValueValidator(1), MaxValueValidator(64)],
         help_text="Most connections ShardVault opens to this server at once.",
     )
+    # The identity its server reported (backups/engine/identity.py) the first time data was
+    # sent to it by a drill, and the user@host:port it was recorded for (shards/services/
+    # identity.py): later drills refuse a different server behind that address.
+    identity = models.CharField(max_length=300, blank=True)
+    identity_address = models.CharField(max_length=400, blank=True)
     # Filled by discovery.
     server_version = models.CharField(max_length=120, blank=True)
     flavour = models.CharField(max_length=20, blank=True)

@@ -207,12 +207,30 @@ def _sequence(node, what: str) -> list:
     return node.value
 
 
+class _PlainLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases. An alias makes one node appear many times,
+    so a few kilobytes could stand for millions of entries ("billion laughs"); a topology
+    file never needs one, so the first anchor or alias ends the parse, before any node is
+    repeated."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise TopologyFileError(
+                f"line {event.start_mark.line + 1}: the file uses the YAML "
+                f"{'alias' if sign == '*' else 'anchor'} {sign}{event.anchor}; topology files "
+                "may not use anchors or aliases, write each entry out in full"
+            )
+        return super().compose_node(parent, index)
+
+
 def parse_topology(text: str) -> TopologyDocument:
     """Parse and validate a topology file; raises TopologyFileError with the line and field."""
     if len(text) > MAX_TOPOLOGY_BYTES or len(text.encode("utf-8")) > MAX_TOPOLOGY_BYTES:
         raise TopologyFileError(topology_too_large())
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_PlainLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
@@ -247,15 +265,19 @@ def _parse_cluster(node) -> ClusterSpec:
             values["description"], f"{what} description", allow_empty=True
         )
 
+    # Duplicates are looked up in sets: a long list must not cost its length squared.
+    instance_names: set[str] = set()
     for inode in _sequence(
         values.get("instances", yaml.ScalarNode("tag:yaml.org,2002:null", "")), f"{what} instances"
     ):
         instance = _parse_instance(inode, what)
-        if any(i.name == instance.name for i in cluster.instances):
+        if instance.name in instance_names:
             _fail(inode, f"instance '{instance.name}' appears twice in {what}")
+        instance_names.add(instance.name)
         cluster.instances.append(instance)
-    instance_names = {i.name for i in cluster.instances}
 
+    shard_names: set[str] = set()
+    shard_databases: set[tuple[str, str]] = set()
     for snode in _sequence(
         values.get("shards", yaml.ScalarNode("tag:yaml.org,2002:null", "")), f"{what} shards"
     ):
@@ -278,17 +300,18 @@ def _parse_cluster(node) -> ClusterSpec:
                 svalues["instance"],
                 f"shard '{shard.name}' points at instance '{shard.instance}', which {what} does not list",
             )
-        if any(s.name == shard.name for s in cluster.shards):
+        if shard.name in shard_names:
             _fail(snode, f"shard '{shard.name}' appears twice in {what}")
-        if any(
-            s.instance == shard.instance and s.database == shard.database for s in cluster.shards
-        ):
+        if (shard.instance, shard.database) in shard_databases:
             _fail(
                 snode,
                 f"shard '{shard.name}' uses database '{shard.database}' on instance '{shard.instance}', which another shard already uses",
             )
+        shard_names.add(shard.name)
+        shard_databases.add((shard.instance, shard.database))
         cluster.shards.append(shard)
 
+    table_names: set[str] = set()
     for tnode in _sequence(
         values.get("logical_tables", yaml.ScalarNode("tag:yaml.org,2002:null", "")),
         f"{what} logical_tables",
@@ -304,8 +327,9 @@ def _parse_cluster(node) -> ClusterSpec:
         refused = pattern_refusal(table.pattern)
         if refused:
             _fail(tvalues["pattern"], f"logical table '{table.name}': {refused}")
-        if any(t.name == table.name for t in cluster.logical_tables):
+        if table.name in table_names:
             _fail(tnode, f"logical table '{table.name}' appears twice in {what}")
+        table_names.add(table.name)
         cluster.logical_tables.append(table)
 
     if "drill_instance" in values:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import pymysql
 from pymysql.constants.COMMAND import COM_BINLOG_DUMP, COM_REGISTER_SLAVE
 
-from backups.engine.errors import ConnectError, EngineError
+from backups.engine.errors import ODD_ANSWER, ConnectError, EngineError, OddAnswer
 from backups.engine.mysql import Endpoint, connect, describe_error
 
 # COM_BINLOG_DUMP flags.
@@ -61,11 +61,13 @@ def master_status_at(endpoint: Endpoint) -> tuple[str, int, str, datetime]:
                 gtid = (cur.fetchone() or [""])[0] or ""
             except pymysql.MySQLError:
                 gtid = ""
-            return row[0], int(row[1]), gtid, server_time
+            return str(row[0]), int(row[1]), str(gtid), server_time
     except pymysql.MySQLError as exc:
         raise EngineError(
             f"reading the binlog position failed: {describe_error(exc, endpoint)}"
         ) from exc
+    except ODD_ANSWER as exc:  # no time, or a status row of the wrong shape
+        raise OddAnswer(endpoint.name, "reading its binlog position") from exc
     finally:
         conn.close()
 
@@ -75,9 +77,11 @@ def binary_logs(endpoint: Endpoint) -> list[tuple[str, int]]:
     try:
         with conn.cursor() as cur:
             cur.execute("SHOW BINARY LOGS")
-            return [(row[0], int(row[1])) for row in cur.fetchall()]
+            return [(str(row[0]), int(row[1])) for row in cur.fetchall()]
     except pymysql.MySQLError as exc:
         raise EngineError(f"listing the binlogs failed: {describe_error(exc, endpoint)}") from exc
+    except ODD_ANSWER as exc:
+        raise OddAnswer(endpoint.name, "listing its binlogs") from exc
     finally:
         conn.close()
 

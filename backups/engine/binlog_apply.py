@@ -272,6 +272,13 @@ def apply_refusal(target: Endpoint, source_database: str, target_database: str) 
     problem = endpoint_refusal(target)
     if problem:
         return f"refusing to apply binlogs to {target.name}: {problem}"
+    return rewrite_db_refusal(source_database, target_database)
+
+
+def rewrite_db_refusal(source_database: str, target_database: str) -> str | None:
+    """Why binlogs of `source_database` cannot be rolled forward into `target_database`
+    (mariadb-binlog's `--rewrite-db=FROM->TO` has no escaping), or None. The restore plan
+    asks this when a request is filed; the apply asks it again before running anything."""
     if source_database != target_database:
         for name in (source_database, target_database):
             if "->" in name or control_character_refusal(name, "database name"):

@@ -14,6 +14,7 @@ Nothing is ever skipped: a start coordinate that is no longer on the server
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,7 +38,7 @@ from backups.engine.binlog_events import (
     rotate_target,
     table_map_names,
 )
-from backups.engine.errors import Cancelled, EngineError
+from backups.engine.errors import ODD_ANSWER, Cancelled, EngineError, OddAnswer
 from backups.engine.mysql import Endpoint
 from backups.engine.types import CancelFn, ProgressEvent, ProgressFn
 
@@ -167,6 +168,19 @@ def capture_instance(
     if start_file not in on_server or start_pos > on_server[start_file]:
         raise EngineError(purged_message(instance, start_file, start_pos))
 
+    try:
+        return _capture(
+            result, endpoint, instance, start_file, start_pos, end_file, end_pos,
+            set_prefix, store, server_id, encrypted, progress, should_cancel,
+        )  # fmt: skip
+    except (*ODD_ANSWER, struct.error) as exc:  # events or answers of the wrong shape
+        raise OddAnswer(instance, f"reading its binlog from {start_file}:{start_pos}") from exc
+
+
+def _capture(
+    result, endpoint, instance, start_file, start_pos, end_file, end_pos,
+    set_prefix, store, server_id, encrypted, progress, should_cancel,
+) -> InstanceCapture:  # fmt: skip
     dump = BinlogDump(endpoint, start_file, start_pos, server_id=server_id)
     try:
         stream = _Stream(dump, start_file, start_pos, end_file, end_pos, should_cancel)

@@ -9,6 +9,7 @@ the table checksum. Workers never call the run's callbacks: progress goes onto t
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -21,7 +22,7 @@ import pymysql
 
 from backups.engine import checksum, codec, schema
 from backups.engine.chunking import ChunkRange, TablePlan
-from backups.engine.errors import EngineError
+from backups.engine.errors import ODD_ANSWER, EngineError, OddAnswer
 from backups.engine.manifest import manifest_chunk_entry
 from backups.engine.mysql import describe_error, quote_qualified
 from backups.engine.snapshot import SessionGroup
@@ -29,6 +30,8 @@ from backups.engine.throttle import ThreadsRunningGate
 from backups.engine.types import ChunkResult, ProgressEvent, ShardSpec, TableResult
 from backups.engine.wire import stream_lines
 from backups.storage import key_part
+
+log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.5
 ER_NO_SUCH_TABLE = 1146
@@ -204,6 +207,9 @@ class ChunkDumper:
             return f"dumping {where} failed: {describe_error(exc, group.endpoint)}"
         if isinstance(exc, EngineError):
             return str(exc)
+        if isinstance(exc, ODD_ANSWER):  # an empty or misshapen answer to a query
+            log.warning("odd answer from %s while dumping %s", group.instance, where, exc_info=exc)
+            return str(OddAnswer(group.instance, "dumping rows", where if table else ""))
         return f"dumping {where} failed: {exc}"
 
     def _put(self, key: str, chunks):

@@ -21,7 +21,7 @@ import pymysql
 from backups.engine import checksum, schema
 from backups.engine.chunk_dump import ChunkDumper, DumpGroup, TableDump
 from backups.engine.chunking import TablePlan
-from backups.engine.errors import Cancelled, ConnectError, EngineError
+from backups.engine.errors import ODD_ANSWER, Cancelled, ConnectError, EngineError, OddAnswer
 from backups.engine.exclusions import Exclusions, exclusions_for_server
 from backups.engine.manifest import manifest_full_document, manifest_write
 from backups.engine.mysql import connect, describe_error
@@ -129,6 +129,9 @@ class _DumpRun:
             self._teardown(lock)
             self._discard_objects()
             raise
+        except OddAnswer as exc:  # the shards of the instance that answered oddly fail
+            self._record_instance_error(exc.instance, str(exc))
+            return self._result(ok=False)
         except EngineError as exc:
             self._record_error(None, str(exc))
             return self._result(ok=False)
@@ -184,6 +187,9 @@ class _DumpRun:
                 self._record_error(shard.name, str(exc))
             except pymysql.err.MySQLError as exc:
                 self._record_error(shard.name, describe_error(exc, shard.endpoint, shard.database))
+            except ODD_ANSWER:
+                odd = OddAnswer(shard.instance, f"describing database {shard.database}")
+                self._record_error(shard.name, str(odd))
         return not self.first_error
 
     def _record_instance_error(self, instance: str, message: str) -> None:
@@ -226,9 +232,14 @@ class _DumpRun:
         states = []
         for name in names:
             engine, rows = available[name]
-            info = schema.describe_table(
-                conn, shard.database, name, engine=engine, rows_estimate=rows
-            )
+            try:
+                info = schema.describe_table(
+                    conn, shard.database, name, engine=engine, rows_estimate=rows
+                )
+            except ODD_ANSWER as exc:
+                raise OddAnswer(
+                    shard.instance, "reading a table's definition", f"{shard.database}.{name}"
+                ) from exc
             if not info.columns:
                 raise EngineError(f"table {shard.database}.{name} has no stored columns")
             states.append(

@@ -21,7 +21,14 @@ import pymysql
 import pymysql.connections
 
 from backups.engine import checksum, codec, schema
-from backups.engine.errors import Cancelled, ConnectError, EngineError, IntegrityError
+from backups.engine.errors import (
+    ODD_ANSWER,
+    Cancelled,
+    ConnectError,
+    EngineError,
+    IntegrityError,
+    OddAnswer,
+)
 from backups.engine.mysql import Endpoint, connect, describe_error, quote_ident, quote_qualified
 from backups.engine.throttle import ThreadsRunningGate
 from backups.engine.types import CancelFn, ProgressEvent, ProgressFn, TableLoadJob, TableLoadResult
@@ -428,6 +435,10 @@ def load_table(
     except pymysql.err.MySQLError as exc:
         raise EngineError(
             f"checksumming {job.target_database}.{job.target_table} failed: {describe_error(exc, job.target)}"
+        ) from exc
+    except ODD_ANSWER as exc:  # no row, or a row of the wrong shape
+        raise OddAnswer(
+            job.target.name, "computing its checksum", f"{job.target_database}.{job.target_table}"
         ) from exc
     finally:
         conn.close()

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 import pymysql
 
-from backups.engine.errors import Cancelled, ConnectError, EngineError
+from backups.engine.errors import ODD_ANSWER, Cancelled, ConnectError, EngineError, OddAnswer
 from backups.engine.mysql import Endpoint, connect, describe_error
 from backups.engine.types import ShardSpec
 
@@ -138,7 +138,7 @@ def blocking_query(conn) -> str:
             row = cur.fetchone()
     except pymysql.err.MySQLError:
         return ""
-    if not row:
+    if not row or len(row) < 4:
         return ""
     return f"connection {row[0]} ({row[1]}, running {row[2]}s): {row[3]}"
 
@@ -254,22 +254,30 @@ class ConsistentCut:
     def take_locked(self, lock: GlobalLock, groups: list[SessionGroup]) -> None:
         """One instant for every group: snapshots started while every instance is locked."""
         lock.acquire()
+        current = ""
         try:
             for group in groups:
+                current = group.instance
                 for conn in group.connections:
                     start_snapshot(conn)
             self.consistent_at = now_utc()
             for group in groups:
+                current = group.instance
                 file, pos, mysql_gtid = master_status(self.controls[group.instance])
                 group.coordinates = Coordinates(file, pos, mysql_gtid, self.consistent_at)
         except pymysql.err.MySQLError as exc:
             raise EngineError(f"starting the consistent snapshot failed: {exc.args[-1]}") from exc
+        except ODD_ANSWER as exc:
+            raise OddAnswer(current, "taking the consistent snapshot") from exc
         finally:
             lock.release()
             self.lock_window_ms = lock.window_ms
         for group in groups:
             c = group.coordinates
-            c.gtid = gtid_at(self.controls[group.instance], c.binlog_file, c.binlog_pos, c.gtid)
+            try:
+                c.gtid = gtid_at(self.controls[group.instance], c.binlog_file, c.binlog_pos, c.gtid)
+            except ODD_ANSWER as exc:
+                raise OddAnswer(group.instance, "reading the snapshot's GTID position") from exc
             for shard in group.shards:
                 self.coordinates[shard.name] = c
 
@@ -286,11 +294,13 @@ class ConsistentCut:
                     mysql_gtid = ""
                 else:
                     file, pos, mysql_gtid = master_status(conn)
+                gtid = gtid_at(self.controls[group.instance], file, pos, mysql_gtid)
             except pymysql.err.MySQLError as exc:
                 raise EngineError(
                     f"starting the snapshot on {group.instance} failed: {exc.args[-1]}"
                 ) from exc
-            gtid = gtid_at(self.controls[group.instance], file, pos, mysql_gtid)
+            except ODD_ANSWER as exc:
+                raise OddAnswer(group.instance, "taking its snapshot") from exc
             group.coordinates = Coordinates(file, pos, gtid, taken)
             for shard in group.shards:
                 self.coordinates[shard.name] = group.coordinates

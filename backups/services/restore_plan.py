@@ -16,6 +16,7 @@ from typing import Any
 
 from django.db.models import F, Sum
 
+from backups.engine.binlog_apply import rewrite_db_refusal
 from backups.engine.errors import ConnectError
 from backups.engine.identity import server_identity
 from backups.engine.manifest import manifest_excluded
@@ -355,6 +356,13 @@ def restore_plan_build(
         raise RestoreError(
             f"backup set {source_set.pk} is {source_set.status}; only succeeded sets can be restored"
         )
+    # A lockfree set's shards were cut at different instants: any `at` rolls every shard
+    # forward through its binlog to that common instant (DESIGN.md, "lockfree").
+    needs_incrementals = bool(stop_positions) or bool(
+        at
+        and source_set.consistent_at
+        and (at > source_set.consistent_at or source_set.consistency == "lockfree")
+    )
     storage = set_read_storage(source_set)  # an object missing on one target may be on a copy
     doc = set_manifest(source_set, storage)
     instances = _instances_by_name(cluster)
@@ -372,6 +380,12 @@ def restore_plan_build(
             target_database = side_database(database, request_id)
         else:
             target_database = database
+        if needs_incrementals:
+            # Rolling forward into a renamed database goes through --rewrite-db: refuse a
+            # name it would split wrongly now, not after the data is loaded.
+            refusal = rewrite_db_refusal(database, target_database)
+            if refusal:
+                raise RestoreError(f"shard {shard['name']}: {refusal}")
         if instance.pk not in identities:
             identities[instance.pk] = _identity(instance)
             targets.append(_target_record(instance, identities[instance.pk]))
@@ -454,13 +468,6 @@ def restore_plan_build(
 
     stops = _stops(doc, entries, at, before_gtid, list(stop_positions or ()))
     seconds, text = estimate_text(rows, measured_rows_per_second())
-    # A lockfree set's shards were cut at different instants: any `at` rolls every shard
-    # forward through its binlog to that common instant (DESIGN.md, "lockfree").
-    needs_incrementals = bool(stop_positions) or bool(
-        at
-        and source_set.consistent_at
-        and (at > source_set.consistent_at or source_set.consistency == "lockfree")
-    )
     return {
         "source_set": source_set.pk,
         "set_prefix": set_prefix(source_set),

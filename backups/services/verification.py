@@ -42,6 +42,7 @@ from console.keys import manifest_hmac_key
 from console.roles import ADMIN, OPERATOR, require_role
 from shards.models import Shard
 from shards.selectors import instance_endpoint
+from shards.services.identity import instance_identity_check
 
 JOB = "backups.jobs.verification.verification_job"
 
@@ -203,6 +204,9 @@ def _drill_targets(backup_set: BackupSet, doc: dict) -> tuple[dict, str, str]:
     cluster = backup_set.cluster
     names = [s.get("name", "") for s in engine.manifest_shards(doc)]
     if cluster.drill_instance_id:
+        # Bound like a restore's target: the server recorded for the drill instance's
+        # address, asked before any row is sent (refused when another server answers).
+        instance_identity_check(instance=cluster.drill_instance)
         endpoint = instance_endpoint(cluster.drill_instance)
         return {name: endpoint for name in names}, cluster.drill_instance.name, ""
     shards = {

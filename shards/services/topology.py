@@ -304,6 +304,11 @@ def instance_change(
     changes.update(
         instance_password_apply(instance=instance, password=password, password_env=password_env)
     )
+    if instance.identity and (password is not None or password_env):
+        # The password given again vouches for the server now at the address: the next
+        # drill records its identity anew (shards/services/identity.py).
+        instance.identity = instance.identity_address = ""
+        changes["identity"] = "cleared"
     if changes:
         instance.save()
         audit_record(actor=actor, action="instance.update", obj=instance, details=changes)

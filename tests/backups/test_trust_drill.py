@@ -52,7 +52,8 @@ def _drill_on(backup_set, fake) -> tuple[int, dict]:
 def test_a_drill_instance_asking_for_a_cleartext_password_gets_none(backed_up, fake_mysql):
     fake = fake_mysql(auth_switch="mysql_clear_password")
     code, result = _drill_on(backed_up, fake)
-    assert code == 1 and result["q"] < 1
+    # Refused when the drill first asks the server who it is: the run fails, no Q.
+    assert code == 1 and result["q"] is None
     assert fake.handshakes, "the drill never reached the fake server"
     assert fake.received_passwords == []
     assert "clear text" in json.dumps(result)
@@ -61,7 +62,12 @@ def test_a_drill_instance_asking_for_a_cleartext_password_gets_none(backed_up, f
 def test_a_drill_instance_asking_for_a_worker_file_gets_none(backed_up, fake_mysql, tmp_path):
     secret = tmp_path / "worker-file.txt"
     secret.write_bytes(MARKER)
-    fake = fake_mysql(infile_on="LOAD DATA", infile_name=str(secret))
+    # It says who it is (the drill records that first), then asks for a file on LOAD DATA.
+    fake = fake_mysql(
+        infile_on="LOAD DATA",
+        infile_name=str(secret),
+        answers={"server_uuid": [("fake-drill-uuid",)]},
+    )
     code, result = _drill_on(backed_up, fake)
     assert code == 1 and result["q"] < 1
     assert fake.received_infile, "the drill never reached LOAD DATA on the fake server"
