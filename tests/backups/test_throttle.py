@@ -6,6 +6,7 @@ for as long as they sleep.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -147,10 +148,12 @@ def test_the_gate_holds_work_while_the_server_is_busy_and_says_when_it_resumes(m
             waited = time.monotonic() - waiting_since
         assert waited > 2, waited  # held until the 3 s sleepers ended
         assert gate.pauses == 1, [e.message for e in events]
-        assert (
-            events[0].message
-            == f"paused: Threads_running {SLEEPERS} > {LIMIT} on instance {server.name}"
+        # At least the sleepers are running (another client of the server may add one more).
+        paused = re.fullmatch(
+            rf"paused: Threads_running (\d+) > {LIMIT} on instance {server.name}",
+            events[0].message,
         )
+        assert paused and int(paused.group(1)) >= SLEEPERS, events[0].message
         assert events[-1].message == "" and events[-1].instance == server.name
         # The run's own connections inside a chunk are not counted against the limit.
         with gate.chunk(), gate.chunk(), gate.chunk():

@@ -43,6 +43,7 @@ EXPECTATIONS: dict[str, tuple[str, frozenset]] = {
     "backups:set_list": ("GET", ALL),
     "backups:set_detail": ("GET", ALL),
     "backups:set_progress": ("GET", ALL),
+    "backups:set_shards": ("GET", ALL),
     "backups:set_quality": ("GET", ALL),
     "backups:set_start": ("POST", OPS),
     "backups:set_cancel": ("POST", OPS),
