@@ -1,0 +1,239 @@
+"""Flashback gaps (issue 13): bounded memory and batched checks, resumable runs, the
+BINLOG privilege, artifacts kept from retention, stop points inside a transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from django.core.management import CommandError
+
+from backups.engine import flashback as engine
+from backups.engine.mysql import Endpoint
+from backups.models import RestoreRequest, RestoreRun
+from backups.services import flashback as service
+from backups.services import restore_runs as executor
+from backups.services.flashback import flashback_inverses
+from backups.services.restore_requests import restore_request_approve
+from backups.services.restore_run_states import restore_run_start
+from console.keys import encrypt_secret
+from console.models import AuditEvent
+from tests.backups.test_binlog_browser import binlog_events_json
+from tests.backups.test_flashback import request_flashback, rows_of
+from tests.backups.test_pitr import checksum_of, run_backup, server_for
+from tests.factories import make_cluster, make_user
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class SimulatedCrash(BaseException):
+    """The worker dies (not an error the run could record)."""
+
+
+class CountingConnection:
+    """A real connection that counts the statements run through its cursors."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.statements: list[str] = []
+
+    def cursor(self):
+        outer = self
+        cursor = self.conn.cursor()
+
+        class Counting:
+            def __enter__(self):
+                cursor.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return cursor.__exit__(*exc)
+
+            def execute(self, sql, params=None):
+                outer.statements.append(sql)
+                return cursor.execute(sql, params)
+
+            def __getattr__(self, name):
+                return getattr(cursor, name)
+
+        return Counting()
+
+
+def test_after_images_spill_to_a_file_and_rows_are_checked_a_batch_of_keys_per_query(
+    mariadb_servers, unique_name, run_jobs, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(engine, "KEY_BATCH", 7)
+    monkeypatch.setattr(engine, "AFTER_FLUSH", 4)
+    cluster = make_cluster(mariadb_servers[:1], name=f"fbg{unique_name}", tables={"t_order": 20})
+    shard = cluster.shards.select_related("instance").get()
+    server = server_for(mariadb_servers, shard)
+    run_backup("full", cluster, run_jobs)
+    server.execute("UPDATE t_order SET amount = amount + 1", database=shard.database)  # bad
+    server.execute("UPDATE t_order SET note = 'later' WHERE id = 2", database=shard.database)
+    server.execute("DELETE FROM t_order WHERE id = 15", database=shard.database)
+    run_backup("incremental", cluster, run_jobs)
+    bad = next(
+        t
+        for t in binlog_events_json(cluster.name)["transactions"]
+        if t["tables"] and t["tables"][0]["updated"] == 20
+    )
+    (item,) = flashback_inverses(
+        cluster=cluster, spec={"gtids": [bad["gtid"]]}, shards=[], tables=[], workdir=str(tmp_path)
+    )
+    # The twenty after images live in a sqlite file in the work directory, not in memory.
+    (path,) = tmp_path.rglob("*.after.sqlite3")
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM after_image").fetchone()[0] == 20
+    assert len(item.inverse.after) == 20
+    conn = CountingConnection(server.connect(shard.database))
+    try:
+        count, sample = engine.flashback_conflicts(conn, item.inverse, item.infos)
+    finally:
+        conn.conn.close()
+    assert count == 2
+    assert sorted((c["key"]["id"], c["reason"]) for c in sample) == [
+        (2, "the row was changed again after the change"),
+        (15, "the row was deleted after the change"),
+    ]
+    # 20 keys, 7 per query: three round trips, not twenty.
+    assert len(conn.statements) == 3
+
+
+def test_a_flashback_run_that_crashed_after_one_shard_committed_resumes_with_the_rest(
+    mariadb_servers, unique_name, run_jobs, settings, monkeypatch
+):
+    cluster = make_cluster(mariadb_servers[:2], name=f"fbr{unique_name}", tables={"t_order": 10})
+    shards = list(cluster.shards.select_related("instance").order_by("name"))
+    run_backup("full", cluster, run_jobs)
+    before = {}
+    for shard in shards:
+        server = server_for(mariadb_servers, shard)
+        before[shard.name] = checksum_of(server, shard.database, "t_order")
+        server.execute("DELETE FROM t_order WHERE id IN (3, 4)", database=shard.database)
+    run_backup("incremental", cluster, run_jobs)
+    bad = [
+        t["gtid"]
+        for t in binlog_events_json(cluster.name)["transactions"]
+        if t["tables"] and t["tables"][0]["deleted"]
+    ]
+    assert len(bad) == 2
+    filed = request_flashback(cluster, make_user("operator"), "--gtid", ",".join(bad))
+    request = RestoreRequest.objects.get(pk=filed["id"])
+    restore_request_approve(request=request, approver=make_user("approver"), comment="one")
+    restore_request_approve(request=request, approver=make_user("approver"), comment="two")
+    request.refresh_from_db()
+    run = restore_run_start(request=request, actor=make_user("operator"))
+
+    # The worker dies right after the first shard's transaction committed.
+    original = service.flashback_apply
+
+    def dying_apply(**kwargs):
+        original(**kwargs)
+        raise SimulatedCrash()
+
+    monkeypatch.setattr(service, "flashback_apply", dying_apply)
+    with pytest.raises(SimulatedCrash):
+        executor.restore_run_execute(run=RestoreRun.objects.get(pk=run.pk))
+    monkeypatch.setattr(service, "flashback_apply", original)
+    run.refresh_from_db()
+    assert run.status == "running"
+    first, second = shards
+    first_server = server_for(mariadb_servers, first)
+    second_server = server_for(mariadb_servers, second)
+    assert checksum_of(first_server, first.database, "t_order") == before[first.name]
+    assert checksum_of(second_server, second.database, "t_order") != before[second.name]
+    markers = first_server.execute(
+        f"SELECT marker FROM {engine.MARKER_TABLE}", database=first.database
+    )
+    assert [tuple(m) for m in markers] == [(f"restore-request-{request.pk}",)]
+
+    # Resumed (its heartbeat is stale): the first shard is skipped, not refused by its own
+    # conflict check, and the second one is undone.
+    settings.JOB_HEARTBEAT_STALE_SECONDS = 0
+    resumed = restore_run_start(request=request, actor=make_user("operator"))
+    assert resumed.pk == run.pk
+    run_jobs("restores")
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error
+    assert run.rows_done == 4
+    for shard in shards:
+        server = server_for(mariadb_servers, shard)
+        assert checksum_of(server, shard.database, "t_order") == before[shard.name]
+        ids = [row[0] for row in rows_of(server, shard.database)]
+        assert ids == list(range(1, 11))
+        tables = server.execute(
+            f"SHOW TABLES LIKE '{engine.MARKER_TABLE}'", database=shard.database
+        )
+        assert not tables  # the marker goes once the run is over
+    applied = AuditEvent.objects.filter(
+        action="restore.flashback_applied", object_id=str(request.pk)
+    )
+    assert sorted((e.details["shard"], e.details["resumed"]) for e in applied) == [
+        (first.name, True),
+        (second.name, False),
+    ]
+
+
+def test_filing_is_refused_naming_the_instance_whose_user_may_not_run_binlog_statements(
+    mariadb_servers, unique_name, run_jobs
+):
+    cluster = make_cluster(mariadb_servers[:1], name=f"fbp{unique_name}", tables={"t_order": 10})
+    shard = cluster.shards.select_related("instance").get()
+    server = server_for(mariadb_servers, shard)
+    run_backup("full", cluster, run_jobs)
+    server.execute("DELETE FROM t_order WHERE id IN (3, 4)", database=shard.database)
+    run_backup("incremental", cluster, run_jobs)
+    bad = [
+        t["gtid"]
+        for t in binlog_events_json(cluster.name)["transactions"]
+        if t["tables"] and t["tables"][0]["deleted"]
+    ]
+    user = f"fbp{unique_name}"[:32]
+    server.execute(
+        f"CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, DROP ON *.* TO '{user}'@'%'",
+    )
+    try:
+        instance = shard.instance
+        instance.user = user
+        instance.password_encrypted = encrypt_secret("pw")
+        instance.save(update_fields=["user", "password_encrypted"])
+        live = checksum_of(server, shard.database, "t_order")
+        with pytest.raises(CommandError) as refused:
+            request_flashback(cluster, make_user("operator"), "--gtid", ",".join(bad))
+        message = str(refused.value)
+        assert message.count(".") <= 2 and "\n" not in message  # one sentence
+        assert f"instance {instance.name}: user '{user}' may not run BINLOG statements" in message
+        assert "BINLOG REPLAY" in message
+        assert not RestoreRequest.objects.filter(cluster=cluster).exists()
+        assert checksum_of(server, shard.database, "t_order") == live
+        # Granted BINLOG REPLAY (MariaDB 10.5+), the same user files it.
+        server.execute(f"GRANT BINLOG REPLAY ON *.* TO '{user}'@'%'")
+        filed = request_flashback(cluster, make_user("operator"), "--gtid", ",".join(bad))
+        assert filed["state"] == "pending_approval" and filed["plan"]["rows"] == 2
+    finally:
+        server.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+
+
+def test_super_or_binlog_replay_on_every_database_lets_a_user_replay(mariadb_servers, unique_name):
+    server = mariadb_servers[0]
+    base = f"fbs{unique_name}"[:28]
+    grants = {
+        f"{base}_su": ("SUPER ON *.*", True),
+        f"{base}_br": ("SELECT, BINLOG REPLAY ON *.*", True),
+        f"{base}_db": ("ALL PRIVILEGES ON `mysql`.*", False),
+        f"{base}_no": ("SELECT, INSERT ON *.*", False),
+    }
+    try:
+        for user, (grant, _allowed) in grants.items():
+            server.execute(
+                f"CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'", f"GRANT {grant} TO '{user}'@'%'"
+            )
+        for user, (_grant, allowed) in grants.items():
+            endpoint = Endpoint(
+                name=server.name, host="127.0.0.1", port=server.port, user=user, password="pw"
+            )
+            assert engine.binlog_replay_allowed(endpoint) is allowed, user
+    finally:
+        for user in grants:
+            server.execute(f"DROP USER IF EXISTS '{user}'@'%'")
