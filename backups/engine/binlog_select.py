@@ -474,6 +474,24 @@ def scoped_events(
             yield event  # session variables and the like: harmless on their own
 
 
+def transaction_around(blocks: Iterable[bytes], pos: int) -> dict | None:
+    """The transaction of a one-file segment that `pos` falls strictly inside (after its
+    GTID event starts, before its commit ends): {"gtid", "start_pos", "end_pos"}; None
+    when `pos` is a boundary between transactions (or past the segment)."""
+    last_end = 0
+    for group, end_pos, _commit_ts, _dbs, _standalone in Transactions(blocks):
+        header = parse_header(group.first)
+        start_pos = header.next_pos - header.size
+        gtid = gtid_of(group.first, header.server_id)[0]
+        group.close()
+        if end_pos < last_end or start_pos >= pos:
+            return None  # another file began (rotated), or every later transaction is past pos
+        last_end = end_pos
+        if start_pos < pos < end_pos:
+            return {"gtid": gtid, "start_pos": start_pos, "end_pos": end_pos}
+    return None
+
+
 def transaction_find(blocks: Iterable[bytes], gtid: str) -> dict | None:
     """Where the transaction `gtid` sits in a segment: start and end position, commit time
     (epoch seconds) and the databases it touches; None when the segment does not hold it."""

@@ -21,6 +21,7 @@ from console.models import AuditEvent
 from tests.backups.test_binlog_browser import binlog_events_json
 from tests.backups.test_flashback import request_flashback, rows_of
 from tests.backups.test_pitr import checksum_of, run_backup, server_for
+from tests.backups.test_stop_points import incident, request_cli  # noqa: F401 - a fixture
 from tests.factories import make_cluster, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -237,3 +238,64 @@ def test_super_or_binlog_replay_on_every_database_lets_a_user_replay(mariadb_ser
     finally:
         for user in grants:
             server.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+
+
+def test_an_until_position_inside_a_transaction_is_refused_naming_its_boundaries(
+    incident,  # noqa: F811 - the fixture imported above
+):
+    cluster = incident["cluster"]
+    a_name, file, bad_start = incident["bad_at"]
+    b_until = ":".join(str(x) for x in incident["b_until"])
+    bad = next(
+        t
+        for t in binlog_events_json(cluster.name)["transactions"]
+        if t["gtid"] == incident["bad_gtid"]
+    )
+    inside = f"{a_name}:{file}:{bad_start + 10}"
+    code, filed, err = request_cli(cluster, "--until", inside, "--until", b_until)
+    assert code != 0 and filed["id"] is None
+    assert len(err.strip().splitlines()) == 1
+    assert f"--until {inside} is inside transaction {incident['bad_gtid']}" in err
+    assert f"{a_name}:{file}:{bad_start} to stop before it" in err
+    assert f"{a_name}:{file}:{bad['end_pos']} to stop after it" in err
+    assert not RestoreRequest.objects.filter(cluster=cluster).exists()
+    # Its boundaries are taken as they are.
+    end = f"{a_name}:{file}:{bad['end_pos']}"
+    code, filed, err = request_cli(cluster, "--until", end, "--until", b_until)
+    assert code == 0, err
+    assert filed["until"] == [end, b_until]
+
+
+def test_browser_lists_ddl_run_without_a_default_database(mariadb_servers, unique_name, run_jobs):
+    cluster = make_cluster(mariadb_servers[:1], name=f"fbd{unique_name}", tables={"t_order": 5})
+    shard = cluster.shards.select_related("instance").get()
+    server = server_for(mariadb_servers, shard)
+    other = f"fbd{unique_name}_other"
+    server.execute(f"CREATE DATABASE {other}", f"CREATE TABLE {other}.t (id INT PRIMARY KEY)")
+    try:
+        run_backup("full", cluster, run_jobs)
+        # Three DDL from a session without a default database.
+        server.execute(
+            f"ALTER TABLE `{shard.database}`.t_order ADD COLUMN extra INT NULL",
+            f"ALTER TABLE {other}.t ADD COLUMN extra INT NULL",
+            f"CREATE DATABASE {other}_made",
+        )
+        run_backup("incremental", cluster, run_jobs)
+        listed = binlog_events_json(cluster.name)["transactions"]
+        ddl = [(t["instance"], t["shard"], t["database"], t["statement"]) for t in listed]
+        assert ddl == [
+            (
+                shard.instance.name,
+                shard.name,
+                shard.database,
+                f"ALTER TABLE `{shard.database}`.t_order ADD COLUMN extra INT NULL",
+            ),
+            # Not attributable to a shard: listed under its instance, database "".
+            (shard.instance.name, "", "", f"CREATE DATABASE {other}_made"),
+        ]
+        assert all(t["ddl"] for t in listed)
+        # The table filter keeps the one that names the table.
+        filtered = binlog_events_json(cluster.name, "--tables", "t_order")["transactions"]
+        assert [t["database"] for t in filtered] == [shard.database]
+    finally:
+        server.execute(f"DROP DATABASE IF EXISTS {other}", f"DROP DATABASE IF EXISTS {other}_made")
