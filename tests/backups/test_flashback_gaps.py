@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import UTC, datetime
+from io import StringIO
 
 import pytest
-from django.core.management import CommandError
+from django.core.management import CommandError, call_command
 
 from backups.engine import flashback as engine
 from backups.engine.mysql import Endpoint
@@ -19,6 +20,7 @@ from backups.services.restore_requests import restore_request_approve
 from backups.services.restore_run_states import restore_run_start
 from console.keys import encrypt_secret
 from console.models import AuditEvent
+from shards.models import Cluster
 from tests.backups.test_binlog_browser import binlog_events_json
 from tests.backups.test_flashback import request_flashback, rows_of
 from tests.backups.test_pitr import checksum_of, next_second, run_backup, server_for
@@ -432,3 +434,47 @@ def test_a_server_with_log_bin_compress_its_ddl_is_listed_and_reaches_the_restor
         )
     finally:
         server.kill()
+
+
+def test_retention_keeps_flashback_sql_and_no_cluster_may_take_its_prefix(
+    mariadb_servers, unique_name, run_jobs, tmp_path
+):
+    from backups.services.flashback import flashback_artifact_open
+    from backups.services.sets import backup_set_expire, default_storage
+    from shards.services.topology import TopologyError, cluster_create
+
+    cluster = make_cluster(mariadb_servers[:1], name=f"fbk{unique_name}", tables={"t_order": 10})
+    shard = cluster.shards.select_related("instance").get()
+    server = server_for(mariadb_servers, shard)
+    full = run_backup("full", cluster, run_jobs)
+    server.execute("DELETE FROM t_order WHERE id IN (3, 4)", database=shard.database)
+    incremental = run_backup("incremental", cluster, run_jobs)
+    bad = [
+        t["gtid"]
+        for t in binlog_events_json(cluster.name)["transactions"]
+        if t["tables"] and t["tables"][0]["deleted"]
+    ]
+    filed = request_flashback(cluster, make_user("operator"), "--gtid", ",".join(bad))
+    request = RestoreRequest.objects.get(pk=filed["id"])
+    key = f"flashback/{cluster.name}/request-{request.pk}.sql"
+    assert request.artifact_key.endswith("#" + key)
+    stored = b"".join(flashback_artifact_open(request))
+    # Retention expires every set of the cluster: their objects go, the request's SQL stays.
+    storage = default_storage()
+    assert list(storage.list(f"{cluster.name}/"))
+    operator = make_user("operator")
+    backup_set_expire(backup_set=incremental, actor=operator)
+    backup_set_expire(backup_set=full, actor=operator)
+    assert not list(storage.list(f"{cluster.name}/"))
+    assert b"".join(flashback_artifact_open(request)) == stored
+    # The artifacts' prefix is no cluster's: a cluster named so (whose sets and whose
+    # orphan sweep would cover flashback/...) is refused, by the console and by import.
+    with pytest.raises(TopologyError, match="reserved"):
+        cluster_create(actor=make_user("admin"), name="flashback")
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(
+        "clusters:\n  - name: flashback\n    instances: []\n    shards: []\n", encoding="utf-8"
+    )
+    with pytest.raises(CommandError, match="cluster name 'flashback' is reserved"):
+        call_command("topology", "import", str(topology), stdout=StringIO())
+    assert not Cluster.objects.filter(name="flashback").exists()
