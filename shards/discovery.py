@@ -256,6 +256,16 @@ def _check_instance(endpoint: Endpoint, findings: list[FindingInfo]):
                 instance=name,
             )
         )
+    if info.flavour == "mariadb" and not (grants.allows("BINLOG REPLAY") or grants.allows("SUPER")):
+        findings.append(
+            FindingInfo(
+                WARNING,
+                "privileges.binlog_replay",
+                f"user '{endpoint.user}' on {name} may not run BINLOG statements, so a "
+                f"flashback on {name} is refused: GRANT BINLOG REPLAY ON *.* TO the backup user",
+                instance=name,
+            )
+        )
     if len(findings) == before:
         findings.append(
             FindingInfo(

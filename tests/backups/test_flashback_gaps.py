@@ -3,6 +3,7 @@ BINLOG privilege, artifacts kept from retention, stop points inside a transactio
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from datetime import UTC, datetime
 from io import StringIO
@@ -202,6 +203,21 @@ def test_filing_is_refused_naming_the_instance_whose_user_may_not_run_binlog_sta
         instance.user = user
         instance.password_encrypted = encrypt_secret("pw")
         instance.save(update_fields=["user", "password_encrypted"])
+        # Preflight says so ahead of time...
+        out = StringIO()
+        try:
+            call_command("topology", "discover", cluster.name, "--json", stdout=out)
+        except SystemExit:
+            pass  # (exit 1: this user also lacks what a backup needs, an error finding)
+        found = [
+            f for f in json.loads(out.getvalue())["findings"] if f["instance"] == instance.name
+        ]
+        assert any(
+            f["severity"] == "warning"
+            and f"user '{user}' on {instance.name} may not run BINLOG statements" in f["message"]
+            for f in found
+        ), found
+        # ...and filing is refused in one sentence naming the instance.
         live = checksum_of(server, shard.database, "t_order")
         with pytest.raises(CommandError) as refused:
             request_flashback(cluster, make_user("operator"), "--gtid", ",".join(bad))
