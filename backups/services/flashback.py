@@ -401,6 +401,7 @@ def flashback_run_execute(*, run: RestoreRun, request: RestoreRequest, tracker) 
     """Undo the approved changes, one transaction per shard; the run ends with its outcome."""
     cluster = request.cluster
     applied: list[str] = []
+    built: list[ShardFlashback] = []
     try:
         with tempfile.TemporaryDirectory(prefix="shardvault-flashback-") as workdir:
             tracker.say("building the flashback from the stored binlog")
@@ -508,4 +509,10 @@ def flashback_run_execute(*, run: RestoreRun, request: RestoreRequest, tracker) 
             message += f"; shards already undone (committed): {', '.join(applied)}"
         else:
             message += "; the live tables were left untouched"
+        # The run ends here (a failed run is not resumed): its markers have no further use.
+        for item in built:
+            try:
+                flashback_markers_clear(item.endpoint, item.shard.database, _marker(request))
+            except Exception:  # noqa: BLE001 - a leftover row is harmless
+                log.exception("flashback %s: marker left on %s", request.pk, item.shard.name)
         return restore_run_finish(run=run, status=RunStatus.FAILED, error=message)

@@ -118,7 +118,10 @@ def shard_stop(
         if before_gtid:
             label = f"stops before GTID {before_gtid} at {stop['file']}:{stop['pos']}"
         else:
-            label = f"stops at {stop['instance']}:{stop['file']}:{stop['pos']}"
+            label = (
+                f"stops at {stop['instance']}:{stop['file']}:{stop['pos']} (a transaction "
+                "boundary: every transaction ending at or before it is applied)"
+            )
         return ShardStop(position=position, before_gtid=before_gtid, label=label)
     if at is None:
         return ShardStop(label="at the end of the full set")

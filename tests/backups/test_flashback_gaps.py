@@ -283,6 +283,13 @@ def test_an_until_position_inside_a_transaction_is_refused_naming_its_boundaries
     code, filed, err = request_cli(cluster, "--until", end, "--until", b_until)
     assert code == 0, err
     assert filed["until"] == [end, b_until]
+    # The plan says what a position means.
+    plan = RestoreRequest.objects.get(pk=filed["id"]).plan
+    stops = {stop["instance"]: stop["stop"] for stop in plan["stops"]}
+    assert stops[a_name] == (
+        f"stops at {end} (a transaction boundary: every transaction ending at or before it "
+        "is applied)"
+    )
 
 
 def test_browser_lists_ddl_run_without_a_default_database(mariadb_servers, unique_name, run_jobs):
@@ -494,3 +501,48 @@ def test_retention_keeps_flashback_sql_and_no_cluster_may_take_its_prefix(
     with pytest.raises(CommandError, match="cluster name 'flashback' is reserved"):
         call_command("topology", "import", str(topology), stdout=StringIO())
     assert not Cluster.objects.filter(name="flashback").exists()
+
+
+def test_a_flashback_run_failing_after_one_shard_names_it_and_leaves_no_marker(
+    mariadb_servers, unique_name, run_jobs, monkeypatch
+):
+    cluster = make_cluster(mariadb_servers[:2], name=f"fbf{unique_name}", tables={"t_order": 10})
+    first, second = list(cluster.shards.select_related("instance").order_by("name"))
+    run_backup("full", cluster, run_jobs)
+    for shard in (first, second):
+        server_for(mariadb_servers, shard).execute(
+            "DELETE FROM t_order WHERE id IN (3, 4)", database=shard.database
+        )
+    run_backup("incremental", cluster, run_jobs)
+    bad = [
+        t["gtid"]
+        for t in binlog_events_json(cluster.name)["transactions"]
+        if t["tables"] and t["tables"][0]["deleted"]
+    ]
+    filed = request_flashback(cluster, make_user("operator"), "--gtid", ",".join(bad))
+    request = RestoreRequest.objects.get(pk=filed["id"])
+    restore_request_approve(request=request, approver=make_user("approver"), comment="one")
+    restore_request_approve(request=request, approver=make_user("approver"), comment="two")
+    original = service.flashback_apply
+
+    def apply_then_someone_writes(**kwargs):
+        result = original(**kwargs)
+        # Between the two shards, row 3 of the second one is re-created by hand.
+        server_for(mariadb_servers, second).execute(
+            "INSERT IGNORE INTO t_order VALUES (3, 'x', 1, 'by hand', NOW(6))",
+            database=second.database,
+        )
+        return result
+
+    monkeypatch.setattr(service, "flashback_apply", apply_then_someone_writes)
+    run = restore_run_start(request=RestoreRequest.objects.get(pk=request.pk), actor=None)
+    run_jobs("restores")
+    run.refresh_from_db()
+    assert run.status == "failed"
+    assert "exists again" in run.error
+    assert f"shards already undone (committed): {first.name}" in run.error
+    for shard in (first, second):
+        tables = server_for(mariadb_servers, shard).execute(
+            f"SHOW TABLES LIKE '{engine.MARKER_TABLE}'", database=shard.database
+        )
+        assert not tables
