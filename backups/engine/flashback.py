@@ -10,12 +10,16 @@ Plain Python (no Django). For one shard database:
   re-inserts the before image, an insert is deleted, an update is set back), newest
   first; ShardVault adds only the choice of transactions and tables. The same pass
   decodes each changed row's after image: what the live row must still be for the
-  undo to be safe.
-* `flashback_conflicts` compares those after images with the live rows (by primary
-  key): a row changed again after the window, deleted since, or re-inserted, is a
-  conflict.
+  undo to be safe. The images go to a sqlite file in the work directory
+  (`AfterImages`), so memory does not grow with the number of changed rows.
+* `flashback_conflicts` compares those after images with the live rows, KEY_BATCH
+  primary keys per query: a row changed again after the window, deleted since, or
+  re-inserted, is a conflict.
 * `flashback_apply` runs the inverse in ONE transaction on the shard's server, after
-  locking and re-checking every row it touches.
+  locking and re-checking every row it touches; with a marker, a row of
+  MARKER_TABLE commits with it, so a resumed run knows the shard is done.
+* `binlog_replay_allowed` tells whether the instance's user may run the BINLOG
+  statements the inverse is made of (BINLOG REPLAY or SUPER).
 
 A DDL on an in-scope table among the chosen transactions is refused (the tool does not
 invert DDL); so is a statement that changes tables inside and outside the scope.
