@@ -517,6 +517,28 @@ def _where(info: TableInfo) -> str:
 KEY_BATCH = 500  # primary keys per query when checking rows against their after images
 
 
+CHECK_BYTES = 4 << 20  # after-image bytes per query, well under max_allowed_packet
+
+
+def _size(value) -> int:
+    return len(value) if isinstance(value, bytes | str) else 16
+
+
+def _by_bytes(batches):
+    """Split batches further so one query's images stay under CHECK_BYTES (big BLOBs)."""
+    for table, batch in batches:
+        part, size = [], 0
+        for key, image in batch:
+            weight = sum(_size(v) for v in key) + sum(_size(v) for v in image or ())
+            if part and size + weight > CHECK_BYTES:
+                yield table, part
+                part, size = [], 0
+            part.append((key, image))
+            size += weight
+        if part:
+            yield table, part
+
+
 def flashback_conflicts(
     conn, inverse: ShardInverse, infos: dict[str, TableInfo], *, lock: bool = False
 ) -> tuple[int, list[dict]]:
@@ -546,7 +568,7 @@ def flashback_conflicts(
             )
 
     with conn.cursor() as cur:
-        for table, batch in inverse.after.batches(absent=False, size=KEY_BATCH):
+        for table, batch in _by_bytes(inverse.after.batches(absent=False, size=KEY_BATCH)):
             info = infos[table]
             columns = inverse.columns[table]
             names = "(" + ", ".join(quote_ident(info.columns[i]) for i in info.key) + ")"

@@ -102,6 +102,14 @@ def test_after_images_spill_to_a_file_and_rows_are_checked_a_batch_of_keys_per_q
     ]
     # 20 keys, 7 per query: three round trips, not twenty.
     assert len(conn.statements) == 3
+    # Big images split a batch further, by bytes: each query stays small.
+    monkeypatch.setattr(engine, "CHECK_BYTES", 200)
+    conn = CountingConnection(server.connect(shard.database))
+    try:
+        assert engine.flashback_conflicts(conn, item.inverse, item.infos)[0] == 2
+    finally:
+        conn.conn.close()
+    assert len(conn.statements) > 3
 
 
 def test_a_flashback_run_that_crashed_after_one_shard_committed_resumes_with_the_rest(
@@ -430,6 +438,12 @@ def test_a_server_with_log_bin_compress_its_ddl_is_listed_and_reaches_the_restor
     try:
         cluster = make_cluster([server], name=f"fbz{unique_name}", tables={"t_order": 10})
         shard = cluster.shards.select_related("instance").get()
+        out = StringIO()
+        call_command("topology", "discover", cluster.name, "--json", stdout=out)
+        assert any(
+            f["severity"] == "warning" and "log_bin_compress is ON on mz1" in f["message"]
+            for f in json.loads(out.getvalue())["findings"]
+        )
         run_backup("full", cluster, run_jobs)
         statement = f"ALTER TABLE `{shard.database}`.t_order ADD COLUMN compressed_col INT NULL"
         next_second()
