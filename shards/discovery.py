@@ -282,6 +282,7 @@ def _check_instance(endpoint: Endpoint, findings: list[FindingInfo]):
                     "binlog_row_image",
                     "binlog_row_metadata",
                     "binlog_annotate_row_events",
+                    "log_bin_compress",
                     "gtid_mode",
                     "gtid_binlog_pos",
                     "gtid_strict_mode",
@@ -307,6 +308,16 @@ def _check_instance(endpoint: Endpoint, findings: list[FindingInfo]):
                 "privileges.missing",
                 f"user '{endpoint.user}' on {name} lacks {', '.join(missing)}: "
                 f"GRANT {', '.join(missing)} ON *.* TO the backup user",
+                instance=name,
+            )
+        )
+    if info.flavour == "mariadb" and not (grants.allows("BINLOG REPLAY") or grants.allows("SUPER")):
+        findings.append(
+            FindingInfo(
+                WARNING,
+                "privileges.binlog_replay",
+                f"user '{endpoint.user}' on {name} may not run BINLOG statements, so a "
+                f"flashback on {name} is refused: GRANT BINLOG REPLAY ON *.* TO the backup user",
                 instance=name,
             )
         )
@@ -369,6 +380,15 @@ def _binlog_findings(name: str, info: InstanceInfo, variables: dict[str, str]):
             "binlog.annotate",
             f"binlog_annotate_row_events is OFF on {name}: the binlog browser cannot show the "
             "statement behind each transaction; set binlog_annotate_row_events=ON",
+            instance=name,
+        )
+    if str(variables.get("log_bin_compress", "")).upper() in ("ON", "1"):
+        yield FindingInfo(
+            WARNING,
+            "binlog.compress",
+            f"log_bin_compress is ON on {name}: point-in-time restores read its compressed "
+            "events, but the binlog browser and flashback refuse compressed row events; set "
+            "log_bin_compress=OFF to use them",
             instance=name,
         )
     if info.flavour == "mysql":

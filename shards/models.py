@@ -11,6 +11,11 @@ NAME_VALIDATOR = RegexValidator(
 )
 
 
+# Top-level storage prefixes that are not a cluster's `<cluster>/<set-id>/...`: a cluster of
+# that name would put its sets (and the orphan sweep's listing) over them.
+RESERVED_CLUSTER_NAMES = frozenset({"flashback"})  # flashback/<cluster>/request-<id>.sql
+
+
 class Severity(models.TextChoices):
     OK = "ok", "ok"
     WARNING = "warning", "warning"

@@ -7,7 +7,9 @@ updated / deleted row counts, and its statements when the binlog recorded them
 (ANNOTATE_ROWS events, `binlog_annotate_row_events`). One event is in memory at a time.
 
 `wants(database, table)`, when given, keeps only the transactions that change a
-wanted table (and skips counting the rows of the others).
+wanted table (and skips counting the rows of the others). A statement run without a
+default database that names no table as `db.table` (DROP DATABASE x, CREATE USER ...)
+is asked about as `wants("", word)` for each of its words: it cannot be attributed.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from backups.engine.binlog_events import (
     FORMAT_DESCRIPTION_EVENT,
     GTID_EVENT,
     HEADER_LEN,
+    QUERY_COMPRESSED_EVENT,
     QUERY_EVENT,
     TABLE_MAP_EVENT,
     XID_EVENT,
     gtid_of,
     query_of,
+    query_uncompressed,
 )
 from backups.engine.binlog_rows import (
     DELETE_ROWS,
@@ -70,11 +74,13 @@ class FormatDescription:
 
 
 def binlog_events(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
-    """(start position, event) for each event of a binlog file stream (magic first)."""
+    """(start position, event) for each event of a binlog file stream (magic first); a
+    compressed query event comes as the plain QUERY event it packs."""
     buffer = bytearray()
     offset = 0
     magic_checked = False
     position = 0
+    checksum = False
     for block in blocks:
         buffer += block
         if not magic_checked:
@@ -91,6 +97,17 @@ def binlog_events(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
             event = bytes(buffer[offset : offset + size])
             next_pos = int.from_bytes(event[13:17], "little")
             position = next_pos - size if next_pos else position
+            if event[4] == FORMAT_DESCRIPTION_EVENT:
+                checksum = len(event) > 5 and event[-5] == 1
+            elif event[4] == QUERY_COMPRESSED_EVENT:
+                # log_bin_compress: handed on as the plain statement it packs.
+                try:
+                    event = query_uncompressed(event, checksum)
+                except ValueError as exc:
+                    raise EngineError(
+                        f"the compressed statement at binlog position {position} cannot be "
+                        f"read ({exc})"
+                    ) from exc
             yield position, event
             position = next_pos or position + size
             offset += size
@@ -170,6 +187,9 @@ def segment_transactions(
                 text = statement.decode("utf-8", "replace")
                 statements.append(text)
                 named = statement_tables(database, text)
+                if not database and any(name_db for name_db, _table in named):
+                    # No default database: the qualified names are what it changes.
+                    named = [(name_db, table) for name_db, table in named if name_db]
                 for name_db, _table in named:
                     if name_db and name_db not in current.databases:
                         current.databases.append(name_db)

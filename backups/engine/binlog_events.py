@@ -10,6 +10,7 @@ does that at restore time.
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 
 BINLOG_MAGIC = b"\xfebin"
@@ -78,6 +79,36 @@ def query_of(event: bytes | memoryview) -> tuple[str, bytes]:
     db_start = HEADER_LEN + 13 + status_len
     database = bytes(event[db_start : db_start + db_len]).decode("utf-8", "replace")
     return database, bytes(event[db_start + db_len + 1 :])
+
+
+def query_uncompressed(event: bytes, checksum: bool) -> bytes:
+    """The plain QUERY event a QUERY_COMPRESSED_EVENT stands for (`log_bin_compress`).
+
+    The compressed event is a QUERY event whose statement is packed: one byte 0x80 |
+    (algorithm << 4) | length-of-length, the statement's length (big-endian), then the
+    zlib stream. The event type becomes QUERY_EVENT; its position fields stay; its size
+    (and CRC32 when `checksum`) follow the new body. ValueError when it cannot be read:
+    callers refuse the transaction rather than let an unread statement through.
+    """
+    status_len = struct.unpack_from("<H", event, HEADER_LEN + 11)[0]
+    start = HEADER_LEN + 13 + status_len + event[HEADER_LEN + 8] + 1
+    packed = bytes(event[start : len(event) - (4 if checksum else 0)])
+    if not packed or not packed[0] & 0x80 or (packed[0] & 0x70) or not 1 <= packed[0] & 7 <= 4:
+        raise ValueError("a compressed query event uses an unknown packing")
+    lenlen = packed[0] & 7
+    size = int.from_bytes(packed[1 : 1 + lenlen], "big")
+    try:
+        statement = zlib.decompress(packed[1 + lenlen :])
+    except zlib.error as exc:
+        raise ValueError(f"a compressed query event does not decompress ({exc})") from exc
+    if len(statement) != size:
+        raise ValueError("a compressed query event decompresses to the wrong length")
+    body = bytearray(event[:start] + statement)
+    body[4] = QUERY_EVENT
+    body[9:13] = (len(body) + (4 if checksum else 0)).to_bytes(4, "little")
+    if checksum:
+        body += zlib.crc32(body).to_bytes(4, "little")
+    return bytes(body)
 
 
 def rotate_target(event: bytes | memoryview, checksum_len: int) -> tuple[str, int]:

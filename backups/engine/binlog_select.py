@@ -22,12 +22,14 @@ from backups.engine.binlog_events import (
     FORMAT_DESCRIPTION_EVENT,
     GTID_EVENT,
     HEADER_LEN,
+    QUERY_COMPRESSED_EVENT,
     QUERY_EVENT,
     TABLE_MAP_EVENT,
     XID_EVENT,
     gtid_of,
     parse_header,
     query_of,
+    query_uncompressed,
     table_map_names,
 )
 from backups.engine.ddl import (
@@ -139,6 +141,11 @@ class Transactions:
         standalone = False
         for event in self._events():
             header = parse_header(event)
+            if header.type == QUERY_COMPRESSED_EVENT:
+                # log_bin_compress: read as the plain statement it packs, so the DDL rules
+                # judge it like any other (an unreadable one refuses, never slips through).
+                event = _query_plain(event, self.fde, header)
+                header = parse_header(event)
             if header.type == FORMAT_DESCRIPTION_EVENT:
                 self.fde = event
                 post = HEADER_LEN + 2 + 50 + 4 + 1 + TABLE_MAP_EVENT - 1
@@ -171,6 +178,17 @@ class Transactions:
             elif header.type == XID_EVENT:
                 in_trx = False
                 yield group, header.next_pos, header.timestamp, dbs, False
+
+
+def _query_plain(event: bytes, fde: bytes | None, header) -> bytes:
+    checksum = fde is not None and len(fde) > 5 and fde[-5] == 1
+    try:
+        return query_uncompressed(event, checksum)
+    except ValueError as exc:
+        raise ScopeError(
+            f"the compressed statement ending at binlog position {header.next_pos} cannot be "
+            f"read ({exc}); it is refused rather than applied or skipped unread"
+        ) from exc
 
 
 class ScopeError(EngineError):
@@ -479,6 +497,24 @@ def scoped_events(
             index += 1
         else:
             yield event  # session variables and the like: harmless on their own
+
+
+def transaction_around(blocks: Iterable[bytes], pos: int) -> dict | None:
+    """The transaction of a one-file segment that `pos` falls strictly inside (after its
+    GTID event starts, before its commit ends): {"gtid", "start_pos", "end_pos"}; None
+    when `pos` is a boundary between transactions (or past the segment)."""
+    last_end = 0
+    for group, end_pos, _commit_ts, _dbs, _standalone in Transactions(blocks):
+        header = parse_header(group.first)
+        start_pos = header.next_pos - header.size
+        gtid = gtid_of(group.first, header.server_id)[0]
+        group.close()
+        if end_pos < last_end or start_pos >= pos:
+            return None  # another file began (rotated), or every later transaction is past pos
+        last_end = end_pos
+        if start_pos < pos < end_pos:
+            return {"gtid": gtid, "start_pos": start_pos, "end_pos": end_pos}
+    return None
 
 
 def transaction_find(blocks: Iterable[bytes], gtid: str) -> dict | None:

@@ -28,6 +28,7 @@ from backups.engine.binlog_events import (
     HEADER_LEN,
     HEARTBEAT_LOG_EVENT,
     LOG_EVENT_ARTIFICIAL_F,
+    QUERY_COMPRESSED_EVENT,
     QUERY_EVENT,
     ROTATE_EVENT,
     TABLE_MAP_EVENT,
@@ -291,8 +292,8 @@ class _SegmentWriter:
             elif kind == TABLE_MAP_EVENT:
                 database, table = table_map_names(event, post)
                 tables.setdefault(f"{database}.{table}")
-            elif kind == QUERY_EVENT:
-                database, statement = query_of(event)
+            elif kind in (QUERY_EVENT, QUERY_COMPRESSED_EVENT):
+                database, statement = query_of(event)  # (a compressed one: still not BEGIN)
                 if not statement.startswith((b"BEGIN", b"COMMIT", b"ROLLBACK")):
                     # A statement (DDL): its default database, or "*" when it had none.
                     tables.setdefault(f"{database or '*'}.*")

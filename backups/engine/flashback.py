@@ -10,12 +10,16 @@ Plain Python (no Django). For one shard database:
   re-inserts the before image, an insert is deleted, an update is set back), newest
   first; ShardVault adds only the choice of transactions and tables. The same pass
   decodes each changed row's after image: what the live row must still be for the
-  undo to be safe.
-* `flashback_conflicts` compares those after images with the live rows (by primary
-  key): a row changed again after the window, deleted since, or re-inserted, is a
-  conflict.
+  undo to be safe. The images go to a sqlite file in the work directory
+  (`AfterImages`), so memory does not grow with the number of changed rows.
+* `flashback_conflicts` compares those after images with the live rows, KEY_BATCH
+  primary keys per query: a row changed again after the window, deleted since, or
+  re-inserted, is a conflict.
 * `flashback_apply` runs the inverse in ONE transaction on the shard's server, after
-  locking and re-checking every row it touches.
+  locking and re-checking every row it touches; with a marker, a row of
+  MARKER_TABLE commits with it, so a resumed run knows the shard is done.
+* `binlog_replay_allowed` tells whether the instance's user may run the BINLOG
+  statements the inverse is made of (BINLOG REPLAY or SUPER).
 
 A DDL on an in-scope table among the chosen transactions is refused (the tool does not
 invert DDL); so is a statement that changes tables inside and outside the scope.
@@ -25,8 +29,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -92,6 +98,74 @@ class TableInfo:
     key: list[int]  # positions (0-based) of the primary key's columns
 
 
+AFTER_FLUSH = 1000  # after images buffered in memory before they go to the sqlite file
+
+
+class AfterImages:
+    """(table, key) -> the row's after image (None: it must be absent), spilled to sqlite.
+
+    Later images of the same key replace earlier ones (the last change wins), whatever
+    order they are written in; reads come back per table, KEY_BATCH keys at a time, so
+    memory stays bounded by the batch, not by the number of changed rows.
+    """
+
+    def __init__(self, path: str):
+        self._db = sqlite3.connect(path)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS after_image (tbl TEXT NOT NULL, ident TEXT NOT NULL,"
+            " absent INTEGER NOT NULL, value BLOB NOT NULL, PRIMARY KEY (tbl, ident))"
+        )
+        self._pending: dict[tuple[str, str], tuple[tuple, tuple | None]] = {}
+
+    def __setitem__(self, table_key: tuple[str, tuple], image: tuple | None) -> None:
+        table, key = table_key
+        # repr() is the identity: equal decoded keys print alike (pickles may not).
+        self._pending[(table, repr(key))] = (key, image)
+        if len(self._pending) >= AFTER_FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        self._db.executemany(
+            "INSERT INTO after_image (tbl, ident, absent, value) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (tbl, ident) DO UPDATE SET absent = excluded.absent,"
+            " value = excluded.value",
+            [
+                (table, ident, int(image is None), pickle.dumps((key, image)))
+                for (table, ident), (key, image) in self._pending.items()
+            ],
+        )
+        self._db.commit()
+        self._pending.clear()
+
+    def clear(self) -> None:
+        self._pending.clear()
+        self._db.execute("DELETE FROM after_image")
+        self._db.commit()
+
+    def __len__(self) -> int:
+        self.flush()
+        return self._db.execute("SELECT COUNT(*) FROM after_image").fetchone()[0]
+
+    def batches(self, *, absent: bool, size: int) -> Iterator[tuple[str, list[tuple]]]:
+        """(table, [(key, image), ...]) with at most `size` keys each, table by table."""
+        self.flush()
+        cursor = self._db.execute(
+            "SELECT tbl, value FROM after_image WHERE absent = ? ORDER BY tbl, rowid",
+            (int(absent),),
+        )
+        table, batch = None, []
+        for row in cursor:
+            if batch and (row[0] != table or len(batch) >= size):
+                yield table, batch
+                batch = []
+            table = row[0]
+            batch.append(pickle.loads(row[1]))  # noqa: S301 - our own file, written above
+        if batch:
+            yield table, batch
+
+
 @dataclass
 class ShardInverse:
     """The inverse for one shard database, and what it needs to be safe."""
@@ -105,8 +179,9 @@ class ShardInverse:
     # table -> {"insert", "update", "delete"}: the rows the inverse writes.
     rows: dict[str, dict[str, int]] = field(default_factory=dict)
     sample: list[str] = field(default_factory=list)
-    # (table, key values) -> the after image (tuple) or None (the row must be absent).
-    after: dict[tuple, tuple | None] = field(default_factory=dict)
+    # (table, key values) -> the after image (tuple) or None (the row must be absent),
+    # kept in a sqlite file next to the binlog, not in memory.
+    after: AfterImages = field(default_factory=lambda: AfterImages(":memory:"))
     columns: dict[str, tuple] = field(default_factory=dict)  # table -> binlog Column tuple
     schema_changed: str = ""  # a table whose live columns differ from the binlog's
     later_ddl: str = ""  # the first DDL on a table in scope after the chosen transactions
@@ -155,6 +230,27 @@ def table_info(endpoint: Endpoint, database: str, table: str) -> TableInfo:
     )
 
 
+REPLAY_PRIVILEGES = {"ALL PRIVILEGES", "ALL", "SUPER", "BINLOG REPLAY"}
+_GLOBAL_GRANT = re.compile(r"^GRANT (.+?) ON \*\.\* TO ", re.IGNORECASE)
+
+
+def binlog_replay_allowed(endpoint: Endpoint) -> bool:
+    """Whether the instance's user may run BINLOG statements (the flashback SQL is made of
+    them): BINLOG REPLAY on MariaDB 10.5+, or SUPER, granted on *.* (to it or its role)."""
+    conn = connect(endpoint)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW GRANTS")
+            grants = [row[0] for row in cur.fetchall()]
+    finally:
+        conn.close()
+    for grant in grants:
+        found = _GLOBAL_GRANT.match(grant)
+        if found and REPLAY_PRIVILEGES & {p.strip().upper() for p in found.group(1).split(",")}:
+            return True
+    return False
+
+
 def _chosen(choice: FlashbackChoice, gtid: str, commit_ts: int | None) -> bool | None:
     """Whether a transaction is chosen (None: not known until its commit time is)."""
     if choice.gtids is not None:
@@ -190,7 +286,10 @@ def flashback_build(
     """
     if not tool_available():
         raise EngineError("mariadb-binlog must be installed on the worker to build a flashback")
-    inverse = ShardInverse(database=choice.database)
+    after_path = os.path.join(workdir, f"{choice.database}.after.sqlite3")
+    if os.path.exists(after_path):
+        os.remove(after_path)  # a former build's images must not mix with this one's
+    inverse = ShardInverse(database=choice.database, after=AfterImages(after_path))
     binlog_path = os.path.join(workdir, f"{choice.database}.binlog")
     infos: dict[str, TableInfo] = {}
     with open(binlog_path, "wb") as out:
@@ -218,6 +317,7 @@ def flashback_build(
                 inverse.transactions.append(
                     {"gtid": gtid, "file": segment.file, "end_pos": end_pos}
                 )
+    inverse.after.flush()
     if inverse.schema_changed:
         cause = (
             f": {inverse.later_ddl} changed it after the chosen transactions"
@@ -414,7 +514,29 @@ def _where(info: TableInfo) -> str:
     return " AND ".join(f"{quote_ident(info.columns[i])} = %s" for i in info.key)
 
 
-KEY_BATCH = 500  # keys per query when checking that deleted rows are still absent
+KEY_BATCH = 500  # primary keys per query when checking rows against their after images
+
+
+CHECK_BYTES = 4 << 20  # after-image bytes per query, well under max_allowed_packet
+
+
+def _size(value) -> int:
+    return len(value) if isinstance(value, bytes | str) else 16
+
+
+def _by_bytes(batches):
+    """Split batches further so one query's images stay under CHECK_BYTES (big BLOBs)."""
+    for table, batch in batches:
+        part, size = [], 0
+        for key, image in batch:
+            weight = sum(_size(v) for v in key) + sum(_size(v) for v in image or ())
+            if part and size + weight > CHECK_BYTES:
+                yield table, part
+                part, size = [], 0
+            part.append((key, image))
+            size += weight
+        if part:
+            yield table, part
 
 
 def flashback_conflicts(
@@ -423,9 +545,10 @@ def flashback_conflicts(
     """(conflict count, a sample of them): rows whose live state is not the after image.
 
     `conn` is a connection to the shard's server; with `lock` every row read is locked
-    (FOR UPDATE) in the caller's transaction. Rows that must be absent (the change
-    deleted them) are looked up KEY_BATCH keys at a time; the others one by one, every
-    column compared by the server (`<=>`, exact for each type).
+    (FOR UPDATE) in the caller's transaction. Rows are looked up KEY_BATCH primary keys
+    per query: those that must be absent (the change deleted them) by key only, the
+    others with every column compared by the server (`<=>`, exact for each type) in a
+    CASE per key, so a batch costs one round trip whatever its size.
     """
     count = 0
     sample: list[dict] = []
@@ -444,41 +567,55 @@ def flashback_conflicts(
                 }
             )
 
-    absent: dict[str, list[tuple]] = {}
     with conn.cursor() as cur:
-        for (table, key), image in inverse.after.items():
-            if image is None:
-                absent.setdefault(table, []).append(key)
-                continue
+        for table, batch in _by_bytes(inverse.after.batches(absent=False, size=KEY_BATCH)):
             info = infos[table]
             columns = inverse.columns[table]
-            compares, params = [], []
-            for i, name in enumerate(info.columns):
-                params.append(signed_value(image[i], columns[i], info.unsigned[i]))
-                compares.append(f"{comparison_sql(columns[i], quote_ident(name))} <=> %s")
-            cur.execute(
-                f"SELECT {' AND '.join(compares)} FROM {quote_qualified(inverse.database, table)}"  # noqa: S608 - quoted identifiers
-                f" WHERE {_where(info)}{suffix}",
-                (*params, *key),
+            names = "(" + ", ".join(quote_ident(info.columns[i]) for i in info.key) + ")"
+            one = "(" + ", ".join(["%s"] * len(info.key)) + ")"
+            compares = " AND ".join(
+                f"{comparison_sql(columns[i], quote_ident(name))} <=> %s"
+                for i, name in enumerate(info.columns)
             )
-            row = cur.fetchone()
-            if row is None:
-                conflict(table, key, "the row was deleted after the change")
-            elif not row[0]:
-                conflict(table, key, "the row was changed again after the change")
-        for table, keys in absent.items():
+            whens, params = [], []
+            for index, (key, image) in enumerate(batch):
+                whens.append(f"WHEN {names} = {one} THEN IF({compares}, {index}, {-1 - index})")
+                params.extend(key)
+                params.extend(
+                    signed_value(image[i], columns[i], info.unsigned[i])
+                    for i in range(len(info.columns))
+                )
+            params.extend(value for key, _image in batch for value in key)
+            cur.execute(
+                f"SELECT CASE {' '.join(whens)} END"  # noqa: S608 - quoted identifiers
+                f" FROM {quote_qualified(inverse.database, table)}"
+                f" WHERE {names} IN ({', '.join([one] * len(batch))}){suffix}",
+                params,
+            )
+            seen = set()
+            for (found,) in cur.fetchall():
+                if found is None:
+                    continue
+                found = int(found)
+                seen.add(found if found >= 0 else -1 - found)
+                if found < 0:
+                    conflict(
+                        table, batch[-1 - found][0], "the row was changed again after the change"
+                    )
+            for index, (key, _image) in enumerate(batch):
+                if index not in seen:
+                    conflict(table, key, "the row was deleted after the change")
+        for table, batch in inverse.after.batches(absent=True, size=KEY_BATCH):
             info = infos[table]
             names = ", ".join(quote_ident(info.columns[i]) for i in info.key)
             one = "(" + ", ".join(["%s"] * len(info.key)) + ")"
-            for start in range(0, len(keys), KEY_BATCH):
-                batch = keys[start : start + KEY_BATCH]
-                cur.execute(
-                    f"SELECT {names} FROM {quote_qualified(inverse.database, table)}"  # noqa: S608 - quoted identifiers
-                    f" WHERE ({names}) IN ({', '.join([one] * len(batch))}){suffix}",
-                    [value for key in batch for value in key],
-                )
-                for found in cur.fetchall():
-                    conflict(table, found, "the row the undo would re-insert exists again")
+            cur.execute(
+                f"SELECT {names} FROM {quote_qualified(inverse.database, table)}"  # noqa: S608 - quoted identifiers
+                f" WHERE ({names}) IN ({', '.join([one] * len(batch))}){suffix}",
+                [value for key, _image in batch for value in key],
+            )
+            for found in cur.fetchall():
+                conflict(table, found, "the row the undo would re-insert exists again")
     return count, sample
 
 
@@ -510,18 +647,96 @@ def inverse_statements(sql_lines: Iterable[bytes]) -> Iterator[str]:
         raise EngineError("the flashback SQL ends in the middle of a BINLOG statement")
 
 
+MARKER_TABLE = "__shardvault_flashback"
+
+
+def _marker_table_ensure(conn) -> None:
+    """The table whose rows say which flashback was committed on this database (DDL: it
+    commits by itself, so it runs before the flashback's transaction opens)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {quote_ident(MARKER_TABLE)} ("
+            " marker VARCHAR(191) NOT NULL PRIMARY KEY, section_sha256 CHAR(64) NOT NULL,"
+            " row_count BIGINT NOT NULL, applied_at DATETIME(6) NOT NULL DEFAULT NOW(6))"
+            " ENGINE=InnoDB"
+        )
+
+
+def flashback_applied(endpoint: Endpoint, database: str, marker: str) -> int | None:
+    """The rows a flashback committed on `database` under `marker`, None when it was not
+    (its marker row is written in the same transaction as the inverse)."""
+    conn = connect(endpoint, database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s"
+                " AND TABLE_NAME = %s",
+                (database, MARKER_TABLE),
+            )
+            if cur.fetchone() is None:
+                return None
+            cur.execute(
+                f"SELECT row_count FROM {quote_ident(MARKER_TABLE)} WHERE marker = %s",  # noqa: S608 - quoted identifier
+                (marker,),
+            )
+            row = cur.fetchone()
+            return int(row[0]) if row else None
+    finally:
+        conn.close()
+
+
+def flashback_markers_clear(endpoint: Endpoint, database: str, marker: str) -> None:
+    """Forget `marker` once its run is over; the table goes when no other marker is left."""
+    conn = connect(endpoint, database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s"
+                " AND TABLE_NAME = %s",
+                (database, MARKER_TABLE),
+            )
+            if cur.fetchone() is None:
+                return
+            cur.execute(f"DELETE FROM {quote_ident(MARKER_TABLE)} WHERE marker = %s", (marker,))  # noqa: S608 - quoted identifier
+            cur.execute(f"SELECT COUNT(*) FROM {quote_ident(MARKER_TABLE)}")  # noqa: S608 - quoted identifier
+            if cur.fetchone()[0] == 0:
+                cur.execute(f"DROP TABLE IF EXISTS {quote_ident(MARKER_TABLE)}")
+    finally:
+        conn.close()
+
+
 def flashback_apply(
-    *, endpoint: Endpoint, inverse: ShardInverse, infos: dict[str, TableInfo], sql_lines
+    *,
+    endpoint: Endpoint,
+    inverse: ShardInverse,
+    infos: dict[str, TableInfo],
+    sql_lines,
+    marker: str = "",
 ) -> tuple[int, int, list[dict]]:
     """Lock and re-check every row, then run the inverse, all in ONE transaction.
 
     Returns (rows restored, conflict count, conflict sample); with a conflict nothing is
-    written and the transaction is rolled back.
+    written and the transaction is rolled back. With a `marker`, a row of MARKER_TABLE
+    is written in the same transaction, so a run resumed after a crash knows for sure
+    whether this database was undone; if the marker is already there, nothing is applied
+    again and the rows it recorded are returned.
     """
     conn = connect(endpoint, inverse.database, autocommit=False)
     try:
+        if marker:
+            _marker_table_ensure(conn)
         with conn.cursor() as cur:
             cur.execute("START TRANSACTION")
+            if marker:
+                cur.execute(
+                    f"SELECT row_count FROM {quote_ident(MARKER_TABLE)} WHERE marker = %s"  # noqa: S608 - quoted identifier
+                    " FOR UPDATE",
+                    (marker,),
+                )
+                done = cur.fetchone()
+                if done is not None:
+                    conn.rollback()
+                    return int(done[0]), 0, []
         count, sample = flashback_conflicts(conn, inverse, infos, lock=True)
         if count:
             conn.rollback()
@@ -529,6 +744,12 @@ def flashback_apply(
         with conn.cursor() as cur:
             for statement in inverse_statements(sql_lines):
                 cur.execute(statement)
+            if marker:
+                cur.execute(
+                    f"INSERT INTO {quote_ident(MARKER_TABLE)} (marker, section_sha256, row_count)"  # noqa: S608 - quoted identifier
+                    " VALUES (%s, %s, %s)",
+                    (marker, inverse.sha256, inverse.row_count),
+                )
         conn.commit()
         return inverse.row_count, 0, []
     except Exception:

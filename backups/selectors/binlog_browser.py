@@ -143,6 +143,10 @@ def instance_transactions(
             continue
 
         def in_scope(database: str, table: str) -> bool:
+            if not database:
+                # A statement without a default database naming no db.table: it cannot be
+                # tied to a shard, so it is listed under its instance with database "".
+                return wants is None or wants(database, table)
             return database in databases and (wants is None or wants(database, table))
 
         for summary in segment_transactions(

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -30,9 +31,12 @@ from backups.engine.flashback import (
     FlashbackSegment,
     ShardInverse,
     TableInfo,
+    binlog_replay_allowed,
+    flashback_applied,
     flashback_apply,
     flashback_build,
     flashback_conflicts,
+    flashback_markers_clear,
     table_info,
 )
 from backups.engine.mysql import Endpoint, connect
@@ -50,6 +54,7 @@ from shards.models import Cluster, Shard
 from shards.selectors import MissingPassword, instance_endpoint
 
 Target = RestoreRequest.Target
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,6 +129,7 @@ def flashback_inverses(
     if unknown:
         raise RestoreError(f"no shard named {', '.join(sorted(unknown))} in cluster {cluster.name}")
     results = []
+    checked: set[str] = set()
     for shard in all_shards:
         if chosen and shard.name not in chosen:
             continue
@@ -132,6 +138,9 @@ def flashback_inverses(
             continue
         try:
             endpoint = instance_endpoint(shard.instance)
+            if shard.instance.name not in checked:
+                _check_replay_privilege(shard.instance, endpoint)
+                checked.add(shard.instance.name)
             shard_dir = os.path.join(workdir, shard.name)
             os.makedirs(shard_dir, exist_ok=True)
             inverse = flashback_build(
@@ -156,6 +165,16 @@ def flashback_inverses(
     if not results:
         raise RestoreError("no stored transaction in scope changes any row; nothing to undo")
     return results
+
+
+def _check_replay_privilege(instance, endpoint: Endpoint) -> None:
+    """Refuse in one sentence when the instance's user could not apply the flashback SQL."""
+    if not binlog_replay_allowed(endpoint):
+        raise RestoreError(
+            f"instance {instance.name}: user {instance.user!r} may not run BINLOG statements, "
+            "which the flashback SQL is made of; grant it BINLOG REPLAY (MariaDB 10.5+) or "
+            "SUPER, then file the flashback again"
+        )
 
 
 def _artifact_chunks(cluster: Cluster, shards: list[ShardFlashback]) -> Iterator[bytes]:
@@ -376,10 +395,16 @@ def flashback_artifact_open(request: RestoreRequest) -> Iterator[bytes]:
     )
 
 
+def _marker(request: RestoreRequest) -> str:
+    """The marker row a shard's inverse commits with (see engine flashback_apply)."""
+    return f"restore-request-{request.pk}"
+
+
 def flashback_run_execute(*, run: RestoreRun, request: RestoreRequest, tracker) -> RestoreRun:
     """Undo the approved changes, one transaction per shard; the run ends with its outcome."""
     cluster = request.cluster
     applied: list[str] = []
+    built: list[ShardFlashback] = []
     try:
         with tempfile.TemporaryDirectory(prefix="shardvault-flashback-") as workdir:
             tracker.say("building the flashback from the stored binlog")
@@ -395,27 +420,48 @@ def flashback_run_execute(*, run: RestoreRun, request: RestoreRequest, tracker) 
                     "the stored binlog no longer yields the approved flashback SQL "
                     f"(sha256 {request.artifact_sha256}); file a new request"
                 )
-            conflicts = _check_conflicts(built)
+            marker = _marker(request)
+            # A resumed run (its worker died between shards) skips the shards whose inverse
+            # committed: their marker row was written in that same transaction.
+            done = {}
+            for item in built:
+                try:
+                    rows = flashback_applied(item.endpoint, item.shard.database, marker)
+                except ConnectError as exc:
+                    raise RestoreError(f"shard {item.shard.name}: {exc}") from exc
+                if rows is not None:
+                    done[item.shard.name] = rows
+            todo = [item for item in built if item.shard.name not in done]
+            conflicts = _check_conflicts(todo)
             if conflicts:
                 raise RestoreError(_conflict_message(conflicts) + " (between approval and run)")
             total = 0
             for item in built:
-                tracker.say(f"undoing {item.inverse.row_count} row(s) on shard {item.shard.name}")
-                with open(item.inverse.sql_path, "rb") as lines:
-                    rows, count, sample = flashback_apply(
-                        endpoint=item.endpoint,
-                        inverse=item.inverse,
-                        infos=item.infos,
-                        sql_lines=lines,
+                if item.shard.name in done:
+                    rows = done[item.shard.name]
+                    tracker.say(f"shard {item.shard.name} was undone before the run resumed")
+                else:
+                    tracker.say(
+                        f"undoing {item.inverse.row_count} row(s) on shard {item.shard.name}"
                     )
-                if count:
-                    raise RestoreError(
-                        _conflict_message([(item.shard.name, count, sample)])
-                        + " (between approval and run)"
-                    )
+                    with open(item.inverse.sql_path, "rb") as lines:
+                        rows, count, sample = flashback_apply(
+                            endpoint=item.endpoint,
+                            inverse=item.inverse,
+                            infos=item.infos,
+                            sql_lines=lines,
+                            marker=marker,
+                        )
+                    if count:
+                        raise RestoreError(
+                            _conflict_message([(item.shard.name, count, sample)])
+                            + " (between approval and run)"
+                        )
                 total += rows
                 tracker.add(rows=rows)
                 applied.append(item.shard.name)
+                if RestoreTableResult.objects.filter(run=run, shard_name=item.shard.name).exists():
+                    continue  # recorded by the attempt that crashed after it
                 for table, counts in sorted(item.inverse.rows.items()):
                     RestoreTableResult.objects.create(
                         run=run,
@@ -438,12 +484,18 @@ def flashback_run_execute(*, run: RestoreRun, request: RestoreRequest, tracker) 
                         "run": run.pk,
                         "shard": item.shard.name,
                         "rows": rows,
+                        "resumed": item.shard.name in done,
                         "transactions": [t["gtid"] for t in item.inverse.transactions],
                         "artifact": request.artifact_key.partition("#")[2],
                         "artifact_sha256": request.artifact_sha256,
                         "section_sha256": item.inverse.sha256,
                     },
                 )
+            for item in built:
+                try:
+                    flashback_markers_clear(item.endpoint, item.shard.database, marker)
+                except Exception:  # noqa: BLE001 - the undo is done; a leftover row is harmless
+                    log.exception("flashback %s: marker left on %s", request.pk, item.shard.name)
         tracker.stop()
         return restore_run_finish(
             run=run,
@@ -460,4 +512,10 @@ def flashback_run_execute(*, run: RestoreRun, request: RestoreRequest, tracker) 
             message += f"; shards already undone (committed): {', '.join(applied)}"
         else:
             message += "; the live tables were left untouched"
+        # The run ends here (a failed run is not resumed): its markers have no further use.
+        for item in built:
+            try:
+                flashback_markers_clear(item.endpoint, item.shard.database, _marker(request))
+            except Exception:  # noqa: BLE001 - a leftover row is harmless
+                log.exception("flashback %s: marker left on %s", request.pk, item.shard.name)
         return restore_run_finish(run=run, status=RunStatus.FAILED, error=message)

@@ -16,7 +16,7 @@ from django.utils import timezone
 from backups.engine import codec
 from backups.engine.binlog_apply import SegmentSource, apply_segments
 from backups.engine.binlog_events import coordinate_key
-from backups.engine.binlog_select import transaction_find
+from backups.engine.binlog_select import transaction_around, transaction_find
 from backups.models import BackupSet, BinlogSegment
 from backups.selectors.incrementals import chain_after
 from backups.services.errors import ChainError
@@ -119,7 +119,10 @@ def shard_stop(
         if before_gtid:
             label = f"stops before GTID {before_gtid} at {stop['file']}:{stop['pos']}"
         else:
-            label = f"stops at {stop['instance']}:{stop['file']}:{stop['pos']}"
+            label = (
+                f"stops at {stop['instance']}:{stop['file']}:{stop['pos']} (a transaction "
+                "boundary: every transaction ending at or before it is applied)"
+            )
         return ShardStop(position=position, before_gtid=before_gtid, label=label)
     if at is None:
         return ShardStop(label="at the end of the full set")
@@ -392,6 +395,28 @@ def pitr_resolve_gtid(*, cluster: Cluster, gtid: str) -> tuple[BackupSet, dateti
     return full, committed, stop
 
 
+def _refuse_inside_transaction(instance: str, file: str, pos: int, covering) -> None:
+    """A stop position must be a transaction boundary (as `binlog events` lists them).
+
+    A position inside a transaction is refused, not rounded: a DBA who names a position
+    expects every transaction up to it applied, and half of one cannot be; rounding down
+    silently would drop the transaction the position points into. The message gives the
+    two boundaries around it to choose from.
+    """
+    for seg in covering:
+        if seg.first_file != file or seg.last_file != file:
+            continue  # positions are per file; a segment across a rotation is not compared
+        inside = transaction_around(_open_segment(seg), pos)
+        if inside is not None:
+            raise ChainError(
+                f"--until {instance}:{file}:{pos} is inside transaction {inside['gtid']} "
+                f"({file}:{inside['start_pos']}..{inside['end_pos']}); give "
+                f"{instance}:{file}:{inside['start_pos']} to stop before it or "
+                f"{instance}:{file}:{inside['end_pos']} to stop after it"
+            )
+        return
+
+
 def pitr_resolve_positions(*, cluster: Cluster, until: list[str]) -> tuple[BackupSet, list[dict]]:
     """(full set, stop positions) for `--until INSTANCE:FILE:POS` (one per instance).
 
@@ -423,6 +448,7 @@ def pitr_resolve_positions(*, cluster: Cluster, until: list[str]) -> tuple[Backu
                 f"{instance}:{file}:{pos} is in no stored incremental of {cluster.name}; "
                 f"covered: {stored_binlog_coverage(cluster)}"
             )
+        _refuse_inside_transaction(instance, file, pos, covering)
         positions.append({"instance": instance, "file": file, "pos": pos})
     if not positions:
         raise ChainError("--until needs at least one INSTANCE:FILE:POS")

@@ -22,7 +22,7 @@ from console.audit import audit_record
 from console.keys import decrypt_secret, encrypt_secret
 from console.roles import OPERATOR, require_role
 from shards import discovery as discovery_engine
-from shards.models import NAME_VALIDATOR, Cluster, Instance, Shard
+from shards.models import NAME_VALIDATOR, RESERVED_CLUSTER_NAMES, Cluster, Instance, Shard
 
 
 class TopologyError(Exception):
@@ -68,10 +68,21 @@ def _valid_port(port) -> int:
 # --- clusters --------------------------------------------------------------------------
 
 
+def cluster_name_check(name: str) -> str:
+    """Refuse the names reserved for storage prefixes that are not clusters'."""
+    if name.lower() in RESERVED_CLUSTER_NAMES:
+        raise TopologyError(
+            f"cluster name '{name}' is reserved (storage keeps flashback SQL under "
+            f"'{name.lower()}/'); choose another name",
+            field="name",
+        )
+    return name
+
+
 def cluster_create(*, actor, name: str, shard_key: str = "", description: str = "") -> Cluster:
     """Create an empty cluster. Refuses a taken or malformed name."""
     topology_authorise(actor, "create clusters")
-    name = _valid_name(name, "cluster name")
+    name = cluster_name_check(_valid_name(name, "cluster name"))
     with transaction.atomic():
         if Cluster.objects.filter(name=name).exists():
             raise TopologyError(f"a cluster named '{name}' already exists", field="name")

@@ -14,6 +14,7 @@ from shards.models import Cluster, Instance, LogicalTable, Shard
 from shards.services.topology import (
     TopologyError,
     cluster_change,
+    cluster_name_check,
     instance_change,
     instance_connection_fields_check,
     instance_password_apply,
@@ -70,6 +71,7 @@ def topology_import(*, actor, document: TopologyDocument) -> ImportSummary:
 def _import_cluster(actor, spec: ClusterSpec, summary: ImportSummary) -> None:
     cluster = Cluster.objects.select_for_update().filter(name=spec.name).first()
     if cluster is None:
+        cluster_name_check(spec.name)
         cluster = Cluster.objects.create(
             name=spec.name, shard_key=spec.shard_key, description=spec.description
         )
