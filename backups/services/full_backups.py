@@ -68,6 +68,7 @@ def backup_start(
     actor,
     kind: str = "full",
     consistency: str = "locked",
+    method: str = "logical",
     compression_level: int | None = None,
     encrypt: bool | None = None,
     enqueue: bool = True,
@@ -78,6 +79,7 @@ def backup_start(
     When the cluster already has a pending or running set, records this request as a
     `failed` set saying so and raises BackupRefused carrying it. `actor` is a User or a
     system name such as "cli". Compression and encryption default to the cluster's policy.
+    `consistency` is locked (warm), lockfree (hot) or cold; `method` logical or physical.
     """
     backup_authorise(actor)
     if kind == BackupSet.Kind.INCREMENTAL:
@@ -85,7 +87,9 @@ def backup_start(
     if kind != BackupSet.Kind.FULL:
         raise BackupError(f"unknown backup kind '{kind}': choose full or incremental")
     if consistency not in BackupSet.Consistency.values:
-        raise BackupError(f"unknown consistency '{consistency}': choose locked or lockfree")
+        raise BackupError(f"unknown consistency '{consistency}': choose locked, lockfree or cold")
+    if method not in BackupSet.Method.values:
+        raise BackupError(f"unknown method '{method}': choose logical or physical")
     policy = BackupPolicy.objects.filter(cluster=cluster).first()
     if compression_level is None:
         compression_level = (
@@ -114,11 +118,13 @@ def backup_start(
             shard_fields=lambda shard: {"rows_estimate": estimates.get(shard.pk, 0)},
             details={
                 "consistency": consistency,
+                "method": method,
                 "compression_level": int(compression_level),
                 "encrypted": bool(encrypt),
             },
             kind=BackupSet.Kind.FULL,
             consistency=consistency,
+            method=method,
             compression_level=int(compression_level),
             encrypted=bool(encrypt),
             rows_estimate=sum(estimates.values()),
