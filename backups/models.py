@@ -111,6 +111,9 @@ class BackupSet(models.Model):
     raw_bytes = models.BigIntegerField(default=0)
     stored_bytes = models.BigIntegerField(default=0)
     lock_window_ms = models.FloatField(null=True, blank=True)
+    # While a cold set holds the global read lock: instance name -> server thread id of the
+    # connection holding it, so a cancel can KILL it at once (emptied when the lock is released).
+    lock_sessions = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
     cancel_requested = models.BooleanField(default=False)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
