@@ -35,6 +35,7 @@ from backups.services.backup_spec import (
 from backups.services.connection_slots import SlotsUnavailable
 from backups.services.errors import BackupError, BackupRefused
 from backups.services.incrementals import incremental_execute, incremental_start
+from backups.services.physical import physical_backup_run
 from backups.services.progress import JobTracker, ProgressSnapshot
 from backups.services.sets import (
     HOUSEKEEPING_ACTOR,
@@ -310,7 +311,29 @@ def _execute_engine(backup_set: BackupSet, state: dict):
         raise _Outcome(exc.message, shard_errors=exc.shard_errors) from None
     except EngineError as exc:  # the master key cannot open the set's key or sign its manifest
         raise _Outcome(f"backup could not start: {exc}") from None
+    if backup_set.method == BackupSet.Method.PHYSICAL:
+        return _run_physical(spec, shard_backups, storage, tracker)
     return _run_engine(spec, storage, tracker)
+
+
+def _run_physical(spec, shard_backups, storage, tracker: JobTracker):
+    """The physical branch: mariabackup per instance (backups/services/physical.py)."""
+    datadirs = {sb.shard.instance.name: sb.shard.instance.datadir for sb in shard_backups}
+    tracker.say("copying data files with mariabackup", flush=False)
+    try:
+        return physical_backup_run(
+            spec=spec,
+            datadirs=datadirs,
+            storage=storage,
+            progress=tracker.progress,
+            should_cancel=tracker.should_cancel,
+        )
+    except PreflightRefused as exc:
+        raise _Outcome(exc.message, shard_errors=exc.shard_errors) from None
+    except Cancelled:
+        raise _Outcome(cancelled=True) from None
+    except EngineError as exc:
+        raise _Outcome(str(exc)) from None
 
 
 class _PartRows:

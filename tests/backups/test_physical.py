@@ -1,0 +1,226 @@
+"""Physical backups (mariabackup) on real MariaDB: streaming, coordinates, encryption,
+preflight refusals, and what a killed worker leaves behind."""
+
+from __future__ import annotations
+
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from backups.engine.manifest import manifest_objects
+from backups.engine.physical import (
+    ThrowawayServer,
+    physical_extract,
+    physical_prepare,
+)
+from backups.models import BackupSet
+from backups.services.full_backups import backup_execute, backup_start
+from backups.services.sets import set_data_key, set_manifest, set_storage
+from shards.models import Instance
+from tests.factories import make_cluster
+
+
+def _with_datadirs(cluster, servers) -> None:
+    by_port = {s.endpoint.port: s for s in servers}
+    for instance in cluster.instances.all():
+        instance.datadir = str(by_port[instance.port].datadir)
+        instance.save(update_fields=["datadir"])
+
+
+class SequenceWriter:
+    """Inserts 1, 2, 3... into `<db>.seq` on one server, each committed before the next,
+    and remembers the GTID of each insert."""
+
+    def __init__(self, server, database: str) -> None:
+        self.server = server
+        self.database = database
+        self.gtids: list[tuple[int, str]] = []
+        self.stop = threading.Event()
+        server.execute(
+            "CREATE TABLE IF NOT EXISTS seq (n INT PRIMARY KEY) ENGINE=InnoDB", database=database
+        )
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from backups.engine.mysql import connect
+
+        conn = connect(self.server.endpoint, self.database)
+        conn.autocommit(True)
+        n = 0
+        with conn.cursor() as cur:
+            while not self.stop.is_set():
+                n += 1
+                cur.execute("INSERT INTO seq VALUES (%s)", (n,))
+                cur.execute("SELECT @@last_gtid")
+                self.gtids.append((n, cur.fetchone()[0]))
+                time.sleep(0.002)
+        conn.close()
+
+    def __enter__(self):
+        self.thread.start()
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def inserted_up_to(self, gtid_pos: str) -> int:
+        """How many inserts a server at `gtid_pos` (domain-server-seq list) holds."""
+        seqs = {}
+        for item in gtid_pos.split(","):
+            if item.strip():
+                domain, server_id, seq = item.strip().split("-")
+                seqs[(domain, server_id)] = int(seq)
+        count = 0
+        for n, gtid in self.gtids:
+            domain, server_id, seq = gtid.split("-")
+            if int(seq) <= seqs.get((domain, server_id), 0):
+                count = n
+        return count
+
+
+def _restore_and_count(storage, obj, data_key, tmp_path: Path, database: str):
+    target = tmp_path / f"restore-{obj['instance']}"
+    physical_extract(
+        storage, obj, data_key=data_key, target_dir=target, should_cancel=lambda: False
+    )
+    physical_prepare(target)
+    server = ThrowawayServer(datadir=target, run_dir=tmp_path / f"run-{obj['instance']}")
+    server.start()
+    try:
+        from backups.engine.mysql import connect, quote_ident
+
+        conn = connect(server.endpoint)
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT COUNT(*), COALESCE(MAX(n), 0) FROM {quote_ident(database)}.seq")
+            count, top = cur.fetchone()
+        conn.close()
+    finally:
+        server.stop()
+    return count, top
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("encrypt", [False, True], ids=["plain", "encrypted"])
+def test_physical_backup_of_three_instances_with_writers_running(
+    mariadb_servers, unique_name, tmp_path, encrypt
+):
+    cluster = make_cluster(mariadb_servers, name=f"ph{unique_name}")
+    _with_datadirs(cluster, mariadb_servers)
+    shards = {s.instance.name: s for s in cluster.shards.select_related("instance")}
+    by_name = {s.name: s for s in mariadb_servers}
+    writers = [SequenceWriter(by_name[name], shard.database) for name, shard in shards.items()]
+    for writer in writers:
+        writer.__enter__()
+    try:
+        backup_set = backup_start(
+            cluster=cluster, actor="cli", method="physical", encrypt=encrypt, enqueue=False
+        )
+        backup_set = backup_execute(backup_set=backup_set)
+    finally:
+        for writer in writers:
+            writer.__exit__()
+    assert backup_set.status == "succeeded", backup_set.error
+    assert backup_set.method == "physical"
+    assert backup_set.stored_bytes > 0 and backup_set.raw_bytes > backup_set.stored_bytes
+
+    storage = set_storage(backup_set)
+    doc = set_manifest(backup_set)
+    assert doc["method"] == "physical"
+    objects = [o for o in manifest_objects(doc) if o["kind"] == "physical"]
+    suffix = ".zst.enc" if encrypt else ".zst"
+    assert sorted(o["key"] for o in objects) == sorted(
+        f"{cluster.name}/{backup_set.pk}/physical/{name}/backup.mbstream{suffix}" for name in shards
+    )
+    for obj in objects:
+        head = storage.head(obj["key"])
+        assert head is not None and head.size == obj["stored_bytes"]
+    first = next(iter(storage.get_stream(objects[0]["key"])))
+    assert first.startswith(b"SVAE") if encrypt else first.startswith(b"\x28\xb5\x2f\xfd")
+
+    # Each part's coordinates are those of its copied data: the restored files hold exactly
+    # the writer's inserts up to the recorded GTID, with no gap.
+    parts = {sb.instance_name: sb for sb in backup_set.shard_backups.all()}
+    for writer, (name, shard) in zip(writers, shards.items(), strict=True):
+        part = parts[name]
+        assert part.binlog_file.startswith("binlog.") and part.binlog_pos and part.gtid
+        obj = next(o for o in doc["physical"] if o["instance"] == name)
+        assert (obj["binlog_file"], obj["binlog_pos"], obj["gtid"]) == (
+            part.binlog_file,
+            part.binlog_pos,
+            part.gtid,
+        )
+        count, top = _restore_and_count(
+            storage, obj, set_data_key(backup_set), tmp_path, shard.database
+        )
+        assert count == top > 0, "the restored sequence has a gap"
+        assert top == writer.inserted_up_to(part.gtid)
+
+
+def _fake_tool_dir(tmp_path: Path, version: str | None) -> str:
+    """A PATH holding a `mariabackup` that claims `version`, or none at all."""
+    directory = tmp_path / ("fake-" + (version or "none"))
+    directory.mkdir()
+    if version:
+        script = directory / "mariabackup"
+        script.write_text(
+            f"#!/bin/sh\necho 'mariabackup based on MariaDB server {version}-MariaDB' >&2\n"
+        )
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(directory)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_physical_backup_refused_without_mariabackup_or_with_another_version(
+    mariadb_servers, unique_name, tmp_path, monkeypatch
+):
+    cluster = make_cluster(mariadb_servers[:1], name=f"pr{unique_name}")
+    _with_datadirs(cluster, mariadb_servers)
+    monkeypatch.setenv("SHARDVAULT_MARIABACKUP_PATH", _fake_tool_dir(tmp_path, None))
+    missing = backup_execute(
+        backup_set=backup_start(cluster=cluster, actor="cli", method="physical", enqueue=False)
+    )
+    assert missing.status == "failed"
+    assert "mariabackup is not installed on worker" in missing.error
+
+    monkeypatch.setenv("SHARDVAULT_MARIABACKUP_PATH", _fake_tool_dir(tmp_path, "10.6.12"))
+    mismatch = backup_execute(
+        backup_set=backup_start(cluster=cluster, actor="cli", method="physical", enqueue=False)
+    )
+    assert mismatch.status == "failed"
+    assert "is for MariaDB 10.6, but instance" in mismatch.error
+    assert "runs 10.11" in mismatch.error
+    assert not list(set_storage(mismatch).list(f"{cluster.name}/"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_physical_backup_refused_for_missing_datadir_and_privileges(
+    mariadb_servers, unique_name, tmp_path
+):
+    server = mariadb_servers[0]
+    user = f"pb{unique_name}"[:30]
+    server.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+    server.execute(f"CREATE USER '{user}'@'%' IDENTIFIED BY 'pw-{unique_name}'")
+    server.execute(f"GRANT SELECT, RELOAD ON *.* TO '{user}'@'%'")
+    try:
+        cluster = make_cluster([server], name=f"pp{unique_name}")
+        instance = Instance.objects.get(cluster=cluster)
+        from console.keys import encrypt_secret
+
+        instance.user = user
+        instance.password_encrypted = encrypt_secret(f"pw-{unique_name}")
+        instance.datadir = str(tmp_path / "nowhere")
+        instance.save()
+        result = backup_execute(
+            backup_set=backup_start(cluster=cluster, actor="cli", method="physical", enqueue=False)
+        )
+    finally:
+        server.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+    assert result.status == "failed"
+    assert f"the data directory {tmp_path / 'nowhere'} of instance" in result.error
+    assert "lacks PROCESS, LOCK TABLES, BINLOG MONITOR (or REPLICATION CLIENT)" in result.error
+    assert BackupSet.objects.get(pk=result.pk).shard_backups.get().error
