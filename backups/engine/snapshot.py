@@ -368,3 +368,29 @@ class ConsistentCut:
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
+
+
+def lock_session_kill(endpoint: Endpoint, thread_id: int) -> bool:
+    """KILL the connection `thread_id` holding a global read lock (a cancel's backstop).
+
+    Kills only a live connection of `endpoint`'s user, so a stale id never hits another
+    client's session. True when it was killed.
+    """
+    conn = connect(endpoint, connect_timeout=3, read_timeout=5, write_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT USER FROM information_schema.PROCESSLIST WHERE ID = %s", (int(thread_id),)
+            )
+            row = cur.fetchone()
+            if not row or row[0] != endpoint.user:
+                return False
+            try:
+                cur.execute(f"KILL CONNECTION {int(thread_id)}")
+            except pymysql.err.MySQLError as exc:
+                if exc.args and exc.args[0] == 1094:  # ER_NO_SUCH_THREAD: it ended meanwhile
+                    return False
+                raise
+        return True
+    finally:
+        conn.close()
