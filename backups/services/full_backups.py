@@ -32,6 +32,7 @@ from backups.services.backup_spec import (
     backup_connection_slots,
     backup_spec_build,
 )
+from backups.services.cold_locks import cold_lock_kill, cold_lock_sessions_record
 from backups.services.connection_slots import SlotsUnavailable
 from backups.services.errors import BackupError, BackupRefused
 from backups.services.incrementals import incremental_execute, incremental_start
@@ -151,6 +152,8 @@ def _table_estimates(shards) -> dict[int, int]:
 def backup_cancel(*, backup_set: BackupSet, actor) -> BackupSet:
     """Cancel a set: pending becomes `cancelled` at once (and its queued job is dropped);
     running gets `cancel_requested`, and its job stops within seconds and marks it `cancelled`.
+    A running cold set's global read lock is released as the cancel commits (its lock
+    connections are killed), not when the worker notices.
     Refuses sets that already ended, and users without operator/admin."""
     backup_authorise(actor)
     with transaction.atomic():
@@ -175,6 +178,8 @@ def backup_cancel(*, backup_set: BackupSet, actor) -> BackupSet:
                 locked.progress_text = "cancelling…"
                 locked.save(update_fields=["cancel_requested", "progress_text"])
                 audit_record(actor=actor, action="backup.cancel_request", obj=locked, details={})
+                if locked.consistency == BackupSet.Consistency.COLD:
+                    transaction.on_commit(lambda: cold_lock_kill(backup_set=locked))
         else:
             raise BackupError(f"set {locked.pk} already ended ({locked.status})")
     return locked
@@ -254,6 +259,9 @@ def backup_execute(*, backup_set: BackupSet, runner_job_id: str = "") -> BackupS
         log.exception("backup set %s failed unexpectedly", backup_set.pk)
         backup_set_finish_failed(backup_set, f"internal error: {exc.__class__.__name__}: {exc}")
         raise
+    if not result.ok and BackupSet.objects.filter(pk=backup_set.pk, cancel_requested=True).exists():
+        # A cancelled cold set may fail on its killed lock connection before it sees the cancel.
+        return backup_set_finish_cancelled(backup_set)
     if not result.ok:
         shard_errors = {s.name: s.error for s in result.shards if s.error}
         message = result.error or "; ".join(f"{k}: {v}" for k, v in shard_errors.items())
@@ -398,7 +406,10 @@ class _Outcome(Exception):
 def _run_engine(spec, storage, tracker: JobTracker):
     try:
         return dump_cluster(
-            spec, storage, progress=tracker.progress, should_cancel=tracker.should_cancel
+            spec,
+            storage,
+            progress=_LockSessions(spec.set_id, tracker),
+            should_cancel=tracker.should_cancel,
         )
     except Cancelled:
         raise _Outcome(cancelled=True) from None
@@ -408,6 +419,22 @@ def _run_engine(spec, storage, tracker: JobTracker):
         if tracker.should_cancel():
             raise _Outcome(cancelled=True) from None
         raise
+
+
+class _LockSessions:
+    """The engine's progress sink: events go to the tracker; the connections holding a cold
+    set's global read lock go onto the set at once (for `backup_cancel` to kill)."""
+
+    def __init__(self, set_id: int, tracker: JobTracker) -> None:
+        self.set_id = set_id
+        self.tracker = tracker
+        self.recorded: dict[str, int] | None = None
+
+    def __call__(self, event) -> None:
+        if event.lock_sessions is not None and event.lock_sessions != self.recorded:
+            cold_lock_sessions_record(set_id=self.set_id, sessions=event.lock_sessions)
+            self.recorded = dict(event.lock_sessions)
+        self.tracker.progress(event)
 
 
 # ---------------------------------------------------------------------------- crashed workers
