@@ -112,11 +112,19 @@ def test_a_physical_full_is_recorded_failed_saying_no_physical_engine_exists(clu
     assert "physical" in backup_set.error and "full_method" in backup_set.error
 
 
-def test_a_cold_full_is_recorded_failed_saying_cold_backups_are_not_available(cluster):
+def test_a_scheduled_cold_full_runs_under_the_global_read_lock(cluster, run_jobs):
     set_policy(cluster, full_cron="0 2 * * *", full_consistency="cold")
-    backup_set = schedule_tick(cluster=cluster, kind="full", tick_at=TICK).backup_set
-    assert (backup_set.status, backup_set.consistency) == ("failed", "cold")
-    assert "cold" in backup_set.error and "full_consistency" in backup_set.error
+    tick = schedule_tick(cluster=cluster, kind="full", tick_at=TICK)
+    assert tick.outcome == "started"
+    run_jobs("backups")
+    backup_set = BackupSet.objects.get(pk=tick.backup_set_id)
+    assert (backup_set.status, backup_set.consistency, backup_set.trigger) == (
+        "succeeded",
+        "cold",
+        "scheduler",
+    ), backup_set.error
+    assert backup_set.lock_window_ms and backup_set.lock_window_ms > 0
+    assert backup_set.lock_sessions == {}  # released, and nothing left for a cancel to kill
 
 
 def test_an_incremental_due_with_a_full_leaves_that_minute_to_the_full(cluster, run_jobs):
