@@ -92,11 +92,14 @@ def discover(
     progress: Progress | None = None,
     unavailable: dict[str, str] | None = None,
     exclude_tables: Iterable[str] = (),
+    cold: bool = False,
 ) -> DiscoveryResult:
     """Inspect every instance and every shard; never raises for a server problem.
 
     Tables matching `exclude_tables` (the policy's "database.table" globs) are listed with
     an ok finding saying so, and never refused: they are not backed up at all.
+    With `cold` (the policy's scheduled fulls are cold), a non-InnoDB table is a warning,
+    not an error: cold backups copy it under the global read lock; hot and warm ones refuse.
 
     `unavailable` maps instance names to a reason they cannot be tried at all (a
     password variable that is not set); those become error findings. `progress`
@@ -143,7 +146,7 @@ def discover(
             tick(f"shard {shard.name}")
             continue
         tables = _check_shard(
-            endpoints[shard.instance], shard, result.findings, tuple(exclude_tables)
+            endpoints[shard.instance], shard, result.findings, tuple(exclude_tables), cold=cold
         )
         if tables is not None:
             result.tables[shard.name] = tables
@@ -462,6 +465,8 @@ def _check_shard(
     shard: ShardTarget,
     findings: list[FindingInfo],
     exclude_tables: tuple[str, ...] = (),
+    *,
+    cold: bool = False,
 ):
     try:
         conn = connect(endpoint, shard.database)
@@ -518,15 +523,27 @@ def _check_shard(
                 )
             )
             continue
-        if table.engine.upper() != "INNODB":
+        if table.engine.upper() != "INNODB" and cold:
+            findings.append(
+                FindingInfo(
+                    WARNING,
+                    "table.engine",
+                    f"table '{table.name}' in shard {shard.name} uses {table.engine or 'no engine'}: "
+                    "the policy's cold backups copy it under the global read lock (writes wait "
+                    "for the whole dump); hot and warm backups of this cluster refuse it",
+                    **where,
+                )
+            )
+        elif table.engine.upper() != "INNODB":
             findings.append(
                 FindingInfo(
                     ERROR,
                     "table.engine",
                     f"table '{table.name}' in shard {shard.name} uses {table.engine or 'no engine'}, "
                     "which a hot backup cannot copy consistently, so backups of this cluster are "
-                    "refused: convert it with ALTER TABLE ... ENGINE=InnoDB, or exclude it "
-                    "with the policy's exclude_tables",
+                    "refused: convert it with ALTER TABLE ... ENGINE=InnoDB, exclude it "
+                    "with the policy's exclude_tables, or take cold backups (full_consistency "
+                    "cold: writes wait for the whole dump)",
                     **where,
                 )
             )

@@ -244,8 +244,8 @@ class _DumpRun:
         elif not_innodb:
             raise EngineError(
                 f"hot backups need InnoDB; refusing non-InnoDB table(s) in {shard.database}: "
-                f"{', '.join(not_innodb)} (convert them to InnoDB, or exclude them with the "
-                "policy's exclude_tables)"
+                f"{', '.join(not_innodb)} (convert them to InnoDB, exclude them with the "
+                "policy's exclude_tables, or take a cold backup, which blocks writes while it runs)"
             )
         regex = checksum.server_has_byte_regex(conn)
         states = []

@@ -142,6 +142,7 @@ def discovery_run(
             progress=progress,
             unavailable=unavailable,
             exclude_tables=_policy_exclusions(cluster),
+            cold=_policy_takes_cold(cluster),
         )
     except Exception as exc:
         with transaction.atomic():
@@ -161,6 +162,11 @@ def _policy_exclusions(cluster: Cluster) -> list[str]:
     """The cluster policy's exclude_tables globs (preflight does not refuse those tables)."""
     policy = BackupPolicy.objects.filter(cluster=cluster).first()
     return list(policy.exclude_tables or []) if policy else []
+
+
+def _policy_takes_cold(cluster: Cluster) -> bool:
+    """Whether the policy's scheduled fulls are cold (they may copy non-InnoDB tables)."""
+    return BackupPolicy.objects.filter(cluster=cluster, full_consistency="cold").exists()
 
 
 def _discovery_store(*, actor, cluster, run, result, instances, shards) -> None:
