@@ -46,8 +46,9 @@ TICK_JOB = "backups.jobs.schedules.schedule_tick_job"
 
 
 def physical_engine_available() -> bool:
-    """Whether this build can take physical (mariabackup) sets: not yet (DESIGN.md Methods)."""
-    return False
+    """Whether this build can take physical (mariabackup) sets: yes (services/physical.py);
+    a worker without mariabackup fails the set in its preflight, saying so."""
+    return True
 
 
 def unavailable_reason(policy: BackupPolicy) -> str:
