@@ -224,3 +224,82 @@ def test_physical_backup_refused_for_missing_datadir_and_privileges(
     assert f"the data directory {tmp_path / 'nowhere'} of instance" in result.error
     assert "lacks PROCESS, LOCK TABLES, BINLOG MONITOR (or REPLICATION CLIENT)" in result.error
     assert BackupSet.objects.get(pk=result.pk).shard_backups.get().error
+
+
+def _command(process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except Exception:  # noqa: BLE001 - gone or a zombie already
+        return ""
+
+
+def _backup_stage_free(server) -> bool:
+    """True when a new connection can run a whole BACKUP STAGE cycle (only one connection
+    at a time may be in a backup stage; a leftover mariabackup session would block it)."""
+    from backups.engine.mysql import connect
+
+    conn = connect(server.endpoint)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET SESSION lock_wait_timeout = 5")
+            for stage in ("START", "FLUSH", "BLOCK_DDL", "BLOCK_COMMIT", "END"):
+                cur.execute(f"BACKUP STAGE {stage}")
+        return True
+    except Exception:  # noqa: BLE001 - lock wait timeout or "backup stage already in progress"
+        return False
+    finally:
+        conn.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_killed_worker_mid_stream_leaves_no_object_and_no_lock(
+    mariadb_servers, unique_name, rq_worker_process, settings, monkeypatch
+):
+    import os
+    import signal
+
+    import psutil
+
+    from backups.services.full_backups import backups_reap_stale
+
+    settings.JOB_HEARTBEAT_STALE_SECONDS = 3
+    monkeypatch.setenv("SHARDVAULT_HEARTBEAT_STALE_SECONDS", "3")
+    cluster = make_cluster(mariadb_servers, name=f"pk{unique_name}", tables={"t_order": 150_000})
+    _with_datadirs(cluster, mariadb_servers)
+    worker = rq_worker_process("backups")
+    # zstd level 19 keeps each instance's stream busy for seconds, so the kill lands mid-stream.
+    backup_set = backup_start(cluster=cluster, actor="cli", method="physical", compression_level=19)
+
+    def streaming():
+        children = psutil.Process(worker.pid).children(recursive=True)
+        return [p for p in children if "mariabackup --defaults-file" in _command(p)]
+
+    deadline = time.monotonic() + 60
+    tools = []
+    while time.monotonic() < deadline and not tools:
+        tools = streaming()
+        time.sleep(0.01)
+    assert tools, "mariabackup never started"
+    # Kill the worker and its work horse, not mariabackup: it must die with its parent.
+    horses = [p for p in psutil.Process(worker.pid).children(recursive=True) if p not in tools]
+    tools = [p for p in tools if p.status() != psutil.STATUS_ZOMBIE]
+    assert tools, "the stream ended before the kill"
+    for process in [psutil.Process(worker.pid), *horses]:
+        os.kill(process.pid, signal.SIGKILL)
+    worker.wait()
+    gone, alive = psutil.wait_procs(tools, timeout=10)
+    assert not alive, "mariabackup outlived the worker that started it"
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        backups_reap_stale()
+        backup_set.refresh_from_db()
+        if backup_set.status != "running":
+            break
+        time.sleep(0.2)
+    assert backup_set.status == "failed"
+    assert "stopped (killed or crashed)" in backup_set.error
+    storage = set_storage(backup_set)
+    assert list(storage.list(backup_set.object_prefix + "/")) == []
+    for server in mariadb_servers:
+        assert _backup_stage_free(server), f"{server.name} still holds a backup stage lock"
