@@ -15,6 +15,16 @@ from shards.models import Cluster, Instance, Shard
 
 USER = settings.AUTH_USER_MODEL
 
+# DESIGN.md "Methods": the seed's hot, warm and cold backups are these consistency modes.
+TEMPERATURE = {"lockfree": "hot", "locked": "warm", "cold": "cold"}
+
+
+def method_label(consistency: str, method: str) -> str:
+    """ "warm (locked), logical" for consistency "locked" and method "logical" (cold: "cold")."""
+    temperature = TEMPERATURE.get(consistency, consistency)
+    named = temperature if temperature == consistency else f"{temperature} ({consistency})"
+    return f"{named}, {method or 'logical'}"
+
 
 class BackupPolicy(models.Model):
     """Per-cluster schedule, retention, encryption and drill settings."""
@@ -142,6 +152,12 @@ class BackupSet(models.Model):
     @property
     def compression_ratio(self) -> float | None:
         return self.raw_bytes / self.stored_bytes if self.stored_bytes else None
+
+    @property
+    def method_label(self) -> str:
+        """The backup method by name, as every page, report and `--json` shows it:
+        "hot (lockfree), logical", "warm (locked), logical", "cold, logical", "..., physical"."""
+        return method_label(self.consistency, self.method)
 
     @property
     def is_active(self) -> bool:

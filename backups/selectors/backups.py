@@ -55,6 +55,7 @@ def backup_set_json(backup_set: BackupSet) -> dict:
         "kind": backup_set.kind,
         "consistency": backup_set.consistency,
         "method": backup_set.method,
+        "method_label": backup_set.method_label,
         "status": backup_set.status,
         "rows": backup_set.rows,
         "raw_bytes": backup_set.raw_bytes,
