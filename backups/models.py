@@ -304,6 +304,7 @@ class RestoreRequest(models.Model):
         SIDE = "side"
         INSTANCE = "instance"
         INPLACE = "inplace"
+        REBUILD = "rebuild"  # a lost instance from a physical set, into an empty datadir
 
     cluster = models.ForeignKey(Cluster, on_delete=models.PROTECT, related_name="restore_requests")
     source_set = models.ForeignKey(
@@ -316,6 +317,8 @@ class RestoreRequest(models.Model):
     target_instance = models.ForeignKey(
         Instance, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
+    # `rebuild` only: the empty data directory the instance is rebuilt into.
+    datadir = models.CharField(max_length=500, blank=True)
     reason = models.TextField()
     requested_by = models.ForeignKey(USER, on_delete=models.PROTECT, related_name="+")
     state = models.CharField(
@@ -347,6 +350,8 @@ class RestoreRequest(models.Model):
     def target_label(self) -> str:
         if self.target_kind == self.Target.INSTANCE and self.target_instance_id:
             return f"instance:{self.target_instance.name}"
+        if self.target_kind == self.Target.REBUILD and self.target_instance_id:
+            return f"rebuild:{self.target_instance.name}"
         return self.target_kind
 
 
