@@ -9,7 +9,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseStopPolling
 
-from backups.forms import BackupFilterForm, BackupStartForm
+from backups.forms import COLD_WARNING, BackupFilterForm, BackupStartForm
 from backups.models import BackupSet
 from backups.selectors.backups import (
     backup_set_detail,
@@ -49,6 +49,7 @@ def set_list(request):
         "sets": sets,
         "filters": filters,
         "start_form": BackupStartForm(initial=initial) if can_run else None,
+        "cold_warning": COLD_WARNING,
         "can_run": can_run,
     }
     if criteria.get("cluster"):
@@ -73,6 +74,7 @@ def set_start(request):
             actor=request.user,
             kind=data["kind"],
             consistency=data["consistency"],
+            method=data["method"],
             compression_level=data["compression_level"],
             encrypt=data["encrypt"],
         )
@@ -108,6 +110,12 @@ def set_detail(request, pk: int):
         "can_run": has_role(request.user, OPERATOR, ADMIN),
         "retention": retention_notes(sets=[backup_set]).get(backup_set.pk),
         "can_release": has_role(request.user, ADMIN),
+        "non_innodb": [
+            t
+            for sb in shard_backups
+            for t in sb.tables.all()
+            if t.engine and t.engine.lower() != "innodb"
+        ],
     }
     return render(request, "backups/set_detail.html", context)
 

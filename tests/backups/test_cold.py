@@ -429,3 +429,47 @@ def test_backup_json_names_the_method(mariadb_servers, unique_name):
     assert "cold, logical" in out.getvalue()
     assert BackupSet.objects.get(pk=made["id"]).method_label == "cold, logical"
     drop_cluster_databases(cluster, mariadb_servers)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_pages_warn_before_a_cold_start_and_name_every_sets_method(
+    client, mariadb_servers, unique_name, run_jobs
+):
+    from django.urls import reverse
+
+    cluster = make_cluster(mariadb_servers[:2], name=f"cp{unique_name}", tables={"t_order": 50})
+    add_sequence_tables(cluster, mariadb_servers)
+    client.force_login(make_user("operator"))
+
+    page = client.get(reverse("backups:set_list")).content.decode()
+    assert 'id="cold-warning"' in page and "every write waits" in page
+    for cost in ("costs production nothing", "a global read lock of a few ms", "whole dump"):
+        assert cost in page
+
+    response = client.post(
+        reverse("backups:set_start"),
+        {"cluster": cluster.name, "kind": "full", "consistency": "cold", "method": "logical"},
+    )
+    assert response.status_code == 302
+    backup_set = BackupSet.objects.get(cluster=cluster)
+    assert (backup_set.consistency, backup_set.method) == ("cold", "logical")
+    page = client.get(reverse("backups:set_detail", args=[backup_set.pk])).content.decode()
+    assert 'id="cold-lock-warning"' in page  # queued: the page says writes will wait
+    run_jobs("backups")
+
+    page = client.get(reverse("backups:set_detail", args=[backup_set.pk])).content.decode()
+    assert "cold, logical" in page and 'id="cold-lock-warning"' not in page
+    assert "copied under the global read lock" in page and "seq_m</span> (MyISAM)" in page
+    listing = client.get(reverse("backups:set_list") + f"?cluster={cluster.name}")
+    assert "cold, logical" in listing.content.decode()
+
+    # A warm set of the same cluster refuses its MyISAM tables and says cold is the way.
+    response = client.post(
+        reverse("backups:set_start"),
+        {"cluster": cluster.name, "kind": "full", "consistency": "locked"},
+    )
+    run_jobs("backups")
+    warm = BackupSet.objects.filter(cluster=cluster).order_by("-id").first()
+    assert (warm.status, warm.method_label) == ("failed", "warm (locked), logical")
+    assert "cold backup" in warm.error
+    drop_cluster_databases(cluster, mariadb_servers)
