@@ -92,6 +92,12 @@ def backup_start(
         raise BackupError(f"unknown consistency '{consistency}': choose locked, lockfree or cold")
     if method not in BackupSet.Method.values:
         raise BackupError(f"unknown method '{method}': choose logical or physical")
+    if method == BackupSet.Method.PHYSICAL and consistency == BackupSet.Consistency.COLD:
+        raise BackupError(
+            "cold applies to logical backups (the global read lock held for the whole dump); "
+            "a physical backup takes only mariabackup's brief lock: choose --consistency "
+            "locked or lockfree with --method physical"
+        )
     policy = BackupPolicy.objects.filter(cluster=cluster).first()
     if compression_level is None:
         compression_level = (

@@ -473,3 +473,15 @@ def test_pages_warn_before_a_cold_start_and_name_every_sets_method(
     assert (warm.status, warm.method_label) == ("failed", "warm (locked), logical")
     assert "cold backup" in warm.error
     drop_cluster_databases(cluster, mariadb_servers)
+
+
+@pytest.mark.django_db
+def test_cold_is_refused_for_physical_backups_in_one_line(mariadb_servers, unique_name, capsys):
+    cluster = make_cluster(mariadb_servers[:1], name=f"cx{unique_name}", tables={"t_order": 5})
+    with pytest.raises(SystemExit) as exited:
+        call_command("backup", cluster.name, "--consistency", "cold", "--method", "physical")
+    assert exited.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "cold applies to logical backups" in err and "\n" not in err
+    assert not BackupSet.objects.filter(cluster=cluster).exists()
+    drop_cluster_databases(cluster, mariadb_servers)
