@@ -19,6 +19,7 @@ from backups.models import Approval, BackupSet, RestoreRequest
 from backups.services.alerts import notify_decision, notify_request_filed
 from backups.services.errors import ChainError, RestoreDenied, RestoreError
 from backups.services.pitr import pitr_resolve
+from backups.services.rebuild_plan import rebuild_plan_build, rebuild_source_resolve
 from backups.services.restore_plan import restore_plan_build
 from backups.status import RequestState, SetStatus
 from console.audit import audit_record
@@ -35,6 +36,16 @@ def parse_target(*, cluster: Cluster, target: str) -> tuple[str, Instance | None
     target = (target or "").strip()
     if target in (Target.SIDE, Target.INPLACE):
         return target, None
+    if target.startswith("rebuild:"):
+        name = target.split(":", 1)[1].strip()
+        instance = Instance.objects.filter(cluster=cluster, name=name).first() if name else None
+        if instance is None:
+            raise RestoreError(
+                f"rebuild:{name} names no instance of cluster {cluster.name}"
+                if name
+                else "the target rebuild:INSTANCE needs an instance name"
+            )
+        return Target.REBUILD, instance
     if target.startswith("instance:"):
         name = target.split(":", 1)[1].strip()
         if not name:
@@ -47,11 +58,13 @@ def parse_target(*, cluster: Cluster, target: str) -> tuple[str, Instance | None
         if instance is None:
             raise RestoreError(f"no registered instance named {name!r}")
         return Target.INSTANCE, instance
-    raise RestoreError(f"unknown target {target!r}: use side, inplace or instance:NAME")
+    raise RestoreError(
+        f"unknown target {target!r}: use side, inplace, instance:NAME or rebuild:INSTANCE"
+    )
 
 
 def _required_approvals(cluster: Cluster, kind: str) -> int:
-    if kind == Target.INPLACE:
+    if kind in (Target.INPLACE, Target.REBUILD):
         return max(2, cluster.approvals_required_inplace or 2)
     return max(1, cluster.approvals_required_side or 1)
 
@@ -107,11 +120,14 @@ def restore_request_file(
     tables=(),
     target: str,
     reason: str,
+    datadir: str = "",
 ) -> RestoreRequest:
     """File a request (operators, admins). Refuses bad scope, conflicts and unreadable sets.
 
     The plan (objects, rows, bytes, targets, storage check, estimate) is computed in the
     same transaction, after the row exists, because side databases are named by its id.
+    `rebuild:INSTANCE` takes a physical set (and optionally `at` as well) and `datadir`,
+    the empty data directory to rebuild into; it needs two approvals like `inplace`.
     """
     if not has_role(requester, OPERATOR):
         raise RestoreDenied(f"{requester.get_username()} may not request restores (operators only)")
@@ -119,7 +135,15 @@ def restore_request_file(
     if not reason:
         raise RestoreError("a restore request needs a reason")
     kind, instance = parse_target(cluster=cluster, target=target)
-    full_set = restore_source_resolve(cluster=cluster, source_set=source_set, at=at)
+    datadir = (datadir or "").strip()
+    if kind == Target.REBUILD:
+        if not datadir:
+            raise RestoreError("a rebuild needs --datadir PATH: the empty data directory to fill")
+        full_set = rebuild_source_resolve(cluster=cluster, source_set=source_set, at=at)
+    else:
+        if datadir:
+            raise RestoreError("--datadir is only for --target rebuild:INSTANCE")
+        full_set = restore_source_resolve(cluster=cluster, source_set=source_set, at=at)
     shards = [s.strip() for s in shards if s and s.strip()]
     tables = [t.strip() for t in tables if t and t.strip()]
     now = timezone.now()
@@ -132,21 +156,33 @@ def restore_request_file(
             scope={"shards": shards, "tables": tables},
             target_kind=kind,
             target_instance=instance,
+            datadir=datadir,
             reason=reason,
             requested_by=requester,
             approvals_required=_required_approvals(cluster, kind),
             expires_at=now + timedelta(hours=settings.RESTORE_REQUEST_TTL_HOURS),
         )
-        plan = restore_plan_build(
-            cluster=cluster,
-            source_set=full_set,
-            at=at,
-            shards=shards,
-            tables=tables,
-            target_kind=kind,
-            target_instance=instance,
-            request_id=request.pk,
-        )
+        if kind == Target.REBUILD:
+            plan = rebuild_plan_build(
+                cluster=cluster,
+                source_set=full_set,
+                instance=instance,
+                datadir=datadir,
+                at=at,
+                shards=shards,
+                tables=tables,
+            )
+        else:
+            plan = restore_plan_build(
+                cluster=cluster,
+                source_set=full_set,
+                at=at,
+                shards=shards,
+                tables=tables,
+                target_kind=kind,
+                target_instance=instance,
+                request_id=request.pk,
+            )
         RestoreRequest.objects.filter(pk=request.pk).update(plan=plan)
         request.plan = plan
         audit_record(
@@ -159,6 +195,7 @@ def restore_request_file(
                 "at": at.isoformat() if at else None,
                 "scope": request.scope,
                 "target": request.target_label,
+                "datadir": datadir,
                 "reason": reason,
                 "approvals_required": request.approvals_required,
             },

@@ -44,6 +44,7 @@ from backups.services.connection_slots import ConnectionSlots, SlotNeed
 from backups.services.errors import RestoreError, SwapIncomplete
 from backups.services.pitr import pitr_apply
 from backups.services.progress import JobTracker
+from backups.services.rebuild import rebuild_execute
 from backups.services.restore_plan import manifest_shards, manifest_tables
 from backups.services.restore_run_states import (
     restore_run_begin,
@@ -439,6 +440,8 @@ def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
     tracker = JobTracker(RestoreRun, run.pk, rows_done=rows_done, interval=PROGRESS_EVERY_SECONDS)
     tracker.start()
     try:
+        if request.target_kind == Target.REBUILD:
+            return rebuild_execute(run=run, request=request, tracker=tracker)
         return _execute(run, request, request.plan, tracker, resume=resume)
     finally:
         tracker.stop()

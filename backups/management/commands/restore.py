@@ -51,12 +51,15 @@ class Command(BaseCommand):
 
         p = sub.add_parser("request", help="file a restore request (prints its id)")
         p.add_argument("--cluster", required=True)
-        source = p.add_mutually_exclusive_group(required=True)
-        source.add_argument("--set", dest="set_id", type=int)
-        source.add_argument("--at")
+        # --set or --at; both only for rebuild:INSTANCE (a physical set rolled forward to --at).
+        p.add_argument("--set", dest="set_id", type=int)
+        p.add_argument("--at")
         p.add_argument("--shards", default="")
         p.add_argument("--tables", default="")
-        p.add_argument("--target", required=True, help="side, inplace or instance:NAME")
+        p.add_argument(
+            "--target", required=True, help="side, inplace, instance:NAME or rebuild:INSTANCE"
+        )
+        p.add_argument("--datadir", default="", help="rebuild only: the empty data directory")
         p.add_argument("--reason", required=True)
         p.add_argument("--as", dest="as_user", required=True)
         p.add_argument("--json", action="store_true")
@@ -139,11 +142,19 @@ class Command(BaseCommand):
         if cluster is None:
             raise CommandError(f"no cluster named {options['cluster']!r}")
         source_set = at = None
+        if options.get("set_id") is None and not options.get("at"):
+            raise CommandError("give --set SET_ID or --at ISO_TIME")
+        if (
+            options.get("set_id") is not None
+            and options.get("at")
+            and not options["target"].startswith("rebuild:")
+        ):
+            raise CommandError("give --set or --at, not both (both only with rebuild:INSTANCE)")
         if options.get("set_id") is not None:
             source_set = BackupSet.objects.filter(pk=options["set_id"]).first()
             if source_set is None:
                 raise CommandError(f"no backup set {options['set_id']}")
-        else:
+        if options.get("at"):
             at = parse_at(options["at"])
         request = restore_request_file(
             cluster=cluster,
@@ -154,6 +165,7 @@ class Command(BaseCommand):
             tables=_names(options["tables"]),
             target=options["target"],
             reason=options["reason"],
+            datadir=options["datadir"],
         )
         self.request_obj = request
         self._print(request, str(request.pk))
