@@ -303,3 +303,62 @@ def test_killed_worker_mid_stream_leaves_no_object_and_no_lock(
     assert list(storage.list(backup_set.object_prefix + "/")) == []
     for server in mariadb_servers:
         assert _backup_stage_free(server), f"{server.name} still holds a backup stage lock"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_drill_of_a_physical_set_gives_q_1_records_rto_and_removes_everything(
+    mariadb_servers, unique_name
+):
+    import json
+    from io import StringIO
+
+    import psutil
+    from django.core.management import call_command
+
+    from backups.models import VerificationRun
+
+    cluster = make_cluster(mariadb_servers[:2], name=f"pd{unique_name}")
+    _with_datadirs(cluster, mariadb_servers)
+    backup_set = backup_execute(
+        backup_set=backup_start(cluster=cluster, actor="cli", method="physical", enqueue=False)
+    )
+    assert backup_set.status == "succeeded", backup_set.error
+    out = StringIO()
+    call_command("verify", str(backup_set.pk), "--drill", "--json", stdout=out)
+    result = json.loads(out.getvalue())
+    assert result["drill"] is True
+    assert (result["q"], result["t"], result["d"], result["a"]) == (1.0, 1.0, 1.0, 1.0), result
+    run = VerificationRun.objects.get(backup_set=backup_set, drill=True)
+    assert run.rto_seconds and run.rto_seconds > 0
+    assert "CHECK TABLE and row counts" in run.progress_text
+    backup_set.refresh_from_db()
+    assert backup_set.q == 1.0
+    leftovers = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if "sv-drill-" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert leftovers == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_drill_of_a_physical_set_with_a_damaged_object_scores_below_1(
+    mariadb_servers, unique_name, settings
+):
+    from backups.services.verification import verification_execute, verification_start
+
+    cluster = make_cluster(mariadb_servers[:1], name=f"pq{unique_name}")
+    _with_datadirs(cluster, mariadb_servers)
+    backup_set = backup_execute(
+        backup_set=backup_start(cluster=cluster, actor="cli", method="physical", enqueue=False)
+    )
+    doc = set_manifest(backup_set)
+    key = doc["physical"][0]["key"]
+    path = Path(settings.STORAGE_URL.removeprefix("file://")) / key
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    run = verification_start(backup_set=backup_set, drill=True, enqueue=False)
+    run = verification_execute(verification_id=run.pk)
+    assert run.q < 1.0 and run.a == 0.0 and run.t == 0.0
+    assert any(p.get("object") == key for p in run.problems)
