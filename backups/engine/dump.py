@@ -137,6 +137,8 @@ class _DumpRun:
                 self._snapshot_lockfree()
             self._run_workers()
             if self.lock is not None:
+                if not self.cancelled and not self.first_error:
+                    self._watch_cold_lock()  # still held when the last row was read?
                 self._release_cold_lock()
             if self.cancelled:
                 raise Cancelled("backup cancelled")

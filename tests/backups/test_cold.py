@@ -485,3 +485,72 @@ def test_cold_is_refused_for_physical_backups_in_one_line(mariadb_servers, uniqu
     assert "cold applies to logical backups" in err and "\n" not in err
     assert not BackupSet.objects.filter(cluster=cluster).exists()
     drop_cluster_databases(cluster, mariadb_servers)
+
+
+def test_a_cold_lock_outlives_its_short_server_timeout_while_the_dump_runs(
+    storage, mariadb_servers, unique_name, monkeypatch
+):
+    """The lock connections get a short server-side wait_timeout (so a vanished worker's
+    lock dies with it) and are pinged meanwhile, so a long dump keeps its lock."""
+    from backups.engine import dump
+
+    monkeypatch.setattr(dump, "COLD_LOCK_SESSION_TIMEOUT", 2)
+    monkeypatch.setattr(dump, "COLD_LOCK_WATCH", 0.3)
+    server = mariadb_servers[1]
+    database = f"coldk_{unique_name}"
+    drop_database(server, database)
+    server.execute(
+        f"CREATE DATABASE {quote_ident(database)}",
+        f"USE {quote_ident(database)}",
+        "CREATE TABLE big (id BIGINT PRIMARY KEY, v VARCHAR(100)) ENGINE=MyISAM",
+        "INSERT INTO big SELECT seq, REPEAT('v', 90) FROM seq_1_to_40000",
+    )
+    spec = make_spec(
+        [("s0", server, database)],
+        cluster=f"ck{unique_name}",
+        consistency="cold",
+        chunk_rows=500,
+        compression_level=19,
+        connections_per_instance=1,
+    )
+    try:
+        result = dump_cluster(spec, storage, progress=lambda e: None, should_cancel=lambda: False)
+    finally:
+        drop_database(server, database)
+    assert result.ok, result.error
+    assert result.lock_window_ms > 3000, "the dump should outlast the 2 s server timeout"
+    assert result.notes and "big (MyISAM)" in result.notes[0]
+
+
+def test_a_cold_lock_left_idle_past_its_server_timeout_is_dropped_and_fails_the_backup(
+    storage, mariadb_servers, unique_name, monkeypatch
+):
+    """What a worker that vanished without closing its socket leaves: the server ends the
+    lock connection after its short wait_timeout, and a dump that lost its lock fails."""
+    from backups.engine import dump
+
+    monkeypatch.setattr(dump, "COLD_LOCK_SESSION_TIMEOUT", 1)
+    monkeypatch.setattr(dump, "COLD_LOCK_WATCH", 3600)  # no pings during the dump
+    server = mariadb_servers[1]
+    database = f"coldt_{unique_name}"
+    drop_database(server, database)
+    server.execute(
+        f"CREATE DATABASE {quote_ident(database)}",
+        f"USE {quote_ident(database)}",
+        "CREATE TABLE big (id BIGINT PRIMARY KEY, v VARCHAR(100)) ENGINE=MyISAM",
+        "INSERT INTO big SELECT seq, REPEAT('v', 90) FROM seq_1_to_20000",
+    )
+    spec = make_spec(
+        [("s0", server, database)],
+        cluster=f"ct{unique_name}",
+        consistency="cold",
+        chunk_rows=500,
+        compression_level=19,
+        connections_per_instance=1,
+    )
+    try:
+        result = dump_cluster(spec, storage, progress=lambda e: None, should_cancel=lambda: False)
+    finally:
+        drop_database(server, database)
+    assert not result.ok
+    assert f"global read lock of this cold backup was lost on {server.name}" in result.error
