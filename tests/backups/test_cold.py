@@ -320,8 +320,10 @@ def test_a_cold_lock_lost_mid_dump_fails_the_backup(storage, mariadb_servers, un
 
 @pytest.mark.django_db(transaction=True)
 def test_cancel_mid_cold_dump_frees_writers_within_a_second_and_shows_the_lock_live(
-    cold_cluster, rq_worker_process, slow_dumps, settings
+    cold_cluster, rq_worker_process, slow_dumps, settings, client
 ):
+    from django.urls import reverse
+
     cluster, targets = cold_cluster
     rq_worker_process("backups")
     operator = make_user("operator")
@@ -340,6 +342,11 @@ def test_cancel_mid_cold_dump_frees_writers_within_a_second_and_shows_the_lock_l
         assert re.search(
             r"global read lock held for \d+ s on 3 instances", backup_set.progress_text
         ), backup_set.progress_text
+        client.force_login(operator)  # the set's page polls this fragment every second
+        fragment = client.get(
+            reverse("backups:set_progress", args=[backup_set.pk]), HTTP_HX_REQUEST="true"
+        ).content.decode()
+        assert re.search(r"global read lock held for \d+ s on 3 instances", fragment), fragment
         wait_for(lambda: writer.blocked_since() > 1.0, 30, "the writer to be held by the lock")
         asked = time.time()
         backup_cancel(backup_set=backup_set, actor=operator)
