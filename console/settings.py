@@ -112,6 +112,10 @@ RQ_QUEUES = {
     name: {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 6 * 3600}
     for name in ("default", "backups", "restores", "verify")
 }
+# Host agents: `rqworker host-<name>` on a database host serves the physical backup parts
+# of instances whose agent_queue names that queue (list them here so rqworker knows them).
+for _agent_queue in env.list("SHARDVAULT_AGENT_QUEUES", default=[]):
+    RQ_QUEUES.setdefault(_agent_queue, {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 6 * 3600})
 RQ_SHOW_ADMIN_LINK = False
 # Workers arm the periodic jobs (housekeeping, the schedules' re-arming) when they start.
 RQ = {"WORKER_CLASS": "backups.queue.ArmingWorker"}

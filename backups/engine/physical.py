@@ -219,6 +219,7 @@ class PhysicalResult:
     started_at: datetime
     finished_at: datetime
     tool_version: str = ""
+    worker: str = ""  # host:pid that ran mariabackup (filled by the service)
 
     @property
     def seconds(self) -> float:
@@ -389,13 +390,25 @@ def physical_extract(
     )
     tail = _StderrTail(process.stderr)
     total = 0
+    pieces = codec.decode(stored, data_key=data_key, aad=key.encode(), object_key=key)
     try:
-        for piece in codec.decode(stored, data_key=data_key, aad=key.encode(), object_key=key):
+        for piece in pieces:
             if should_cancel():
                 raise Cancelled("cancelled")
-            process.stdin.write(piece)
+            try:
+                process.stdin.write(piece)
+            except BrokenPipeError:
+                # mbstream gave up on its input: read the object to its end first, so a
+                # damaged object is reported as such (sha256, decryption) rather than as
+                # mbstream's complaint about the garbage it was fed.
+                for _rest in pieces:
+                    pass
+                break
             total += len(piece)
-        process.stdin.close()
+        try:
+            process.stdin.close()
+        except BrokenPipeError:
+            pass
     except BaseException:
         process.kill()
         process.wait()

@@ -36,7 +36,7 @@ from backups.services.cold_locks import cold_lock_kill, cold_lock_sessions_recor
 from backups.services.connection_slots import SlotsUnavailable
 from backups.services.errors import BackupError, BackupRefused
 from backups.services.incrementals import incremental_execute, incremental_start
-from backups.services.physical import physical_backup_run
+from backups.services.physical import physical_backup_run, physical_part_worker_record
 from backups.services.progress import JobTracker, ProgressSnapshot
 from backups.services.sets import (
     HOUSEKEEPING_ACTOR,
@@ -333,6 +333,7 @@ def _execute_engine(backup_set: BackupSet, state: dict):
 def _run_physical(spec, shard_backups, storage, tracker: JobTracker):
     """The physical branch: mariabackup per instance (backups/services/physical.py)."""
     datadirs = {sb.shard.instance.name: sb.shard.instance.datadir for sb in shard_backups}
+    agents = {sb.shard.instance.name: sb.shard.instance.agent_queue for sb in shard_backups}
     tracker.say("copying data files with mariabackup", flush=False)
     try:
         return physical_backup_run(
@@ -341,6 +342,10 @@ def _run_physical(spec, shard_backups, storage, tracker: JobTracker):
             storage=storage,
             progress=tracker.progress,
             should_cancel=tracker.should_cancel,
+            agent_queues=agents,
+            on_part=lambda instance, worker: physical_part_worker_record(
+                set_id=spec.set_id, instance=instance, worker=worker
+            ),
         )
     except PreflightRefused as exc:
         raise _Outcome(exc.message, shard_errors=exc.shard_errors) from None

@@ -15,9 +15,16 @@ set prefix; the engine removes a half-written object itself).
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 
-from backups.engine.errors import EngineError
+from django.conf import settings
+
+from backups import queue
+from backups.engine.errors import Cancelled, EngineError
 from backups.engine.manifest import manifest_document, manifest_encryption, manifest_write
 from backups.engine.physical import (
     PhysicalPart,
@@ -27,8 +34,13 @@ from backups.engine.physical import (
     physical_preflight,
 )
 from backups.engine.types import BackupResult, BackupSpec, ShardResult
+from backups.models import BackupSet, ShardBackup
 from backups.services.backup_spec import PreflightRefused
+from backups.services.sets import set_data_key, set_prefix, set_storage
+from backups.status import SetStatus
 from backups.storage.base import key_part
+from shards.models import Instance
+from shards.selectors import instance_endpoint
 
 PATH_ENV = "SHARDVAULT_MARIABACKUP_PATH"
 
@@ -36,16 +48,18 @@ PATH_ENV = "SHARDVAULT_MARIABACKUP_PATH"
 def physical_search_path() -> str | None:
     """Where this worker looks for mariabackup/mbstream: SHARDVAULT_MARIABACKUP_PATH when
     set (a PATH-like list), else the process's PATH."""
-    import os
-
     return os.environ.get(PATH_ENV) or None
 
 
-def physical_preflight_set(*, spec: BackupSpec, datadirs: dict[str, str]) -> None:
-    """PreflightRefused naming every missing piece, per shard, before anything is copied."""
+def physical_preflight_set(
+    *, spec: BackupSpec, datadirs: dict[str, str], remote: Collection[str] = ()
+) -> None:
+    """PreflightRefused naming every missing piece, per shard, before anything is copied.
+    Instances in `remote` (served by a host agent) are checked by their agent instead."""
     endpoints = {}
     for shard in spec.shards:
-        endpoints.setdefault(shard.instance, shard.endpoint)
+        if shard.instance not in remote:
+            endpoints.setdefault(shard.instance, shard.endpoint)
     by_instance: dict[str, list[str]] = {}
     for instance, endpoint in endpoints.items():
         problems = physical_preflight(
@@ -67,14 +81,25 @@ def physical_preflight_set(*, spec: BackupSpec, datadirs: dict[str, str]) -> Non
 
 
 def physical_backup_run(
-    *, spec: BackupSpec, datadirs: dict[str, str], storage, progress, should_cancel
+    *,
+    spec: BackupSpec,
+    datadirs: dict[str, str],
+    storage,
+    progress,
+    should_cancel,
+    agent_queues: dict[str, str] | None = None,
+    on_part: Callable[[str, str], None] | None = None,
 ) -> BackupResult:
     """Copy every instance of `spec` with mariabackup, then write the manifest.
 
+    An instance with an agent queue (`agent_queues[instance]`) is copied by the worker
+    serving that queue (`physical_part_execute`, enqueued here, waited for); the others run
+    here, one after the other. `on_part(instance, worker)` is told who copied each part.
     Raises PreflightRefused (nothing copied), EngineError (a part failed: the caller fails
     the set, which deletes its objects) or Cancelled.
     """
-    physical_preflight_set(spec=spec, datadirs=datadirs)
+    agent_queues = {k: v for k, v in (agent_queues or {}).items() if v}
+    physical_preflight_set(spec=spec, datadirs=datadirs, remote=agent_queues)
     created_at = datetime.now(UTC)
     instances: list[str] = []
     endpoints = {}
@@ -82,20 +107,40 @@ def physical_backup_run(
         if shard.instance not in endpoints:
             instances.append(shard.instance)
             endpoints[shard.instance] = shard.endpoint
+    remote_jobs = {
+        instance: _part_enqueue(spec.set_id, instance, agent_queues[instance])
+        for instance in instances
+        if instance in agent_queues
+    }
     results: dict[str, PhysicalResult] = {}
-    for instance in instances:
-        part = PhysicalPart(
-            instance=instance,
-            endpoint=endpoints[instance],
-            datadir=datadirs[instance],
-            key=physical_key(spec.set_prefix, key_part(instance), spec.data_key is not None),
-            compression_level=spec.compression_level,
-            data_key=spec.data_key,
-            search_path=physical_search_path(),
-        )
-        results[instance] = physical_backup(
-            part, storage, progress=progress, should_cancel=should_cancel
-        )
+    try:
+        for instance in instances:
+            if instance in remote_jobs:
+                continue
+            part = PhysicalPart(
+                instance=instance,
+                endpoint=endpoints[instance],
+                datadir=datadirs[instance],
+                key=physical_key(spec.set_prefix, key_part(instance), spec.data_key is not None),
+                compression_level=spec.compression_level,
+                data_key=spec.data_key,
+                search_path=physical_search_path(),
+            )
+            results[instance] = physical_backup(
+                part, storage, progress=progress, should_cancel=should_cancel
+            )
+            if on_part is not None:
+                on_part(instance, socket.gethostname())
+        for instance, job_id in remote_jobs.items():
+            results[instance] = _part_wait(
+                instance, job_id, agent_queues[instance], should_cancel=should_cancel
+            )
+            if on_part is not None:
+                on_part(instance, results[instance].worker)
+    except BaseException:
+        for instance, job_id in remote_jobs.items():
+            queue.cancel(job_id, queue=agent_queues[instance])
+        raise
     consistent_at = max(r.finished_at for r in results.values())
     shards = [
         ShardResult(
@@ -185,4 +230,125 @@ def physical_backup_run(
         rows=0,
         raw_bytes=raw,
         stored_bytes=stored,
+    )
+
+
+# ---------------------------------------------------------------------------- host agents
+
+PART_JOB = "backups.jobs.backups.run_physical_part"
+
+
+def physical_part_job_id(set_id: int, instance: str) -> str:
+    return f"backup-{set_id}-physical-{instance}"
+
+
+def _part_enqueue(set_id: int, instance: str, agent_queue: str) -> str:
+    job_id = physical_part_job_id(set_id, instance)
+    try:
+        queue.enqueue(PART_JOB, set_id, instance, queue=agent_queue, job_id=job_id)
+    except queue.QueueUnavailable as exc:
+        raise EngineError(f"cannot queue the part of instance {instance}: {exc}") from exc
+    return job_id
+
+
+def _part_wait(instance: str, job_id: str, agent_queue: str, *, should_cancel) -> PhysicalResult:
+    """The result of a part run by the host agent serving `agent_queue`."""
+    pickup = float(getattr(settings, "PHYSICAL_AGENT_PICKUP_SECONDS", 300))
+    queued_since = time.monotonic()
+    while True:
+        if should_cancel():
+            raise Cancelled("backup cancelled")
+        status, value = queue.job_outcome(job_id, queue=agent_queue)
+        if status == "finished":
+            if not isinstance(value, dict) or not value.get("key"):
+                raise EngineError(f"the agent on {agent_queue} returned no part for {instance}")
+            return _result_from(value)
+        if status in ("failed", "stopped", "canceled", "missing"):
+            raise EngineError(
+                f"the physical part of instance {instance} on queue {agent_queue} {status}: "
+                f"{value or 'no reason given'}"
+            )
+        if status == "queued" and time.monotonic() - queued_since > pickup:
+            raise EngineError(
+                f"no worker took the physical part of instance {instance} from queue "
+                f"{agent_queue} within {pickup:.0f} s: start `manage.py rqworker {agent_queue}` "
+                "on the database host"
+            )
+        if status != "queued":
+            queued_since = time.monotonic()
+        time.sleep(0.5)
+
+
+def _result_from(value: dict) -> PhysicalResult:
+    return PhysicalResult(
+        instance=value["instance"],
+        key=value["key"],
+        raw_bytes=int(value["raw_bytes"]),
+        stored_bytes=int(value["stored_bytes"]),
+        sha256=value["sha256"],
+        binlog_file=value["binlog_file"],
+        binlog_pos=value["binlog_pos"],
+        gtid=value.get("gtid", ""),
+        started_at=datetime.fromisoformat(value["started_at"]),
+        finished_at=datetime.fromisoformat(value["finished_at"]),
+        tool_version=value.get("tool_version", ""),
+        worker=value.get("worker", ""),
+    )
+
+
+def physical_part_execute(*, set_id: int, instance_name: str) -> dict:
+    """Run one instance's part on this worker (a host agent); returns the part as a dict.
+
+    Only while the set is running: a part of a set that ended (failed, cancelled, reaped) is
+    refused, and one that ends while the part streams is stopped, its object removed.
+    EngineError (with the preflight's sentences) when this host cannot copy the instance.
+    """
+    backup_set = BackupSet.objects.select_related("cluster").get(pk=set_id)
+    if backup_set.status != SetStatus.RUNNING:
+        raise EngineError(f"set {set_id} is {backup_set.status}; its part is not needed")
+    instance = Instance.objects.get(cluster=backup_set.cluster, name=instance_name)
+    endpoint = instance_endpoint(instance)
+    problems = physical_preflight(endpoint, instance.datadir, search_path=physical_search_path())
+    if problems:
+        raise EngineError(" ".join(p.rstrip(".") + "." for p in problems))
+    data_key = set_data_key(backup_set)
+    part = PhysicalPart(
+        instance=instance.name,
+        endpoint=endpoint,
+        datadir=instance.datadir,
+        key=physical_key(set_prefix(backup_set), key_part(instance.name), data_key is not None),
+        compression_level=backup_set.compression_level,
+        data_key=data_key,
+        search_path=physical_search_path(),
+    )
+
+    def set_ended() -> bool:
+        row = BackupSet.objects.filter(pk=set_id).values("status", "cancel_requested").first()
+        return row is None or row["status"] != SetStatus.RUNNING or row["cancel_requested"]
+
+    storage = set_storage(backup_set)
+    result = physical_backup(part, storage, progress=lambda event: None, should_cancel=set_ended)
+    if set_ended():
+        storage.delete(result.key)  # the set failed meanwhile: never leave an orphan
+        raise EngineError(f"set {set_id} ended while instance {instance_name} was copied")
+    return {
+        "instance": result.instance,
+        "key": result.key,
+        "raw_bytes": result.raw_bytes,
+        "stored_bytes": result.stored_bytes,
+        "sha256": result.sha256,
+        "binlog_file": result.binlog_file,
+        "binlog_pos": result.binlog_pos,
+        "gtid": result.gtid,
+        "started_at": result.started_at.isoformat(),
+        "finished_at": result.finished_at.isoformat(),
+        "tool_version": result.tool_version,
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+    }
+
+
+def physical_part_worker_record(*, set_id: int, instance: str, worker: str) -> None:
+    """Which worker copied an instance, on its shards' parts (`backups show`'s "worker")."""
+    ShardBackup.objects.filter(backup_set_id=set_id, shard__instance__name=instance).update(
+        worker=worker[:255]
     )

@@ -121,7 +121,7 @@ def physical_drill(
             outcome.rto_seconds = max(outcome.rto_seconds, time.monotonic() - started)
         except IntegrityError as exc:
             outcome.problems.append({"object": part.get("key", ""), "reason": str(exc)})
-        except EngineError as exc:
+        except (EngineError, OSError) as exc:
             outcome.problems.append({"table": f"{instance}/*", "reason": str(exc)})
         finally:
             if server is not None:

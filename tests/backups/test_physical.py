@@ -360,5 +360,45 @@ def test_drill_of_a_physical_set_with_a_damaged_object_scores_below_1(
     path.write_bytes(bytes(data))
     run = verification_start(backup_set=backup_set, drill=True, enqueue=False)
     run = verification_execute(verification_id=run.pk)
+    assert run.status == "succeeded", run.error
     assert run.q < 1.0 and run.a == 0.0 and run.t == 0.0
     assert any(p.get("object") == key for p in run.problems)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_part_runs_on_the_worker_serving_its_instance_agent_queue(
+    mariadb_servers, unique_name, rq_worker_process, monkeypatch, settings
+):
+    import os
+
+    cluster = make_cluster(mariadb_servers[:2], name=f"pa{unique_name}")
+    _with_datadirs(cluster, mariadb_servers)
+    agent = cluster.instances.order_by("name").last()
+    agent_queue = f"host-{agent.name}-{unique_name}"
+    agent.agent_queue = agent_queue
+    agent.save(update_fields=["agent_queue"])
+
+    # Nobody serves the queue: the set fails saying so, and leaves nothing behind.
+    settings.PHYSICAL_AGENT_PICKUP_SECONDS = 2
+    lonely = backup_execute(
+        backup_set=backup_start(cluster=cluster, actor="cli", method="physical", enqueue=False)
+    )
+    assert lonely.status == "failed"
+    assert f"no worker took the physical part of instance {agent.name}" in lonely.error
+    assert list(set_storage(lonely).list(lonely.object_prefix + "/")) == []
+
+    settings.PHYSICAL_AGENT_PICKUP_SECONDS = 60
+    monkeypatch.setenv("SHARDVAULT_AGENT_QUEUES", agent_queue)
+    rq_worker_process(agent_queue)
+    backup_set = backup_execute(
+        backup_set=backup_start(cluster=cluster, actor="cli", method="physical", enqueue=False)
+    )
+    assert backup_set.status == "succeeded", backup_set.error
+    workers = dict(backup_set.shard_backups.values_list("instance_name", "worker"))
+    assert workers[agent.name] and not workers[agent.name].endswith(f":{os.getpid()}")
+    other = next(name for name in workers if name != agent.name)
+    assert workers[other]
+    doc = set_manifest(backup_set)
+    assert sorted(p["instance"] for p in doc["physical"]) == sorted(workers)
+    part = backup_set.shard_backups.get(instance_name=agent.name)
+    assert part.binlog_file and part.binlog_pos
