@@ -90,9 +90,11 @@ def restore_request_as_dict(*, request: RestoreRequest) -> dict:
         "plan": {
             k: request.plan.get(k)
             for k in ("objects", "rows", "bytes", "estimate", "target_databases")
+            + (("datadir", "steps", "estimate_seconds") if request.datadir else ())
         }
         if request.plan
         else {},
+        "datadir": request.datadir or None,
         "run": (
             {
                 "id": run.pk,

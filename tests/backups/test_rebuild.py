@@ -101,7 +101,7 @@ def started_on(datadir_parent, server_id=901) -> MariaDBServer:
 
 @pytest.mark.parametrize("encrypt", [False, True], ids=["plain", "encrypted"])
 def test_rebuild_of_one_instance_into_a_fresh_datadir_matches_the_source(
-    cluster, mariadb_servers, tmp_path, encrypt
+    cluster, mariadb_servers, tmp_path, encrypt, client
 ):
     instance = cluster.instances.order_by("name").first()
     source = next(s for s in mariadb_servers if s.endpoint.port == instance.port)
@@ -118,6 +118,12 @@ def test_rebuild_of_one_instance_into_a_fresh_datadir_matches_the_source(
     assert plan["bytes"] > 0 and plan["raw_bytes"] > plan["bytes"]
     assert any("mariabackup --prepare" in step for step in plan["steps"])
     assert "estimate" in plan
+    assert filed["datadir"] == str(datadir) and filed["plan"]["steps"] == plan["steps"]
+    approver = make_user("approver")
+    client.force_login(approver)
+    page = client.get(f"/restores/{filed['id']}/").content.decode()
+    assert f"rebuild:{instance.name}" in page and str(datadir) in page
+    assert "mariabackup --prepare" in page
 
     assert approve_twice(filed["id"])["state"] == "approved"
     ran = restore("run", str(filed["id"]), "--wait", "--json")
