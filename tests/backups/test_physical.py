@@ -402,3 +402,64 @@ def test_a_part_runs_on_the_worker_serving_its_instance_agent_queue(
     assert sorted(p["instance"] for p in doc["physical"]) == sorted(workers)
     part = backup_set.shard_backups.get(instance_name=agent.name)
     assert part.binlog_file and part.binlog_pos
+
+
+@pytest.mark.django_db
+def test_datadir_and_agent_queue_round_trip_through_the_topology_file(tmp_path, unique_name):
+    from io import StringIO
+
+    import yaml
+    from django.core.management import CommandError, call_command
+
+    name = f"ty{unique_name}"
+    text = f"""
+clusters:
+  - name: {name}
+    instances:
+      - {{name: a, host: 127.0.0.1, port: 3306, user: backup, password_env: SHARD_A_PW,
+          datadir: /var/lib/mysql, agent_queue: host-a}}
+      - {{name: b, host: 127.0.0.1, port: 3307, user: backup, password_env: SHARD_B_PW}}
+    shards:
+      - {{name: s00, instance: a, database: orders_00}}
+"""
+    path = tmp_path / "topology.yaml"
+    path.write_text(text)
+    call_command("topology", "import", str(path), stdout=StringIO())
+    a = Instance.objects.get(cluster__name=name, name="a")
+    assert (a.datadir, a.agent_queue) == ("/var/lib/mysql", "host-a")
+    out = StringIO()
+    call_command("topology", "export", "--cluster", name, stdout=out)
+    exported = yaml.safe_load(out.getvalue())["clusters"][0]["instances"]
+    assert exported[0]["datadir"] == "/var/lib/mysql" and exported[0]["agent_queue"] == "host-a"
+    assert "datadir" not in exported[1] and "agent_queue" not in exported[1]
+
+    path.write_text(text.replace("datadir: /var/lib/mysql", "datadir: var/lib/mysql"))
+    with pytest.raises(CommandError, match="datadir must be an absolute path"):
+        call_command("topology", "import", str(path), stdout=StringIO())
+
+
+@pytest.mark.django_db
+def test_instance_page_form_saves_datadir_and_agent_queue(client, unique_name):
+    from shards.models import Cluster
+    from tests.factories import make_user
+
+    cluster = Cluster.objects.create(name=f"fp{unique_name}")
+    client.force_login(make_user("operator"))
+    response = client.post(
+        f"/topology/clusters/{cluster.name}/instances/new/",
+        {
+            "name": "a",
+            "host": "127.0.0.1",
+            "port": 3306,
+            "user": "backup",
+            "password_env": "SHARD_A_PW",
+            "max_connections": 4,
+            "datadir": "/srv/mysql/a",
+            "agent_queue": "host-a",
+        },
+    )
+    assert response.status_code in (200, 302), response.content[:500]
+    instance = Instance.objects.get(cluster=cluster, name="a")
+    assert (instance.datadir, instance.agent_queue) == ("/srv/mysql/a", "host-a")
+    page = client.get(f"/topology/clusters/{cluster.name}/instances/a/edit/").content.decode()
+    assert "/srv/mysql/a" in page and "host-a" in page
