@@ -86,6 +86,11 @@ def restore_source_resolve(*, cluster: Cluster, source_set: BackupSet | None, at
             raise RestoreError(
                 f"backup set {source_set.pk} is an incremental; restore it with --at instead"
             )
+        if source_set.method == BackupSet.Method.PHYSICAL:
+            raise RestoreError(
+                f"backup set {source_set.pk} is a physical copy of whole instances; restore it "
+                "with --target rebuild:INSTANCE --datadir PATH"
+            )
         return source_set
     if timezone.is_naive(at):
         at = at.replace(tzinfo=UTC)

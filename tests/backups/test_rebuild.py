@@ -241,3 +241,11 @@ def test_rebuild_refusals_non_empty_datadir_logical_set_and_one_approval(
     with pytest.raises(CommandError, match="is not empty"):
         restore("run", str(filed["id"]), "--wait")
     assert [p.name for p in datadir.iterdir()] == ["keep-me"]
+
+
+def test_a_logical_restore_of_a_physical_set_points_to_rebuild(cluster):
+    physical = physical_set(cluster)
+    operator = make_user("operator")
+    args = ["request", "--cluster", cluster.name, "--reason", "r", "--as", operator.username]
+    with pytest.raises(CommandError, match="restore it with --target rebuild:INSTANCE"):
+        restore(*args, "--set", str(physical.pk), "--target", "side")
