@@ -16,6 +16,7 @@ import pymysql
 from backups.engine.errors import ConnectError
 from backups.engine.exclusions import exclusions_for_server
 from backups.engine.mysql import Endpoint, connect, describe_error, server_flavour
+from backups.engine.physical import physical_preflight
 
 OK = "ok"
 WARNING = "warning"
@@ -93,6 +94,8 @@ def discover(
     unavailable: dict[str, str] | None = None,
     exclude_tables: Iterable[str] = (),
     cold: bool = False,
+    physical: dict[str, tuple[str, str]] | None = None,
+    physical_required: bool = False,
 ) -> DiscoveryResult:
     """Inspect every instance and every shard; never raises for a server problem.
 
@@ -104,6 +107,12 @@ def discover(
     `unavailable` maps instance names to a reason they cannot be tried at all (a
     password variable that is not set); those become error findings. `progress`
     is called with (percent, text) after each instance and shard.
+
+    `physical` maps instance names to (datadir, agent_queue): those instances are checked
+    for physical backups here (mariabackup on this worker, its version, the privileges it
+    needs, a readable datadir), one finding per missing piece; errors when
+    `physical_required` (the policy's fulls are physical), else warnings. An instance with
+    an agent queue is checked by its host agent when a part starts.
     """
     result = DiscoveryResult()
     unavailable = unavailable or {}
@@ -153,9 +162,45 @@ def discover(
             if shard.instance in grants:
                 _check_database_privileges(grants[shard.instance], shard, result.findings)
         tick(f"shard {shard.name}")
+    _check_physical(endpoints, physical or {}, result, required=physical_required)
     if progress:
         progress(100, "done")
     return result
+
+
+def _check_physical(endpoints, physical: dict, result: DiscoveryResult, *, required: bool):
+    severity = ERROR if required else WARNING
+    for name, (datadir, agent_queue) in sorted(physical.items()):
+        info = result.instances.get(name)
+        if info is None or not info.reachable or name not in endpoints:
+            continue
+        if agent_queue:
+            result.findings.append(
+                FindingInfo(
+                    OK,
+                    "physical.agent",
+                    f"physical parts of instance {name} run on the worker serving "
+                    f"{agent_queue}, which checks mariabackup, its version, the privileges and "
+                    "the datadir when a part starts",
+                    instance=name,
+                )
+            )
+            continue
+        problems = physical_preflight(endpoints[name], datadir)
+        for problem in problems:
+            result.findings.append(
+                FindingInfo(severity, "physical.preflight", problem, instance=name)
+            )
+        if not problems:
+            result.findings.append(
+                FindingInfo(
+                    OK,
+                    "physical.ready",
+                    f"instance {name} can be backed up physically from this worker "
+                    f"(mariabackup matches the server, datadir {datadir} readable)",
+                    instance=name,
+                )
+            )
 
 
 def connection_check(endpoint: Endpoint, databases: list[str] | None = None) -> tuple[bool, str]:

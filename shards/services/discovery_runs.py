@@ -143,6 +143,8 @@ def discovery_run(
             unavailable=unavailable,
             exclude_tables=_policy_exclusions(cluster),
             cold=_policy_takes_cold(cluster),
+            physical=_physical_instances(cluster, instances),
+            physical_required=_policy_takes_physical(cluster),
         )
     except Exception as exc:
         with transaction.atomic():
@@ -156,6 +158,20 @@ def discovery_run(
     )
     run.refresh_from_db()
     return run
+
+
+def _policy_takes_physical(cluster: Cluster) -> bool:
+    policy = BackupPolicy.objects.filter(cluster=cluster).first()
+    return bool(policy and policy.full_method == "physical")
+
+
+def _physical_instances(cluster: Cluster, instances) -> dict[str, tuple[str, str]]:
+    """Instances to check for physical backups: every one when the policy takes physical
+    fulls, else those that name a datadir or an agent queue."""
+    every = _policy_takes_physical(cluster)
+    return {
+        i.name: (i.datadir, i.agent_queue) for i in instances if every or i.datadir or i.agent_queue
+    }
 
 
 def _policy_exclusions(cluster: Cluster) -> list[str]:

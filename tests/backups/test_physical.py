@@ -463,3 +463,42 @@ def test_instance_page_form_saves_datadir_and_agent_queue(client, unique_name):
     assert (instance.datadir, instance.agent_queue) == ("/srv/mysql/a", "host-a")
     page = client.get(f"/topology/clusters/{cluster.name}/instances/a/edit/").content.decode()
     assert "/srv/mysql/a" in page and "host-a" in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_discovery_reports_physical_readiness_per_instance(mariadb_servers, unique_name, tmp_path):
+    import json
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from backups.services.policies import policy_update
+    from tests.factories import make_user
+
+    cluster = make_cluster(mariadb_servers[:2], name=f"pf{unique_name}")
+    _with_datadirs(cluster, mariadb_servers)
+    broken = cluster.instances.order_by("name").last()
+    broken.datadir = str(tmp_path / "missing")
+    broken.save(update_fields=["datadir"])
+
+    def findings():
+        out = StringIO()
+        try:
+            call_command("topology", "discover", cluster.name, "--json", stdout=out)
+        except SystemExit:
+            pass
+        return [
+            f
+            for f in json.loads(out.getvalue())["findings"]
+            if "physical" in f["message"] or "data directory" in f["message"]
+        ]
+
+    found = findings()
+    ready = [f for f in found if f["severity"] == "ok"]
+    assert len(ready) == 1 and "can be backed up physically" in ready[0]["message"]
+    problem = next(f for f in found if f["instance"] == broken.name)
+    assert problem["severity"] == "warning" and "is not readable" in problem["message"]
+
+    policy_update(cluster=cluster, actor=make_user("admin"), changes={"full_method": "physical"})
+    problem = next(f for f in findings() if f["instance"] == broken.name)
+    assert problem["severity"] == "error"
