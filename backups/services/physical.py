@@ -253,7 +253,7 @@ def _part_enqueue(set_id: int, instance: str, agent_queue: str) -> str:
 
 def _part_wait(instance: str, job_id: str, agent_queue: str, *, should_cancel) -> PhysicalResult:
     """The result of a part run by the host agent serving `agent_queue`."""
-    pickup = float(getattr(settings, "PHYSICAL_AGENT_PICKUP_SECONDS", 300))
+    pickup = float(settings.PHYSICAL_AGENT_PICKUP_SECONDS)
     queued_since = time.monotonic()
     while True:
         if should_cancel():
