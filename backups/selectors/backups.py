@@ -92,6 +92,17 @@ def set_copies(backup_set: BackupSet) -> list[dict]:
     return []
 
 
+def set_non_innodb_tables(shard_backups) -> list[TableBackup]:
+    """The non-InnoDB tables a (cold) set copied, from its prefetched shard parts: the note
+    its page shows in place of the refusal hot and warm sets give."""
+    return [
+        t
+        for sb in shard_backups
+        for t in sb.tables.all()
+        if t.engine and t.engine.lower() != "innodb"
+    ]
+
+
 def backup_set_show_json(backup_set: BackupSet) -> dict:
     """The object of `backups show --json`: `backup --json` plus parent, hold, copies and
     shards (DESIGN.md; keys never removed). Pass a set from `backup_set_detail`."""

@@ -16,6 +16,7 @@ from backups.selectors.backups import (
     backup_set_list,
     long_snapshot_shards,
     progress_of,
+    set_non_innodb_tables,
 )
 from backups.selectors.incrementals import RecoveryPoint, cluster_chains, recoverable_window
 from backups.services.errors import BackupError, BackupRefused
@@ -110,12 +111,7 @@ def set_detail(request, pk: int):
         "can_run": has_role(request.user, OPERATOR, ADMIN),
         "retention": retention_notes(sets=[backup_set]).get(backup_set.pk),
         "can_release": has_role(request.user, ADMIN),
-        "non_innodb": [
-            t
-            for sb in shard_backups
-            for t in sb.tables.all()
-            if t.engine and t.engine.lower() != "innodb"
-        ],
+        "non_innodb": set_non_innodb_tables(shard_backups),
     }
     return render(request, "backups/set_detail.html", context)
 

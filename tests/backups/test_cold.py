@@ -561,3 +561,28 @@ def test_a_cold_lock_left_idle_past_its_server_timeout_is_dropped_and_fails_the_
         drop_database(server, database)
     assert not result.ok
     assert f"global read lock of this cold backup was lost on {server.name}" in result.error
+
+
+@pytest.mark.django_db
+def test_discovery_notes_non_innodb_tables_when_the_policy_takes_cold_fulls(
+    mariadb_servers, unique_name
+):
+    from backups.services.policies import policy_update
+    from shards.models import Finding
+    from shards.services.discovery_runs import discovery_run
+
+    cluster = make_cluster(mariadb_servers[:1], name=f"cd{unique_name}", tables={"t_order": 5})
+    add_sequence_tables(cluster, mariadb_servers)
+    operator = make_user("operator")
+
+    discovery_run(cluster=cluster, actor=operator)
+    refused = Finding.objects.get(cluster=cluster, code="table.engine")
+    assert refused.severity == "error" and "cold" in refused.message
+
+    policy_update(cluster=cluster, actor=make_user("admin"), changes={"full_consistency": "cold"})
+    discovery_run(cluster=cluster, actor=operator)
+    noted = Finding.objects.get(cluster=cluster, code="table.engine")
+    assert (noted.table, noted.severity) == ("seq_m", "warning")
+    assert "global read lock" in noted.message
+    assert not Finding.objects.filter(cluster=cluster, severity="error").exists()
+    drop_cluster_databases(cluster, mariadb_servers)
