@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -52,6 +53,7 @@ from backups.engine.mysql import Endpoint, connect
 from backups.engine.types import CancelFn, ProgressEvent, ProgressFn
 
 READ_BYTES = 1024 * 1024
+CANCEL_POLL_SECONDS = 0.5
 OBJECT_NAME = "backup.mbstream"
 # Privileges mariabackup needs; either name of the binlog one is enough.
 NEEDED_PRIVILEGES = ("RELOAD", "PROCESS", "LOCK TABLES")
@@ -289,18 +291,32 @@ def physical_backup(
         tail = _StderrTail(process.stderr)
 
         def raw_pieces() -> Iterator[bytes]:
-            last_report = time.monotonic()
+            # select() with a timeout, so a cancel is seen within a second even while
+            # mariabackup sends nothing (waiting for a lock, copying a large file's tail).
+            fd = process.stdout.fileno()
+            last_report = last_poll = time.monotonic()
             reported = 0
+            pending: list[bytes] = []
+            pending_bytes = 0
             while True:
-                piece = process.stdout.read(READ_BYTES)
+                now = time.monotonic()
+                if now - last_poll >= CANCEL_POLL_SECONDS:
+                    last_poll = now
+                    if should_cancel():
+                        raise Cancelled("backup cancelled")
+                ready, _, _ = select.select([fd], [], [], CANCEL_POLL_SECONDS)
+                if not ready:
+                    continue
+                piece = os.read(fd, READ_BYTES)
                 if not piece:
                     break
                 counted["raw"] += len(piece)
-                yield piece
-                now = time.monotonic()
+                pending.append(piece)
+                pending_bytes += len(piece)
+                if pending_bytes >= READ_BYTES:
+                    yield b"".join(pending)
+                    pending, pending_bytes = [], 0
                 if now - last_report >= 1.0:
-                    if should_cancel():
-                        raise Cancelled("backup cancelled")
                     progress(
                         ProgressEvent(
                             stage="physical",
@@ -311,6 +327,8 @@ def physical_backup(
                     )
                     reported = counted["raw"]
                     last_report = now
+            if pending:
+                yield b"".join(pending)
             code = process.wait()
             tail.thread.join(timeout=10)
             if code != 0:

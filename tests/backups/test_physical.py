@@ -502,3 +502,46 @@ def test_discovery_reports_physical_readiness_per_instance(mariadb_servers, uniq
     policy_update(cluster=cluster, actor=make_user("admin"), changes={"full_method": "physical"})
     problem = next(f for f in findings() if f["instance"] == broken.name)
     assert problem["severity"] == "error"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancel_stops_a_physical_backup_mid_stream_and_keeps_no_object(
+    mariadb_servers, unique_name
+):
+    from django.db import connections
+
+    from backups.services.full_backups import backup_cancel
+    from tests.factories import make_user
+
+    cluster = make_cluster(mariadb_servers, name=f"pc{unique_name}", tables={"t_order": 150_000})
+    _with_datadirs(cluster, mariadb_servers)
+    backup_set = backup_start(
+        cluster=cluster, actor="cli", method="physical", compression_level=19, enqueue=False
+    )
+    outcome = {}
+
+    def run():
+        try:
+            outcome["set"] = backup_execute(backup_set=backup_set)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        backup_set.refresh_from_db()
+        if backup_set.status == "running" and "mariabackup" in backup_set.progress_text:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    cancelled_at = time.monotonic()
+    backup_cancel(backup_set=backup_set, actor=make_user("operator"))
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert time.monotonic() - cancelled_at < 10
+    result = outcome["set"]
+    assert result.status == "cancelled", result.error
+    assert list(set_storage(result).list(result.object_prefix + "/")) == []
+    for server in mariadb_servers:
+        assert _backup_stage_free(server)
