@@ -545,3 +545,50 @@ def test_cancel_stops_a_physical_backup_mid_stream_and_keeps_no_object(
     assert list(set_storage(result).list(result.object_prefix + "/")) == []
     for server in mariadb_servers:
         assert _backup_stage_free(server)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_password_reaches_mariabackup_through_a_file_never_argv(mariadb_servers, unique_name):
+    import psutil
+
+    from console.keys import encrypt_secret
+
+    server = mariadb_servers[0]
+    user = f"pw{unique_name}"[:30]
+    password = f"S3cret-{unique_name}"
+    server.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+    server.execute(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'")
+    server.execute(
+        f"GRANT RELOAD, PROCESS, LOCK TABLES, BINLOG MONITOR, SELECT ON *.* TO '{user}'@'%'"
+    )
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            for process in psutil.process_iter(["cmdline"]):
+                line = " ".join(process.info["cmdline"] or [])
+                if "mariabackup" in line and "--backup" in line:
+                    seen.append(line)
+            time.sleep(0.01)
+
+    try:
+        cluster = make_cluster([server], name=f"pw{unique_name}")
+        instance = Instance.objects.get(cluster=cluster)
+        instance.user = user
+        instance.password_encrypted = encrypt_secret(password)
+        instance.datadir = str(server.datadir)
+        instance.save()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        result = backup_execute(
+            backup_set=backup_start(
+                cluster=cluster, actor="cli", method="physical", compression_level=19, enqueue=False
+            )
+        )
+    finally:
+        stop.set()
+        server.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+    assert result.status == "succeeded", result.error
+    assert seen, "mariabackup was never seen running"
+    assert not any(password in line for line in seen)
