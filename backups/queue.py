@@ -145,7 +145,7 @@ def cancel(job_id: str, *, queue: str = DEFAULT) -> None:
 
 def dequeue_if_waiting(job_id: str, *, queue: str) -> bool:
     """Take a job off its queue if no worker has picked it up yet (to run it in-process)."""
-    rq_queue = django_rq.get_queue(queue)
+    rq_queue = _rq_queue(queue)
     try:
         job = Job.fetch(job_id, connection=rq_queue.connection)
     except NoSuchJobError:

@@ -249,3 +249,30 @@ def test_a_logical_restore_of_a_physical_set_points_to_rebuild(cluster):
     args = ["request", "--cluster", cluster.name, "--reason", "r", "--as", operator.username]
     with pytest.raises(CommandError, match="restore it with --target rebuild:INSTANCE"):
         restore(*args, "--set", str(physical.pk), "--target", "side")
+
+
+def test_a_rebuild_runs_on_the_host_agent_of_its_instance(
+    cluster, tmp_path, rq_worker_process, monkeypatch, unique_name
+):
+    from backups import queue
+    from backups.models import RestoreRun
+
+    instance = cluster.instances.order_by("name").first()
+    agent_queue = f"host-{instance.name}-{unique_name}"
+    instance.agent_queue = agent_queue
+    instance.save(update_fields=["agent_queue"])
+    monkeypatch.setenv("SHARDVAULT_AGENT_QUEUES", agent_queue)
+    rq_worker_process(agent_queue)  # only the host agent: nobody serves `restores`
+    backup_set = physical_set(cluster)  # the part itself runs on the agent too
+    datadir = tmp_path / "agent" / "data"
+    filed = request_rebuild(cluster, instance.name, datadir, "--set", str(backup_set.pk))
+    approve_twice(filed["id"])
+    restore("run", str(filed["id"]))
+    run = RestoreRun.objects.get(request_id=filed["id"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.status not in ("succeeded", "failed", "cancelled"):
+        time.sleep(0.3)
+        run.refresh_from_db()
+    assert run.status == "succeeded", run.error
+    assert queue.job_status(run.job_id, queue=agent_queue) == "finished"
+    assert (datadir / "ibdata1").exists()
