@@ -16,8 +16,11 @@ LIST_FIELDS = ("copy_to", "exclude_tables")
 HELP = {
     "full_cron": "Five fields, UTC (minute hour day-of-month month day-of-week), e.g. 0 2 * * *. "
     "Empty: no scheduled full backups.",
-    "full_consistency": "locked: warm, one instant across shards; lockfree: hot; cold: writes "
-    "blocked for the whole dump.",
+    "full_consistency": "lockfree = hot: no lock, each shard by itself (InnoDB); locked = warm: "
+    "a global read lock of a few ms, one instant across shards (InnoDB); cold: writes blocked "
+    "on every instance for the whole dump, one instant, every engine (MyISAM included).",
+    "full_method": "logical: rows, table by table (restore any table); physical: data files "
+    "copied with mariabackup (rebuild a lost instance fast).",
     "incremental_every_minutes": "Continuous binlog capture every N minutes; 0 = off.",
     "keep_full": "Newest full chains always kept.",
     "keep_daily": "Newest full of each of the last N days kept, with its chain.",

@@ -12,6 +12,12 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in (text or "").replace("\n", ",").split(",") if part.strip()]
 
 
+def _set_choice_label(backup_set: BackupSet) -> str:
+    """ "#12 warm (locked), logical · 2026-03-01 02:00:04 UTC": each set with its method."""
+    at = backup_set.consistent_at or backup_set.created_at
+    return f"#{backup_set.pk} {backup_set.method_label} · {at:%Y-%m-%d %H:%M:%S} UTC"
+
+
 class RestoreRequestForm(forms.Form):
     cluster = forms.ModelChoiceField(queryset=Cluster.objects.all(), to_field_name="name")
     source_set = forms.ModelChoiceField(
@@ -52,6 +58,7 @@ class RestoreRequestForm(forms.Form):
             self.fields["source_set"].queryset = BackupSet.objects.filter(
                 cluster=cluster, kind=BackupSet.Kind.FULL, status=BackupSet.Status.SUCCEEDED
             ).order_by("-id")
+            self.fields["source_set"].label_from_instance = _set_choice_label
             self.fields["shards"].choices = [
                 (s.name, f"{s.name} ({s.database} on {s.instance.name})")
                 for s in cluster.shards.select_related("instance")

@@ -16,6 +16,16 @@ from shards.models import Cluster, Instance, Shard
 
 USER = settings.AUTH_USER_MODEL
 
+# DESIGN.md "Methods": the seed's hot, warm and cold backups are these consistency modes.
+TEMPERATURE = {"lockfree": "hot", "locked": "warm", "cold": "cold"}
+
+
+def method_label(consistency: str, method: str) -> str:
+    """ "warm (locked), logical" for consistency "locked" and method "logical" (cold: "cold")."""
+    temperature = TEMPERATURE.get(consistency, consistency)
+    named = temperature if temperature == consistency else f"{temperature} ({consistency})"
+    return f"{named}, {method or 'logical'}"
+
 
 class BackupPolicy(models.Model):
     """Per-cluster schedule, retention, encryption and drill settings."""
@@ -112,6 +122,9 @@ class BackupSet(models.Model):
     raw_bytes = models.BigIntegerField(default=0)
     stored_bytes = models.BigIntegerField(default=0)
     lock_window_ms = models.FloatField(null=True, blank=True)
+    # While a cold set holds the global read lock: instance name -> server thread id of the
+    # connection holding it, so a cancel can KILL it at once (emptied when the lock is released).
+    lock_sessions = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
     cancel_requested = models.BooleanField(default=False)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
@@ -140,6 +153,12 @@ class BackupSet(models.Model):
     @property
     def compression_ratio(self) -> float | None:
         return self.raw_bytes / self.stored_bytes if self.stored_bytes else None
+
+    @property
+    def method_label(self) -> str:
+        """The backup method by name, as every page, report and `--json` shows it:
+        "hot (lockfree), logical", "warm (locked), logical", "cold, logical", "..., physical"."""
+        return method_label(self.consistency, self.method)
 
     @property
     def is_active(self) -> bool:
@@ -286,6 +305,7 @@ class RestoreRequest(models.Model):
         SIDE = "side"
         INSTANCE = "instance"
         INPLACE = "inplace"
+        REBUILD = "rebuild"  # a lost instance from a physical set, into an empty datadir
 
     cluster = models.ForeignKey(Cluster, on_delete=models.PROTECT, related_name="restore_requests")
     source_set = models.ForeignKey(
@@ -309,6 +329,8 @@ class RestoreRequest(models.Model):
     target_instance = models.ForeignKey(
         Instance, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
+    # `rebuild` only: the empty data directory the instance is rebuilt into.
+    datadir = models.CharField(max_length=500, blank=True)
     reason = models.TextField()
     requested_by = models.ForeignKey(USER, on_delete=models.PROTECT, related_name="+")
     state = models.CharField(
@@ -344,6 +366,8 @@ class RestoreRequest(models.Model):
     def target_label(self) -> str:
         if self.target_kind == self.Target.INSTANCE and self.target_instance_id:
             return f"instance:{self.target_instance.name}"
+        if self.target_kind == self.Target.REBUILD and self.target_instance_id:
+            return f"rebuild:{self.target_instance.name}"
         return self.target_kind
 
 

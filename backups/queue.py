@@ -40,8 +40,39 @@ QueueUnavailable = RedisError  # what callers catch when Redis cannot be reached
 
 
 def redis_connection(queue: str = DEFAULT):
-    """The Redis connection RQ uses (for connection slots and barriers)."""
+    """The Redis connection RQ uses (for connection slots and barriers). A queue that is not
+    configured (a host agent's `host-<name>`) lives on the default queue's Redis."""
+    if queue not in settings.RQ_QUEUES:
+        queue = DEFAULT
     return django_rq.get_connection(queue)
+
+
+def _rq_queue(queue: str, **options):
+    """The RQ queue `queue`; a host agent's queue need not be configured in RQ_QUEUES."""
+    if queue in settings.RQ_QUEUES:
+        return django_rq.get_queue(queue, **options)
+    from rq import Queue
+
+    return Queue(queue, connection=redis_connection(queue))
+
+
+def job_outcome(job_id: str, *, queue: str) -> tuple[str, Any]:
+    """(status, what the job returned) once it finished, (status, the end of its traceback)
+    when it failed, else (status, None). Status as `job_status` says it."""
+    try:
+        job = Job.fetch(job_id, connection=redis_connection(queue))
+    except NoSuchJobError:
+        return "missing", None
+    except Exception:  # noqa: BLE001 - Redis down
+        return "unknown", None
+    status = str(getattr(job.get_status(refresh=False), "value", "") or "unknown")
+    if status == "finished":
+        return status, job.return_value()
+    if status == "failed":
+        result = job.latest_result()
+        text = (getattr(result, "exc_string", "") or "").strip().splitlines()
+        return status, text[-1] if text else "the job failed"
+    return status, None
 
 
 def job_status(job_id: str, *, queue: str = DEFAULT) -> str:
@@ -82,7 +113,7 @@ def enqueue(
     # Callers defer to transaction.on_commit themselves; "auto" enqueues now even inside an
     # atomic block (django-rq's default would defer it there and return None, and a Redis
     # failure would surface later instead of here).
-    rq_queue = django_rq.get_queue(queue, commit_mode="auto")
+    rq_queue = _rq_queue(queue, commit_mode="auto")
     if job_id and job_status(job_id, queue=queue) in LIVE_STATUSES:
         return None
     options: dict[str, Any] = {
@@ -118,7 +149,7 @@ def cancel(job_id: str, *, queue: str = DEFAULT) -> None:
 
 def dequeue_if_waiting(job_id: str, *, queue: str) -> bool:
     """Take a job off its queue if no worker has picked it up yet (to run it in-process)."""
-    rq_queue = django_rq.get_queue(queue)
+    rq_queue = _rq_queue(queue)
     try:
         job = Job.fetch(job_id, connection=rq_queue.connection)
     except NoSuchJobError:

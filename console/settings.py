@@ -120,6 +120,12 @@ RQ_QUEUES = {
     name: {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 6 * 3600}
     for name in ("default", "backups", "restores", "verify")
 }
+# Host agents: `rqworker host-<name>` on a database host serves the physical backup parts
+# of instances whose agent_queue names that queue (list them here so rqworker knows them).
+for _agent_queue in env.list("SHARDVAULT_AGENT_QUEUES", default=[]):
+    RQ_QUEUES.setdefault(_agent_queue, {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 6 * 3600})
+# How long a physical set waits for a host agent to take its part before failing.
+PHYSICAL_AGENT_PICKUP_SECONDS = env.int("SHARDVAULT_PHYSICAL_AGENT_PICKUP_SECONDS", default=300)
 RQ_SHOW_ADMIN_LINK = False
 # Workers arm the periodic jobs (housekeeping, the schedules' re-arming) when they start.
 RQ = {"WORKER_CLASS": "backups.queue.ArmingWorker"}

@@ -284,7 +284,7 @@ def _table(pdf: FPDF, title: str, columns: list[tuple[str, float]], rows, empty:
 
 def _sets_table(pdf: FPDF, data: dict) -> None:
     columns = [
-        ("Set", 12), ("Kind", 18), ("Status", 17), ("Mode", 15), ("Started (UTC)", 28),
+        ("Set", 12), ("Kind", 18), ("Status", 17), ("Method", 15), ("Started (UTC)", 28),
         ("Finished (UTC)", 28), ("Size stored", 18), ("Rows", 16), ("Q", 14), ("T / D / A", 32),
         ("Verified", 26), ("Last drill", 26), ("Problems / error", 27),
     ]  # fmt: skip
@@ -296,7 +296,7 @@ def _sets_table(pdf: FPDF, data: dict) -> None:
             )
             q_text = "unverified" if s["q"] is None and s["status"] == "succeeded" else _q(s["q"])
             cells = [
-                s["id"], s["kind"], s["status"], s["consistency"], _when(s["started_at"]),
+                s["id"], s["kind"], s["status"], s["method_label"], _when(s["started_at"]),
                 _when(s["finished_at"]), _size(s["stored_bytes"]), s["rows"], q_text,
                 f"{_q(s['t'])} / {_q(s['d'])} / {_q(s['a'])}", _when(s["verified_at"]),
                 _when(s["last_drill_at"]), problems or s["error"] or "",

@@ -124,6 +124,8 @@ def report_sets(period: ReportPeriod) -> Iterator[dict[str, Any]]:
             "kind": s.kind,
             "status": s.status,
             "consistency": s.consistency,
+            "method": s.method,
+            "method_label": s.method_label,
             "created_at": _iso(s.created_at),
             "started_at": _iso(s.started_at),
             "finished_at": _iso(s.finished_at),
@@ -386,7 +388,7 @@ class _Line:
 
 
 SET_COLUMNS = [
-    "id", "kind", "status", "consistency", "created_at", "started_at", "finished_at",
+    "id", "kind", "status", "consistency", "method", "method_label", "created_at", "started_at", "finished_at",
     "consistent_at", "rows", "raw_bytes", "stored_bytes", "lock_window_ms", "q", "t", "d", "a",
     "quality", "verified_at", "last_drill_at", "drill_q", "verification_dates", "problems", "error",
     "targets",

@@ -22,6 +22,7 @@ from backups.engine.mysql import (
     describe_error,
     server_flavour,
 )
+from backups.engine.physical import physical_preflight
 
 OK = "ok"
 WARNING = "warning"
@@ -137,15 +138,26 @@ def discover(
     progress: Progress | None = None,
     unavailable: dict[str, str] | None = None,
     exclude_tables: Iterable[str] = (),
+    cold: bool = False,
+    physical: dict[str, tuple[str, str]] | None = None,
+    physical_required: bool = False,
 ) -> DiscoveryResult:
     """Inspect every instance and every shard; never raises for a server problem.
 
     Tables matching `exclude_tables` (the policy's "database.table" globs) are listed with
     an ok finding saying so, and never refused: they are not backed up at all.
+    With `cold` (the policy's scheduled fulls are cold), a non-InnoDB table is a warning,
+    not an error: cold backups copy it under the global read lock; hot and warm ones refuse.
 
     `unavailable` maps instance names to a reason they cannot be tried at all (a
     password variable that is not set); those become error findings. `progress`
     is called with (percent, text) after each instance and shard.
+
+    `physical` maps instance names to (datadir, agent_queue): those instances are checked
+    for physical backups here (mariabackup on this worker, its version, the privileges it
+    needs, a readable datadir), one finding per missing piece; errors when
+    `physical_required` (the policy's fulls are physical), else warnings. An instance with
+    an agent queue is checked by its host agent when a part starts.
     """
     result = DiscoveryResult()
     unavailable = unavailable or {}
@@ -188,16 +200,52 @@ def discover(
             tick(f"shard {shard.name}")
             continue
         tables = _check_shard(
-            endpoints[shard.instance], shard, result.findings, tuple(exclude_tables)
+            endpoints[shard.instance], shard, result.findings, tuple(exclude_tables), cold=cold
         )
         if tables is not None:
             result.tables[shard.name] = tables
             if shard.instance in grants:
                 _check_database_privileges(grants[shard.instance], shard, result.findings)
         tick(f"shard {shard.name}")
+    _check_physical(endpoints, physical or {}, result, required=physical_required)
     if progress:
         progress(100, "done")
     return result
+
+
+def _check_physical(endpoints, physical: dict, result: DiscoveryResult, *, required: bool):
+    severity = ERROR if required else WARNING
+    for name, (datadir, agent_queue) in sorted(physical.items()):
+        info = result.instances.get(name)
+        if info is None or not info.reachable or name not in endpoints:
+            continue
+        if agent_queue:
+            result.findings.append(
+                FindingInfo(
+                    OK,
+                    "physical.agent",
+                    f"physical parts of instance {name} run on the worker serving "
+                    f"{agent_queue}, which checks mariabackup, its version, the privileges and "
+                    "the datadir when a part starts",
+                    instance=name,
+                )
+            )
+            continue
+        problems = physical_preflight(endpoints[name], datadir)
+        for problem in problems:
+            result.findings.append(
+                FindingInfo(severity, "physical.preflight", problem, instance=name)
+            )
+        if not problems:
+            result.findings.append(
+                FindingInfo(
+                    OK,
+                    "physical.ready",
+                    f"instance {name} can be backed up physically from this worker "
+                    f"(mariabackup matches the server, datadir {datadir} readable)",
+                    instance=name,
+                )
+            )
 
 
 def connection_check(endpoint: Endpoint, databases: list[str] | None = None) -> tuple[bool, str]:
@@ -539,6 +587,8 @@ def _check_shard(
     shard: ShardTarget,
     findings: list[FindingInfo],
     exclude_tables: tuple[str, ...] = (),
+    *,
+    cold: bool = False,
 ):
     try:
         conn = _metadata_connection(endpoint, shard.database)
@@ -601,15 +651,27 @@ def _check_shard(
                 )
             )
             continue
-        if table.engine.upper() != "INNODB":
+        if table.engine.upper() != "INNODB" and cold:
+            findings.append(
+                FindingInfo(
+                    WARNING,
+                    "table.engine",
+                    f"table '{table.name}' in shard {shard.name} uses {table.engine or 'no engine'}: "
+                    "the policy's cold backups copy it under the global read lock (writes wait "
+                    "for the whole dump); hot and warm backups of this cluster refuse it",
+                    **where,
+                )
+            )
+        elif table.engine.upper() != "INNODB":
             findings.append(
                 FindingInfo(
                     ERROR,
                     "table.engine",
                     f"table '{table.name}' in shard {shard.name} uses {table.engine or 'no engine'}, "
                     "which a hot backup cannot copy consistently, so backups of this cluster are "
-                    "refused: convert it with ALTER TABLE ... ENGINE=InnoDB, or exclude it "
-                    "with the policy's exclude_tables",
+                    "refused: convert it with ALTER TABLE ... ENGINE=InnoDB, exclude it "
+                    "with the policy's exclude_tables, or take cold backups (full_consistency "
+                    "cold: writes wait for the whole dump)",
                     **where,
                 )
             )

@@ -47,6 +47,22 @@ class InstanceForm(forms.Form):
     tls_ca = forms.CharField(max_length=500, required=False, label="TLS CA file")
     tls_verify = forms.BooleanField(required=False, label="Verify the server's TLS host name")
     max_connections = forms.IntegerField(initial=4, min_value=1, max_value=64)
+    datadir = forms.RegexField(
+        regex=r"^/",
+        max_length=500,
+        required=False,
+        label="Data directory",
+        help_text="For physical backups: the server's data directory on its host.",
+        error_messages={"invalid": "Give an absolute path."},
+    )
+    agent_queue = forms.RegexField(
+        regex=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=100,
+        required=False,
+        label="Agent queue",
+        help_text="For physical backups: the queue of a worker on the database host (host-<name>).",
+        error_messages={"invalid": "Use a queue name (letters, digits, '-', '_', '.')."},
+    )
 
     def __init__(self, *args, editing: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -71,6 +87,8 @@ class InstanceForm(forms.Form):
             "tls_ca": instance.tls_ca,
             "tls_verify": instance.tls_verify,
             "max_connections": instance.max_connections,
+            "datadir": instance.datadir,
+            "agent_queue": instance.agent_queue,
         }
 
 

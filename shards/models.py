@@ -75,6 +75,10 @@ class Instance(models.Model):
     # identity.py): later drills refuse a different server behind that address.
     identity = models.CharField(max_length=300, blank=True)
     identity_address = models.CharField(max_length=400, blank=True)
+    # Physical backups (mariabackup) read the server's data directory: the path on the
+    # database host, and the RQ queue served by a worker there (`host-<name>`); both optional.
+    datadir = models.CharField(max_length=500, blank=True)
+    agent_queue = models.CharField(max_length=100, blank=True)
     # Filled by discovery.
     server_version = models.CharField(max_length=120, blank=True)
     flavour = models.CharField(max_length=20, blank=True)

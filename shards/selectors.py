@@ -162,6 +162,10 @@ def topology_export(*, cluster_name: str | None = None) -> str:
                 item["tls_verify"] = True
             if instance.max_connections != 4:
                 item["max_connections"] = instance.max_connections
+            if instance.datadir:
+                item["datadir"] = instance.datadir
+            if instance.agent_queue:
+                item["agent_queue"] = instance.agent_queue
             entry["instances"].append(item)
         entry["shards"] = [
             {"name": s.name, "instance": s.instance.name, "database": s.database}

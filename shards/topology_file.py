@@ -39,6 +39,8 @@ class InstanceSpec:
     tls_ca: str = ""
     tls_verify: bool = False
     max_connections: int = 4
+    datadir: str = ""
+    agent_queue: str = ""
     line: int = 0
 
 
@@ -118,6 +120,8 @@ INSTANCE_KEYS = {
     "tls_ca",
     "tls_verify",
     "max_connections",
+    "datadir",
+    "agent_queue",
 }
 SHARD_KEYS = {"name", "instance", "database"}
 LOGICAL_TABLE_KEYS = {"name", "pattern"}
@@ -390,6 +394,21 @@ def _parse_instance(node, cluster_what: str) -> InstanceSpec:
         instance.tls_ca = _scalar(values["tls_ca"], f"{what} tls_ca", allow_empty=True)
     if "tls_verify" in values:
         instance.tls_verify = _bool(values["tls_verify"], f"{what} tls_verify")
+    if "datadir" in values:
+        instance.datadir = _scalar(values["datadir"], f"{what} datadir", allow_empty=True)
+        if instance.datadir and not instance.datadir.startswith("/"):
+            _fail(values["datadir"], f"{what} datadir must be an absolute path")
+    if "agent_queue" in values:
+        instance.agent_queue = _scalar(
+            values["agent_queue"], f"{what} agent_queue", allow_empty=True
+        )
+        if instance.agent_queue and not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9_.-]*", instance.agent_queue
+        ):
+            _fail(
+                values["agent_queue"],
+                f"{what} agent_queue must be a queue name (letters, digits, '-', '_', '.')",
+            )
     return instance
 
 

@@ -44,6 +44,10 @@ from backups.engine.types import (
 )
 
 CANCEL_POLL = 0.25
+# Cold: the lock connections' server-side idle timeout (a vanished client's lock dies with
+# it), and how often they are pinged while the dump runs (well inside that timeout).
+COLD_LOCK_SESSION_TIMEOUT = 30
+COLD_LOCK_WATCH = 1.0
 
 
 def dump_cluster(
@@ -61,6 +65,14 @@ def dump_cluster(
     and are listed as excluded in the result and the manifest. With
     `spec.max_threads_running`, each new chunk waits while its instance is busier
     (`throttle.ThreadsRunningGate`), reported as a "throttle" progress event.
+
+    `cold`: the global read lock is held on every instance until every table has been
+    read, so tables of any engine are included (each non-InnoDB table becomes a note in
+    `result.notes`, not a refusal); the stored lock window is the whole dump. Meanwhile a
+    "lock" progress event says each second how long it has been held (with `lock_sessions`
+    naming the connections holding it; `{}` once released); a cancel releases it first,
+    before the workers are stopped; a lock connection lost mid-dump fails the set. The
+    throttle is off for cold sets (writers waiting on the lock count as running threads).
     """
     return _DumpRun(spec, storage, progress, should_cancel).execute()
 
@@ -80,6 +92,9 @@ class _DumpRun:
         self.exclusions: dict[str, Exclusions] = {}  # instance -> the policy's patterns there
         self.excluded: dict[str, list[str]] = {}  # shard name -> tables the policy kept out
         self.gates: dict[str, ThreadsRunningGate] = {}  # instance -> max_threads_running gate
+        self.cold = spec.consistency == "cold"
+        self.lock: GlobalLock | None = None  # held for the whole dump when cold
+        self.notes: list[str] = []
         self.shard_errors: dict[str, str] = {}
         self.cut = ConsistentCut(self.controls)
         self.events: queue.Queue = queue.Queue()
@@ -105,13 +120,14 @@ class _DumpRun:
                 return self._result(ok=False)
             self._check_cancel()
             self._open_connections()
-            if self.spec.consistency == "locked":
+            if self.spec.consistency in ("locked", "cold"):
                 lock = GlobalLock(
                     self.controls,
                     self.endpoints,
                     wait_timeout=self.spec.lock_wait_timeout,
                     retries=self.spec.lock_retries,
                     should_cancel=self.should_cancel,
+                    session_timeout=COLD_LOCK_SESSION_TIMEOUT if self.cold else 0,
                 )
                 self._progress(
                     ProgressEvent(stage="locking", message="taking the global read lock")
@@ -120,6 +136,10 @@ class _DumpRun:
             else:
                 self._snapshot_lockfree()
             self._run_workers()
+            if self.lock is not None:
+                if not self.cancelled and not self.first_error:
+                    self._watch_cold_lock()  # still held when the last row was read?
+                self._release_cold_lock()
             if self.cancelled:
                 raise Cancelled("backup cancelled")
             if self.first_error:
@@ -180,6 +200,8 @@ class _DumpRun:
                 )
         if self.first_error:
             return False
+        if self.cold:
+            self.gates.clear()  # writers blocked by the lock would hold every chunk back
         for shard in self.spec.shards:
             try:
                 self._describe_shard(shard)
@@ -222,11 +244,16 @@ class _DumpRun:
             for name in names
             if available[name][0].lower() != "innodb"
         ]
-        if not_innodb:
+        if not_innodb and self.cold:
+            self.notes.append(
+                f"non-InnoDB table(s) in {shard.database} copied under the global read lock: "
+                f"{', '.join(not_innodb)}"
+            )
+        elif not_innodb:
             raise EngineError(
                 f"hot backups need InnoDB; refusing non-InnoDB table(s) in {shard.database}: "
-                f"{', '.join(not_innodb)} (convert them to InnoDB, or exclude them with the "
-                "policy's exclude_tables)"
+                f"{', '.join(not_innodb)} (convert them to InnoDB, exclude them with the "
+                "policy's exclude_tables, or take a cold backup, which blocks writes while it runs)"
             )
         regex = checksum.server_has_byte_regex(conn)
         states = []
@@ -256,7 +283,7 @@ class _DumpRun:
 
     # ---------------------------------------------------------------- snapshot
     def _open_connections(self) -> None:
-        if self.spec.consistency == "locked":
+        if self.spec.consistency in ("locked", "cold"):
             for instance, endpoint in self.endpoints.items():
                 shards = [s for s in self.spec.shards if s.instance == instance]
                 tables = [t for s in shards for t in self.tables[s.name]]
@@ -287,9 +314,57 @@ class _DumpRun:
                 group.connections.append(session_open(group.instance, group.endpoint))
 
     def _snapshot_locked(self, lock: GlobalLock) -> None:
+        if self.cold:
+            self.cut.take_locked(lock, self.groups, hold=True)
+            self.lock = lock
+            self._lock_held_event()
+            return
         self.cut.take_locked(lock, self.groups)
         self._progress(
             ProgressEvent(stage="snapshot", message=f"lock window {self.cut.lock_window_ms} ms")
+        )
+
+    # ---------------------------------------------------------------- the cold lock
+    def _lock_held_event(self) -> None:
+        lock = self.lock
+        count = len(lock.locked)
+        self._progress(
+            ProgressEvent(
+                stage="lock",
+                message=f"global read lock held for {int(lock.held_seconds)} s on {count} "
+                f"instance{'s' if count != 1 else ''} (writes blocked until the dump ends)",
+                lock_sessions=lock.sessions(),
+            )
+        )
+
+    def _watch_cold_lock(self) -> None:
+        """Once a second while dumping cold: keep the lock connections alive, fail the run
+        when one lost its lock (its tables could change under the dump), say how long."""
+        lost = self.lock.keepalive()
+        if lost:
+            self._record_error(
+                None,
+                "the global read lock of this cold backup was lost on "
+                f"{', '.join(sorted(lost))} (its connection was closed or killed) mid-dump",
+            )
+            return
+        self._lock_held_event()
+
+    def _release_cold_lock(self) -> None:
+        lock, self.lock = self.lock, None
+        self.cut.release(lock)
+        self._progress(
+            ProgressEvent(
+                stage="lock",
+                message="",
+                lock_sessions={},
+            )
+        )
+        self._progress(
+            ProgressEvent(
+                stage="snapshot",
+                message=f"global read lock released after {self.cut.lock_window_ms} ms",
+            )
         )
 
     def _snapshot_lockfree(self) -> None:
@@ -310,11 +385,17 @@ class _DumpRun:
                 threads.append(thread)
         for thread in threads:
             thread.start()
+        watched = time.monotonic()
         while any(t.is_alive() for t in threads):
             self._drain_events(timeout=CANCEL_POLL)
             if not self.abort.is_set():
+                if self.lock is not None and time.monotonic() - watched >= COLD_LOCK_WATCH:
+                    watched = time.monotonic()
+                    self._watch_cold_lock()
                 if self.should_cancel():
                     self.cancelled = True
+                    if self.lock is not None:
+                        self._release_cold_lock()  # writers go on before workers are stopped
                     self._abort()
                 elif self.first_error:
                     self._abort()
@@ -350,7 +431,9 @@ class _DumpRun:
 
     # ---------------------------------------------------------------- results
     def _teardown(self, lock: GlobalLock | None) -> None:
-        if lock is not None and lock.locked:
+        if self.lock is not None:
+            self._release_cold_lock()
+        elif lock is not None and lock.locked:
             lock.release()
         for group in self.groups:
             for conn in group.connections:
@@ -399,6 +482,7 @@ class _DumpRun:
             stored_bytes=sum(t.stored_bytes for s in shards for t in s.tables),
             error="" if ok else (self.first_error or "backup failed"),
             excluded=self._excluded_names(),
+            notes=list(self.notes),
         )
 
     def _excluded_names(self) -> list[str]:

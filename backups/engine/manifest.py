@@ -26,6 +26,9 @@ Full sets also carry "lock_window_ms", "started_by", "topology" and "checksum_al
 and the policy's exclusions: "exclude_tables" (the glob patterns in force), "excluded" (every
 "database.table" they kept out, sorted) and per shard "excluded_tables" (table names). An
 excluded table has no entry in "tables" and no object: it is never dumped or restored.
+Physical full sets (`"method": "physical"`) have no tables and list "physical": [{"instance",
+"key", "sha256", "stored_bytes", "raw_bytes", "binlog_file", "binlog_pos", "gtid", "datadir",
+"tool", "tool_version", "started_at", "finished_at", "seconds"}], one mariabackup stream each.
 incremental sets carry "instances" (each instance's captured binlog range) and their shards
 "end_binlog_file", "end_binlog_pos" and "end_gtid".
 """
@@ -401,6 +404,18 @@ def manifest_objects(doc: dict) -> Iterator[dict]:
                     "rows": chunk.get("rows"),
                     "raw_bytes": chunk.get("raw_bytes"),
                 }
+    for part in doc.get("physical") or []:  # physical sets: one mbstream object per instance
+        yield {
+            "key": part["key"],
+            "sha256": part.get("sha256", ""),
+            "stored_bytes": part.get("stored_bytes"),
+            "kind": "physical",
+            "shard": "",
+            "instance": part.get("instance", ""),
+            "database": "",
+            "table": "",
+            "raw_bytes": part.get("raw_bytes"),
+        }
     for segment in doc.get("binlog") or []:
         item = copy.deepcopy(segment)
         item.update(

@@ -6,6 +6,12 @@ connection starts `WITH CONSISTENT SNAPSHOT`, binlog coordinates are read, and
 every instance is unlocked. While all instances are locked no commit can land
 anywhere, so the snapshots of all instances show one instant.
 
+`cold`: the same cut as `locked`, but the lock is held until the dump has read every
+table (`take_locked(..., hold=True)`, then `release`), so tables of every engine (MyISAM
+included) are copied at the cut. The lock connections get a short server-side
+`wait_timeout` and are pinged while the lock is held (`GlobalLock.keepalive`): a worker
+that dies or loses its network releases the lock with its connection.
+
 `lockfree`: one snapshot connection per shard; MariaDB reports its exact binlog
 position (`binlog_snapshot_file/position`).
 
@@ -15,6 +21,7 @@ and records each shard's coordinates, the consistent instant and the lock window
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -144,7 +151,13 @@ def blocking_query(conn) -> str:
 
 
 class GlobalLock:
-    """FLUSH TABLES WITH READ LOCK on several instances, measured and always released."""
+    """FLUSH TABLES WITH READ LOCK on several instances, measured and always released.
+
+    `session_timeout` (seconds, 0 = the server's defaults) is set as the lock connections'
+    `wait_timeout`/`net_read_timeout`/`net_write_timeout` before locking: a lock held for a
+    whole dump (cold) must die with a client that vanished without closing its socket; the
+    holder calls `keepalive()` more often than that to keep a live lock.
+    """
 
     def __init__(
         self,
@@ -155,6 +168,7 @@ class GlobalLock:
         retries: int,
         retry_sleep: float = 1.0,
         should_cancel=lambda: False,
+        session_timeout: int = 0,
     ):
         self.controls = controls  # instance name -> control connection
         self.endpoints = endpoints
@@ -162,9 +176,11 @@ class GlobalLock:
         self.retries = max(0, int(retries))
         self.retry_sleep = retry_sleep
         self.should_cancel = should_cancel
+        self.session_timeout = max(0, int(session_timeout))
         self.locked: list[str] = []
         self.first_acquired: float | None = None
         self.released_at: float | None = None
+        self._release_guard = threading.Lock()
 
     def acquire(self) -> None:
         attempt = 0
@@ -186,10 +202,17 @@ class GlobalLock:
 
     def _try_once(self) -> tuple[str, str] | None:
         self.first_acquired = None
+        self.released_at = None
         for name, conn in self.controls.items():
             try:
                 with conn.cursor() as cur:
                     cur.execute(f"SET SESSION lock_wait_timeout = {self.wait_timeout}")
+                    if self.session_timeout:
+                        t = self.session_timeout
+                        cur.execute(
+                            f"SET SESSION wait_timeout = {t}, net_read_timeout = {t},"
+                            f" net_write_timeout = {t}"
+                        )
                     cur.execute("FLUSH TABLES WITH READ LOCK")
             except pymysql.err.MySQLError as exc:
                 code = exc.args[0] if exc.args else None
@@ -211,14 +234,46 @@ class GlobalLock:
         return None
 
     def release(self) -> None:
+        """UNLOCK TABLES everywhere (idempotent; safe from the thread that took the lock)."""
+        with self._release_guard:
+            if not self.locked and self.released_at is not None:
+                return
+            for name in list(self.locked):
+                try:
+                    with self.controls[name].cursor() as cur:
+                        cur.execute("UNLOCK TABLES")
+                except (pymysql.err.MySQLError, OSError, AttributeError):
+                    pass  # a dead connection has released its lock with it
+                self.locked.remove(name)
+            self.released_at = time.monotonic()
+
+    def keepalive(self) -> list[str]:
+        """Ping every locked connection; returns the instances whose lock was lost
+        (connection killed or dropped), which no longer count as locked."""
+        lost = []
         for name in list(self.locked):
             try:
-                with self.controls[name].cursor() as cur:
-                    cur.execute("UNLOCK TABLES")
-            except pymysql.err.MySQLError:
-                pass  # a dead connection has released its lock with it
-            self.locked.remove(name)
-        self.released_at = time.monotonic()
+                self.controls[name].ping(reconnect=False)
+            except (pymysql.err.MySQLError, OSError, AttributeError):
+                lost.append(name)
+                self.locked.remove(name)
+        return lost
+
+    def sessions(self) -> dict[str, int]:
+        """Instance name -> server thread id of the connection holding the lock there."""
+        ids = {}
+        for name in self.locked:
+            try:
+                ids[name] = int(self.controls[name].thread_id())
+            except (TypeError, ValueError, AttributeError):
+                pass
+        return ids
+
+    @property
+    def held_seconds(self) -> float:
+        if self.first_acquired is None:
+            return 0.0
+        return (self.released_at or time.monotonic()) - self.first_acquired
 
     @property
     def window_ms(self) -> float | None:
@@ -251,10 +306,17 @@ class ConsistentCut:
         self.consistent_at: datetime | None = None
         self.lock_window_ms: float | None = None
 
-    def take_locked(self, lock: GlobalLock, groups: list[SessionGroup]) -> None:
-        """One instant for every group: snapshots started while every instance is locked."""
+    def take_locked(
+        self, lock: GlobalLock, groups: list[SessionGroup], *, hold: bool = False
+    ) -> None:
+        """One instant for every group: snapshots started while every instance is locked.
+
+        The lock is released before returning, unless `hold` (cold): then the caller dumps
+        under it and calls `release(lock)`, and the lock window is the whole dump.
+        """
         lock.acquire()
         current = ""
+        taken = False
         try:
             for group in groups:
                 current = group.instance
@@ -265,13 +327,14 @@ class ConsistentCut:
                 current = group.instance
                 file, pos, mysql_gtid = master_status(self.controls[group.instance])
                 group.coordinates = Coordinates(file, pos, mysql_gtid, self.consistent_at)
+            taken = True
         except pymysql.err.MySQLError as exc:
             raise EngineError(f"starting the consistent snapshot failed: {exc.args[-1]}") from exc
         except ODD_ANSWER as exc:
             raise OddAnswer(current, "taking the consistent snapshot") from exc
         finally:
-            lock.release()
-            self.lock_window_ms = lock.window_ms
+            if not (hold and taken):
+                self.release(lock)
         for group in groups:
             c = group.coordinates
             try:
@@ -280,6 +343,11 @@ class ConsistentCut:
                 raise OddAnswer(group.instance, "reading the snapshot's GTID position") from exc
             for shard in group.shards:
                 self.coordinates[shard.name] = c
+
+    def release(self, lock: GlobalLock) -> None:
+        """Release the cut's global lock (if still held) and record the lock window."""
+        lock.release()
+        self.lock_window_ms = lock.window_ms
 
     def take_lockfree(self, groups: list[SessionGroup]) -> None:
         """One snapshot per group (its first connection), each at its own instant."""
@@ -310,3 +378,29 @@ class ConsistentCut:
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
+
+
+def lock_session_kill(endpoint: Endpoint, thread_id: int) -> bool:
+    """KILL the connection `thread_id` holding a global read lock (a cancel's backstop).
+
+    Kills only a live connection of `endpoint`'s user, so a stale id never hits another
+    client's session. True when it was killed.
+    """
+    conn = connect(endpoint, connect_timeout=3, read_timeout=5, write_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT USER FROM information_schema.PROCESSLIST WHERE ID = %s", (int(thread_id),)
+            )
+            row = cur.fetchone()
+            if not row or row[0] != endpoint.user:
+                return False
+            try:
+                cur.execute(f"KILL CONNECTION {int(thread_id)}")
+            except pymysql.err.MySQLError as exc:
+                if exc.args and exc.args[0] == 1094:  # ER_NO_SUCH_THREAD: it ended meanwhile
+                    return False
+                raise
+        return True
+    finally:
+        conn.close()

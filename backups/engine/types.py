@@ -41,7 +41,7 @@ class BackupSpec:
     set_id: int
     set_prefix: str  # "<cluster>/<set-id>", relative to the storage prefix
     shards: list[ShardSpec]
-    consistency: str = "locked"  # or "lockfree"
+    consistency: str = "locked"  # or "lockfree", or "cold" (lock held for the whole dump)
     compression_level: int = 1
     data_key: bytes | None = None  # None: no encryption
     key_id: str = ""
@@ -73,6 +73,9 @@ class ProgressEvent:
     chunk: dict[str, Any] | None = None  # a finished chunk's manifest entry, when one is stored
     # The instance a "throttle" event is about; its message is the pause line, "" on resume.
     instance: str = ""
+    # "lock" events of a cold dump: instance -> thread id of the connection holding the
+    # global read lock there ({} once released); None on every other event.
+    lock_sessions: dict[str, int] | None = None
 
 
 ProgressFn = Callable[[ProgressEvent], None]
@@ -129,6 +132,7 @@ class BackupResult:
     stored_bytes: int = 0
     error: str = ""
     excluded: list[str] = field(default_factory=list)  # "database.table" the policy kept out
+    notes: list[str] = field(default_factory=list)  # e.g. non-InnoDB tables a cold set copied
 
 
 @dataclass(frozen=True)

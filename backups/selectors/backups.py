@@ -56,6 +56,7 @@ def backup_set_json(backup_set: BackupSet) -> dict:
         "kind": backup_set.kind,
         "consistency": backup_set.consistency,
         "method": backup_set.method,
+        "method_label": backup_set.method_label,
         "status": backup_set.status,
         "rows": backup_set.rows,
         "raw_bytes": backup_set.raw_bytes,
@@ -82,6 +83,17 @@ def set_triggered_by(backup_set: BackupSet) -> str | None:
         return "scheduler"
     user = backup_set.triggered_by
     return user.get_username() if user is not None else None
+
+
+def set_non_innodb_tables(shard_backups) -> list[TableBackup]:
+    """The non-InnoDB tables a (cold) set copied, from its prefetched shard parts: the note
+    its page shows in place of the refusal hot and warm sets give."""
+    return [
+        t
+        for sb in shard_backups
+        for t in sb.tables.all()
+        if t.engine and t.engine.lower() != "innodb"
+    ]
 
 
 def backup_set_show_json(backup_set: BackupSet) -> dict:

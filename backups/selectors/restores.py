@@ -101,9 +101,11 @@ def restore_request_as_dict(*, request: RestoreRequest) -> dict:
             k: request.plan.get(k)
             for k in ("objects", "rows", "bytes", "estimate", "target_databases")
             + (FLASHBACK_PLAN_KEYS if request.flashback else ())
+            + (("datadir", "steps", "estimate_seconds") if request.datadir else ())
         }
         if request.plan
         else {},
+        "datadir": request.datadir or None,
         "run": (
             {
                 "id": run.pk,

@@ -35,15 +35,17 @@ def backup_connection_slots(*, backup_set: BackupSet, shard_backups) -> Connecti
     """Slots for every instance of the set (None when this process has no Redis).
 
     The engine holds one control connection per instance plus its dump connections:
-    locked mode N per instance (so at least 2 in all), lockfree one per shard; and, when
-    the policy sets max_threads_running, the throttle's poll connection per instance.
+    locked and cold modes N per instance (so at least 2 in all), lockfree one per shard;
+    and, when the policy sets max_threads_running, the throttle's poll connection per
+    instance (never for cold sets, which are not throttled).
     """
     try:
         redis = queue.redis_connection(queue.BACKUPS)
     except Exception:  # noqa: BLE001
         return None
     policy = BackupPolicy.objects.filter(cluster_id=backup_set.cluster_id).first()
-    poll = 1 if policy and policy.max_threads_running else 0
+    cold = backup_set.consistency == BackupSet.Consistency.COLD
+    poll = 1 if policy and policy.max_threads_running and not cold else 0
     caps: dict[str, int] = {}
     shard_counts: dict[str, int] = {}
     for sb in shard_backups:
@@ -53,7 +55,7 @@ def backup_connection_slots(*, backup_set: BackupSet, shard_backups) -> Connecti
         shard_counts[address] = shard_counts.get(address, 0) + 1
     needs = {}
     for address, cap in caps.items():
-        if backup_set.consistency == BackupSet.Consistency.LOCKED:
+        if backup_set.consistency in (BackupSet.Consistency.LOCKED, BackupSet.Consistency.COLD):
             needs[address] = SlotNeed(cap=cap, minimum=2 + poll, wanted=cap)
         else:
             exact = shard_counts[address] + 1 + poll
@@ -104,7 +106,8 @@ def backup_spec_build(*, backup_set: BackupSet, shard_backups, slots) -> BackupS
     policy = BackupPolicy.objects.filter(cluster_id=backup_set.cluster_id).first()
     # Dump connections per instance in locked mode: the slots granted minus the control one
     # (and minus the throttle's poll connection when the policy throttles).
-    reserved = 1 + (1 if policy and policy.max_threads_running else 0)
+    throttled = policy and policy.max_threads_running and backup_set.consistency != "cold"
+    reserved = 1 + (1 if throttled else 0)
     connections = min(i.max_connections for i in instances.values()) - reserved
     if slots is not None and slots.granted:
         connections = min(slots.granted.values()) - reserved

@@ -32,9 +32,11 @@ from backups.services.backup_spec import (
     backup_connection_slots,
     backup_spec_build,
 )
+from backups.services.cold_locks import cold_lock_kill, cold_lock_sessions_record
 from backups.services.connection_slots import SlotsUnavailable
 from backups.services.errors import BackupError, BackupRefused
 from backups.services.incrementals import incremental_execute, incremental_start
+from backups.services.physical import physical_backup_run, physical_part_worker_record
 from backups.services.progress import JobTracker, ProgressSnapshot, worker_name
 from backups.services.sets import (
     HOUSEKEEPING_ACTOR,
@@ -68,6 +70,7 @@ def backup_start(
     actor,
     kind: str = "full",
     consistency: str = "locked",
+    method: str = "logical",
     compression_level: int | None = None,
     encrypt: bool | None = None,
     enqueue: bool = True,
@@ -78,6 +81,7 @@ def backup_start(
     When the cluster already has a pending or running set, records this request as a
     `failed` set saying so and raises BackupRefused carrying it. `actor` is a User or a
     system name such as "cli". Compression and encryption default to the cluster's policy.
+    `consistency` is locked (warm), lockfree (hot) or cold; `method` logical or physical.
     """
     backup_authorise(actor)
     if kind == BackupSet.Kind.INCREMENTAL:
@@ -85,7 +89,15 @@ def backup_start(
     if kind != BackupSet.Kind.FULL:
         raise BackupError(f"unknown backup kind '{kind}': choose full or incremental")
     if consistency not in BackupSet.Consistency.values:
-        raise BackupError(f"unknown consistency '{consistency}': choose locked or lockfree")
+        raise BackupError(f"unknown consistency '{consistency}': choose locked, lockfree or cold")
+    if method not in BackupSet.Method.values:
+        raise BackupError(f"unknown method '{method}': choose logical or physical")
+    if method == BackupSet.Method.PHYSICAL and consistency == BackupSet.Consistency.COLD:
+        raise BackupError(
+            "cold applies to logical backups (the global read lock held for the whole dump); "
+            "a physical backup takes only mariabackup's brief lock: choose --consistency "
+            "locked or lockfree with --method physical"
+        )
     policy = BackupPolicy.objects.filter(cluster=cluster).first()
     if compression_level is None:
         compression_level = (
@@ -114,11 +126,13 @@ def backup_start(
             shard_fields=lambda shard: {"rows_estimate": estimates.get(shard.pk, 0)},
             details={
                 "consistency": consistency,
+                "method": method,
                 "compression_level": int(compression_level),
                 "encrypted": bool(encrypt),
             },
             kind=BackupSet.Kind.FULL,
             consistency=consistency,
+            method=method,
             compression_level=int(compression_level),
             encrypted=bool(encrypt),
             rows_estimate=sum(estimates.values()),
@@ -144,6 +158,8 @@ def _table_estimates(shards) -> dict[int, int]:
 def backup_cancel(*, backup_set: BackupSet, actor) -> BackupSet:
     """Cancel a set: pending becomes `cancelled` at once (and its queued job is dropped);
     running gets `cancel_requested`, and its job stops within seconds and marks it `cancelled`.
+    A running cold set's global read lock is released as the cancel commits (its lock
+    connections are killed), not when the worker notices.
     Refuses sets that already ended, and users without operator/admin."""
     backup_authorise(actor)
     with transaction.atomic():
@@ -168,6 +184,8 @@ def backup_cancel(*, backup_set: BackupSet, actor) -> BackupSet:
                 locked.progress_text = "cancelling…"
                 locked.save(update_fields=["cancel_requested", "progress_text"])
                 audit_record(actor=actor, action="backup.cancel_request", obj=locked, details={})
+                if locked.consistency == BackupSet.Consistency.COLD:
+                    transaction.on_commit(lambda: cold_lock_kill(backup_set=locked))
         else:
             raise BackupError(f"set {locked.pk} already ended ({locked.status})")
     return locked
@@ -247,6 +265,9 @@ def backup_execute(*, backup_set: BackupSet, runner_job_id: str = "") -> BackupS
         log.exception("backup set %s failed unexpectedly", backup_set.pk)
         backup_set_finish_failed(backup_set, f"internal error: {exc.__class__.__name__}: {exc}")
         raise
+    if not result.ok and BackupSet.objects.filter(pk=backup_set.pk, cancel_requested=True).exists():
+        # A cancelled cold set may fail on its killed lock connection before it sees the cancel.
+        return backup_set_finish_cancelled(backup_set)
     if not result.ok:
         shard_errors = {s.name: s.error for s in result.shards if s.error}
         message = result.error or "; ".join(f"{k}: {v}" for k, v in shard_errors.items())
@@ -304,7 +325,34 @@ def _execute_engine(backup_set: BackupSet, state: dict):
         raise _Outcome(exc.message, shard_errors=exc.shard_errors) from None
     except EngineError as exc:  # the master key cannot open the set's key or sign its manifest
         raise _Outcome(f"backup could not start: {exc}") from None
+    if backup_set.method == BackupSet.Method.PHYSICAL:
+        return _run_physical(spec, shard_backups, storage, tracker)
     return _run_engine(spec, storage, tracker)
+
+
+def _run_physical(spec, shard_backups, storage, tracker: JobTracker):
+    """The physical branch: mariabackup per instance (backups/services/physical.py)."""
+    datadirs = {sb.shard.instance.name: sb.shard.instance.datadir for sb in shard_backups}
+    agents = {sb.shard.instance.name: sb.shard.instance.agent_queue for sb in shard_backups}
+    tracker.say("copying data files with mariabackup", flush=False)
+    try:
+        return physical_backup_run(
+            spec=spec,
+            datadirs=datadirs,
+            storage=storage,
+            progress=tracker.progress,
+            should_cancel=tracker.should_cancel,
+            agent_queues=agents,
+            on_part=lambda instance, worker: physical_part_worker_record(
+                set_id=spec.set_id, instance=instance, worker=worker
+            ),
+        )
+    except PreflightRefused as exc:
+        raise _Outcome(exc.message, shard_errors=exc.shard_errors) from None
+    except Cancelled:
+        raise _Outcome(cancelled=True) from None
+    except EngineError as exc:
+        raise _Outcome(str(exc)) from None
 
 
 class _PartRows:
@@ -369,7 +417,10 @@ class _Outcome(Exception):
 def _run_engine(spec, storage, tracker: JobTracker):
     try:
         return dump_cluster(
-            spec, storage, progress=tracker.progress, should_cancel=tracker.should_cancel
+            spec,
+            storage,
+            progress=_LockSessions(spec.set_id, tracker),
+            should_cancel=tracker.should_cancel,
         )
     except Cancelled:
         raise _Outcome(cancelled=True) from None
@@ -379,6 +430,22 @@ def _run_engine(spec, storage, tracker: JobTracker):
         if tracker.should_cancel():
             raise _Outcome(cancelled=True) from None
         raise
+
+
+class _LockSessions:
+    """The engine's progress sink: events go to the tracker; the connections holding a cold
+    set's global read lock go onto the set at once (for `backup_cancel` to kill)."""
+
+    def __init__(self, set_id: int, tracker: JobTracker) -> None:
+        self.set_id = set_id
+        self.tracker = tracker
+        self.recorded: dict[str, int] | None = None
+
+    def __call__(self, event) -> None:
+        if event.lock_sessions is not None and event.lock_sessions != self.recorded:
+            cold_lock_sessions_record(set_id=self.set_id, sessions=event.lock_sessions)
+            self.recorded = dict(event.lock_sessions)
+        self.tracker.progress(event)
 
 
 # ---------------------------------------------------------------------------- crashed workers

@@ -25,8 +25,12 @@ from backups.services.storage_targets import set_read_storage
 from shards.models import Cluster
 
 
-def pitr_resolve(*, cluster: Cluster, at: datetime) -> tuple[BackupSet, list[BackupSet]]:
-    """The newest succeeded full set at or before `at` and the unbroken incrementals up to `at`.
+def pitr_resolve(
+    *, cluster: Cluster, at: datetime, method: str = BackupSet.Method.LOGICAL
+) -> tuple[BackupSet, list[BackupSet]]:
+    """The newest succeeded full set of `method` at or before `at` and the unbroken
+    incrementals up to `at`. Logical restores load tables from chunks, so they start from
+    logical sets only (a physical set is rebuilt with `rebuild:INSTANCE` instead).
 
     ChainError when no full set precedes `at` or the chain does not reach it (the
     message names the newest recoverable point).
@@ -38,6 +42,7 @@ def pitr_resolve(*, cluster: Cluster, at: datetime) -> tuple[BackupSet, list[Bac
         BackupSet.objects.filter(
             cluster=cluster,
             kind=BackupSet.Kind.FULL,
+            method=method,
             status=BackupSet.Status.SUCCEEDED,
             consistent_at__lte=at,
         )
@@ -47,6 +52,7 @@ def pitr_resolve(*, cluster: Cluster, at: datetime) -> tuple[BackupSet, list[Bac
     if full is None:
         raise ChainError(
             f"no succeeded full backup of {cluster.name} at or before {at.isoformat()}"
+            + ("" if method == BackupSet.Method.LOGICAL else f" (method {method})")
         )
     if full.consistent_at >= at:
         return full, []

@@ -89,6 +89,8 @@ class JobTracker:
         self._text = ""
         # instance -> its pause line while a max_threads_running gate holds work back there.
         self._pauses: dict[str, str] = {}
+        # "global read lock held for 12 s on 3 instances" while a cold dump holds it.
+        self._lock_line = ""
         self._shards: dict[str, list[int]] = {}
         self._tables: dict[tuple[str, str], list[int]] = {}
         self._changed_shards: set[str] = set()
@@ -106,9 +108,14 @@ class JobTracker:
         """Take one engine progress event (increments, and a stage or message).
 
         A "throttle" event sets (or, with an empty message, clears) its instance's pause
-        line, which leads the progress text for as long as the pause lasts.
+        line, which leads the progress text for as long as the pause lasts. A "lock" event
+        (a cold dump's global read lock) does the same with the lock line.
         """
         with self._lock:
+            if event.stage == "lock":
+                self._lock_line = event.message
+                self._dirty = True
+                return
             if event.stage == "throttle":
                 if event.message:
                     self._pauses[event.instance] = event.message
@@ -181,7 +188,9 @@ class JobTracker:
             snapshot = ProgressSnapshot(
                 rows=self._rows,
                 bytes=self._bytes,
-                text="; ".join(p for p in (*self._pauses.values(), self._text) if p)[:300],
+                text="; ".join(
+                    p for p in (self._lock_line, *self._pauses.values(), self._text) if p
+                )[:300],
                 shards={k: list(v) for k, v in self._shards.items()},
                 tables={k: list(v) for k, v in self._tables.items()},
                 changed_shards=self._changed_shards,

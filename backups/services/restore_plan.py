@@ -202,6 +202,11 @@ def _target_record(instance: Instance, identity: str) -> dict:
     }
 
 
+def restore_plan_target_record(instance: Instance, *, identity: str) -> dict:
+    """One covered target as the plan records it (host, port, user and server identity)."""
+    return _target_record(instance, identity)
+
+
 def restore_plan_target_records(instances) -> list[dict]:
     """What an approval covers for these target instances: host, port, user and the identity
     each server reports now (RestoreError when one cannot be reached)."""

@@ -19,6 +19,7 @@ from backups.models import Approval, BackupSet, RestoreRequest
 from backups.services.alerts import notify_decision, notify_request_filed
 from backups.services.errors import ChainError, RestoreDenied, RestoreError
 from backups.services.pitr import pitr_resolve, pitr_resolve_gtid, pitr_resolve_positions
+from backups.services.rebuild_plan import rebuild_plan_build, rebuild_source_resolve
 from backups.services.restore_plan import restore_plan_build
 from backups.status import RequestState, SetStatus
 from console.audit import audit_record
@@ -35,6 +36,16 @@ def parse_target(*, cluster: Cluster, target: str) -> tuple[str, Instance | None
     target = (target or "").strip()
     if target in (Target.SIDE, Target.INPLACE):
         return target, None
+    if target.startswith("rebuild:"):
+        name = target.split(":", 1)[1].strip()
+        instance = Instance.objects.filter(cluster=cluster, name=name).first() if name else None
+        if instance is None:
+            raise RestoreError(
+                f"rebuild:{name} names no instance of cluster {cluster.name}"
+                if name
+                else "the target rebuild:INSTANCE needs an instance name"
+            )
+        return Target.REBUILD, instance
     if target.startswith("instance:"):
         name = target.split(":", 1)[1].strip()
         if not name:
@@ -47,11 +58,13 @@ def parse_target(*, cluster: Cluster, target: str) -> tuple[str, Instance | None
         if instance is None:
             raise RestoreError(f"no registered instance named {name!r}")
         return Target.INSTANCE, instance
-    raise RestoreError(f"unknown target {target!r}: use side, inplace or instance:NAME")
+    raise RestoreError(
+        f"unknown target {target!r}: use side, inplace, instance:NAME or rebuild:INSTANCE"
+    )
 
 
 def _required_approvals(cluster: Cluster, kind: str) -> int:
-    if kind == Target.INPLACE:
+    if kind in (Target.INPLACE, Target.REBUILD):
         return max(2, cluster.approvals_required_inplace or 2)
     return max(1, cluster.approvals_required_side or 1)
 
@@ -72,6 +85,11 @@ def restore_source_resolve(*, cluster: Cluster, source_set: BackupSet | None, at
         if source_set.kind != BackupSet.Kind.FULL:
             raise RestoreError(
                 f"backup set {source_set.pk} is an incremental; restore it with --at instead"
+            )
+        if source_set.method == BackupSet.Method.PHYSICAL:
+            raise RestoreError(
+                f"backup set {source_set.pk} is a physical copy of whole instances; restore it "
+                "with --target rebuild:INSTANCE --datadir PATH"
             )
         return source_set
     if timezone.is_naive(at):
@@ -132,6 +150,7 @@ def restore_request_file(
     reason: str,
     before_gtid: str = "",
     until=(),
+    datadir: str = "",
 ) -> RestoreRequest:
     """File a request (operators, admins). Refuses bad scope, conflicts and unreadable sets.
 
@@ -140,7 +159,9 @@ def restore_request_file(
     instance in scope); a GTID or position no stored incremental covers is refused,
     naming what is covered. The plan (objects, rows, bytes, targets, storage check,
     stop point per shard, estimate) is computed in the same transaction, after the row
-    exists, because side databases are named by its id.
+    exists, because side databases are named by its id. `rebuild:INSTANCE` takes a
+    physical set (and optionally `at` as well) and `datadir`, the empty data directory to
+    rebuild into; it needs two approvals like `inplace`.
     """
     if not has_role(requester, OPERATOR):
         raise RestoreDenied(f"{requester.get_username()} may not request restores (operators only)")
@@ -150,12 +171,23 @@ def restore_request_file(
     kind, instance = parse_target(cluster=cluster, target=target)
     before_gtid = (before_gtid or "").strip()
     until = [u.strip() for u in until or () if u and u.strip()]
-    if before_gtid or until:
+    datadir = (datadir or "").strip()
+    stop_positions = []
+    if kind == Target.REBUILD:
+        if not datadir:
+            raise RestoreError("a rebuild needs --datadir PATH: the empty data directory to fill")
+        if before_gtid or until:
+            raise RestoreError("a rebuild rolls forward to --at only, not --before-gtid or --until")
+        full_set = rebuild_source_resolve(cluster=cluster, source_set=source_set, at=at)
+    elif before_gtid or until:
+        if datadir:
+            raise RestoreError("--datadir is only for --target rebuild:INSTANCE")
         full_set, at, stop_positions = restore_stop_resolve(
             cluster=cluster, source_set=source_set, at=at, before_gtid=before_gtid, until=until
         )
     else:
-        stop_positions = []
+        if datadir:
+            raise RestoreError("--datadir is only for --target rebuild:INSTANCE")
         full_set = restore_source_resolve(cluster=cluster, source_set=source_set, at=at)
     shards = [s.strip() for s in shards if s and s.strip()]
     tables = [t.strip() for t in tables if t and t.strip()]
@@ -171,23 +203,35 @@ def restore_request_file(
             scope={"shards": shards, "tables": tables},
             target_kind=kind,
             target_instance=instance,
+            datadir=datadir,
             reason=reason,
             requested_by=requester,
             approvals_required=_required_approvals(cluster, kind),
             expires_at=now + timedelta(hours=settings.RESTORE_REQUEST_TTL_HOURS),
         )
-        plan = restore_plan_build(
-            cluster=cluster,
-            source_set=full_set,
-            at=at,
-            shards=shards,
-            tables=tables,
-            target_kind=kind,
-            target_instance=instance,
-            request_id=request.pk,
-            before_gtid=before_gtid,
-            stop_positions=stop_positions,
-        )
+        if kind == Target.REBUILD:
+            plan = rebuild_plan_build(
+                cluster=cluster,
+                source_set=full_set,
+                instance=instance,
+                datadir=datadir,
+                at=at,
+                shards=shards,
+                tables=tables,
+            )
+        else:
+            plan = restore_plan_build(
+                cluster=cluster,
+                source_set=full_set,
+                at=at,
+                shards=shards,
+                tables=tables,
+                target_kind=kind,
+                target_instance=instance,
+                request_id=request.pk,
+                before_gtid=before_gtid,
+                stop_positions=stop_positions,
+            )
         RestoreRequest.objects.filter(pk=request.pk).update(plan=plan)
         request.plan = plan
         audit_record(
@@ -202,6 +246,7 @@ def restore_request_file(
                 "until": until or None,
                 "scope": request.scope,
                 "target": request.target_label,
+                "datadir": datadir,
                 "reason": reason,
                 "approvals_required": request.approvals_required,
             },

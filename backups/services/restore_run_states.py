@@ -112,21 +112,40 @@ def restore_job_id(run_id: int) -> str:
     return f"restore-{run_id}"
 
 
+def restore_run_queue(run_id: int) -> str:
+    """The queue a run's job goes to: `restores`, except a rebuild of an instance that names
+    an agent queue, which runs on that host's agent (it writes the instance's datadir)."""
+    request = (
+        RestoreRequest.objects.filter(runs__pk=run_id)
+        .values("target_kind", "target_instance__agent_queue")
+        .first()
+    )
+    if (
+        request
+        and request["target_kind"] == RestoreRequest.Target.REBUILD
+        and request["target_instance__agent_queue"]
+    ):
+        return request["target_instance__agent_queue"]
+    return queue.RESTORES
+
+
 def restore_run_enqueue(*, run_id: int) -> str | None:
-    """Queue the run's job (`restore-<run id>` on `restores`) unless it is already waiting.
+    """Queue the run's job (`restore-<run id>` on `restores`, or a rebuild's host agent
+    queue) unless it is already waiting.
 
     A job RQ still counts as started, deferred or scheduled is cancelled first: the run is
     only (re-)enqueued once its worker stopped beating, so that job's worker is gone.
     """
     job_id = restore_job_id(run_id)
-    status = queue.job_status(job_id, queue=queue.RESTORES)
+    run_queue = restore_run_queue(run_id)
+    status = queue.job_status(job_id, queue=run_queue)
     if status == "queued":
         return None
     queue.periodic_ensure_scheduled()  # the reaper that resumes this run if its worker dies
     if status in queue.LIVE_STATUSES:
-        queue.cancel(job_id, queue=queue.RESTORES)
+        queue.cancel(job_id, queue=run_queue)
     queued = queue.enqueue(
-        RUN_JOB, run_id, queue=queue.RESTORES, job_id=job_id, timeout=RUN_JOB_TIMEOUT_SECONDS
+        RUN_JOB, run_id, queue=run_queue, job_id=job_id, timeout=RUN_JOB_TIMEOUT_SECONDS
     )
     if queued is None:
         # The stale job could not be cancelled: say so, the reaper retries on its next run.
@@ -138,7 +157,7 @@ def restore_run_enqueue(*, run_id: int) -> str | None:
 
 def restore_run_dequeue(*, run_id: int) -> bool:
     """Take a run's job off the queue if no worker has picked it up (to run it in-process)."""
-    return queue.dequeue_if_waiting(restore_job_id(run_id), queue=queue.RESTORES)
+    return queue.dequeue_if_waiting(restore_job_id(run_id), queue=restore_run_queue(run_id))
 
 
 def _enqueue_or_explain(run_id: int) -> None:

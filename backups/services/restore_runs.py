@@ -47,6 +47,7 @@ from backups.services.flashback import flashback_run_execute
 from backups.services.live_progress import RunShardProgress, progress_for_shard
 from backups.services.pitr import pitr_apply, shard_stop
 from backups.services.progress import JobTracker
+from backups.services.rebuild import rebuild_execute
 from backups.services.restore_plan import (
     manifest_shards,
     manifest_tables,
@@ -527,6 +528,8 @@ def restore_run_execute(*, run: RestoreRun) -> RestoreRun:
     try:
         if request.is_flashback:
             return flashback_run_execute(run=run, request=request, tracker=tracker)
+        if request.target_kind == Target.REBUILD:
+            return rebuild_execute(run=run, request=request, tracker=tracker)
         return _execute(run, request, request.plan, tracker, resume=resume)
     finally:
         tracker.stop()

@@ -46,14 +46,9 @@ TICK_JOB = "backups.jobs.schedules.schedule_tick_job"
 
 
 def physical_engine_available() -> bool:
-    """Whether this build can take physical (mariabackup) sets: not yet (DESIGN.md Methods)."""
-    return False
-
-
-def cold_engine_available() -> bool:
-    """Whether this build can take cold sets (the global read lock held for the whole dump):
-    not yet; the dump engine knows `locked` and `lockfree` only."""
-    return False
+    """Whether this build can take physical (mariabackup) sets: yes (services/physical.py);
+    a worker without mariabackup fails the set in its preflight, saying so."""
+    return True
 
 
 def unavailable_reason(policy: BackupPolicy) -> str:
@@ -62,11 +57,6 @@ def unavailable_reason(policy: BackupPolicy) -> str:
         return (
             "the policy asks for a physical full backup, but this ShardVault has no "
             "physical (mariabackup) engine yet; set the policy's full_method to logical"
-        )
-    if policy.full_consistency == BackupSet.Consistency.COLD and not cold_engine_available():
-        return (
-            "the policy asks for a cold full backup, but this ShardVault cannot take cold "
-            "backups yet; set the policy's full_consistency to locked or lockfree"
         )
     return ""
 
@@ -203,6 +193,7 @@ def _start(cluster: Cluster, policy: BackupPolicy, kind: str) -> BackupSet:
             actor=SCHEDULER_ACTOR,
             kind=BackupSet.Kind.FULL,
             consistency=policy.full_consistency,
+            method=policy.full_method,
         )
     except BackupRefused as exc:
         return exc.backup_set

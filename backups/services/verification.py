@@ -22,6 +22,7 @@ from backups.models import BackupPolicy, BackupSet, SetCopy, VerificationRun
 from backups.selectors.verification import drills_due
 from backups.services.alerts import alert_quality_dropped
 from backups.services.errors import VerificationError
+from backups.services.physical_drill import NO_CHECKSUMS_NOTE, physical_drill
 from backups.services.pitr import chain_apply
 from backups.services.progress import JobTracker
 from backups.services.sets import (
@@ -337,7 +338,25 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
             problems = list(check.problems)
             a = check.a
             rto = None
-            if run.drill and check.manifest is not None:
+            if (
+                run.drill
+                and check.manifest is not None
+                and full_set.method == BackupSet.Method.PHYSICAL
+            ):
+                drilled = physical_drill(
+                    doc=check.manifest,
+                    storage=storages[full_set.pk],
+                    data_key=set_data_key(full_set),
+                    chain=chain,
+                    until=backup_set.consistent_at if chain else None,
+                    progress=tracker.say,
+                )
+                problems.extend(drilled.problems)
+                t, d, rto = drilled.t, drilled.d, drilled.rto_seconds
+                drill_name = "throwaway mariadbd"
+                details["physical"] = {"tables": drilled.tables[:200], "rows": drilled.rows}
+                warnings.append(NO_CHECKSUMS_NOTE)
+            elif run.drill and check.manifest is not None:
                 targets, drill_name, warning = _drill_targets(full_set, check.manifest)
                 roll_forward = None
                 if chain:

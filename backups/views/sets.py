@@ -9,13 +9,14 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseStopPolling
 
-from backups.forms import BackupFilterForm, BackupStartForm
+from backups.forms import COLD_WARNING, BackupFilterForm, BackupStartForm
 from backups.models import BackupSet
 from backups.selectors.backups import (
     backup_set_detail,
     backup_set_list,
     long_snapshot_shards,
     progress_of,
+    set_non_innodb_tables,
 )
 from backups.selectors.copies import set_copies, set_target_quality
 from backups.selectors.incrementals import RecoveryPoint, cluster_chains, recoverable_window
@@ -51,6 +52,7 @@ def set_list(request):
         "sets": sets,
         "filters": filters,
         "start_form": BackupStartForm(initial=initial) if can_run else None,
+        "cold_warning": COLD_WARNING,
         "can_run": can_run,
     }
     if criteria.get("cluster"):
@@ -75,6 +77,7 @@ def set_start(request):
             actor=request.user,
             kind=data["kind"],
             consistency=data["consistency"],
+            method=data["method"],
             compression_level=data["compression_level"],
             encrypt=data["encrypt"],
         )
@@ -113,6 +116,7 @@ def set_detail(request, pk: int):
         "copies": set_copies(backup_set),
         "target_quality": set_target_quality(backup_set),
         "shard_rows": set_shard_rows(backup_set),
+        "non_innodb": set_non_innodb_tables(shard_backups),
     }
     return render(request, "backups/set_detail.html", context)
 

@@ -142,6 +142,9 @@ def discovery_run(
             progress=progress,
             unavailable=unavailable,
             exclude_tables=_policy_exclusions(cluster),
+            cold=_policy_takes_cold(cluster),
+            physical=_physical_instances(cluster, instances),
+            physical_required=_policy_takes_physical(cluster),
         )
     except Exception as exc:
         with transaction.atomic():
@@ -157,10 +160,29 @@ def discovery_run(
     return run
 
 
+def _policy_takes_physical(cluster: Cluster) -> bool:
+    policy = BackupPolicy.objects.filter(cluster=cluster).first()
+    return bool(policy and policy.full_method == "physical")
+
+
+def _physical_instances(cluster: Cluster, instances) -> dict[str, tuple[str, str]]:
+    """Instances to check for physical backups: every one when the policy takes physical
+    fulls, else those that name a datadir or an agent queue."""
+    every = _policy_takes_physical(cluster)
+    return {
+        i.name: (i.datadir, i.agent_queue) for i in instances if every or i.datadir or i.agent_queue
+    }
+
+
 def _policy_exclusions(cluster: Cluster) -> list[str]:
     """The cluster policy's exclude_tables globs (preflight does not refuse those tables)."""
     policy = BackupPolicy.objects.filter(cluster=cluster).first()
     return list(policy.exclude_tables or []) if policy else []
+
+
+def _policy_takes_cold(cluster: Cluster) -> bool:
+    """Whether the policy's scheduled fulls are cold (they may copy non-InnoDB tables)."""
+    return BackupPolicy.objects.filter(cluster=cluster, full_consistency="cold").exists()
 
 
 def _discovery_store(*, actor, cluster, run, result, instances, shards) -> None:

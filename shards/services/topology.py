@@ -179,6 +179,8 @@ def instance_create(
     tls_ca: str = "",
     tls_verify: bool = False,
     max_connections: int = 4,
+    datadir: str = "",
+    agent_queue: str = "",
 ) -> Instance:
     """Register a server of the cluster; the password is stored encrypted, never shown again."""
     topology_authorise(actor, "add instances")
@@ -190,6 +192,8 @@ def instance_create(
         tls_ca=tls_ca,
         tls_verify=tls_verify,
         max_connections=max_connections,
+        datadir=datadir,
+        agent_queue=agent_queue,
     )
     if not values["host"]:
         raise TopologyError("the host must not be empty", field="host")
@@ -232,6 +236,8 @@ def instance_update(
     tls_ca: str = "",
     tls_verify: bool = False,
     max_connections: int = 4,
+    datadir: str = "",
+    agent_queue: str = "",
 ) -> Instance:
     """Change an instance; `password=None` (or blank from a form) keeps the stored one."""
     topology_authorise(actor, "change instances")
@@ -242,6 +248,8 @@ def instance_update(
         tls_ca=tls_ca,
         tls_verify=tls_verify,
         max_connections=max_connections,
+        datadir=datadir,
+        agent_queue=agent_queue,
     )
     with transaction.atomic():
         instance = Instance.objects.select_for_update().get(pk=instance.pk)
@@ -256,7 +264,15 @@ def instance_update(
 
 
 def _instance_fields(
-    *, host: str, port, user: str, tls_ca: str, tls_verify: bool, max_connections: int
+    *,
+    host: str,
+    port,
+    user: str,
+    tls_ca: str,
+    tls_verify: bool,
+    max_connections: int,
+    datadir: str = "",
+    agent_queue: str = "",
 ) -> dict:
     """An instance's connection fields as stored: host and user stripped, the port checked."""
     port = _valid_port(port)
@@ -267,6 +283,8 @@ def _instance_fields(
         "tls_ca": tls_ca,
         "tls_verify": tls_verify,
         "max_connections": max_connections,
+        "datadir": (datadir or "").strip(),
+        "agent_queue": (agent_queue or "").strip(),
     }
     instance_connection_fields_check(values)
     return values

@@ -96,6 +96,8 @@ def _import_cluster(actor, spec: ClusterSpec, summary: ImportSummary) -> None:
             "tls_ca": ispec.tls_ca,
             "tls_verify": ispec.tls_verify,
             "max_connections": ispec.max_connections,
+            "datadir": ispec.datadir,
+            "agent_queue": ispec.agent_queue,
         }
         try:
             instance_connection_fields_check(values)

@@ -100,23 +100,37 @@ def test_the_same_tick_fired_twice_starts_one_set(cluster):
     assert len(sets_of(cluster)) == 1
 
 
-def test_a_physical_full_is_recorded_failed_saying_no_physical_engine_exists(cluster):
+def test_a_scheduled_physical_full_runs_mariabackup(cluster, mariadb_servers, run_jobs):
+    by_port = {s.endpoint.port: s for s in mariadb_servers}
+    for instance in cluster.instances.all():
+        instance.datadir = str(by_port[instance.port].datadir)
+        instance.save(update_fields=["datadir"])
     set_policy(cluster, full_cron="0 2 * * *", full_method="physical")
     tick = schedule_tick(cluster=cluster, kind="full", tick_at=TICK)
-    backup_set = tick.backup_set
+    assert tick.outcome == "started"
+    run_jobs("backups")
+    backup_set = BackupSet.objects.get(pk=tick.backup_set_id)
     assert (backup_set.status, backup_set.method, backup_set.trigger) == (
-        "failed",
+        "succeeded",
         "physical",
         "scheduler",
-    )
-    assert "physical" in backup_set.error and "full_method" in backup_set.error
+    ), (backup_set.method, backup_set.error)
+    assert all(sb.binlog_file for sb in backup_set.shard_backups.all())
 
 
-def test_a_cold_full_is_recorded_failed_saying_cold_backups_are_not_available(cluster):
+def test_a_scheduled_cold_full_runs_under_the_global_read_lock(cluster, run_jobs):
     set_policy(cluster, full_cron="0 2 * * *", full_consistency="cold")
-    backup_set = schedule_tick(cluster=cluster, kind="full", tick_at=TICK).backup_set
-    assert (backup_set.status, backup_set.consistency) == ("failed", "cold")
-    assert "cold" in backup_set.error and "full_consistency" in backup_set.error
+    tick = schedule_tick(cluster=cluster, kind="full", tick_at=TICK)
+    assert tick.outcome == "started"
+    run_jobs("backups")
+    backup_set = BackupSet.objects.get(pk=tick.backup_set_id)
+    assert (backup_set.status, backup_set.consistency, backup_set.trigger) == (
+        "succeeded",
+        "cold",
+        "scheduler",
+    ), backup_set.error
+    assert backup_set.lock_window_ms and backup_set.lock_window_ms > 0
+    assert backup_set.lock_sessions == {}  # released, and nothing left for a cancel to kill
 
 
 def test_an_incremental_due_with_a_full_leaves_that_minute_to_the_full(cluster, run_jobs):

@@ -1,8 +1,13 @@
-"""`manage.py backup CLUSTER [--kind full|incremental] [--consistency locked|lockfree] [--wait] [--json]`.
+"""`manage.py backup CLUSTER [--kind full|incremental] [--consistency locked|lockfree|cold]
+[--method logical|physical] [--wait] [--json]`.
 
 Prints the new set's id (or, with --json, one object: id, cluster, kind, consistency,
-status, rows, raw_bytes, stored_bytes, lock_window_ms, error). Exit 0 on success,
-1 with a one-line reason on stderr otherwise.
+method, method_label, status, rows, raw_bytes, stored_bytes, lock_window_ms, error). Exit 0
+on success, 1 with a one-line reason on stderr otherwise.
+
+Methods (DESIGN.md): lockfree = hot (no lock), locked = warm (a global read lock of a few
+ms), cold = the global read lock held on every instance for the whole dump (writes block;
+the one method that may include MyISAM and other non-InnoDB tables).
 
 The set runs on an RQ worker listening on `backups`. With --wait the command blocks
 until the set ends and exits 1 unless it succeeded; if no worker takes the job within
@@ -42,7 +47,14 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("cluster")
         parser.add_argument("--kind", choices=["full", "incremental"], default="full")
-        parser.add_argument("--consistency", choices=["locked", "lockfree"], default="locked")
+        parser.add_argument(
+            "--consistency",
+            choices=["locked", "lockfree", "cold"],
+            default="locked",
+            help="lockfree: hot, no lock; locked: warm, a global read lock of a few ms; "
+            "cold: writes blocked on every instance for the whole dump",
+        )
+        parser.add_argument("--method", choices=["logical", "physical"], default="logical")
         parser.add_argument("--compression-level", type=int, default=None)
         encrypt = parser.add_mutually_exclusive_group()
         encrypt.add_argument("--encrypt", dest="encrypt", action="store_true", default=None)
@@ -74,6 +86,7 @@ class Command(BaseCommand):
                 actor=actor,
                 kind=options["kind"],
                 consistency=options["consistency"],
+                method=options["method"],
                 compression_level=options["compression_level"],
                 encrypt=options["encrypt"],
             )

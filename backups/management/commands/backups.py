@@ -91,12 +91,12 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps({"sets": [backup_set_json(s) for s in sets]}))
             return
         self.stdout.write(
-            f"{'id':>6}  {'cluster':<16} {'kind':<11} {'consistency':<11} {'status':<10} "
+            f"{'id':>6}  {'cluster':<16} {'kind':<11} {'method':<24} {'status':<10} "
             f"{'rows':>12} {'stored':>12}  error"
         )
         for s in sets:
             self.stdout.write(
-                f"{s.pk:>6}  {s.cluster.name:<16} {s.kind:<11} {s.consistency:<11} "
+                f"{s.pk:>6}  {s.cluster.name:<16} {s.kind:<11} {s.method_label:<24} "
                 f"{s.status:<10} {s.rows:>12} {s.stored_bytes:>12}  {s.error[:80]}"
             )
 
@@ -138,8 +138,8 @@ class Command(BaseCommand):
             return
         hold = data["hold"]
         lines = [
-            f"set {data['id']}  {data['cluster']}  {data['kind']} · {data['consistency']} · "
-            f"{data['method']}  {data['status']}",
+            f"set {data['id']}  {data['cluster']}  {data['kind']} · {data['method_label']}  "
+            f"{data['status']}",
             f"parent: {data['parent'] or '—'}",
             f"triggered by: {data['triggered_by'] or 'system'} ({data['trigger']})",
             f"created: {data['created_at']}  started: {data['started_at'] or '—'}  "

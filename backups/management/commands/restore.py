@@ -52,11 +52,11 @@ class Command(BaseCommand):
 
         p = sub.add_parser("request", help="file a restore request (prints its id)")
         p.add_argument("--cluster", required=True)
-        # Not required here: a flashback names no set or time (checked in do_request).
-        source = p.add_mutually_exclusive_group()
-        source.add_argument("--set", dest="set_id", type=int)
-        source.add_argument("--at")
-        source.add_argument(
+        # Not required here: a flashback names no set or time (checked in do_request). --set and
+        # --at together only for rebuild:INSTANCE (a physical set rolled forward to --at).
+        p.add_argument("--set", dest="set_id", type=int)
+        p.add_argument("--at")
+        p.add_argument(
             "--before-gtid",
             dest="before_gtid",
             default="",
@@ -78,7 +78,8 @@ class Command(BaseCommand):
         )
         p.add_argument("--shards", default="")
         p.add_argument("--tables", default="")
-        p.add_argument("--target", help="side, inplace or instance:NAME")
+        p.add_argument("--target", help="side, inplace, instance:NAME or rebuild:INSTANCE")
+        p.add_argument("--datadir", default="", help="rebuild only: the empty data directory")
         p.add_argument("--reason", required=True)
         p.add_argument("--as", dest="as_user", required=True)
         p.add_argument("--json", action="store_true")
@@ -173,13 +174,32 @@ class Command(BaseCommand):
         ):
             raise CommandError("give --set, --at, --before-gtid or --until (or --flashback)")
         if not options.get("target"):
-            raise CommandError("give --target side, inplace or instance:NAME")
+            raise CommandError("give --target side, inplace, instance:NAME or rebuild:INSTANCE")
         source_set = at = None
+        sources = [
+            options.get("set_id") is not None,
+            bool(options.get("at")),
+            bool(options.get("before_gtid")),
+            bool(options.get("until")),
+        ]
+        if sum(sources) > 1 and not (
+            sources == [True, True, False, False] and options["target"].startswith("rebuild:")
+        ):
+            raise CommandError(
+                "give one of --set, --at, --before-gtid or --until "
+                "(--set with --at only for rebuild:INSTANCE)"
+            )
+        if (
+            options.get("set_id") is not None
+            and options.get("at")
+            and not options["target"].startswith("rebuild:")
+        ):
+            raise CommandError("give --set or --at, not both (both only with rebuild:INSTANCE)")
         if options.get("set_id") is not None:
             source_set = BackupSet.objects.filter(pk=options["set_id"]).first()
             if source_set is None:
                 raise CommandError(f"no backup set {options['set_id']}")
-        elif options.get("at"):
+        if options.get("at"):
             at = parse_at(options["at"])
         request = restore_request_file(
             cluster=cluster,
@@ -192,6 +212,7 @@ class Command(BaseCommand):
             tables=_names(options["tables"]),
             target=options["target"],
             reason=options["reason"],
+            datadir=options["datadir"],
         )
         self.request_obj = request
         self._print(request, str(request.pk))
