@@ -530,6 +530,7 @@ class ThrowawayServer:
     process: subprocess.Popen | None = None
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    socket_dir: Path | None = None
 
     @property
     def endpoint(self) -> Endpoint:
@@ -540,11 +541,14 @@ class ThrowawayServer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or _free_port()
         self.log_path = self.run_dir / "error.log"
+        # A unix socket path may not pass 107 bytes; the run directory can be deep, so the
+        # socket lives in a short directory of its own (removed in stop()).
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="sv-"))
         args = [
             binary,
             "--no-defaults",
             f"--datadir={self.datadir}",
-            f"--socket={self.run_dir / 'mysqld.sock'}",
+            f"--socket={self.socket_dir / 'mysqld.sock'}",
             f"--pid-file={self.run_dir / 'mysqld.pid'}",
             "--bind-address=127.0.0.1",
             f"--port={self.port}",
@@ -597,6 +601,9 @@ class ThrowawayServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self.socket_dir = None
 
 
 def user_tables(endpoint: Endpoint) -> list[tuple[str, str, str]]:

@@ -17,7 +17,7 @@ def _bin_without(tmp_path: Path, *missing: str) -> Path:
     tools = [
         "dirname", "id", "mktemp", "tail", "grep", "dpkg",
         "mariadb", "mariadb-binlog", "mariadb-dump", "zstd", "redis-server", "chromium",
-        "pdftotext", "mydumper", "myloader",
+        "pdftotext", "mydumper", "myloader", "mariabackup", "mbstream",
     ]  # fmt: skip
     bindir = tmp_path / "bin"
     bindir.mkdir()
