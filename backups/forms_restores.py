@@ -48,6 +48,13 @@ class RestoreRequestForm(forms.Form):
         help_text="Logical or physical table names, comma-separated. Empty: every table.",
     )
     target = forms.ChoiceField(choices=())
+    datadir = forms.CharField(
+        required=False,
+        max_length=4096,
+        label="Data directory (rebuild only)",
+        help_text="rebuild:INSTANCE only: the empty directory, an absolute path on the "
+        "instance's host, that the physical copy is prepared and moved into.",
+    )
     reason = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 3}))
 
     def __init__(self, *args, cluster: Cluster | None = None, **kwargs):
@@ -68,6 +75,19 @@ class RestoreRequestForm(forms.Form):
                 for i in cluster.instances.all()
             ]
         targets.append(("inplace", "inplace: replace the live tables (needs two approvals)"))
+        if (
+            cluster is not None
+            and self.fields["source_set"].queryset.filter(method=BackupSet.Method.PHYSICAL).exists()
+        ):
+            # Fault recovery: a lost instance from a physical set (CLI: --target rebuild:NAME).
+            targets += [
+                (
+                    f"rebuild:{i.name}",
+                    f"rebuild:{i.name} (a physical set's copy of {i.name} into an empty data "
+                    "directory; needs two approvals)",
+                )
+                for i in cluster.instances.all()
+            ]
         self.fields["target"].choices = targets
 
     def clean(self):
@@ -89,4 +109,14 @@ class RestoreRequestForm(forms.Form):
                 "Choose a backup set, a point in time, a GTID to stop before, or positions."
             )
         data["table_names"] = _names(data.get("tables", ""))
+        data["datadir"] = (data.get("datadir") or "").strip()
+        rebuild = (data.get("target") or "").startswith("rebuild:")
+        if rebuild and not data["datadir"]:
+            self.add_error("datadir", "A rebuild needs the empty data directory to fill.")
+        elif rebuild and (data["before_gtid"] or data["until_positions"]):
+            raise forms.ValidationError(
+                "A rebuild rolls forward to a point in time only, not to a GTID or positions."
+            )
+        elif data["datadir"] and not rebuild:
+            self.add_error("datadir", "A data directory is only for a rebuild:INSTANCE target.")
         return data

@@ -595,3 +595,31 @@ class SetCopy(models.Model):
 
     def __str__(self) -> str:
         return f"copy of set {self.backup_set_id} on {self.target}"
+
+
+class PhysicalObject(models.Model):
+    """One instance's object of a physical set (mariabackup's stream), as its manifest lists
+    it: what the set page shows without reading storage."""
+
+    backup_set = models.ForeignKey(
+        BackupSet, on_delete=models.CASCADE, related_name="physical_objects"
+    )
+    instance_name = models.CharField(max_length=63)
+    key = models.CharField(max_length=1024)
+    sha256 = models.CharField(max_length=64)
+    stored_bytes = models.BigIntegerField(default=0)
+    raw_bytes = models.BigIntegerField(default=0)
+    binlog_file = models.CharField(max_length=255, blank=True)
+    binlog_pos = models.BigIntegerField(null=True, blank=True)
+    gtid = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["backup_set", "instance_name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["backup_set", "instance_name"], name="physical_object_once"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.instance_name} of set {self.backup_set_id}"

@@ -13,6 +13,7 @@ on RQ's scheduler (workers started with `--with-scheduler`); each run re-arms it
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -252,6 +253,9 @@ PERIODIC: dict[str, Periodic] = {
 }
 
 
+SCHEDULER_TAKEOVER_SECONDS = 10
+
+
 class ArmingWorker(Worker):
     """The workers' class (settings.RQ["WORKER_CLASS"]): arms the periodic jobs when it starts,
     so a Redis that lost its scheduled jobs (a restart without persistence) gets housekeeping
@@ -260,6 +264,40 @@ class ArmingWorker(Worker):
     def work(self, *args: Any, **kwargs: Any) -> bool:
         periodic_ensure_scheduled()  # best effort: a Redis failure is logged, the worker runs
         return super().work(*args, **kwargs)
+
+    # Scheduler takeover. RQ's scheduler lock lives `interval + 60` s (61 s) unless its holder
+    # refreshes it, but a worker without the lock only tries to take it in its maintenance
+    # tasks (every 10 minutes), and an idle worker blocks on its queues for `worker_ttl - 15`
+    # s between checks. So after a SIGKILLed lock holder, scheduled jobs (ticks, periodic
+    # housekeeping) waited ~10 minutes. Here a worker started `--with-scheduler` tries the
+    # lock every SCHEDULER_TAKEOVER_SECONDS and wakes at least that often, so it takes over
+    # within ~61 + 10 s; registry cleaning keeps RQ's own interval.
+
+    @property
+    def dequeue_timeout(self) -> int:
+        return min(super().dequeue_timeout, SCHEDULER_TAKEOVER_SECONDS)
+
+    @property
+    def should_run_maintenance_tasks(self) -> bool:
+        # RQ asks this before each blocking dequeue: the cheap place to check the lock.
+        self._scheduler_take_over_if_free()
+        return super().should_run_maintenance_tasks
+
+    def _scheduler_take_over_if_free(self) -> None:
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is None or self.last_cleaned_at is None:  # not started with the scheduler
+            return
+        if scheduler._process is not None and scheduler._process.is_alive():
+            return  # ours runs (and refreshes its lock)
+        moment = time.monotonic()
+        if moment - getattr(self, "_scheduler_checked_at", 0.0) < SCHEDULER_TAKEOVER_SECONDS:
+            return
+        self._scheduler_checked_at = moment
+        try:
+            if scheduler.acquire_locks(auto_start=True):
+                log.info("worker %s took over RQ's scheduler", self.name)
+        except RedisError:
+            log.exception("could not check RQ's scheduler lock")
 
 
 def periodic_ensure_scheduled(

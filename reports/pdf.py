@@ -80,6 +80,7 @@ def render_pdf(data: dict[str, Any]) -> bytes:
     _title_page(pdf, data)
     _summary_page(pdf, data)
     _sets_table(pdf, data)
+    _targets_table(pdf, data)
     _drills_table(pdf, data)
     _restores_table(pdf, data)
     return bytes(pdf.output())
@@ -304,6 +305,21 @@ def _sets_table(pdf: FPDF, data: dict) -> None:
             yield cells, (8, _colour(s["quality"] or ("bad" if s["status"] == "failed" else "")))
 
     _table(pdf, "Backup sets", columns, rows(), "No backup sets in this period.")
+
+
+def _targets_table(pdf: FPDF, data: dict) -> None:
+    """A and Q per storage target holding each set (the newest `verify --target` there)."""
+    columns = [("Set", 15), ("Target", 45), ("Copy", 30), ("A", 25), ("Q", 25),
+               ("Checked (UTC)", 40)]  # fmt: skip
+
+    def rows():
+        for s in data["sets"]:
+            for t in s.get("targets") or []:
+                level = "" if t["q"] is None else ("good" if t["q"] >= 1 else "bad")
+                yield [s["id"], t["target"], t["copy_state"], _q(t["a"]), _q(t["q"]),
+                       _when(t["checked_at"])], (4, _colour(level))  # fmt: skip
+
+    _table(pdf, "Storage targets: A and Q per target", columns, rows(), "No sets in this period.")
 
 
 def _drills_table(pdf: FPDF, data: dict) -> None:

@@ -133,6 +133,7 @@ class BackupResult:
     error: str = ""
     excluded: list[str] = field(default_factory=list)  # "database.table" the policy kept out
     notes: list[str] = field(default_factory=list)  # e.g. non-InnoDB tables a cold set copied
+    physical: list[dict[str, Any]] = field(default_factory=list)  # a physical set's objects
 
 
 @dataclass(frozen=True)

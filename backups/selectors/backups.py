@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 
-from backups.models import BackupSet, ShardBackup, TableBackup
+from backups.models import BackupSet, PhysicalObject, ShardBackup, TableBackup
 from backups.selectors.copies import set_copies_json
 from backups.status import SetStatus
 from shards.models import Cluster
@@ -46,6 +46,13 @@ def backup_set_detail(*, set_id: int) -> BackupSet:
         .prefetch_related(Prefetch("shard_backups", queryset=shards))
         .get(pk=set_id)
     )
+
+
+def set_physical_objects(backup_set: BackupSet) -> list[PhysicalObject]:
+    """A physical set's objects, one per instance (one query; empty for a logical set)."""
+    if backup_set.method != BackupSet.Method.PHYSICAL:
+        return []
+    return list(PhysicalObject.objects.filter(backup_set=backup_set).order_by("instance_name"))
 
 
 def backup_set_json(backup_set: BackupSet) -> dict:

@@ -157,6 +157,25 @@ def physical_backup_run(
     ]
     raw = sum(r.raw_bytes for r in results.values())
     stored = sum(r.stored_bytes for r in results.values())
+    physical_objects = [
+        {
+            "instance": r.instance,
+            "key": r.key,
+            "sha256": r.sha256,
+            "stored_bytes": r.stored_bytes,
+            "raw_bytes": r.raw_bytes,
+            "binlog_file": r.binlog_file,
+            "binlog_pos": r.binlog_pos,
+            "gtid": r.gtid,
+            "datadir": datadirs[r.instance],
+            "tool": "mariabackup",
+            "tool_version": r.tool_version,
+            "started_at": r.started_at.isoformat(),
+            "finished_at": r.finished_at.isoformat(),
+            "seconds": round(r.seconds, 3),
+        }
+        for r in results.values()
+    ]
     doc = manifest_document(
         cluster=spec.cluster,
         set_id=spec.set_id,
@@ -190,25 +209,7 @@ def physical_backup_run(
         lock_window_ms=None,
         started_by=spec.started_by,
         topology=spec.topology,
-        physical=[
-            {
-                "instance": r.instance,
-                "key": r.key,
-                "sha256": r.sha256,
-                "stored_bytes": r.stored_bytes,
-                "raw_bytes": r.raw_bytes,
-                "binlog_file": r.binlog_file,
-                "binlog_pos": r.binlog_pos,
-                "gtid": r.gtid,
-                "datadir": datadirs[r.instance],
-                "tool": "mariabackup",
-                "tool_version": r.tool_version,
-                "started_at": r.started_at.isoformat(),
-                "finished_at": r.finished_at.isoformat(),
-                "seconds": round(r.seconds, 3),
-            }
-            for r in results.values()
-        ],
+        physical=physical_objects,
         # No per-table checksums: mariabackup's consistent point is inside its own
         # BLOCK_COMMIT stage, where no snapshot of ours can be opened. Drills rest on
         # CHECK TABLE and row counts (verification says so).
@@ -230,6 +231,7 @@ def physical_backup_run(
         rows=0,
         raw_bytes=raw,
         stored_bytes=stored,
+        physical=physical_objects,
     )
 
 

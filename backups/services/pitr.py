@@ -68,12 +68,19 @@ def pitr_resolve(
     )
 
 
-def segment_sources(chain: list[BackupSet], instance_name: str) -> list[SegmentSource]:
+def segment_sources(
+    chain: list[BackupSet], instance_name: str, *, reads: list | None = None
+) -> list[SegmentSource]:
     """The binlog segments of `instance_name` through `chain`, in order, each opened (read,
-    checked against its sha256, decrypted and decompressed) only when the apply reaches it."""
+    checked against its sha256, decrypted and decompressed) only when the apply reaches it.
+
+    Each incremental is read through its own FallbackStorage; `reads` (when given) collects
+    them, so a run can record which target served each segment (`served_record`)."""
     sources = []
     for incremental in chain:
         storage = set_read_storage(incremental)  # falls back to complete copies
+        if reads is not None:
+            reads.append(storage)
         data_key = set_data_key(incremental)
         for seg in incremental.segments.filter(instance_name=instance_name).order_by("index"):
             entry = {
@@ -154,6 +161,7 @@ def pitr_apply(
     progress=None,
     should_cancel=None,
     throttle=None,
+    segment_reads: list | None = None,
 ):
     """Roll one restored shard forward from its full set's coordinates to `at` / `stop_at`.
 
@@ -185,6 +193,7 @@ def pitr_apply(
         progress=progress,
         should_cancel=should_cancel,
         throttle=throttle,
+        segment_reads=segment_reads,
     )
     return result
 
@@ -218,6 +227,7 @@ def chain_apply(
     progress=None,
     should_cancel=None,
     throttle=None,
+    segment_reads: list | None = None,
 ):
     """Roll one restored shard forward through the segments of `chain`, up to `until`.
 
@@ -227,7 +237,7 @@ def chain_apply(
     """
     if until is not None and timezone.is_naive(until):
         until = until.replace(tzinfo=UTC)
-    sources = segment_sources(chain, shard["instance"])
+    sources = segment_sources(chain, shard["instance"], reads=segment_reads)
     return apply_segments(
         target=target,
         source_database=shard["database"],

@@ -249,7 +249,15 @@ def _preflight_targets(request: RestoreRequest, entries: list[dict]) -> None:
 
 
 def _apply_incrementals(
-    run: RestoreRun, shard: dict, *, endpoint, target_database, table_names, tracker, throttle
+    run: RestoreRun,
+    shard: dict,
+    *,
+    endpoint,
+    target_database,
+    table_names,
+    tracker,
+    throttle,
+    segment_reads: list | None = None,
 ) -> dict | None:
     """Roll one shard forward to its stop point through the binlog chain, when asked for.
 
@@ -279,6 +287,7 @@ def _apply_incrementals(
             progress=tracker.progress,
             should_cancel=tracker.should_cancel,
             throttle=throttle,
+            segment_reads=segment_reads,
         )
     except ChainError as exc:
         raise RestoreError(str(exc)) from exc
@@ -333,6 +342,7 @@ def _restore_shard(
     resume: bool,
     gate: InstanceGate | None = None,
     throttle: ThreadsRunningGate | None = None,
+    segment_reads: list | None = None,
 ) -> ShardOutcome:
     close_old_connections()
     outcomes = [TableOutcome(entry=e) for e in entries]
@@ -423,6 +433,7 @@ def _restore_shard(
                 table_names=load_names,
                 tracker=tracker,
                 throttle=throttle,
+                segment_reads=segment_reads,
             )
             if not inplace:
                 note = restore_objects_recreate(
@@ -554,6 +565,7 @@ def _execute(
     notes: list[str] = []
     throttles: dict[int, ThreadsRunningGate] = {}
     storage = None
+    segment_reads: list = []  # the storages binlog segments were read through (PITR)
     try:
         restore_plan_targets_check(request)  # the servers approved, or nothing at all
         if not resume:
@@ -598,6 +610,7 @@ def _execute(
                     resume=resume,
                     gate=gates[entries[0]["target_instance_id"]],
                     throttle=throttles.get(entries[0]["target_instance_id"]),
+                    segment_reads=segment_reads,
                 )
                 for name, entries in sorted(groups.items())
             ]
@@ -686,7 +699,9 @@ def _execute(
         for throttle in throttles.values():
             throttle.close()
         if storage is not None:
-            RestoreRun.objects.filter(pk=run.pk).update(served_by=served_record(storage))
+            RestoreRun.objects.filter(pk=run.pk).update(
+                served_by=served_record(storage, *segment_reads)
+            )
 
 
 def restore_runs_resume_stale(*, now: datetime | None = None) -> list[int]:

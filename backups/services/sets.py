@@ -25,7 +25,7 @@ from django.utils import timezone
 from backups import queue
 from backups.engine.errors import EngineError
 from backups.engine.manifest import manifest_read
-from backups.models import BackupSet, Chunk, ShardBackup, TableBackup
+from backups.models import BackupSet, Chunk, PhysicalObject, ShardBackup, TableBackup
 from backups.services.alerts import alert_backup_failed
 from backups.services.errors import BackupError, ChainError, RestoreError
 from backups.status import PartStatus, SetStatus
@@ -347,6 +347,20 @@ def backup_set_finish_succeeded(
             sb.error = ""
             sb.save()
             set_tables_persist(sb, shard.tables, now)
+        PhysicalObject.objects.bulk_create(
+            PhysicalObject(
+                backup_set=locked,
+                instance_name=obj["instance"],
+                key=obj["key"],
+                sha256=obj["sha256"],
+                stored_bytes=obj["stored_bytes"],
+                raw_bytes=obj.get("raw_bytes") or 0,
+                binlog_file=obj.get("binlog_file") or "",
+                binlog_pos=obj.get("binlog_pos"),
+                gtid=obj.get("gtid") or "",
+            )
+            for obj in result.physical
+        )
         locked.status = SetStatus.SUCCEEDED
         locked.finished_at = now
         locked.consistent_at = result.consistent_at

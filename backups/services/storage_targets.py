@@ -260,11 +260,20 @@ def _demote_bad_manifests(backup_set: BackupSet, storage: FallbackStorage) -> No
             storage.demote(name)
 
 
-def served_record(storage) -> dict:
-    """What a run stores as `served_by`: objects per target and every fallback taken."""
-    if not isinstance(storage, FallbackStorage):
+def served_record(storage, *more) -> dict:
+    """What a run stores as `served_by`: objects per target and every fallback taken, summed
+    over `storage` and `more` (e.g. the storages a PITR read its binlog segments through)."""
+    storages = [s for s in (storage, *more) if isinstance(s, FallbackStorage)]
+    if not storages:
         return {}
-    return {"objects": storage.served_summary(), "fallbacks": list(storage.failures)}
+    objects: dict[str, int] = {}
+    fallbacks: list[dict] = []
+    for s in storages:
+        for name, count in s.served_summary().items():
+            objects[name] = objects.get(name, 0) + count
+        # Each shard's segment storage of one incremental notes the same bad manifest: once.
+        fallbacks.extend(f for f in s.failures if f not in fallbacks)
+    return {"objects": objects, "fallbacks": fallbacks}
 
 
 def set_objects_delete_everywhere(backup_set: BackupSet, prefix: str) -> list[str]:

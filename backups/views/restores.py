@@ -21,6 +21,7 @@ from backups.selectors.restores import (
     restore_requests_awaiting,
 )
 from backups.services.errors import RestoreDenied, RestoreError
+from backups.services.rebuild_plan import rebuild_plan_build, rebuild_source_resolve
 from backups.services.restore_plan import restore_plan_build
 from backups.services.restore_requests import (
     parse_target,
@@ -102,6 +103,7 @@ def request_new(request):
                 reason=data["reason"],
                 before_gtid=data["before_gtid"],
                 until=data["until_positions"],
+                datadir=data["datadir"],
             )
             messages.success(
                 request, f"Restore request {filed.pk} filed; approvers have been told."
@@ -109,6 +111,17 @@ def request_new(request):
             return redirect("restores:request_detail", pk=filed.pk)
         kind, instance = parse_target(cluster=cluster, target=data["target"])
         source_set, at, stop_positions = data["source_set"], data["at"], []
+        if kind == RestoreRequest.Target.REBUILD:
+            context["plan"] = rebuild_plan_build(
+                cluster=cluster,
+                source_set=rebuild_source_resolve(cluster=cluster, source_set=source_set, at=at),
+                instance=instance,
+                datadir=data["datadir"],
+                at=at,
+                shards=data["shards"],
+                tables=data["table_names"],
+            )
+            return render(request, "backups/restore_new.html", context)
         if data["before_gtid"] or data["until_positions"]:
             source_set, at, stop_positions = restore_stop_resolve(
                 cluster=cluster, before_gtid=data["before_gtid"], until=data["until_positions"]

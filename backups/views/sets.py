@@ -17,6 +17,7 @@ from backups.selectors.backups import (
     long_snapshot_shards,
     progress_of,
     set_non_innodb_tables,
+    set_physical_objects,
 )
 from backups.selectors.copies import set_copies, set_target_quality
 from backups.selectors.incrementals import RecoveryPoint, cluster_chains, recoverable_window
@@ -117,6 +118,7 @@ def set_detail(request, pk: int):
         "target_quality": set_target_quality(backup_set),
         "shard_rows": set_shard_rows(backup_set),
         "non_innodb": set_non_innodb_tables(shard_backups),
+        "physical_objects": set_physical_objects(backup_set),
     }
     return render(request, "backups/set_detail.html", context)
 

@@ -409,6 +409,14 @@ def test_point_in_time_restore_reads_full_and_binlog_from_the_copy(
     run.refresh_from_db()
     assert run.status == "succeeded", run.error
     assert set(run.served_by["objects"]) == {"offsite"}
+    # The binlog segments fell back too, and the run counts them with the rest.
+    segments = set(incremental.segments.values_list("key", flat=True))
+    assert segments
+    chunks = set(_chunk_keys(full))
+    # The full's manifest and chunks, then every segment, all from the copy.
+    assert run.served_by["objects"] == {"offsite": 1 + len(chunks) + len(segments)}
+    fell_back = [f["object"] for f in run.served_by["fallbacks"]]
+    assert fell_back.count(f"{set_prefix(incremental)}/manifest.json") == 1
     for shard, server in shard_servers(cluster, mariadb_servers):
         side = f"{shard.database}__r{request.pk}"
         assert checksum_of(server, side, "t_order") == expected[shard.name]

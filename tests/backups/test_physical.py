@@ -592,3 +592,36 @@ def test_the_password_reaches_mariabackup_through_a_file_never_argv(mariadb_serv
     assert result.status == "succeeded", result.error
     assert seen, "mariabackup was never seen running"
     assert not any(password in line for line in seen)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_set_page_lists_each_instances_object_with_bytes_sha256_and_coordinates(
+    mariadb_servers, unique_name, client
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    from django.urls import reverse
+
+    from tests.factories import make_user
+
+    cluster = make_cluster(mariadb_servers[:2], name=f"po{unique_name}")
+    _with_datadirs(cluster, mariadb_servers)
+    backup_set = backup_execute(
+        backup_set=backup_start(cluster=cluster, actor="cli", method="physical", enqueue=False)
+    )
+    assert backup_set.status == "succeeded", backup_set.error
+    stored = {o["instance"]: o for o in set_manifest(backup_set)["physical"]}
+    assert len(stored) == 2
+    client.force_login(make_user("auditor"))
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get(reverse("backups:set_detail", args=[backup_set.pk]))
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert 'id="physical-objects"' in page
+    for name, obj in stored.items():
+        assert f'data-instance="{name}"' in page
+        assert obj["key"] in page and obj["sha256"] in page
+        assert f'data-bytes="{obj["stored_bytes"]}"' in page
+        assert f"{obj['binlog_file']}:{obj['binlog_pos']}" in page
+    reads = [q for q in queries.captured_queries if "backups_physicalobject" in q["sql"]]
+    assert len(reads) == 1  # one query for every instance's object

@@ -63,3 +63,48 @@ def test_every_periodic_job_is_armed_once_and_rearms_itself_when_it_runs():
         "requests_expired",
     }
     assert len(queue.scheduled_job_ids(queue.DEFAULT)) == len(queue.PERIODIC) + 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_surviving_worker_takes_over_the_scheduler_of_a_sigkilled_one(rq_worker_process):
+    """RQ's scheduler lock outlives a SIGKILLed holder by up to 61 s; a surviving worker
+    takes it over soon after (not after RQ's 10-minute maintenance interval)."""
+    import os
+    import signal
+    import time
+    from datetime import timedelta
+
+    conn = queue.redis_connection()
+    lock_key = f"rq:scheduler-lock:{queue.DEFAULT}"
+
+    def wait_for(predicate, timeout, what):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.5)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+    def holder_pid():
+        name = conn.get(lock_key)
+        pid = name and conn.hget(f"rq:scheduler:{name.decode()}", "pid")
+        return int(pid) if pid and int(pid) else None
+
+    workers = [rq_worker_process(queue.DEFAULT, scheduler=True) for _ in range(2)]
+    scheduler_pid = wait_for(holder_pid, 60, "a scheduler to hold the lock")
+    (doomed,) = [w for w in workers if w.pid == os.getpgid(scheduler_pid)]
+    (survivor,) = [w for w in workers if w is not doomed]
+    time.sleep(2)  # both are in their main loop
+    os.killpg(doomed.pid, signal.SIGKILL)  # worker, scheduler and all: nothing releases the lock
+    doomed.wait(timeout=30)
+    killed_at = time.monotonic()
+
+    job_id = queue.enqueue(
+        "backups.queue.queue_lengths", queue=queue.DEFAULT, after=timedelta(seconds=1)
+    )
+    assert queue.job_status(job_id) == "scheduled"
+    wait_for(lambda: queue.job_status(job_id) == "finished", 90, "the scheduled job to run")
+    assert time.monotonic() - killed_at < 90
+    assert survivor.poll() is None
+    assert os.getpgid(holder_pid()) == survivor.pid  # the survivor's scheduler holds the lock

@@ -276,3 +276,57 @@ def test_a_rebuild_runs_on_the_host_agent_of_its_instance(
     assert run.status == "succeeded", run.error
     assert queue.job_status(run.job_id, queue=agent_queue) == "finished"
     assert (datadir / "ibdata1").exists()
+
+
+def test_the_restore_wizard_offers_rebuild_with_a_datadir_and_files_it_for_two_approvals(
+    cluster, tmp_path, client
+):
+    from django.urls import reverse
+
+    instance = cluster.instances.order_by("name").first()
+    url = reverse("restores:request_new")
+    client.force_login(make_user("operator"))
+    # No physical set yet: no rebuild target offered.
+    page = client.get(url, {"cluster": cluster.name}).content.decode()
+    assert f'value="rebuild:{instance.name}"' not in page
+    backup_set = physical_set(cluster)
+    page = client.get(url, {"cluster": cluster.name}).content.decode()
+    assert f'value="rebuild:{instance.name}"' in page and 'name="datadir"' in page
+
+    datadir = tmp_path / "fresh" / "data"
+    choice = {
+        "cluster": cluster.name,
+        "preview": "1",
+        "source_set": backup_set.pk,
+        "target": f"rebuild:{instance.name}",
+    }
+    missing = client.get(url, choice)
+    assert "A rebuild needs the empty data directory" in missing.content.decode()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "ibdata1").write_bytes(b"x")
+    refused = client.get(url, {**choice, "datadir": str(busy)})
+    assert refused.status_code == 400 and "is not empty" in refused.content.decode()
+
+    preview = client.get(url, {**choice, "datadir": str(datadir)})
+    assert preview.status_code == 200
+    plan = preview.content.decode()
+    assert 'id="plan-rebuild"' in plan and str(datadir) in plan
+    assert (
+        "mariabackup --prepare" in plan
+        and f"move the prepared files into the empty {datadir}" in plan
+    )
+    assert 'id="plan-estimate"' in plan and 'id="file-request"' in plan
+    assert not RestoreRequest.objects.exists()
+
+    filed = client.post(url, {**choice, "datadir": str(datadir), "reason": "m0 lost its disk"})
+    assert filed.status_code == 302
+    request = RestoreRequest.objects.get()
+    assert (request.target_kind, request.target_instance, request.datadir) == (
+        "rebuild",
+        instance,
+        str(datadir),
+    )
+    assert request.approvals_required == 2 and request.state == "pending_approval"
+    assert request.plan["steps"] and request.plan["object"]["stored_bytes"] > 0
+    assert not datadir.exists()  # filing touches nothing

@@ -263,3 +263,22 @@ def test_admin_downloads_and_bad_cluster_is_one_sentence(client, history):
     response = _download(client, "csv", cluster="nope")
     assert response.status_code == 400
     assert "No cluster named &#x27;nope&#x27;." in response.content.decode()
+
+
+def test_pdf_report_shows_a_and_q_per_storage_target(client, history, tmp_path):
+    from backups.models import SetCopy
+
+    good = history["good"]
+    SetCopy.objects.create(backup_set=good, target="offsite", state="complete")
+    VerificationRun.objects.create(
+        backup_set=good, status="succeeded", target="offsite", t=1, d=1, a=0.625, q=0.625,
+        finished_at=timezone.now() - timedelta(days=1),
+    )  # fmt: skip
+    client.force_login(make_user("auditor"))
+    path = tmp_path / "r.pdf"
+    path.write_bytes(_body(_download(client, "pdf")))
+    raw = subprocess.run(["pdftotext", "-raw", str(path), "-"], capture_output=True, check=True)
+    text = " ".join(raw.stdout.decode().split())
+    assert "Storage targets: A and Q per target" in text
+    assert f"{good.pk} offsite complete 0.6250 0.6250" in text
+    assert f"{good.pk} default complete - -" in text
