@@ -1,7 +1,9 @@
-"""`manage.py backup CLUSTER [--kind full|incremental] [--consistency locked|lockfree] [--wait] [--json]`.
+"""`manage.py backup CLUSTER [--kind full|incremental] [--consistency locked|lockfree|cold]
+[--method logical|physical] [--wait] [--json]`.
 
-Prints the new set's id (or, with --json, one object: id, cluster, kind, consistency,
-status, rows, raw_bytes, stored_bytes, lock_window_ms, error). Exit 0 on success,
+Prints the new set's id (or, with --json, one object: id, cluster, kind, consistency, method,
+status, rows, raw_bytes, stored_bytes, lock_window_ms, error). A method this build cannot take
+(cold, physical) is recorded as a `failed` set with its reason, like a busy cluster. Exit 0 on success,
 1 with a one-line reason on stderr otherwise.
 
 The set runs on an RQ worker listening on `backups`. With --wait the command blocks
@@ -42,7 +44,8 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("cluster")
         parser.add_argument("--kind", choices=["full", "incremental"], default="full")
-        parser.add_argument("--consistency", choices=["locked", "lockfree"], default="locked")
+        parser.add_argument("--consistency", choices=BackupSet.Consistency.values, default="locked")
+        parser.add_argument("--method", choices=BackupSet.Method.values, default="logical")
         parser.add_argument("--compression-level", type=int, default=None)
         encrypt = parser.add_mutually_exclusive_group()
         encrypt.add_argument("--encrypt", dest="encrypt", action="store_true", default=None)
@@ -59,7 +62,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
-        as_json = options["as_json"]
+        as_json = self.as_json = options["as_json"]
+        self.cluster_name = options["cluster"]
         actor = "cli"
         if options["as_user"]:
             actor = get_user_model().objects.filter(username=options["as_user"]).first()
@@ -74,6 +78,7 @@ class Command(BaseCommand):
                 actor=actor,
                 kind=options["kind"],
                 consistency=options["consistency"],
+                method=options["method"],
                 compression_level=options["compression_level"],
                 encrypt=options["encrypt"],
             )
@@ -109,7 +114,11 @@ class Command(BaseCommand):
             time.sleep(0.5)
 
     def _fail(self, message: str, *, backup_set=None, as_json: bool = False):
-        if as_json and backup_set is not None:
+        if backup_set is not None and (as_json or self.as_json):
             self.stdout.write(json.dumps(backup_set_json(backup_set)))
+        elif self.as_json:  # one JSON object with the contract's keys, also on a refusal
+            keys = ("id", "kind", "consistency", "method", "status", "rows", "raw_bytes")
+            doc = dict.fromkeys(keys) | dict.fromkeys(("stored_bytes", "lock_window_ms"))
+            self.stdout.write(json.dumps(doc | {"cluster": self.cluster_name, "error": message}))
         self.stderr.write(message.replace("\n", " "))
         sys.exit(1)

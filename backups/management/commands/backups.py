@@ -68,7 +68,8 @@ class Command(BaseCommand):
         except (CommandError, BackupError, RoleDenied) as exc:
             message = str(exc)
             if self.as_json:
-                self.stdout.write(json.dumps({"error": message}))
+                doc = {"sets": []} if action == "list" else {"id": options.get("set_id")}
+                self.stdout.write(json.dumps(doc | {"error": message}))
             self.stderr.write(message)
             sys.exit(1)
 

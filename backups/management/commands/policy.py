@@ -58,6 +58,8 @@ class Command(BaseCommand):
         change.add_argument("--json", action="store_true", dest="as_json")
 
     def handle(self, *args, **options):
+        self.as_json = options["as_json"]
+        self.cluster_name = options["cluster"]
         cluster = Cluster.objects.filter(name=options["cluster"]).first()
         if cluster is None:
             return self._fail(f"no cluster named '{options['cluster']}'")
@@ -94,5 +96,7 @@ class Command(BaseCommand):
             self.stdout.write(f"{key}: {value}")
 
     def _fail(self, message: str):
+        if self.as_json:  # one JSON object on stdout, also when the command fails
+            self.stdout.write(json.dumps({"cluster": self.cluster_name, "error": message}))
         self.stderr.write(message.replace("\n", " "))
         sys.exit(1)
