@@ -375,3 +375,22 @@ def test_user_errors_from_the_real_manage_py_are_one_line_without_traceback(tmp_
         assert done.returncode != 0, argv
         assert fragment in one_line(done.stderr), argv
         assert one_object(done.stdout)["error"], argv
+
+    # A flag argparse refuses: its one error line, not the whole usage block.
+    for argv, fragment in (
+        (["backup", "c", "--consistency", "bogus"], "--consistency"),
+        (["backup", "c", "--method", "rsync"], "--method"),
+        (["policy", "set", "c", "--keep-full", "3"], "--as"),
+        (["storage", "sweep", "--grace-hours", "soon"], "--grace-hours"),
+        (["restore", "request", "--cluster", "c", "--target", "side"], "--reason"),
+        (["topology", "discover"], "cluster"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "manage.py", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 2, argv
+        assert fragment in one_line(done.stderr), argv

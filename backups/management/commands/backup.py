@@ -22,7 +22,6 @@ import sys
 import time
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
 
 from backups.models import BackupSet
 from backups.selectors.backups import backup_set_json
@@ -32,13 +31,14 @@ from backups.services.full_backups import (
     backup_start,
     backups_reap_stale,
 )
+from console.cli import ContractCommand
 from console.roles import RoleDenied
 from shards.models import Cluster
 
 WORKER_GRACE_SECONDS = 3.0
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Back up a cluster (full or incremental); prints the set id."
 
     def add_arguments(self, parser):

@@ -12,11 +12,11 @@ import json
 import sys
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
 
 from backups.selectors.policies import policy_for, policy_json
 from backups.services.errors import BackupError
 from backups.services.policies import policy_update
+from console.cli import ContractCommand
 from console.roles import ADMIN, RoleDenied, has_role
 from shards.models import Cluster
 
@@ -42,7 +42,7 @@ SET_FLAGS = {
 }
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Show or change a cluster's backup policy (schedules, retention, exclusions)."
 
     def add_arguments(self, parser):

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 
 from backups.models import BackupSet, RestoreRequest, RestoreRun
@@ -23,6 +23,7 @@ from backups.services.restore_requests import (
 from backups.services.restore_run_states import restore_run_dequeue, restore_run_start
 from backups.services.restore_runs import restore_run_execute
 from backups.status import RunStatus
+from console.cli import ContractCommand
 from console.roles import RoleDenied
 from shards.models import Cluster
 
@@ -44,7 +45,7 @@ def _names(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "File, decide, run and show approval-gated restores."
 
     def add_arguments(self, parser):

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import sys
 
-from django.core.management.base import BaseCommand
-
 from backups.services.retention import retention_apply
+from console.cli import ContractCommand
 from shards.models import Cluster
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Apply a cluster's retention policy (or show what it would remove with --dry-run)."
 
     def add_arguments(self, parser):

@@ -18,7 +18,7 @@ import json
 import sys
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from backups.services.errors import BackupError
 from backups.services.storage_targets import (
@@ -28,11 +28,12 @@ from backups.services.storage_targets import (
     storage_targets_list,
 )
 from backups.services.sweep import DEFAULT_GRACE_HOURS, storage_sweep
+from console.cli import ContractCommand
 from console.roles import RoleDenied
 from shards.models import Cluster
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Storage targets: add one (admins), list them, sweep orphaned objects."
 
     def add_arguments(self, parser):

@@ -8,15 +8,16 @@ import json
 import sys
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from backups.models import BackupSet
 from backups.services.errors import VerificationError
 from backups.services.verification import verification_run_now, verification_summary
+from console.cli import ContractCommand
 from console.roles import RoleDenied
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Verify a backup set (storage check; --drill also restores it) and print Q. Exit 1 when Q < 1."
 
     def add_arguments(self, parser):
