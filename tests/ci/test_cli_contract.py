@@ -347,6 +347,13 @@ def test_restore_stop_point_and_flashback_flags_parse_and_refuse_in_one_line(clu
         assert RESTORE_KEYS <= set(one_object(out))
         assert one_object(out)["error"]
 
+    window = ("--flashback", "--since", "2026-01-01T00:00:00", "--until", "an hour later")
+    code, out, err = run("restore", "request", *common, *window, "--json")
+    assert code != 0 and one_line(err).startswith("--until 'an hour later'")
+    assert one_object(out)["id"] is None
+    code, out, err = run("restore", "request", *common, "--set", "1", "--json")
+    assert code != 0 and "--target" in one_line(err)
+
 
 @pytest.mark.django_db(transaction=True)
 def test_user_errors_from_the_real_manage_py_are_one_line_without_traceback(tmp_path):

@@ -30,13 +30,13 @@ from shards.models import Cluster
 PICKUP_SECONDS = 3.0
 
 
-def parse_at(text: str) -> datetime:
+def parse_at(text: str, flag: str = "--at") -> datetime:
     """ISO 8601; without an offset it means UTC."""
     try:
         value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError as exc:
         raise CommandError(
-            f"--at {text!r} is not an ISO 8601 time (e.g. 2026-01-31T12:00:00Z)"
+            f"{flag} {text!r} is not an ISO 8601 time (e.g. 2026-01-31T12:00:00Z)"
         ) from exc
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
@@ -204,8 +204,8 @@ class Command(ContractCommand):
             raise CommandError("a flashback changes the live tables: its target is inplace")
         if len(options["until"]) > 1:
             raise CommandError("--flashback takes one --until time")
-        since = parse_at(options["since"]) if options.get("since") else None
-        until = parse_at(options["until"][0]) if options["until"] else None
+        since = parse_at(options["since"], "--since") if options.get("since") else None
+        until = parse_at(options["until"][0], "--until") if options["until"] else None
         request = flashback_request_file(
             cluster=cluster,
             requester=user,
