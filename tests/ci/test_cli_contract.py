@@ -146,6 +146,18 @@ def test_storage_topology_policy_block_and_policy_set_follow_the_contract(
     )
     code, out, err = run("topology", "import", str(topology))
     assert code == 0, err
+    # Its databases do not exist: discovery says so as error findings, and exits 1.
+    code, out, err = run("topology", "discover", name, "--json")
+    assert code == 1 and "preflight error" in one_line(err)
+    found = one_object(out)
+    assert {"cluster", "shards", "findings"} <= set(found)
+    assert [s["name"] for s in found["shards"]] == ["s00", "s01"]
+    assert all({"name", "instance", "database", "tables"} <= set(s) for s in found["shards"])
+    assert all(
+        {"severity", "instance", "shard", "table", "message"} <= set(f) for f in found["findings"]
+    )
+    assert "error" in {f["severity"] for f in found["findings"]}
+
     code, out, err = run("policy", "show", name, "--json")
     assert code == 0, err
     policy = one_object(out)
@@ -256,6 +268,11 @@ def test_backup_methods_show_hold_verify_retention_sweep_keys_and_binlog(cluster
         "logical",
     )
     set_id = str(done["id"])
+
+    code, out, err = run("topology", "discover", cluster.name, "--json")
+    assert code == 0, err
+    tables = [t for s in one_object(out)["shards"] for t in s["tables"]]
+    assert tables and all({"name", "engine", "rows", "has_primary_key"} <= set(t) for t in tables)
 
     code, out, err = run("backups", "list", "--cluster", cluster.name, "--json")
     assert code == 0, err

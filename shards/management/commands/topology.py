@@ -98,7 +98,6 @@ class Command(ContractCommand):
                 )
                 self.stdout.write(f"[{finding['severity']}] {where}: {finding['message']}")
         errors = [f for f in report["findings"] if f["severity"] == "error"]
-        if errors:
-            if not as_json:
-                self.stderr.write(f"{len(errors)} preflight error(s) in cluster {cluster}")
+        if errors:  # one line on stderr, also with --json (stdout holds the object)
+            self.stderr.write(f"{len(errors)} preflight error(s) in cluster {cluster}")
             sys.exit(1)
