@@ -235,7 +235,7 @@ def test_storage_topology_policy_block_and_policy_set_follow_the_contract(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_backup_methods_show_hold_verify_retention_sweep_keys_and_binlog(cluster):
+def test_backup_methods_show_hold_verify_retention_sweep_keys_and_binlog(cluster, client, settings):
     admin = make_user("admin")
     operator = make_user("operator")
 
@@ -309,6 +309,26 @@ def test_backup_methods_show_hold_verify_retention_sweep_keys_and_binlog(cluster
     assert VERIFY_KEYS <= set(one_object(out))
     code, out, err = run("verify", "999999", "--json")
     assert code != 0 and one_line(err) and one_object(out)["error"]
+
+    # GET /metrics: DESIGN's series and labels, behind the bearer token.
+    settings.SHARDVAULT_METRICS_TOKEN = "contract-token"
+    assert client.get("/metrics").status_code == 401
+    scrape = client.get("/metrics", HTTP_AUTHORIZATION="Bearer contract-token")
+    assert scrape.status_code == 200
+    text = scrape.content.decode()
+    c = cluster.name
+    for series in (
+        f'shardvault_last_success_timestamp_seconds{{cluster="{c}",kind="full"}}',
+        f'shardvault_rpo_age_seconds{{cluster="{c}"}}',
+        f'shardvault_quality{{cluster="{c}"}} 1.0',
+        f'shardvault_backups_total{{cluster="{c}",kind="full",status="succeeded"}} 1.0',
+        f'shardvault_backups_total{{cluster="{c}",kind="full",status="failed"}} 2.0',
+        f'shardvault_backup_duration_seconds{{cluster="{c}",kind="full"}}',
+        'shardvault_queue_jobs{queue="backups"}',
+    ):
+        assert series in text, series
+    settings.SHARDVAULT_METRICS_TOKEN = ""
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer contract-token").status_code == 404
 
     code, out, err = run("retention", "apply", cluster.name, "--dry-run", "--json")
     assert code == 0, err
