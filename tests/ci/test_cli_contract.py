@@ -12,6 +12,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -341,12 +342,24 @@ def test_backup_methods_show_hold_verify_retention_sweep_keys_and_binlog(cluster
     assert code != 0 and one_line(err)
     assert {"cluster", "dry_run", "removed", "kept"} <= set(one_object(out))
 
-    code, out, err = run("storage", "sweep", "--cluster", cluster.name, "--grace-hours", "0",
-                         "--dry-run", "--json")  # fmt: skip
+    orphan = Path(settings.STORAGE_URL.removeprefix("file://")) / cluster.name / "999999"
+    orphan.mkdir(parents=True)
+    (orphan / "left-behind.bin").write_bytes(b"x" * 10)
+    sweep = ("storage", "sweep", "--cluster", cluster.name, "--grace-hours", "0")
+    code, out, err = run(*sweep, "--target", "default", "--dry-run", "--json")
     assert code == 0, err
     swept = one_object(out)
     assert {"dry_run", "orphans", "deleted"} <= set(swept)
     assert swept["dry_run"] is True and swept["deleted"] == 0
+    assert [(o["target"], o["key"]) for o in swept["orphans"]] == [
+        ("default", f"{cluster.name}/999999/left-behind.bin")
+    ]
+    assert all(isinstance(o["age_hours"], float | int) for o in swept["orphans"])
+    code, out, err = run(*sweep, "--json")
+    assert code == 0, err
+    assert one_object(out)["deleted"] == 1 and not (orphan / "left-behind.bin").exists()
+    code, out, err = run("verify", set_id, "--json")  # the set's own objects were kept
+    assert code == 0 and one_object(out)["q"] == 1.0
     code, out, err = run("storage", "sweep", "--cluster", "no-such-cluster", "--json")
     assert code != 0 and one_line(err)
     assert {"dry_run", "orphans", "deleted"} <= set(one_object(out))
