@@ -451,3 +451,45 @@ def test_user_errors_from_the_real_manage_py_are_one_line_without_traceback(tmp_
         )
         assert done.returncode == 2, argv
         assert fragment in one_line(done.stderr), argv
+
+
+@pytest.mark.django_db(transaction=True)
+def test_copy_to_offsite_shows_in_backups_show_and_verify_target_reads_it_alone(
+    cluster, run_jobs, tmp_path
+):
+    admin = make_user("admin")
+    code, out, err = run(
+        "storage", "add", "offsite", f"file://{tmp_path / 'offsite'}", "--as", admin.username
+    )
+    assert code == 0, err
+    code, out, err = run(
+        "policy", "set", cluster.name, "--copy-to", "offsite", "--as", admin.username
+    )
+    assert code == 0, err
+    code, out, err = run("backup", cluster.name, "--wait", "--json")
+    assert code == 0, err
+    set_id = str(one_object(out)["id"])
+    run_jobs("backups")
+
+    code, out, err = run("backups", "show", set_id, "--json")
+    assert code == 0, err
+    copies = [(c["target"], c["state"]) for c in one_object(out)["copies"]]
+    assert copies == [("offsite", "complete")]
+    code, out, err = run("verify", set_id, "--target", "offsite", "--json")
+    assert code == 0, err
+    checked = one_object(out)
+    assert VERIFY_KEYS <= set(checked) and checked["q"] == 1.0
+
+    # A flipped byte in the offsite copy: verify --target offsite says Q < 1 and exits 1.
+    objects = sorted(p for p in (tmp_path / "offsite").rglob("*") if p.is_file())
+    chunk = next(p for p in objects if "manifest" not in p.name)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    code, out, err = run("verify", set_id, "--target", "offsite", "--json")
+    assert code == 1 and "< 1" in one_line(err)
+    broken = one_object(out)
+    assert broken["q"] < 1.0 and broken["problems"]
+    assert all(("object" in p or "table" in p) and "reason" in p for p in broken["problems"])
+    code, out, err = run("verify", set_id, "--json")  # the default target is intact
+    assert code == 0 and one_object(out)["q"] == 1.0
