@@ -5,29 +5,44 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('backups', '0009_restore_rebuild_target'),
+        ("backups", "0009_restore_rebuild_target"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='PhysicalObject',
+            name="PhysicalObject",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('instance_name', models.CharField(max_length=63)),
-                ('key', models.CharField(max_length=1024)),
-                ('sha256', models.CharField(max_length=64)),
-                ('stored_bytes', models.BigIntegerField(default=0)),
-                ('raw_bytes', models.BigIntegerField(default=0)),
-                ('binlog_file', models.CharField(blank=True, max_length=255)),
-                ('binlog_pos', models.BigIntegerField(blank=True, null=True)),
-                ('gtid', models.TextField(blank=True)),
-                ('backup_set', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='physical_objects', to='backups.backupset')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("instance_name", models.CharField(max_length=63)),
+                ("key", models.CharField(max_length=1024)),
+                ("sha256", models.CharField(max_length=64)),
+                ("stored_bytes", models.BigIntegerField(default=0)),
+                ("raw_bytes", models.BigIntegerField(default=0)),
+                ("binlog_file", models.CharField(blank=True, max_length=255)),
+                ("binlog_pos", models.BigIntegerField(blank=True, null=True)),
+                ("gtid", models.TextField(blank=True)),
+                (
+                    "backup_set",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="physical_objects",
+                        to="backups.backupset",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['backup_set', 'instance_name'],
-                'constraints': [models.UniqueConstraint(fields=('backup_set', 'instance_name'), name='physical_object_once')],
+                "ordering": ["backup_set", "instance_name"],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("backup_set", "instance_name"), name="physical_object_once"
+                    )
+                ],
             },
         ),
     ]

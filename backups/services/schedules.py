@@ -35,7 +35,7 @@ from backups.selectors.policies import (
 from backups.services.errors import BackupError, BackupRefused
 from backups.services.full_backups import backup_start
 from backups.services.incrementals import incremental_chain_problem, incremental_start
-from backups.services.sets import backup_set_record, busy_reason
+from backups.services.sets import busy_reason
 from console.audit import audit_record
 from shards.models import Cluster
 
@@ -43,22 +43,6 @@ log = logging.getLogger(__name__)
 
 SCHEDULER_ACTOR = "scheduler"
 TICK_JOB = "backups.jobs.schedules.schedule_tick_job"
-
-
-def physical_engine_available() -> bool:
-    """Whether this build can take physical (mariabackup) sets: yes (services/physical.py);
-    a worker without mariabackup fails the set in its preflight, saying so."""
-    return True
-
-
-def unavailable_reason(policy: BackupPolicy) -> str:
-    """Why the policy's scheduled full backup cannot be taken by this build ("" when it can)."""
-    if policy.full_method == BackupSet.Method.PHYSICAL and not physical_engine_available():
-        return (
-            "the policy asks for a physical full backup, but this ShardVault has no "
-            "physical (mariabackup) engine yet; set the policy's full_method to logical"
-        )
-    return ""
 
 
 def schedule_job_id(cluster_id: int, kind: str, tick_at: datetime) -> str:
@@ -185,9 +169,6 @@ def _start(cluster: Cluster, policy: BackupPolicy, kind: str) -> BackupSet:
     try:
         if kind == INCREMENTAL and not incremental_chain_problem(cluster):
             return incremental_start(cluster=cluster, actor=SCHEDULER_ACTOR)
-        reason = unavailable_reason(policy)
-        if reason:
-            return _refused(cluster, policy, reason)
         return backup_start(
             cluster=cluster,
             actor=SCHEDULER_ACTOR,
@@ -197,22 +178,3 @@ def _start(cluster: Cluster, policy: BackupPolicy, kind: str) -> BackupSet:
         )
     except BackupRefused as exc:
         return exc.backup_set
-
-
-def _refused(cluster: Cluster, policy: BackupPolicy, reason: str) -> BackupSet:
-    """A full set this build cannot take, recorded `failed` with the reason (DESIGN.md)."""
-    shards = list(cluster.shards.select_related("instance").order_by("name"))
-    return backup_set_record(
-        cluster=cluster,
-        shards=shards,
-        actor=SCHEDULER_ACTOR,
-        refused=reason,
-        enqueue=False,
-        shard_fields=lambda shard: {},
-        details={"method": policy.full_method, "consistency": policy.full_consistency},
-        kind=BackupSet.Kind.FULL,
-        method=policy.full_method,
-        consistency=policy.full_consistency,
-        compression_level=policy.compression_level,
-        encrypted=policy.encrypt,
-    )

@@ -25,7 +25,6 @@ import sys
 import time
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
 
 from backups.models import BackupSet
 from backups.selectors.backups import backup_set_json
@@ -35,13 +34,14 @@ from backups.services.full_backups import (
     backup_start,
     backups_reap_stale,
 )
+from console.cli import ContractCommand
 from console.roles import RoleDenied
 from shards.models import Cluster
 
 WORKER_GRACE_SECONDS = 3.0
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Back up a cluster (full or incremental); prints the set id."
 
     def add_arguments(self, parser):
@@ -71,7 +71,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
-        as_json = options["as_json"]
+        as_json = self.as_json = options["as_json"]
+        self.cluster_name = options["cluster"]
         actor = "cli"
         if options["as_user"]:
             actor = get_user_model().objects.filter(username=options["as_user"]).first()
@@ -122,7 +123,11 @@ class Command(BaseCommand):
             time.sleep(0.5)
 
     def _fail(self, message: str, *, backup_set=None, as_json: bool = False):
-        if as_json and backup_set is not None:
+        if backup_set is not None and (as_json or self.as_json):
             self.stdout.write(json.dumps(backup_set_json(backup_set)))
+        elif self.as_json:  # one JSON object with the contract's keys, also on a refusal
+            keys = ("id", "kind", "consistency", "method", "status", "rows", "raw_bytes")
+            doc = dict.fromkeys(keys) | dict.fromkeys(("stored_bytes", "lock_window_ms"))
+            self.stdout.write(json.dumps(doc | {"cluster": self.cluster_name, "error": message}))
         self.stderr.write(message.replace("\n", " "))
         sys.exit(1)

@@ -19,7 +19,7 @@ import json
 import sys
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from backups.models import BackupSet
 from backups.selectors.backups import (
@@ -31,11 +31,12 @@ from backups.selectors.backups import (
 from backups.services.errors import BackupError
 from backups.services.full_backups import backups_reap_stale
 from backups.services.holds import backup_set_hold, backup_set_release
+from console.cli import ContractCommand
 from console.roles import RoleDenied
 from shards.models import Cluster
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "List and show backup sets; put them on hold or release them."
 
     def add_arguments(self, parser):
@@ -68,7 +69,8 @@ class Command(BaseCommand):
         except (CommandError, BackupError, RoleDenied) as exc:
             message = str(exc)
             if self.as_json:
-                self.stdout.write(json.dumps({"error": message}))
+                doc = {"sets": []} if action == "list" else {"id": options.get("set_id")}
+                self.stdout.write(json.dumps(doc | {"error": message}))
             self.stderr.write(message)
             sys.exit(1)
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from backups.engine.errors import EngineError
 from backups.selectors.binlog_browser import binlog_transactions
 from backups.services.errors import RestoreError
+from console.cli import ContractCommand
 from shards.models import Cluster
 
 
@@ -31,7 +32,7 @@ def _names(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "List the transactions stored in a cluster's incremental backups."
 
     def add_arguments(self, parser):

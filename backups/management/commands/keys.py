@@ -12,13 +12,14 @@ from __future__ import annotations
 import getpass
 import json
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from backups.engine.errors import EngineError
 from backups.services.keys import keys_rotate, keys_status
+from console.cli import ContractCommand
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Master keys: what each key id protects (status), or move it all to the current key."
 
     def add_arguments(self, parser):

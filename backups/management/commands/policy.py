@@ -12,11 +12,11 @@ import json
 import sys
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
 
 from backups.selectors.policies import policy_for, policy_json
 from backups.services.errors import BackupError
 from backups.services.policies import policy_update
+from console.cli import ContractCommand
 from console.roles import ADMIN, RoleDenied, has_role
 from shards.models import Cluster
 
@@ -42,7 +42,7 @@ SET_FLAGS = {
 }
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Show or change a cluster's backup policy (schedules, retention, exclusions)."
 
     def add_arguments(self, parser):
@@ -58,6 +58,8 @@ class Command(BaseCommand):
         change.add_argument("--json", action="store_true", dest="as_json")
 
     def handle(self, *args, **options):
+        self.as_json = options["as_json"]
+        self.cluster_name = options["cluster"]
         cluster = Cluster.objects.filter(name=options["cluster"]).first()
         if cluster is None:
             return self._fail(f"no cluster named '{options['cluster']}'")
@@ -94,5 +96,7 @@ class Command(BaseCommand):
             self.stdout.write(f"{key}: {value}")
 
     def _fail(self, message: str):
+        if self.as_json:  # one JSON object on stdout, also when the command fails
+            self.stdout.write(json.dumps({"cluster": self.cluster_name, "error": message}))
         self.stderr.write(message.replace("\n", " "))
         sys.exit(1)

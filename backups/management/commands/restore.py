@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 
 from backups.models import BackupSet, RestoreRequest, RestoreRun
@@ -23,19 +23,20 @@ from backups.services.restore_requests import (
 from backups.services.restore_run_states import restore_run_dequeue, restore_run_start
 from backups.services.restore_runs import restore_run_execute
 from backups.status import RunStatus
+from console.cli import ContractCommand
 from console.roles import RoleDenied
 from shards.models import Cluster
 
 PICKUP_SECONDS = 3.0
 
 
-def parse_at(text: str) -> datetime:
+def parse_at(text: str, flag: str = "--at") -> datetime:
     """ISO 8601; without an offset it means UTC."""
     try:
         value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError as exc:
         raise CommandError(
-            f"--at {text!r} is not an ISO 8601 time (e.g. 2026-01-31T12:00:00Z)"
+            f"{flag} {text!r} is not an ISO 8601 time (e.g. 2026-01-31T12:00:00Z)"
         ) from exc
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
@@ -44,7 +45,7 @@ def _names(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "File, decide, run and show approval-gated restores."
 
     def add_arguments(self, parser):
@@ -224,8 +225,8 @@ class Command(BaseCommand):
             raise CommandError("a flashback changes the live tables: its target is inplace")
         if len(options["until"]) > 1:
             raise CommandError("--flashback takes one --until time")
-        since = parse_at(options["since"]) if options.get("since") else None
-        until = parse_at(options["until"][0]) if options["until"] else None
+        since = parse_at(options["since"], "--since") if options.get("since") else None
+        until = parse_at(options["until"][0], "--until") if options["until"] else None
         request = flashback_request_file(
             cluster=cluster,
             requester=user,

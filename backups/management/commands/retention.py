@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import sys
 
-from django.core.management.base import BaseCommand
-
 from backups.services.retention import retention_apply
+from console.cli import ContractCommand
 from shards.models import Cluster
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Apply a cluster's retention policy (or show what it would remove with --dry-run)."
 
     def add_arguments(self, parser):
@@ -31,7 +30,7 @@ class Command(BaseCommand):
     def handle(self, *args, action: str, cluster: str, dry_run: bool, as_json: bool, **options):
         found = Cluster.objects.filter(name=cluster).first()
         if found is None:
-            self._fail(f"no cluster named '{cluster}'", as_json)
+            self._fail(f"no cluster named '{cluster}'", as_json, cluster, dry_run)
         result = retention_apply(cluster=found, dry_run=dry_run)
         if as_json:
             self.stdout.write(json.dumps(result.as_json()))
@@ -55,8 +54,9 @@ class Command(BaseCommand):
             )
             sys.exit(1)
 
-    def _fail(self, message: str, as_json: bool):
-        if as_json:
-            self.stdout.write(json.dumps({"error": message}))
+    def _fail(self, message: str, as_json: bool, cluster: str, dry_run: bool):
+        if as_json:  # one object with the contract's keys, also when the command fails
+            doc = {"cluster": cluster, "dry_run": dry_run, "removed": [], "kept": []}
+            self.stdout.write(json.dumps(doc | {"error": message}))
         self.stderr.write(message)
         sys.exit(1)

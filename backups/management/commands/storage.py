@@ -18,7 +18,7 @@ import json
 import sys
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from backups.services.errors import BackupError
 from backups.services.storage_targets import (
@@ -28,11 +28,12 @@ from backups.services.storage_targets import (
     storage_targets_list,
 )
 from backups.services.sweep import DEFAULT_GRACE_HOURS, storage_sweep
+from console.cli import ContractCommand
 from console.roles import RoleDenied
 from shards.models import Cluster
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Storage targets: add one (admins), list them, sweep orphaned objects."
 
     def add_arguments(self, parser):
@@ -68,13 +69,16 @@ class Command(BaseCommand):
             return self._add(**options)
         if action == "sweep":
             self.as_json = options["as_json"]
+            self.dry_run = options["dry_run"]
             return self.do_sweep(options)
         return self._list(**options)
 
     def _add(self, *, name, url, endpoint, option, check, as_user, as_json, **_):
         def fail(message: str):
             if as_json:  # one JSON object on stdout, also when the command fails
-                self.stdout.write(json.dumps({"name": name, "default": False, "error": message}))
+                self.stdout.write(
+                    json.dumps({"name": name, "url": url, "default": False, "error": message})
+                )
             raise CommandError(message)
 
         user = get_user_model().objects.filter(username=as_user, is_active=True).first()
@@ -164,7 +168,8 @@ class Command(BaseCommand):
             sys.exit(1)
 
     def _fail(self, message: str):
-        if self.as_json:
-            self.stdout.write(json.dumps({"error": message}))
+        if self.as_json:  # one object with the contract's keys, also when the command fails
+            doc = {"dry_run": self.dry_run, "orphans": [], "deleted": 0, "error": message}
+            self.stdout.write(json.dumps(doc))
         self.stderr.write(message)
         sys.exit(1)

@@ -8,15 +8,16 @@ import json
 import sys
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from backups.models import BackupSet
 from backups.services.errors import VerificationError
 from backups.services.verification import verification_run_now, verification_summary
+from console.cli import ContractCommand
 from console.roles import RoleDenied
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Verify a backup set (storage check; --drill also restores it) and print Q. Exit 1 when Q < 1."
 
     def add_arguments(self, parser):
@@ -38,18 +39,24 @@ class Command(BaseCommand):
         target: str = "",
         **options,
     ):
+        def fail(message: str):
+            if as_json:  # one object with the contract's keys, also when the command fails
+                doc = dict.fromkeys(("q", "t", "d", "a")) | {"set": set_id, "drill": drill}
+                self.stdout.write(json.dumps(doc | {"problems": [], "error": message}))
+            raise CommandError(message)
+
         user = None
         if as_user:
             user = get_user_model().objects.filter(username=as_user).first()
             if user is None:
-                raise CommandError(f"no user named '{as_user}'")
+                fail(f"no user named '{as_user}'")
         backup_set = BackupSet.objects.select_related("cluster").filter(pk=set_id).first()
         if backup_set is None:
-            raise CommandError(f"backup set {set_id} does not exist")
+            fail(f"backup set {set_id} does not exist")
         try:
             run = verification_run_now(backup_set=backup_set, user=user, drill=drill, target=target)
         except (VerificationError, RoleDenied) as exc:
-            raise CommandError(str(exc)) from None
+            fail(str(exc))
         summary = verification_summary(run)
         if as_json:
             self.stdout.write(json.dumps(summary))
@@ -66,7 +73,8 @@ class Command(BaseCommand):
                 if where
                 else ""
             )
-            self.stderr.write(f"set {set_id} has Q = {run.q:.4f} < 1{detail}")
+            q = "unknown" if run.q is None else f"{run.q:.4f}"
+            self.stderr.write(f"set {set_id} has Q = {q} < 1{detail}")
             sys.exit(1)
 
     def _print(self, s: dict) -> None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from django.core.management.base import BaseCommand
-
 from console.audit import audit_verify_chain
+from console.cli import ContractCommand
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Audit log tools. `audit verify` checks the whole hash chain."
 
     def add_arguments(self, parser):

@@ -6,13 +6,14 @@ import sys
 
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from console.cli import ContractCommand
 from console.roles import ROLES
 from console.services import UserError, user_create
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Provision console users without the admin pages."
 
     def add_arguments(self, parser):

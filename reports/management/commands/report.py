@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from console.audit import audit_chain_head
+from console.cli import ContractCommand
 from reports.reports import FORMATS, ReportError, report_period, report_write
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = (
         "Write an auditor report of one cluster over a period. CSV/JSON end with a line "
         "carrying report_sha256 (sha256 of every byte before it: `head -n -1 FILE | sha256sum`); "

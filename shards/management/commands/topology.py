@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from console.cli import ContractCommand
 from shards.models import Cluster
 from shards.selectors import discovery_report, topology_export
 from shards.services.discovery_runs import discovery_run
@@ -15,7 +16,7 @@ from shards.services.topology_import import topology_import
 from shards.topology_file import MAX_TOPOLOGY_BYTES, TopologyFileError, parse_topology
 
 
-class Command(BaseCommand):
+class Command(ContractCommand):
     help = "Import, export and discover the shard topology (DESIGN.md, 'Command line')."
 
     def add_arguments(self, parser):
@@ -97,7 +98,6 @@ class Command(BaseCommand):
                 )
                 self.stdout.write(f"[{finding['severity']}] {where}: {finding['message']}")
         errors = [f for f in report["findings"] if f["severity"] == "error"]
-        if errors:
-            if not as_json:
-                self.stderr.write(f"{len(errors)} preflight error(s) in cluster {cluster}")
+        if errors:  # one line on stderr, also with --json (stdout holds the object)
+            self.stderr.write(f"{len(errors)} preflight error(s) in cluster {cluster}")
             sys.exit(1)
