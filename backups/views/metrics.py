@@ -14,15 +14,14 @@ from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.views.decorators.http import require_GET
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
-from backups.selectors.metrics import metric_families
 
 
 class _Scrape:
     """A prometheus-client collector over one scrape's metric families."""
 
     def collect(self):
+        from backups.selectors.metrics import metric_families
+
         yield from metric_families()
 
 
@@ -38,6 +37,10 @@ def metrics(request: HttpRequest) -> HttpResponse:
         response = HttpResponse("a valid bearer token is required\n", status=401)
         response["WWW-Authenticate"] = 'Bearer realm="shardvault-metrics"'
         return response
+    # Imported here, not with the URL conf: metrics are off unless a token is set, and every
+    # command (system checks load the URL conf) would otherwise pay for the import.
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Scrape())
     return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
