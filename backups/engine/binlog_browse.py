@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 from backups.engine.binlog_events import (
     ANNOTATE_ROWS_EVENT,
-    BINLOG_MAGIC,
     FL_STANDALONE,
     FORMAT_DESCRIPTION_EVENT,
     GTID_EVENT,
@@ -32,6 +31,7 @@ from backups.engine.binlog_events import (
     gtid_of,
     query_of,
     query_uncompressed,
+    split_events,
 )
 from backups.engine.binlog_rows import (
     DELETE_ROWS,
@@ -76,45 +76,24 @@ class FormatDescription:
 def binlog_events(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
     """(start position, event) for each event of a binlog file stream (magic first); a
     compressed query event comes as the plain QUERY event it packs."""
-    buffer = bytearray()
-    offset = 0
-    magic_checked = False
     position = 0
     checksum = False
-    for block in blocks:
-        buffer += block
-        if not magic_checked:
-            if len(buffer) < 4:
-                continue
-            if bytes(buffer[:4]) != BINLOG_MAGIC:
-                raise EngineError("a binlog segment does not start with the binlog magic")
-            offset = 4
-            magic_checked = True
-        while len(buffer) - offset >= HEADER_LEN:
-            size = int.from_bytes(buffer[offset + 9 : offset + 13], "little")
-            if len(buffer) - offset < size:
-                break
-            event = bytes(buffer[offset : offset + size])
-            next_pos = int.from_bytes(event[13:17], "little")
-            position = next_pos - size if next_pos else position
-            if event[4] == FORMAT_DESCRIPTION_EVENT:
-                checksum = len(event) > 5 and event[-5] == 1
-            elif event[4] == QUERY_COMPRESSED_EVENT:
-                # log_bin_compress: handed on as the plain statement it packs.
-                try:
-                    event = query_uncompressed(event, checksum)
-                except ValueError as exc:
-                    raise EngineError(
-                        f"the compressed statement at binlog position {position} cannot be "
-                        f"read ({exc})"
-                    ) from exc
-            yield position, event
-            position = next_pos or position + size
-            offset += size
-        del buffer[:offset]
-        offset = 0
-    if buffer:
-        raise EngineError("a binlog segment ends in the middle of an event")
+    for event in split_events(blocks):
+        size = len(event)
+        next_pos = int.from_bytes(event[13:17], "little")
+        position = next_pos - size if next_pos else position
+        if event[4] == FORMAT_DESCRIPTION_EVENT:
+            checksum = len(event) > 5 and event[-5] == 1
+        elif event[4] == QUERY_COMPRESSED_EVENT:
+            # log_bin_compress: handed on as the plain statement it packs.
+            try:
+                event = query_uncompressed(event, checksum)
+            except ValueError as exc:
+                raise EngineError(
+                    f"the compressed statement at binlog position {position} cannot be read ({exc})"
+                ) from exc
+        yield position, event
+        position = next_pos or position + size
 
 
 def segment_transactions(

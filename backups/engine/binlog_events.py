@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from backups.engine.errors import EngineError
 
 BINLOG_MAGIC = b"\xfebin"
 HEADER_LEN = 19
@@ -127,3 +130,30 @@ def binlog_index(name: str) -> int:
 
 def coordinate_key(file: str, pos: int) -> tuple[int, str, int]:
     return (binlog_index(file), file, int(pos))
+
+
+def split_events(blocks: Iterable[bytes]) -> Iterator[bytes]:
+    """Each event of a binlog file stream (the 4-byte magic first), whatever the block sizes;
+    EngineError for a stream without the magic or one that ends mid-event."""
+    buffer = bytearray()
+    offset = 0
+    magic_checked = False
+    for block in blocks:
+        buffer += block
+        if not magic_checked:
+            if len(buffer) < 4:
+                continue
+            if bytes(buffer[:4]) != BINLOG_MAGIC:
+                raise EngineError("a binlog segment does not start with the binlog magic")
+            offset = 4
+            magic_checked = True
+        while len(buffer) - offset >= HEADER_LEN:
+            size = int.from_bytes(buffer[offset + 9 : offset + 13], "little")
+            if len(buffer) - offset < size:
+                break
+            yield bytes(buffer[offset : offset + size])
+            offset += size
+        del buffer[:offset]
+        offset = 0
+    if buffer:
+        raise EngineError("a binlog segment ends in the middle of an event")

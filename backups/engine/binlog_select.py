@@ -17,7 +17,6 @@ from collections.abc import Iterable, Iterator
 
 from backups.engine.binlog_events import (
     ANNOTATE_ROWS_EVENT,
-    BINLOG_MAGIC,
     FL_STANDALONE,
     FORMAT_DESCRIPTION_EVENT,
     GTID_EVENT,
@@ -30,6 +29,7 @@ from backups.engine.binlog_events import (
     parse_header,
     query_of,
     query_uncompressed,
+    split_events,
     table_map_names,
 )
 from backups.engine.ddl import (
@@ -106,33 +106,11 @@ class Transactions:
 
     def __init__(self, blocks: Iterable[bytes]):
         self.blocks = iter(blocks)
-        self.buffer = bytearray()
         self.fde: bytes | None = None
         self.table_map_post = 8
 
     def _events(self) -> Iterator[bytes]:
-        buffer = self.buffer
-        offset = 0
-        magic_checked = False
-        for block in self.blocks:
-            buffer += block
-            if not magic_checked:
-                if len(buffer) < 4:
-                    continue
-                if bytes(buffer[:4]) != BINLOG_MAGIC:
-                    raise EngineError("a binlog segment does not start with the binlog magic")
-                offset = 4
-                magic_checked = True
-            while len(buffer) - offset >= HEADER_LEN:
-                size = int.from_bytes(buffer[offset + 9 : offset + 13], "little")
-                if len(buffer) - offset < size:
-                    break
-                yield bytes(buffer[offset : offset + size])
-                offset += size
-            del buffer[:offset]
-            offset = 0
-        if len(buffer) - offset:
-            raise EngineError("a binlog segment ends in the middle of an event")
+        return split_events(self.blocks)
 
     def __iter__(self):
         group: Transaction | None = None
