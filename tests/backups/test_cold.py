@@ -100,6 +100,14 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def writer_held(writer: SequenceWriter, backup_set) -> bool:
+    """True once the writer has been blocked for a second by the set's lock; fails at once
+    when the set ended first (the dump was too short for the test to see the lock)."""
+    backup_set.refresh_from_db()
+    assert backup_set.status in ("pending", "running"), (backup_set.status, backup_set.error)
+    return writer.blocked_since() > 1.0
+
+
 def add_sequence_tables(cluster, servers) -> list[tuple[object, str]]:
     by_port = {s.endpoint.port: s for s in servers}
     targets = []
@@ -114,12 +122,23 @@ def add_sequence_tables(cluster, servers) -> list[tuple[object, str]]:
     return targets
 
 
+def _cold_cluster(mariadb_servers, name: str, rows: int):
+    cluster = make_cluster(mariadb_servers, name=name, tables={"t_order": rows}, max_connections=3)
+    return cluster, add_sequence_tables(cluster, mariadb_servers)
+
+
 @pytest.fixture
 def cold_cluster(mariadb_servers, unique_name):
-    cluster = make_cluster(
-        mariadb_servers, name=f"cold{unique_name}", tables={"t_order": 40_000}, max_connections=3
-    )
-    targets = add_sequence_tables(cluster, mariadb_servers)
+    cluster, targets = _cold_cluster(mariadb_servers, f"cold{unique_name}", 40_000)
+    yield cluster, targets
+    drop_cluster_databases(cluster, mariadb_servers)
+
+
+@pytest.fixture
+def long_cold_cluster(mariadb_servers, unique_name):
+    """Enough rows that a cold dump on a worker holds the lock for several seconds on a fast
+    machine too, so a test can see writers held before it cancels or kills the worker."""
+    cluster, targets = _cold_cluster(mariadb_servers, f"coldl{unique_name}", 160_000)
     yield cluster, targets
     drop_cluster_databases(cluster, mariadb_servers)
 
@@ -320,11 +339,11 @@ def test_a_cold_lock_lost_mid_dump_fails_the_backup(storage, mariadb_servers, un
 
 @pytest.mark.django_db(transaction=True)
 def test_cancel_mid_cold_dump_frees_writers_within_a_second_and_shows_the_lock_live(
-    cold_cluster, rq_worker_process, slow_dumps, settings, client
+    long_cold_cluster, rq_worker_process, slow_dumps, settings, client
 ):
     from django.urls import reverse
 
-    cluster, targets = cold_cluster
+    cluster, targets = long_cold_cluster
     rq_worker_process("backups")
     operator = make_user("operator")
     writer = SequenceWriter(targets).start()
@@ -347,7 +366,7 @@ def test_cancel_mid_cold_dump_frees_writers_within_a_second_and_shows_the_lock_l
             reverse("backups:set_progress", args=[backup_set.pk]), HTTP_HX_REQUEST="true"
         ).content.decode()
         assert re.search(r"global read lock held for \d+ s on 3 instances", fragment), fragment
-        wait_for(lambda: writer.blocked_since() > 1.0, 30, "the writer to be held by the lock")
+        wait_for(lambda: writer_held(writer, backup_set), 30, "the writer to be held by the lock")
         asked = time.time()
         backup_cancel(backup_set=backup_set, actor=operator)
         wait_for(lambda: writer.committed_after(asked), 5, "the writer to go on after cancel")
@@ -367,9 +386,9 @@ def test_cancel_mid_cold_dump_frees_writers_within_a_second_and_shows_the_lock_l
 
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_killed_mid_cold_dump_leaves_no_lock(
-    cold_cluster, mariadb_servers, rq_worker_process, slow_dumps
+    long_cold_cluster, mariadb_servers, rq_worker_process, slow_dumps
 ):
-    cluster, targets = cold_cluster
+    cluster, targets = long_cold_cluster
     worker = rq_worker_process("backups")
     writer = SequenceWriter(targets).start()
     try:
@@ -381,7 +400,7 @@ def test_a_worker_killed_mid_cold_dump_leaves_no_lock(
             return len(backup_set.lock_sessions) == 3
 
         wait_for(locked, 60, "the cold lock to be taken")
-        wait_for(lambda: writer.blocked_since() > 1.0, 30, "the writer to be held by the lock")
+        wait_for(lambda: writer_held(writer, backup_set), 30, "the writer to be held by the lock")
         processes = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(True)]
         assert len(processes) >= 2, "the worker should be running the job in a work horse"
         killed_at = time.time()
