@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 import psutil
 import pytest
+from django.urls import reverse
 
 from backups import queue
 from backups.models import BackupPolicy, BackupSet, ScheduleTick, VerificationRun
@@ -31,7 +32,7 @@ from console.keys import encrypt_secret
 from shards.models import DiscoveryRun, Instance
 from shards.services import discovery_runs
 from tests.backups.test_throttle import Sleepers
-from tests.factories import make_cluster
+from tests.factories import make_cluster, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -110,7 +111,7 @@ def shared_server(mariadb_servers, unique_name, monkeypatch):
 
 
 def test_incrementals_drills_discovery_and_ticks_wait_for_a_backups_slots(
-    shared_server, run_jobs, rq_worker_process, monkeypatch
+    shared_server, run_jobs, rq_worker_process, monkeypatch, client
 ):
     server, busy, other = shared_server
     address = f"{server.endpoint.host}:{server.endpoint.port}"
@@ -169,6 +170,12 @@ def test_incrementals_drills_discovery_and_ticks_wait_for_a_backups_slots(
             )
             assert set(slot_holders(redis, address)) == {full_holder}
             assert BackupSet.objects.get(pk=incremental.pk).status == "running"
+            # The cluster page says who holds the server's connections.
+            client.force_login(make_user("auditor"))
+            page = client.get(reverse("shards:cluster_detail", args=[other.name]))
+            assert f"connections in use: {CAP} of {CAP} ({full_holder} ×{CAP})" in (
+                page.content.decode()
+            )
             sleepers.stop()  # the server quietens: the full backup goes on and ends
 
         finished = {}
