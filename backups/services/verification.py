@@ -26,6 +26,8 @@ from backups.services.connection_slots import (
     SlotsUnavailable,
     connection_slots_held,
     instance_needs,
+    slots_at_cap_sentence,
+    slots_short,
 )
 from backups.services.errors import VerificationError
 from backups.services.physical_drill import NO_CHECKSUMS_NOTE, physical_drill
@@ -163,9 +165,22 @@ def verification_backfill_automatic(*, window_hours: int = 48) -> list[Verificat
 
 
 def verification_drills_schedule() -> list[VerificationRun]:
-    """Queue a drill of the newest set of every cluster whose drill is due (housekeeping)."""
+    """Queue a drill of the newest set of every cluster whose drill is due (housekeeping).
+
+    A drill whose servers could not give it a connection slot now is skipped, like a busy
+    schedule tick (audited `verification.skipped` with the instance at its cap): it is still
+    due at the next housekeeping run."""
     started = []
     for backup_set in drills_due():
+        short = _drill_slots_short(backup_set)
+        if short:
+            audit_record(
+                actor="system",
+                action="verification.skipped",
+                obj=backup_set,
+                details={"drill": True, "reason": short},
+            )
+            continue
         try:
             started.append(verification_start(backup_set=backup_set, user=None, drill=True))
         except VerificationError:
@@ -270,6 +285,32 @@ def _drill_slots(run: VerificationRun, instances, *, poll: bool, tracker: JobTra
         if tracker.should_cancel():
             raise VerificationError("the drill was cancelled while waiting for slots") from None
         raise VerificationError(f"the drill could not start: {exc}") from None
+
+
+def _drill_slots_short(backup_set: BackupSet) -> str:
+    """Why a drill of `backup_set` could not get its connection slots now ("" when it could,
+    when it restores into no registered server (physical), or when Redis cannot say)."""
+    full_set = backup_set
+    if backup_set.kind == BackupSet.Kind.INCREMENTAL:
+        try:
+            full_set, _chain = _drill_chain(backup_set)
+        except VerificationError:
+            return ""  # verification_start says why
+    if full_set.method == BackupSet.Method.PHYSICAL:
+        return ""
+    cluster = backup_set.cluster
+    if cluster.drill_instance_id:
+        instances = [cluster.drill_instance]
+    else:
+        instances = [s.instance for s in cluster.shards.select_related("instance")]
+    poll = not cluster.drill_instance_id and _drill_throttled(backup_set)
+    needs, names = instance_needs(instances, minimum=2 if poll else 1)
+    try:
+        redis = queue.redis_connection(queue.VERIFY)
+        short = slots_short(redis, needs)
+        return slots_at_cap_sentence(redis, needs, short, names, advice="") if short else ""
+    except queue.QueueUnavailable:
+        return ""
 
 
 def drill_slot_holder(verification_id: int) -> str:

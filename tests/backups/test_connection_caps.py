@@ -27,8 +27,13 @@ from backups.services.connection_slots import slot_holders, slots_in_use
 from backups.services.full_backups import backup_start
 from backups.services.incrementals import incremental_slot_holder, incremental_start
 from backups.services.schedules import schedule_tick
-from backups.services.verification import drill_slot_holder, verification_start
+from backups.services.verification import (
+    drill_slot_holder,
+    verification_drills_schedule,
+    verification_start,
+)
 from console.keys import encrypt_secret
+from console.models import AuditEvent
 from shards.models import DiscoveryRun, Instance
 from shards.services import discovery_runs
 from tests.backups.test_throttle import Sleepers
@@ -145,6 +150,13 @@ def test_incrementals_drills_discovery_and_ticks_wait_for_a_backups_slots(
             assert f"instance {instance_name} ({address}) is at its cap of {CAP}" in tick.note
             assert full_holder in tick.note
             assert not BackupSet.objects.filter(cluster=other, kind="incremental").exists()
+
+            # So is a drill housekeeping finds due: it stays due for the next run.
+            BackupPolicy.objects.filter(cluster=other).update(drill_every_days=1)
+            assert verification_drills_schedule() == []
+            skipped = AuditEvent.objects.get(action="verification.skipped")
+            assert skipped.details["reason"].startswith(f"instance {instance_name} ({address})")
+            assert not VerificationRun.objects.exists()
 
             incremental = incremental_start(cluster=other, actor="test")
             drill = verification_start(backup_set=base, drill=True)
