@@ -23,7 +23,14 @@ from django.urls import reverse
 
 from backups import queue
 from backups.models import BackupPolicy, BackupSet, ScheduleTick, VerificationRun
-from backups.services.connection_slots import slot_holders, slots_in_use
+from backups.services.connection_slots import (
+    ConnectionSlots,
+    SlotNeed,
+    SlotsUnavailable,
+    connection_slots_held,
+    slot_holders,
+    slots_in_use,
+)
 from backups.services.full_backups import backup_start
 from backups.services.incrementals import incremental_slot_holder, incremental_start
 from backups.services.schedules import schedule_tick
@@ -242,3 +249,40 @@ def test_incrementals_drills_discovery_and_ticks_wait_for_a_backups_slots(
     assert incremental_slot_holder(incremental.pk) not in slot_holders(redis, address)
     for worker in workers:
         assert worker.poll() is None
+
+
+def test_held_slots_outlive_their_ttl_while_held_and_a_third_job_is_told_who_holds_them():
+    redis = queue.redis_connection(queue.DEFAULT)
+    address, names = "10.0.0.9:3306", {"10.0.0.9:3306": "m9"}
+    restore = ConnectionSlots(
+        redis, {address: SlotNeed(cap=2, minimum=1, wanted=1)}, holder="restore-9", ttl=60
+    )
+    assert restore.try_acquire() == {address: 1}
+    lines: list[str] = []
+    with connection_slots_held(
+        needs={address: SlotNeed(cap=2, minimum=1, wanted=2)},
+        names=names,
+        holder="drill-5",
+        wait=1,
+        ttl=1.0,
+    ) as granted:
+        assert granted == {address: 1}  # what was free
+        time.sleep(1.6)  # past the ttl: the holder's own heartbeat kept them
+        assert slot_holders(redis, address) == {"drill-5": 1, "restore-9": 1}
+        with pytest.raises(SlotsUnavailable) as refused:
+            with connection_slots_held(
+                needs={address: SlotNeed(cap=2, minimum=1, wanted=1)},
+                names=names,
+                holder="discovery-3",
+                wait=0.6,
+                say=lines.append,
+            ):
+                pytest.fail("no slot was free")
+    assert lines == [
+        "waiting for a connection slot on m9 — connections in use: 2 of 2 (drill-5, restore-9)"
+    ]
+    assert str(refused.value) == (
+        "instance m9 (10.0.0.9:3306) is at its cap of 2 connection(s) from ShardVault, in use "
+        "by drill-5, restore-9; try again when those jobs end, or raise its max connections"
+    )
+    assert slot_holders(redis, address) == {"restore-9": 1}  # released at the block's end
