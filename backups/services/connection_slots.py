@@ -312,7 +312,7 @@ def connection_slots_held(
     tracker=None,
     say: Callable[[str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
-    queue_name: str = "default",
+    queue_name: str = queue.DEFAULT,
     ttl: float | None = None,
 ) -> Iterator[dict[str, int] | None]:
     """Hold `holder`'s slots on every server of `needs` for the block; yields the grants.
