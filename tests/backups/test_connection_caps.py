@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 import psutil
 import pytest
+from django.core.management import CommandError, call_command
 from django.urls import reverse
 
 from backups import queue
@@ -157,6 +158,13 @@ def test_incrementals_drills_discovery_and_ticks_wait_for_a_backups_slots(
             assert f"instance {instance_name} ({address}) is at its cap of {CAP}" in tick.note
             assert full_holder in tick.note
             assert not BackupSet.objects.filter(cluster=other, kind="incremental").exists()
+            # A scheduled full backup of the other cluster is skipped too.
+            BackupPolicy.objects.filter(cluster=other).update(full_cron="0 2 * * *")
+            tick = schedule_tick(
+                cluster=other, kind="full", tick_at=datetime(2026, 1, 1, 2, 0, tzinfo=UTC)
+            )
+            assert tick.outcome == ScheduleTick.Outcome.SKIPPED
+            assert f"instance {instance_name} ({address}) is at its cap" in tick.note
 
             # So is a drill housekeeping finds due: it stays due for the next run.
             BackupPolicy.objects.filter(cluster=other).update(drill_every_days=1)
@@ -169,11 +177,12 @@ def test_incrementals_drills_discovery_and_ticks_wait_for_a_backups_slots(
             drill = verification_start(backup_set=base, drill=True)
             # Interactive discovery waits briefly, then says which instance is at its cap.
             monkeypatch.setattr(discovery_runs, "DISCOVERY_SLOT_WAIT_SECONDS", 1)
-            with pytest.raises(Exception) as refused:
-                discovery_runs.discovery_run(cluster=other, actor="test")
+            with pytest.raises(CommandError) as refused:
+                call_command("topology", "discover", other.name)
             sentence = str(refused.value)
             assert sentence.startswith(
-                f"instance {instance_name} ({address}) is at its cap of {CAP} connection(s)"
+                f"discovery of {other.name} failed: instance {instance_name} ({address}) "
+                f"is at its cap of {CAP} connection(s)"
             ), sentence
             assert full_holder in sentence and "\n" not in sentence
             assert DiscoveryRun.objects.filter(cluster=other).get().status == "failed"
