@@ -19,7 +19,9 @@ from django.db.models import (
 from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404
 
+from backups import queue
 from backups.engine.mysql import Endpoint, password_env_refusal
+from backups.services.connection_slots import slots_usage_text
 from console.keys import decrypt_secret
 from shards.models import SEVERITY_RANK, Cluster, Finding, Instance, PhysicalTable, Shard
 from shards.topology_file import dump_topology
@@ -113,7 +115,9 @@ def cluster_topology(cluster) -> dict:
     instances = list(
         cluster.instances.prefetch_related(Prefetch("shards", queryset=shards)).order_by("name")
     )
+    usage = instance_connections_in_use(instances)
     for instance in instances:
+        instance.connections_in_use = usage.get(instance.pk, "")
         instance.shard_list = list(instance.shards.all())
         for shard in instance.shard_list:
             shard.table_list = list(shard.tables.all())
@@ -128,6 +132,19 @@ def cluster_topology(cluster) -> dict:
         "logical_tables": list(cluster.logical_tables.all()),
         "discovery": cluster.discoveries.order_by("-id").first(),
     }
+
+
+def instance_connections_in_use(instances) -> dict[int, str]:
+    """Instance pk -> "2 of 4 (backup-12, incremental-13)": the connection slots held
+    on its server now, by every job of every cluster; {} when Redis cannot be asked."""
+    try:
+        redis = queue.redis_connection(queue.DEFAULT)
+        return {
+            i.pk: slots_usage_text(redis, f"{i.host}:{i.port}", i.max_connections)
+            for i in instances
+        }
+    except queue.QueueUnavailable:
+        return {}
 
 
 def topology_export(*, cluster_name: str | None = None) -> str:

@@ -28,6 +28,8 @@ from backups.engine.types import CancelFn, ProgressEvent, ProgressFn, TableLoadJ
 # roll_forward(shard manifest entry, target endpoint, scratch database) -> what was applied
 RollForwardFn = Callable[[dict[str, Any], Endpoint, str], ApplyResult]
 DRILL_PREFIX = "__svdrill_"
+# Connections a drill loads one table over (it restores one shard and one table at a time).
+DRILL_PARALLEL = 2
 
 
 def _never() -> bool:
@@ -218,6 +220,7 @@ def drill_run(
     keep_going: bool = True,
     roll_forward: RollForwardFn | None = None,
     throttles: dict[str, ThreadsRunningGate] | None = None,
+    parallel: int = DRILL_PARALLEL,
 ) -> DrillOutcome:
     """Restore every table of the manifest into scratch databases and compare checksums.
 
@@ -234,6 +237,8 @@ def drill_run(
 
     `throttles` (by shard name) are the policy's max_threads_running gates of targets that
     serve production: each chunk load waits while its target is busy (and the RTO says so).
+    At most `parallel` connections load a table at once (schema, checksum and binlog steps
+    use one, in turn), so a drill never holds more than `parallel` on a target.
     """
     outcome = DrillOutcome()
     shards = manifest_shards(doc)
@@ -280,6 +285,7 @@ def drill_run(
                         progress=progress,
                         should_cancel=should_cancel,
                         throttle=(throttles or {}).get(shard_name),
+                        parallel=parallel,
                     )
                 except Cancelled:
                     raise

@@ -12,13 +12,34 @@ SIGKILL cannot release: its slots simply expire after `ttl`.
         slots.acquire(wait=..., should_cancel=...)   # {"127.0.0.1:3306": granted}
         ...
         slots.refresh()                                # from a heartbeat
+
+A job that is not a full backup or a restore holds its slots with one context manager,
+which waits (bounded, saying "waiting for a connection slot on <instance> — connections in
+use: 3 of 3 (backup-12)") and refreshes them from the job's heartbeat:
+
+    needs, names = instance_needs(instances, minimum=1)
+    with connection_slots_held(needs=needs, names=names, holder="incremental-13",
+                               wait=600, tracker=tracker) as granted:
+        ...
+
+`slot_holders` and `slots_usage_text` say who holds a server's slots (the cluster page);
+`slots_short` probes without taking anything (a scheduled tick skipped at the cap).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+from django.conf import settings
+
+from backups import queue
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "shardvault:conn-slots:"
 
@@ -152,3 +173,199 @@ class ConnectionSlots:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ------------------------------------------------------------------ holders, probes, waiting
+
+
+def slot_holders(redis, address: str) -> dict[str, int]:
+    """Who holds live slots on one server right now: holder -> slots, biggest first."""
+    members = redis.zrangebyscore(instance_slot_key(address), time.time(), "+inf")
+    counts: dict[str, int] = {}
+    for member in members:
+        text = member.decode() if isinstance(member, bytes) else str(member)
+        holder = text.rsplit(":", 1)[0]
+        counts[holder] = counts.get(holder, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def slot_holders_text(holders: dict[str, int]) -> str:
+    """Holders (as `slot_holders` gives them) as text: "backup-12 ×2, incremental-13"."""
+    return ", ".join(h if n == 1 else f"{h} ×{n}" for h, n in holders.items())
+
+
+def slots_usage_text(redis, address: str, cap: int) -> str:
+    """Slots in use on one server as text: "3 of 4 (backup-12 ×2, incremental-13)", "0 of 4"."""
+    holders = slot_holders(redis, address)
+    names = slot_holders_text(holders)
+    return f"{sum(holders.values())} of {cap}" + (f" ({names})" if names else "")
+
+
+def slots_short(redis, needs: dict[str, SlotNeed]) -> list[str]:
+    """The addresses of `needs` that could not grant their minimum now (a probe: takes
+    nothing, so a caller that goes on must still acquire)."""
+    return [a for a, need in needs.items() if need.cap - slots_in_use(redis, a) < need.minimum]
+
+
+def slots_wait(
+    slots: ConnectionSlots,
+    *,
+    wait: float,
+    names: dict[str, str] | None = None,
+    say: Callable[[str], None] | None = None,
+    should_cancel: Callable[[], bool] = lambda: False,
+    poll: float = 0.5,
+) -> dict[str, int]:
+    """`slots.acquire` that tells, while it waits, which instance is at its cap.
+
+    `say(text)` gets "waiting for a connection slot on <instance> — connections in use:
+    2 of 2 (backup-12)" whenever that line changes. After `wait` seconds (or a cancel) it raises
+    SlotsUnavailable with one sentence naming the instance at its cap and its holders.
+    `names` maps addresses to instance names for those sentences.
+    """
+    names = names or {}
+    deadline = time.monotonic() + wait
+    said = ""
+    while True:
+        if slots.try_acquire():
+            return slots.granted
+        short = slots_short(slots.redis, slots.needs) or list(slots.needs)
+        line = "; ".join(
+            f"{names.get(a, a)} — connections in use: "
+            f"{slots_usage_text(slots.redis, a, slots.needs[a].cap)}"
+            for a in short
+        )
+        if say is not None and line != said:
+            say(f"waiting for a connection slot on {line}")
+            said = line
+        if should_cancel() or time.monotonic() >= deadline:
+            raise SlotsUnavailable(slots_at_cap_sentence(slots.redis, slots.needs, short, names))
+        time.sleep(poll)
+
+
+def slots_at_cap_sentence(
+    redis,
+    needs: dict[str, SlotNeed],
+    short: list[str],
+    names: dict[str, str],
+    *,
+    advice: str = "; try again when those jobs end, or raise its max connections",
+) -> str:
+    """One sentence: which instance is at its connection cap, and who holds its slots."""
+    parts = []
+    for a in short:
+        holders = slot_holders_text(slot_holders(redis, a)) or "jobs that just ended"
+        parts.append(
+            f"instance {names.get(a, a)} ({a}) is at its cap of {needs[a].cap} connection(s) "
+            f"from ShardVault, in use by {holders}"
+        )
+    return "; ".join(parts) + advice
+
+
+# ------------------------------------------------------------------ one job's slots, held
+
+
+def slot_ttl() -> float:
+    """Expiry of a held slot: two heartbeat-stale windows, and never under four beats (the
+    tracker beats every max(1 s, stale / 4)), so only a dead holder loses its slots."""
+    stale = float(settings.JOB_HEARTBEAT_STALE_SECONDS)
+    return max(4 * max(1.0, stale / 4), 2 * stale)
+
+
+def instance_needs(
+    instances: Iterable, *, minimum: int = 1, wanted: int | None = None
+) -> tuple[dict[str, SlotNeed], dict[str, str]]:
+    """(needs, names) for a job that opens at most `wanted` (at least `minimum`) connections
+    at once to each server among `instances` (Instance rows; two rows for one host:port are
+    one server, capped by the smaller max_connections)."""
+    caps: dict[str, int] = {}
+    names: dict[str, str] = {}
+    for instance in instances:
+        address = f"{instance.host}:{instance.port}"
+        caps[address] = min(caps.get(address, instance.max_connections), instance.max_connections)
+        names.setdefault(address, instance.name)
+    wanted = minimum if wanted is None else max(minimum, wanted)
+    needs = {
+        a: SlotNeed(cap=cap, minimum=minimum, wanted=min(cap, wanted)) for a, cap in caps.items()
+    }
+    return needs, names
+
+
+class _Refreshes:
+    """Two slot holders kept alive by one tracker (a job that already held slots)."""
+
+    def __init__(self, *held):
+        self.held = held
+
+    def refresh(self) -> None:
+        for slots in self.held:
+            slots.refresh()
+
+
+@contextmanager
+def connection_slots_held(
+    *,
+    needs: dict[str, SlotNeed],
+    holder: str,
+    wait: float,
+    names: dict[str, str] | None = None,
+    tracker=None,
+    say: Callable[[str], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    queue_name: str = queue.DEFAULT,
+    ttl: float | None = None,
+) -> Iterator[dict[str, int] | None]:
+    """Hold `holder`'s slots on every server of `needs` for the block; yields the grants.
+
+    Waits up to `wait` s, saying "waiting for a connection slot on <instance>: ..." through
+    `say` (or `tracker.say`), then raises SlotsUnavailable naming the instance at its cap.
+    The slots are refreshed by `tracker`'s heartbeat (or, without a tracker, by a thread of
+    their own) and released when the block ends; a SIGKILLed holder's expire after `ttl`.
+    Without Redis (nobody to share the servers with) it yields None and holds nothing.
+    """
+    if not needs:
+        yield {}
+        return
+    if say is None and tracker is not None:
+        say = tracker.say
+    if should_cancel is None:
+        should_cancel = tracker.should_cancel if tracker is not None else (lambda: False)
+    try:
+        redis = queue.redis_connection(queue_name)
+        slots = ConnectionSlots(redis, needs, holder=holder, ttl=ttl or slot_ttl())
+        granted = slots_wait(slots, wait=wait, names=names, say=say, should_cancel=should_cancel)
+    except queue.QueueUnavailable as exc:
+        log.warning("connection slots of %s not taken, Redis is not reachable: %s", holder, exc)
+        yield None
+        return
+    stop = threading.Event()
+    beat = None
+    previous = None
+    if tracker is not None:
+        previous = tracker.slots
+        tracker.slots = slots if previous is None else _Refreshes(previous, slots)
+    else:
+        beat = threading.Thread(
+            target=_refresh_until, args=(slots, stop), name=f"slots-{holder}", daemon=True
+        )
+        beat.start()
+    try:
+        yield granted
+    finally:
+        stop.set()
+        if beat is not None:
+            beat.join(timeout=5)
+        if tracker is not None:
+            tracker.slots = previous
+        try:
+            slots.release()
+        except queue.QueueUnavailable:  # they expire on their own
+            log.warning("releasing the connection slots of %s failed", holder)
+
+
+def _refresh_until(slots: ConnectionSlots, stop: threading.Event) -> None:
+    while not stop.wait(slots.ttl / 4):
+        try:
+            slots.refresh()
+        except Exception:  # noqa: BLE001 - a missed refresh is retried; they expire otherwise
+            log.debug("refreshing the connection slots of %s failed", slots.holder)

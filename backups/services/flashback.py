@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -25,6 +26,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from backups import queue
 from backups.engine.errors import ConnectError, EngineError
 from backups.engine.flashback import (
     FlashbackChoice,
@@ -43,6 +45,11 @@ from backups.engine.mysql import Endpoint, connect
 from backups.models import RestoreRequest, RestoreRun, RestoreTableResult
 from backups.selectors.binlog_browser import binlog_segments, segment_open, table_filter
 from backups.services.alerts import notify_request_filed
+from backups.services.connection_slots import (
+    SlotsUnavailable,
+    connection_slots_held,
+    instance_needs,
+)
 from backups.services.errors import RestoreDenied, RestoreError
 from backups.services.restore_plan import restore_plan_target_records
 from backups.services.restore_run_states import restore_run_finish
@@ -55,6 +62,9 @@ from shards.selectors import MissingPassword, instance_endpoint
 
 Target = RestoreRequest.Target
 log = logging.getLogger(__name__)
+
+# How long a flashback run waits for a connection slot on a server at its cap.
+FLASHBACK_SLOT_WAIT_SECONDS = 10 * 60
 
 
 @dataclass
@@ -400,13 +410,39 @@ def _marker(request: RestoreRequest) -> str:
     return f"restore-request-{request.pk}"
 
 
+@contextmanager
+def _flashback_slots(run: RestoreRun, request: RestoreRequest, tracker):
+    """One connection slot on every server of the shards in scope: the flashback reads and
+    applies one shard at a time over one connection. RestoreError after FLASHBACK_SLOT_WAIT
+    seconds of an instance at its cap (nothing touched yet)."""
+    chosen = {s.strip() for s in request.scope.get("shards") or () if s and s.strip()}
+    shards = request.cluster.shards.select_related("instance")
+    instances = [s.instance for s in shards if not chosen or s.name in chosen]
+    needs, names = instance_needs(instances, minimum=1)
+    try:
+        with connection_slots_held(
+            needs=needs,
+            names=names,
+            holder=f"restore-{run.pk}",
+            wait=FLASHBACK_SLOT_WAIT_SECONDS,
+            tracker=tracker,
+            queue_name=queue.RESTORES,
+        ):
+            yield
+    except SlotsUnavailable as exc:
+        raise RestoreError(f"the flashback could not start: {exc}") from None
+
+
 def flashback_run_execute(*, run: RestoreRun, request: RestoreRequest, tracker) -> RestoreRun:
     """Undo the approved changes, one transaction per shard; the run ends with its outcome."""
     cluster = request.cluster
     applied: list[str] = []
     built: list[ShardFlashback] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="shardvault-flashback-") as workdir:
+        with (
+            _flashback_slots(run, request, tracker),
+            tempfile.TemporaryDirectory(prefix="shardvault-flashback-") as workdir,
+        ):
             tracker.say("building the flashback from the stored binlog")
             built = flashback_inverses(
                 cluster=cluster,

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 from django.db import transaction
 from django.utils import timezone
 
+from backups import queue
 from backups.engine import codec
 from backups.engine.binlog import master_status_at
 from backups.engine.binlog_events import coordinate_key
@@ -27,6 +29,11 @@ from backups.engine.capture import StoredObject, capture_instance
 from backups.engine.errors import Cancelled, EngineError
 from backups.engine.manifest import manifest_document, manifest_encryption, manifest_write
 from backups.models import BackupPolicy, BackupSet, BinlogSegment, ShardBackup
+from backups.services.connection_slots import (
+    SlotsUnavailable,
+    connection_slots_held,
+    instance_needs,
+)
 from backups.services.errors import BackupError, BackupRefused, ChainError, ChainRefused
 from backups.services.progress import JobTracker, worker_name
 from backups.services.sets import (
@@ -51,6 +58,8 @@ log = logging.getLogger(__name__)
 
 # Replica server ids used for capture: far from any real server's id.
 CAPTURE_SERVER_ID_BASE = 3_900_000_000
+# How long a capture waits for a connection slot on an instance at its cap before failing.
+SLOT_WAIT_SECONDS = 10 * 60
 
 
 # ------------------------------------------------------------------------------ start
@@ -228,32 +237,10 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
         for sb in shard_backups:
             by_instance.setdefault(sb.shard.instance_id, []).append(sb)
         instances = {i.pk: i for i in Instance.objects.filter(pk__in=by_instance)}
-        endpoints = {pk: instance_endpoint(instances[pk]) for pk in by_instance}
-        # Read every instance's end first, so the set covers one moment across the cluster.
-        ends = {pk: master_status_at(endpoints[pk]) for pk in by_instance}
-        covered = min(end[3] for end in ends.values()).replace(microsecond=0) - timedelta(seconds=1)
-        captures = []
-        for index, (pk, sbs) in enumerate(sorted(by_instance.items())):
-            start = min(
-                ((sb.binlog_file, sb.binlog_pos) for sb in sbs), key=lambda c: coordinate_key(*c)
+        with _capture_slots(backup_set, instances.values(), tracker):
+            captures, covered = _capture_all(
+                backup_set, by_instance, instances, store, tracker, encrypted=data_key is not None
             )
-            end_file, end_pos, end_gtid, _read_at = ends[pk]
-            capture = capture_instance(
-                endpoint=endpoints[pk],
-                instance=instances[pk].name,
-                start_file=start[0],
-                start_pos=int(start[1]),
-                end_file=end_file,
-                end_pos=end_pos,
-                end_gtid=end_gtid,
-                set_prefix=backup_set.object_prefix,
-                store=store,
-                server_id=CAPTURE_SERVER_ID_BASE + (backup_set.pk % 10_000_000) * 10 + index % 10,
-                encrypted=data_key is not None,
-                progress=tracker.progress,
-                should_cancel=tracker.should_cancel,
-            )
-            captures.append((instances[pk], sbs, capture))
         doc = _manifest(backup_set, captures, covered)
         manifest_sha = _write_manifest(storage, backup_set, doc)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the set
@@ -270,6 +257,64 @@ def incremental_execute(*, backup_set: BackupSet) -> BackupSet:
     return _finish(
         backup_set, captures=captures, manifest_sha256=manifest_sha, covered=doc_covered(doc)
     )
+
+
+@contextmanager
+def _capture_slots(backup_set: BackupSet, instances, tracker: JobTracker):
+    """One connection slot per server for the whole capture (it opens one connection at a
+    time on each: coordinates, the binlog list, then the binlog dump), or Cancelled /
+    BackupError after waiting SLOT_WAIT_SECONDS for an instance at its cap."""
+    needs, names = instance_needs(instances, minimum=1)
+    try:
+        with connection_slots_held(
+            needs=needs,
+            names=names,
+            holder=incremental_slot_holder(backup_set.pk),
+            wait=SLOT_WAIT_SECONDS,
+            tracker=tracker,
+            queue_name=queue.BACKUPS,
+        ):
+            tracker.say("reading the binlog coordinates of every instance")
+            yield
+    except SlotsUnavailable as exc:
+        if tracker.should_cancel():
+            raise Cancelled("the incremental was cancelled while waiting for slots") from None
+        raise BackupError(f"incremental could not start: {exc}") from None
+
+
+def incremental_slot_holder(set_id: int) -> str:
+    return f"incremental-{set_id}"
+
+
+def _capture_all(backup_set: BackupSet, by_instance, instances, store, tracker, *, encrypted):
+    """Capture every instance's binlog range; ([(instance, shard parts, capture)], covered)."""
+    endpoints = {pk: instance_endpoint(instances[pk]) for pk in by_instance}
+    # Read every instance's end first, so the set covers one moment across the cluster.
+    ends = {pk: master_status_at(endpoints[pk]) for pk in by_instance}
+    covered = min(end[3] for end in ends.values()).replace(microsecond=0) - timedelta(seconds=1)
+    captures = []
+    for index, (pk, sbs) in enumerate(sorted(by_instance.items())):
+        start = min(
+            ((sb.binlog_file, sb.binlog_pos) for sb in sbs), key=lambda c: coordinate_key(*c)
+        )
+        end_file, end_pos, end_gtid, _read_at = ends[pk]
+        capture = capture_instance(
+            endpoint=endpoints[pk],
+            instance=instances[pk].name,
+            start_file=start[0],
+            start_pos=int(start[1]),
+            end_file=end_file,
+            end_pos=end_pos,
+            end_gtid=end_gtid,
+            set_prefix=backup_set.object_prefix,
+            store=store,
+            server_id=CAPTURE_SERVER_ID_BASE + (backup_set.pk % 10_000_000) * 10 + index % 10,
+            encrypted=encrypted,
+            progress=tracker.progress,
+            should_cancel=tracker.should_cancel,
+        )
+        captures.append((instances[pk], sbs, capture))
+    return captures, covered
 
 
 def doc_covered(doc: dict) -> datetime:

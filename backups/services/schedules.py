@@ -32,6 +32,12 @@ from backups.selectors.policies import (
     incremental_tick_matches,
     incremental_ticks,
 )
+from backups.services.connection_slots import (
+    SlotNeed,
+    instance_needs,
+    slots_at_cap_sentence,
+    slots_short,
+)
 from backups.services.errors import BackupError, BackupRefused
 from backups.services.full_backups import backup_start
 from backups.services.incrementals import incremental_chain_problem, incremental_start
@@ -136,7 +142,7 @@ def schedule_tick(*, cluster: Cluster, kind: str, tick_at: datetime) -> Schedule
                 )
         except IntegrityError:
             return None  # another scheduler took this tick
-        busy = busy_reason(cluster)
+        busy = busy_reason(cluster) or _slots_short_reason(cluster, policy, kind)
         if busy:
             return _skip(tick, busy)
         try:
@@ -149,6 +155,34 @@ def schedule_tick(*, cluster: Cluster, kind: str, tick_at: datetime) -> Schedule
         tick.note = f"{backup_set.kind} set {backup_set.pk}"
         tick.save(update_fields=["backup_set", "note"])
     return tick
+
+
+def _slots_short_reason(cluster: Cluster, policy: BackupPolicy, kind: str) -> str:
+    """Why the tick's backup could not get its connection slots now ("" when it could): a
+    server of the cluster, shared with other jobs (another cluster on the same server, a
+    restore, a drill), lacks the fewest connections the backup needs there. A probe only:
+    the backup that starts still takes its slots itself."""
+    shards = list(cluster.shards.select_related("instance"))
+    if kind == INCREMENTAL and not incremental_chain_problem(cluster):
+        extra = 0  # one binlog connection at a time per server
+        per_shard = False
+    else:
+        # As backup_spec.backup_connection_slots: a control connection, dump connections
+        # (locked, cold: at least one; lockfree: one per shard) and the throttle's poll.
+        cold = policy.full_consistency == BackupSet.Consistency.COLD
+        extra = 1 + (1 if policy.max_threads_running and not cold else 0)
+        per_shard = policy.full_consistency == BackupSet.Consistency.LOCKFREE
+    needs, names = instance_needs([s.instance for s in shards], minimum=1)
+    for address in needs:
+        on_it = sum(1 for s in shards if f"{s.instance.host}:{s.instance.port}" == address)
+        minimum = (on_it if per_shard else 1) + extra
+        needs[address] = SlotNeed(cap=needs[address].cap, minimum=minimum, wanted=minimum)
+    try:
+        redis = queue.redis_connection(queue.BACKUPS)
+        short = slots_short(redis, needs)
+        return slots_at_cap_sentence(redis, needs, short, names, advice="") if short else ""
+    except queue.QueueUnavailable:  # the backup itself will say what is wrong
+        return ""
 
 
 def _skip(tick: ScheduleTick, reason: str) -> ScheduleTick:

@@ -7,6 +7,7 @@ defer side effects (enqueueing, alerts) to `transaction.on_commit` (STYLE.md).
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -21,6 +22,13 @@ from backups.engine.types import ProgressEvent
 from backups.models import BackupPolicy, BackupSet, SetCopy, VerificationRun
 from backups.selectors.verification import drills_due
 from backups.services.alerts import alert_quality_dropped
+from backups.services.connection_slots import (
+    SlotsUnavailable,
+    connection_slots_held,
+    instance_needs,
+    slots_at_cap_sentence,
+    slots_short,
+)
 from backups.services.errors import VerificationError
 from backups.services.physical_drill import NO_CHECKSUMS_NOTE, physical_drill
 from backups.services.pitr import chain_apply
@@ -46,6 +54,8 @@ from shards.selectors import instance_endpoint
 from shards.services.identity import instance_identity_check
 
 JOB = "backups.jobs.verification.verification_job"
+# How long a drill waits for a connection slot on a server at its cap before failing.
+DRILL_SLOT_WAIT_SECONDS = 10 * 60
 
 
 def verification_job_id(verification: VerificationRun) -> str:
@@ -155,9 +165,22 @@ def verification_backfill_automatic(*, window_hours: int = 48) -> list[Verificat
 
 
 def verification_drills_schedule() -> list[VerificationRun]:
-    """Queue a drill of the newest set of every cluster whose drill is due (housekeeping)."""
+    """Queue a drill of the newest set of every cluster whose drill is due (housekeeping).
+
+    A drill whose servers could not give it a connection slot now is skipped, like a busy
+    schedule tick (audited `verification.skipped` with the instance at its cap): it is still
+    due at the next housekeeping run."""
     started = []
     for backup_set in drills_due():
+        short = _drill_slots_short(backup_set)
+        if short:
+            audit_record(
+                actor="system",
+                action="verification.skipped",
+                obj=backup_set,
+                details={"drill": True, "reason": short},
+            )
+            continue
         try:
             started.append(verification_start(backup_set=backup_set, user=None, drill=True))
         except VerificationError:
@@ -200,16 +223,13 @@ def _drill_chain(backup_set: BackupSet) -> tuple[BackupSet, list[BackupSet]]:
     return current, chain
 
 
-def _drill_targets(backup_set: BackupSet, doc: dict) -> tuple[dict, str, str]:
-    """Shard name -> endpoint; the drill instance's name; a warning when there is none."""
+def _drill_target_instances(backup_set: BackupSet, doc: dict) -> tuple[dict, str, str]:
+    """Shard name -> the Instance its scratch database goes to; the drill instance's name; a
+    warning when there is none (the shards' own instances are used)."""
     cluster = backup_set.cluster
     names = [s.get("name", "") for s in engine.manifest_shards(doc)]
     if cluster.drill_instance_id:
-        # Bound like a restore's target: the server recorded for the drill instance's
-        # address, asked before any row is sent (refused when another server answers).
-        instance_identity_check(instance=cluster.drill_instance)
-        endpoint = instance_endpoint(cluster.drill_instance)
-        return {name: endpoint for name in names}, cluster.drill_instance.name, ""
+        return {name: cluster.drill_instance for name in names}, cluster.drill_instance.name, ""
     shards = {
         s.name: s
         for s in Shard.objects.filter(cluster=cluster, name__in=names).select_related("instance")
@@ -220,12 +240,86 @@ def _drill_targets(backup_set: BackupSet, doc: dict) -> tuple[dict, str, str]:
             f"cluster {cluster.name} has no drill instance and no longer has shard(s) "
             f"{', '.join(missing)}: set a drill instance"
         )
-    targets = {name: instance_endpoint(shards[name].instance) for name in names}
     warning = (
         f"warning: cluster {cluster.name} has no drill instance: scratch databases "
         f"{engine.DRILL_PREFIX}<verification id>_<db> were created (and dropped) on each shard's own (production) instance"
     )
-    return targets, "", warning
+    return {name: shards[name].instance for name in names}, "", warning
+
+
+def _drill_targets(backup_set: BackupSet, instances: dict, drill_name: str) -> dict:
+    """Shard name -> endpoint. A drill instance is bound like a restore's target: the server
+    recorded for its address, asked before any row is sent (refused when another answers)."""
+    if drill_name:
+        instance_identity_check(instance=backup_set.cluster.drill_instance)
+    endpoints: dict[int, Any] = {}
+    for instance in instances.values():
+        if instance.pk not in endpoints:
+            endpoints[instance.pk] = instance_endpoint(instance)
+    return {name: endpoints[instance.pk] for name, instance in instances.items()}
+
+
+@contextmanager
+def _drill_slots(run: VerificationRun, instances, *, poll: bool, tracker: JobTracker):
+    """The drill's connection slots on every server it restores into; yields how many
+    loads may run at once on each (the drill goes one shard and one table at a time, each
+    table over up to DRILL_PARALLEL connections, beside the throttle's poll connection)."""
+    extra = 1 if poll else 0
+    needs, names = instance_needs(
+        instances, minimum=1 + extra, wanted=engine.DRILL_PARALLEL + extra
+    )
+    try:
+        with connection_slots_held(
+            needs=needs,
+            names=names,
+            holder=drill_slot_holder(run.pk),
+            wait=DRILL_SLOT_WAIT_SECONDS,
+            tracker=tracker,
+            queue_name=queue.VERIFY,
+        ) as granted:
+            if not granted:
+                yield engine.DRILL_PARALLEL
+            else:
+                yield max(1, min(granted.values()) - extra)
+    except SlotsUnavailable as exc:
+        if tracker.should_cancel():
+            raise VerificationError("the drill was cancelled while waiting for slots") from None
+        raise VerificationError(f"the drill could not start: {exc}") from None
+
+
+def _drill_slots_short(backup_set: BackupSet) -> str:
+    """Why a drill of `backup_set` could not get its connection slots now ("" when it could,
+    when it restores into no registered server (physical), or when Redis cannot say)."""
+    full_set = backup_set
+    if backup_set.kind == BackupSet.Kind.INCREMENTAL:
+        try:
+            full_set, _chain = _drill_chain(backup_set)
+        except VerificationError:
+            return ""  # verification_start says why
+    if full_set.method == BackupSet.Method.PHYSICAL:
+        return ""
+    cluster = backup_set.cluster
+    if cluster.drill_instance_id:
+        instances = [cluster.drill_instance]
+    else:
+        instances = [s.instance for s in cluster.shards.select_related("instance")]
+    poll = not cluster.drill_instance_id and _drill_throttled(backup_set)
+    needs, names = instance_needs(instances, minimum=2 if poll else 1)
+    try:
+        redis = queue.redis_connection(queue.VERIFY)
+        short = slots_short(redis, needs)
+        return slots_at_cap_sentence(redis, needs, short, names, advice="") if short else ""
+    except queue.QueueUnavailable:
+        return ""
+
+
+def drill_slot_holder(verification_id: int) -> str:
+    return f"drill-{verification_id}"
+
+
+def _drill_throttled(backup_set: BackupSet) -> bool:
+    policy = BackupPolicy.objects.filter(cluster_id=backup_set.cluster_id).first()
+    return bool(policy and policy.max_threads_running)
 
 
 def _drill_throttles(backup_set: BackupSet, targets: dict) -> dict:
@@ -357,25 +451,33 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
                 details["physical"] = {"tables": drilled.tables[:200], "rows": drilled.rows}
                 warnings.append(NO_CHECKSUMS_NOTE)
             elif run.drill and check.manifest is not None:
-                targets, drill_name, warning = _drill_targets(full_set, check.manifest)
+                instances, drill_name, warning = _drill_target_instances(full_set, check.manifest)
                 roll_forward = None
                 if chain:
                     roll_forward = _roll_forward_through(chain, until=backup_set.consistent_at)
-                throttles = {} if drill_name else _drill_throttles(backup_set, targets)
-                try:
-                    outcome = engine.drill_run(
-                        check.manifest,
-                        storages[full_set.pk],
-                        verification_id=run.pk,
-                        targets=targets,
-                        data_key=set_data_key(full_set),
-                        progress=progress,
-                        roll_forward=roll_forward,
-                        throttles=throttles,
-                    )
-                finally:
-                    for gate in {id(g): g for g in throttles.values()}.values():
-                        gate.close()
+                with _drill_slots(
+                    run,
+                    instances.values(),
+                    poll=not drill_name and _drill_throttled(backup_set),
+                    tracker=tracker,
+                ) as parallel:
+                    targets = _drill_targets(full_set, instances, drill_name)
+                    throttles = {} if drill_name else _drill_throttles(backup_set, targets)
+                    try:
+                        outcome = engine.drill_run(
+                            check.manifest,
+                            storages[full_set.pk],
+                            verification_id=run.pk,
+                            targets=targets,
+                            data_key=set_data_key(full_set),
+                            progress=progress,
+                            roll_forward=roll_forward,
+                            throttles=throttles,
+                            parallel=parallel,
+                        )
+                    finally:
+                        for gate in {id(g): g for g in throttles.values()}.values():
+                            gate.close()
                 problems.extend(outcome.problems)
                 t, d, rto = outcome.t, outcome.d, outcome.rto_seconds
                 if chain:

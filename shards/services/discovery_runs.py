@@ -11,6 +11,7 @@ from django.utils import timezone
 from backups import queue
 from backups.engine.errors import KeyMaterialError
 from backups.models import BackupPolicy
+from backups.services.connection_slots import connection_slots_held, instance_needs
 from console.audit import audit_record
 from shards import discovery as discovery_engine
 from shards.models import Cluster, DiscoveryRun, Finding, Instance, PhysicalTable
@@ -19,6 +20,13 @@ from shards.services.topology import topology_authorise
 
 # A queued or running discovery older than this is considered abandoned.
 DISCOVERY_STALE_AFTER = timedelta(minutes=15)
+# How long a discovery waits for a connection slot on a server at its cap; then it fails
+# saying which instance is at its cap and which jobs hold it.
+DISCOVERY_SLOT_WAIT_SECONDS = 30
+
+
+def discovery_slot_holder(discovery_id: int) -> str:
+    return f"discovery-{discovery_id}"
 
 
 def discovery_request(*, cluster: Cluster, actor) -> DiscoveryRun:
@@ -135,18 +143,27 @@ def discovery_run(
         last_write[0] = now
         DiscoveryRun.objects.filter(pk=run.pk).update(progress=percent, progress_text=text[:200])
 
+    # Discovery opens one connection at a time, so one slot on every server it reaches.
+    needs, names = instance_needs([i for i in instances if i.name in endpoints], minimum=1)
     try:
-        result = discovery_engine.discover(
-            endpoints,
-            targets,
-            progress=progress,
-            unavailable=unavailable,
-            exclude_tables=_policy_exclusions(cluster),
-            cold=_policy_takes_cold(cluster),
-            physical=_physical_instances(cluster, instances),
-            physical_required=_policy_takes_physical(cluster),
-        )
-    except Exception as exc:
+        with connection_slots_held(
+            needs=needs,
+            names=names,
+            holder=discovery_slot_holder(run.pk),
+            wait=DISCOVERY_SLOT_WAIT_SECONDS,
+            say=lambda text: progress(0, text),
+        ):
+            result = discovery_engine.discover(
+                endpoints,
+                targets,
+                progress=progress,
+                unavailable=unavailable,
+                exclude_tables=_policy_exclusions(cluster),
+                cold=_policy_takes_cold(cluster),
+                physical=_physical_instances(cluster, instances),
+                physical_required=_policy_takes_physical(cluster),
+            )
+    except Exception as exc:  # an instance at its connection cap too (SlotsUnavailable)
         with transaction.atomic():
             _discovery_fail(run.pk, str(exc)[:2000])
             audit_record(
