@@ -73,6 +73,8 @@ RESULT_TTL_SECONDS = 24 * 3600  # results, claims and the abort flag of one atte
 PART_JOB = "backups.jobs.parts.part_job"
 PART_JOB_TIMEOUT_SECONDS = 24 * 3600
 POLL_SECONDS = 0.2
+# A heartbeat window shorter than this would call a busy but live part dead.
+MIN_STALE_SECONDS = 2.0
 
 # Claims a part atomically, only while its attempt is alive (owner beating, no abort).
 # KEYS: claim, owner beat, abort, part beat. ARGV: worker, ttl, beat ttl.
@@ -367,8 +369,9 @@ def parts_run(
     if len(set(names)) != len(names):
         raise ValueError(f"part names of {owner} are not unique: {names}")
     claim_after = float(settings.PARTS_CLAIM_AFTER_SECONDS if claim_after is None else claim_after)
-    stale_after = float(
-        settings.JOB_HEARTBEAT_STALE_SECONDS if stale_after is None else stale_after
+    stale_after = max(
+        MIN_STALE_SECONDS,
+        float(settings.JOB_HEARTBEAT_STALE_SECONDS if stale_after is None else stale_after),
     )
     redis = queue.redis_connection(queue_name)
     attempt = uuid.uuid4().hex[:12]
