@@ -14,9 +14,12 @@ from rq import Worker
 from rq.job import Job
 
 from backups.engine.mysql import quote_ident
-from backups.models import RestoreRun, RestoreTableResult
+from backups.engine.verify import DRILL_PREFIX
+from backups.models import RestoreTableResult
 from backups.services.parts import worker_id
 from backups.services.restore_run_states import restore_run_start
+from backups.services.verification import verification_start
+from console.models import AuditEvent
 from tests.backups.test_restore_rules import file_request, make_backup
 from tests.backups.test_restore_run import approve, checksum_of, shard_servers
 from tests.factories import make_cluster, make_user
@@ -50,12 +53,12 @@ def cluster(mariadb_servers, unique_name, settings):
 
 @pytest.fixture
 def workers(rq_worker_process, redis_url, settings, monkeypatch):
-    """Start `count` rqworker processes on `restores` and wait until each listens."""
+    """Start `count` rqworker processes on `restores` and `verify`; wait until each listens."""
     monkeypatch.setenv("SHARDVAULT_HEARTBEAT_STALE_SECONDS", str(STALE_SECONDS))
     settings.JOB_HEARTBEAT_STALE_SECONDS = STALE_SECONDS
 
     def start(count: int) -> list:
-        procs = [rq_worker_process("restores") for _ in range(count)]
+        procs = [rq_worker_process("restores", "verify") for _ in range(count)]
         conn = redis_lib.Redis.from_url(redis_url)
         deadline = time.monotonic() + 60
         while sum(w.get_state() == "idle" for w in Worker.all(connection=conn)) < count:
@@ -66,14 +69,14 @@ def workers(rq_worker_process, redis_url, settings, monkeypatch):
     return start
 
 
-def _start_restore(cluster, run_jobs):
-    backup_set = make_backup(cluster, run_jobs)
+def _start_restore(cluster, run_jobs, backup_set=None):
+    backup_set = backup_set or make_backup(cluster, run_jobs)
     request = file_request(cluster, backup_set, target="side", tables=list(TABLES))
     approve(request)
     return request, restore_run_start(request=request, actor=make_user("operator"))
 
 
-def _wait_until_final(run, timeout: float = 60) -> RestoreRun:
+def _wait_until_final(run, timeout: float = 60):
     deadline = time.monotonic() + timeout
     while True:
         run.refresh_from_db()
@@ -90,7 +93,7 @@ def _assert_side_tables_match(cluster, mariadb_servers, request) -> None:
             assert checksum_of(server, side, table) == checksum_of(server, shard.database, table)
 
 
-def test_restore_spreads_over_workers_per_target_instance(
+def test_restore_and_drill_spread_over_workers_per_target_instance(
     cluster, mariadb_servers, run_jobs, workers
 ):
     workers(3)
@@ -109,6 +112,18 @@ def test_restore_spreads_over_workers_per_target_instance(
     assert len(set().union(*by_instance.values())) >= 2, by_instance
     assert run.rows_done == sum(r.rows for r in results)  # remote parts' rows counted
     _assert_side_tables_match(cluster, mariadb_servers, request)
+
+    # A drill of the same set fans out too: one part per target server (no drill instance).
+    drill = _wait_until_final(verification_start(backup_set=request.source_set, drill=True))
+    assert drill.status == "succeeded", drill.error
+    assert drill.q == 1.0 and drill.t == 1.0 and not drill.problems
+    finished = AuditEvent.objects.get(action="verification.finish", object_id=str(drill.pk))
+    assert len(finished.details["workers"]) >= 2, finished.details
+    for server in mariadb_servers:  # every scratch database was dropped
+        assert not server.execute(
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA"
+            f" WHERE SCHEMA_NAME LIKE '{DRILL_PREFIX}{drill.pk}%'"
+        )
 
 
 def test_one_worker_alone_completes_the_restore(cluster, mariadb_servers, run_jobs):
