@@ -595,13 +595,14 @@ class _ProgressRelay:
 
 
 def restore_run_part(
-    ctx: PartContext, run_id: int, instance_id: int, shard_names: list[str], resume: bool
+    ctx: PartContext, run_id: int, instance_id: int, shard_docs: list[dict], resume: bool
 ) -> dict:
     """One part of a restore run: restore the run's shards that land on one target server.
 
     Takes the part's connection slots on that server, loads and verifies each shard (as
     the run did before parts: ChunkLedger resume, throttle, PITR roll-forward) and returns
-    the shards' outcomes, notes and `served_by`, JSON-able. Swap and results stay with the
+    the shards' outcomes, notes and `served_by`, JSON-able. `shard_docs` are the shards'
+    entries of the manifest the owner read and checked. Swap and results stay with the
     owner. A cancel (the run's, or the owner's abort) returns `cancelled` with the shards
     that finished.
     """
@@ -621,12 +622,11 @@ def restore_run_part(
     cancelled = False
     try:
         storage = set_read_storage(request.source_set)
-        doc = set_manifest(request.source_set, storage)
         data_key = _set_data_key(request.source_set)
-        shard_docs = {s["name"]: s for s in manifest_shards(doc)}
+        docs = {s["name"]: s for s in shard_docs}
         groups: dict[str, list[dict]] = {}
         for entry in request.plan["tables"]:
-            if entry["shard"] in shard_names:
+            if entry["shard"] in docs:
                 groups.setdefault(entry["shard"], []).append(entry)
         instance = Instance.objects.get(pk=instance_id)
         slots, granted = _part_slots(run, instance, len(groups), tracker)
@@ -651,7 +651,7 @@ def restore_run_part(
                 outcome = _restore_shard(
                     run=run,
                     request=request,
-                    shard_doc=shard_docs[name],
+                    shard_doc=docs[name],
                     entries=entries,
                     storage=storage,
                     data_key=data_key,
@@ -734,7 +734,12 @@ class _PartsOutcome:
 
 
 def _restore_parts(
-    run: RestoreRun, groups: dict[str, list[dict]], tracker: JobTracker, *, resume: bool
+    run: RestoreRun,
+    groups: dict[str, list[dict]],
+    shard_docs: dict[str, dict],
+    tracker: JobTracker,
+    *,
+    resume: bool,
 ) -> _PartsOutcome:
     """Restore every shard through one part per target server (DESIGN.md "Scale-out").
 
@@ -746,7 +751,7 @@ def _restore_parts(
     for name, entries in sorted(groups.items()):
         by_instance.setdefault(entries[0]["target_instance_id"], []).append(name)
     parts = [
-        Part(name=f"i{pk}", args=(run.pk, pk, names, resume))
+        Part(name=f"i{pk}", args=(run.pk, pk, [shard_docs[n] for n in names], resume))
         for pk, names in sorted(by_instance.items())
     ]
     merged = _PartsOutcome()
@@ -903,7 +908,7 @@ def _execute(
             groups.setdefault(entry["shard"], []).append(entry)
         stopped: _PartsStopped | None = None
         try:
-            merged = _restore_parts(run, groups, tracker, resume=resume)
+            merged = _restore_parts(run, groups, shard_docs, tracker, resume=resume)
         except _PartsStopped as exc:
             stopped, merged = exc, exc.merged
         served.extend(merged.served)

@@ -32,7 +32,6 @@ from backups.services.progress import JobTracker
 from backups.services.sets import (
     lock_set,
     set_data_key,
-    set_manifest,
     set_manifest_binding,
     set_prefix,
 )
@@ -696,9 +695,10 @@ def _drill_scratch(doc: dict, targets: dict, verification_id: int) -> list[tuple
     return scratch
 
 
-def drill_part(ctx: PartContext, verification_id: int, shard_names: list[str]) -> dict:
-    """One part of a drill: restore `shard_names` into scratch databases, compare checksums,
-    drop them; returns the part's DrillOutcome as JSON (what the owner merges)."""
+def drill_part(ctx: PartContext, verification_id: int, doc: dict) -> dict:
+    """One part of a drill: restore the shards of `doc` (the part's share of the manifest
+    the owner read and checked) into scratch databases, compare checksums, drop them;
+    returns the part's DrillOutcome as JSON (what the owner merges)."""
     close_old_connections()
     run = VerificationRun.objects.select_related("backup_set__cluster").get(pk=verification_id)
     backup_set = run.backup_set
@@ -706,7 +706,6 @@ def drill_part(ctx: PartContext, verification_id: int, shard_names: list[str]) -
     if backup_set.kind == BackupSet.Kind.INCREMENTAL:
         full_set, chain = _drill_chain(backup_set)
     storage = set_read_storage(full_set, target=run.target)
-    doc = _drill_subset(set_manifest(full_set, storage), shard_names)
     targets, drill_name, _warning = _drill_targets(full_set, doc)
     roll_forward = _roll_forward_through(chain, until=backup_set.consistent_at) if chain else None
     throttles = {} if drill_name else _drill_throttles(backup_set, targets)
@@ -754,7 +753,10 @@ def _drill_in_parts(
     drill (VerificationError) after its scratch databases were dropped.
     """
     groups = _drill_groups(doc, targets, drill_name)
-    parts = [Part(name=f"g{i}", args=(run.pk, names)) for i, names in enumerate(groups)]
+    parts = [
+        Part(name=f"g{i}", args=(run.pk, _drill_subset(doc, names)))
+        for i, names in enumerate(groups)
+    ]
     outcome = engine.DrillOutcome()
     for shard in engine.manifest_shards(doc):
         for table in shard.get("tables") or []:
@@ -774,9 +776,7 @@ def _drill_in_parts(
         # A killed part could not drop what it created: drop its scratch databases here.
         for part in parts:
             if not (exc.outcomes.get(part.name) and exc.outcomes[part.name].ok):
-                engine.drill_cleanup(
-                    _drill_scratch(_drill_subset(doc, part.args[1]), targets, run.pk)
-                )
+                engine.drill_cleanup(_drill_scratch(part.args[1], targets, run.pk))
         raise VerificationError(f"drill {exc}") from exc
     finally:
         _DRILL_OWNERS.pop(run.pk, None)

@@ -16,6 +16,7 @@ from rq.job import Job
 from backups.engine.mysql import quote_ident
 from backups.engine.verify import DRILL_PREFIX
 from backups.models import RestoreTableResult
+from backups.selectors.restores import restore_request_as_dict
 from backups.services.parts import worker_id
 from backups.services.restore_run_states import restore_run_start
 from backups.services.verification import verification_start
@@ -111,6 +112,8 @@ def test_restore_and_drill_spread_over_workers_per_target_instance(
     assert all(len(w) == 1 and "" not in w for w in by_instance.values()), by_instance
     assert len(set().union(*by_instance.values())) >= 2, by_instance
     assert run.rows_done == sum(r.rows for r in results)  # remote parts' rows counted
+    shown = restore_request_as_dict(request=request)["results"]  # `restore show --json`
+    assert {r["worker"] for r in shown} == set().union(*by_instance.values())
     _assert_side_tables_match(cluster, mariadb_servers, request)
 
     # A drill of the same set fans out too: one part per target server (no drill instance).
