@@ -13,12 +13,13 @@ import redis as redis_lib
 from rq import Worker
 from rq.job import Job
 
+from backups import queue
 from backups.engine.mysql import quote_ident
 from backups.engine.verify import DRILL_PREFIX
 from backups.models import RestoreTableResult
 from backups.selectors.restores import restore_request_as_dict
 from backups.services.parts import worker_id
-from backups.services.restore_run_states import restore_run_start
+from backups.services.restore_run_states import restore_run_cancel, restore_run_start
 from backups.services.verification import verification_start
 from console.models import AuditEvent
 from tests.backups.test_restore_rules import file_request, make_backup
@@ -183,4 +184,28 @@ def test_a_killed_part_worker_fails_the_run_within_the_heartbeat_window(
     assert (run.status, request.state) == ("failed", "failed")
     assert "stopped beating" in run.error and str(horse) in run.error
     # Nothing of it looks complete: no table is reported restored.
+    assert not RestoreTableResult.objects.filter(run=run, status="succeeded").exists()
+
+
+def test_cancel_reaches_the_parts_on_other_workers(
+    cluster, mariadb_servers, run_jobs, workers, redis_url
+):
+    workers(3)
+    request, run = _start_restore(cluster, run_jobs)
+    deadline = time.monotonic() + 30
+    while _horse_of_a_remote_part(redis_url, run) is None:
+        assert time.monotonic() < deadline, "no other worker took a part"
+        time.sleep(0.05)
+    restore_run_cancel(run=run, actor=make_user("operator"))
+    asked = time.monotonic()
+
+    run = _wait_until_final(run, timeout=30)
+    assert time.monotonic() - asked < 10
+    request.refresh_from_db()
+    assert (run.status, request.state) == ("cancelled", "cancelled"), run.error
+    # Every part stopped: none of their jobs still runs, and none reports a table restored.
+    part_jobs = [
+        f"restore-{run.pk}-part-i{pk}" for pk in {s.instance_id for s in cluster.shards.all()}
+    ]
+    assert not [j for j in part_jobs if queue.job_status(j, queue=queue.RESTORES) == "started"]
     assert not RestoreTableResult.objects.filter(run=run, status="succeeded").exists()
