@@ -10,6 +10,7 @@ cancellation before the swap drops the shadows and leaves the live tables as the
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -34,7 +35,7 @@ from backups.engine.target import (
     tables_drop,
 )
 from backups.engine.throttle import ThreadsRunningGate
-from backups.engine.types import TableLoadJob
+from backups.engine.types import ProgressEvent, TableLoadJob
 from backups.models import (
     BackupPolicy,
     BackupSet,
@@ -497,18 +498,20 @@ class _PartTracker:
         self.owner = owner
         self.slots = None
         self._lock = threading.Lock()
-        self._rows = 0
-        self._bytes = 0
+        # "shard\ttable" -> [rows, bytes, rows_estimate], what this part did so far
+        self._tables: dict[str, list[int]] = {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="part tracker")
 
     def progress(self, event) -> None:
         if self.owner is not None:
             self.owner.tracker.progress(event)
-        elif event.stage not in ("lock", "throttle"):
+        elif event.stage not in ("lock", "throttle") and (event.rows_done or event.bytes_done):
             with self._lock:
-                self._rows += max(0, event.rows_done)
-                self._bytes += max(0, event.bytes_done)
+                figures = self._tables.setdefault(f"{event.shard}\t{event.table}", [0, 0, 0])
+                figures[0] += max(0, event.rows_done)
+                figures[1] += max(0, event.bytes_done)
+                figures[2] = event.rows_estimate or figures[2]
 
     __call__ = progress
 
@@ -533,7 +536,7 @@ class _PartTracker:
         if self.owner is not None:
             return
         with self._lock:
-            figures = f"{self._rows} {self._bytes}"
+            figures = json.dumps(self._tables)
         try:
             self.ctx.redis.set(self.ctx.key("progress", self.ctx.name), figures, ex=24 * 3600)
         except Exception:  # noqa: BLE001 - progress figures never fail a restore
@@ -555,13 +558,14 @@ class _PartTracker:
 
 class _ProgressRelay:
     """The owner's side of `_PartTracker`: adds what the parts on other workers did to the
-    run's tracker, about once a second."""
+    run's tracker about once a second, per shard and table (so the run page's live
+    figures show their shards too)."""
 
     def __init__(self, tracker: JobTracker, parts: list[str]) -> None:
         self.tracker = tracker
         self.parts = parts
         self.handle = None
-        self.seen: dict[str, tuple[int, int]] = {}
+        self.seen: dict[tuple[str, str], list[int]] = {}  # (part, "shard\ttable") -> figures
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="progress relay")
 
@@ -584,10 +588,22 @@ class _ProgressRelay:
         for name, value in zip(self.parts, values, strict=True):
             if value is None:
                 continue
-            rows, nbytes = (int(v) for v in value.split())
-            before = self.seen.get(name, (0, 0))
-            self.seen[name] = (rows, nbytes)
-            self.tracker.add(rows=rows - before[0], nbytes=nbytes - before[1])
+            for where, (rows, nbytes, estimate) in json.loads(value).items():
+                before = self.seen.get((name, where), [0, 0, 0])
+                if (rows, nbytes) == tuple(before[:2]):
+                    continue
+                self.seen[(name, where)] = [rows, nbytes, estimate]
+                shard, table = where.split("\t", 1)
+                # As the part's engine events would have been: per shard and table.
+                self.tracker.progress(
+                    ProgressEvent(
+                        shard=shard,
+                        table=table,
+                        rows_done=rows - before[0],
+                        bytes_done=nbytes - before[1],
+                        rows_estimate=estimate,
+                    )
+                )
 
     def _run(self) -> None:
         while not self._stopping.wait(PROGRESS_EVERY_SECONDS):
