@@ -10,10 +10,8 @@ cancellation before the swap drops the shadows and leaves the live tables as the
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,7 +33,7 @@ from backups.engine.target import (
     tables_drop,
 )
 from backups.engine.throttle import ThreadsRunningGate
-from backups.engine.types import ProgressEvent, TableLoadJob
+from backups.engine.types import TableLoadJob
 from backups.models import (
     BackupPolicy,
     BackupSet,
@@ -48,6 +46,7 @@ from backups.services.connection_slots import ConnectionSlots, SlotNeed, SlotsUn
 from backups.services.errors import ChainError, RestoreError, SwapIncomplete, TargetChanged
 from backups.services.flashback import flashback_run_execute
 from backups.services.live_progress import RunShardProgress, progress_for_shard
+from backups.services.part_progress import PartProgressRelay, PartTracker
 from backups.services.parts import Part, PartContext, PartFailed, PartsCancelled, parts_run
 from backups.services.pitr import pitr_apply, shard_stop
 from backups.services.progress import JobTracker
@@ -488,128 +487,6 @@ class _LocalOwner:
 _LOCAL_OWNERS: dict[int, _LocalOwner] = {}  # run id -> its owner in this process
 
 
-class _PartTracker:
-    """The tracker of one part: the owner's when the owner runs the part, else a counter
-    whose totals go to Redis (the owner adds them to the run's progress). It keeps the
-    part's connection slots alive and stops on the owner's abort."""
-
-    def __init__(self, ctx: PartContext, owner: _LocalOwner | None) -> None:
-        self.ctx = ctx
-        self.owner = owner
-        self.slots = None
-        self._lock = threading.Lock()
-        # "shard\ttable" -> [rows, bytes, rows_estimate], what this part did so far
-        self._tables: dict[str, list[int]] = {}
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="part tracker")
-
-    def progress(self, event) -> None:
-        if self.owner is not None:
-            self.owner.tracker.progress(event)
-        elif event.stage not in ("lock", "throttle") and (event.rows_done or event.bytes_done):
-            with self._lock:
-                figures = self._tables.setdefault(f"{event.shard}\t{event.table}", [0, 0, 0])
-                figures[0] += max(0, event.rows_done)
-                figures[1] += max(0, event.bytes_done)
-                figures[2] = event.rows_estimate or figures[2]
-
-    __call__ = progress
-
-    def say(self, text: str, *, flush: bool = True) -> None:
-        if self.owner is not None:
-            self.owner.tracker.say(text, flush=flush)
-
-    def should_cancel(self) -> bool:
-        if self.owner is not None and self.owner.tracker.should_cancel():
-            return True
-        return self.ctx.aborted()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=5)
-        self._publish()
-
-    def _publish(self) -> None:
-        if self.owner is not None:
-            return
-        with self._lock:
-            figures = json.dumps(self._tables)
-        try:
-            self.ctx.redis.set(self.ctx.key("progress", self.ctx.name), figures, ex=24 * 3600)
-        except Exception:  # noqa: BLE001 - progress figures never fail a restore
-            log.debug("restore part %s could not publish its progress", self.ctx.name)
-
-    def _run(self) -> None:
-        beat_every = max(PROGRESS_EVERY_SECONDS, settings.JOB_HEARTBEAT_STALE_SECONDS / 4)
-        last_beat = 0.0
-        while not self._stopping.wait(PROGRESS_EVERY_SECONDS):
-            self._publish()
-            now = time.monotonic()
-            if self.slots is not None and now - last_beat >= beat_every:
-                last_beat = now
-                try:
-                    self.slots.refresh()
-                except Exception:  # noqa: BLE001 - they expire on their own if Redis is gone
-                    log.debug("restore part %s could not refresh its slots", self.ctx.name)
-
-
-class _ProgressRelay:
-    """The owner's side of `_PartTracker`: adds what the parts on other workers did to the
-    run's tracker about once a second, per shard and table (so the run page's live
-    figures show their shards too)."""
-
-    def __init__(self, tracker: JobTracker, parts: list[str]) -> None:
-        self.tracker = tracker
-        self.parts = parts
-        self.handle = None
-        self.seen: dict[tuple[str, str], list[int]] = {}  # (part, "shard\ttable") -> figures
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="progress relay")
-
-    def start(self, handle) -> None:
-        self.handle = handle
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self.handle is not None:
-            self._thread.join(timeout=5)
-            self._read()
-
-    def _read(self) -> None:
-        keys = [self.handle.key("progress", name) for name in self.parts]
-        try:
-            values = self.handle.redis.mget(keys)
-        except Exception:  # noqa: BLE001 - progress figures never fail a restore
-            return
-        for name, value in zip(self.parts, values, strict=True):
-            if value is None:
-                continue
-            for where, (rows, nbytes, estimate) in json.loads(value).items():
-                before = self.seen.get((name, where), [0, 0, 0])
-                if (rows, nbytes) == tuple(before[:2]):
-                    continue
-                self.seen[(name, where)] = [rows, nbytes, estimate]
-                shard, table = where.split("\t", 1)
-                # As the part's engine events would have been: per shard and table.
-                self.tracker.progress(
-                    ProgressEvent(
-                        shard=shard,
-                        table=table,
-                        rows_done=rows - before[0],
-                        bytes_done=nbytes - before[1],
-                        rows_estimate=estimate,
-                    )
-                )
-
-    def _run(self) -> None:
-        while not self._stopping.wait(PROGRESS_EVERY_SECONDS):
-            self._read()
-
-
 def restore_run_part(
     ctx: PartContext, run_id: int, instance_id: int, shard_docs: list[dict], resume: bool
 ) -> dict:
@@ -628,7 +505,7 @@ def restore_run_part(
         pk=run.request_id
     )
     owner = _LOCAL_OWNERS.get(run_id) if ctx.local else None
-    tracker = _PartTracker(ctx, owner)
+    tracker = PartTracker(ctx, owner.tracker if owner is not None else None)
     tracker.start()
     storage = None
     segment_reads: list = []
@@ -771,7 +648,7 @@ def _restore_parts(
         for pk, names in sorted(by_instance.items())
     ]
     merged = _PartsOutcome()
-    relay = _ProgressRelay(tracker, [p.name for p in parts])
+    relay = PartProgressRelay(tracker, [p.name for p in parts])
     _LOCAL_OWNERS[run.pk] = _LocalOwner(
         tracker=tracker, shard_permits=threading.Semaphore(SHARD_THREADS)
     )
