@@ -428,6 +428,9 @@ def parts_run(
                 cancelled = True
                 handle.abort("cancelled")
                 wind_down = time.monotonic()
+            # Once the abort is set no claim succeeds: a part unclaimed in a read made after
+            # it will never run. (One read before it may miss a claim made just then.)
+            stopping = failure is not None or cancelled
             pipe = redis.pipeline()
             for name in pending:
                 pipe.get(keys.claim(name))
@@ -458,9 +461,11 @@ def parts_run(
                         wind_down = time.monotonic()
                     continue
                 if name not in claimed:
-                    if failure is not None or cancelled:
+                    if stopping:
                         outcomes[name] = PartOutcome(name=name, error="not started")
                         continue
+                    if failure is not None or cancelled:
+                        continue  # read again, after the abort
                     if nobody_free is None:
                         # No idle worker listens on the queue: nobody else will take it.
                         nobody_free = time.monotonic() - started >= POLL_SECONDS and (
