@@ -448,6 +448,8 @@ class RestoreTableResult(models.Model):
     checksum = models.CharField(max_length=64, blank=True)
     checksum_ok = models.BooleanField(null=True)
     error = models.TextField(blank=True)
+    # host:pid of the worker process that restored the table's shard (a part of the run).
+    worker = models.CharField(max_length=100, blank=True)
 
     class Meta:
         ordering = ["run", "shard_name", "table"]

@@ -74,6 +74,7 @@ def restore_request_as_dict(*, request: RestoreRequest) -> dict:
                 "rows": r.rows,
                 "rows_expected": r.rows_expected,
                 "checksum_ok": r.checksum_ok,
+                "worker": r.worker,  # host:pid of the part's worker that restored it
             }
             for r in run.results.all()
         ]

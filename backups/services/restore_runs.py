@@ -9,10 +9,11 @@ cancellation before the swap drops the shadows and leaves the live tables as the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.conf import settings
@@ -41,10 +42,12 @@ from backups.models import (
     RestoreRun,
     RestoreTableResult,
 )
-from backups.services.connection_slots import ConnectionSlots, SlotNeed
+from backups.services.connection_slots import ConnectionSlots, SlotNeed, SlotsUnavailable
 from backups.services.errors import ChainError, RestoreError, SwapIncomplete, TargetChanged
 from backups.services.flashback import flashback_run_execute
 from backups.services.live_progress import RunShardProgress, progress_for_shard
+from backups.services.part_progress import PartProgressRelay, PartTracker
+from backups.services.parts import Part, PartContext, PartFailed, PartsCancelled, parts_run
 from backups.services.pitr import pitr_apply, shard_stop
 from backups.services.progress import JobTracker
 from backups.services.rebuild import rebuild_execute
@@ -76,6 +79,7 @@ PROGRESS_EVERY_SECONDS = 1.0
 SHARD_THREADS = 4
 CHUNK_PARALLEL = 2
 SLOT_WAIT_SECONDS = 600
+PART_FUNCTION = "backups.services.restore_runs.restore_run_part"
 
 
 @dataclass
@@ -87,6 +91,7 @@ class TableOutcome:
     loaded: bool = False
     error: str = ""
     bad_object: str = ""
+    worker: str = ""  # host:pid of the process that restored it
 
     @property
     def ok(self) -> bool:
@@ -102,6 +107,13 @@ class ShardOutcome:
     tables: list[TableOutcome]
     error: str = ""
     stop_point: dict | None = None
+    worker: str = ""  # host:pid of the process that restored it
+
+    @classmethod
+    def from_json(cls, doc: dict) -> ShardOutcome:
+        """The outcome a part published (`dataclasses.asdict` of one)."""
+        tables = [TableOutcome(**t) for t in doc.get("tables", [])]
+        return cls(**{**doc, "tables": tables})
 
 
 @dataclass
@@ -155,36 +167,32 @@ class InstanceGate:
     per_shard: int
 
 
-def _connection_slots(run: RestoreRun, groups: dict[str, list[dict]]):
-    """Slots on every target server (None when this process has no Redis), and the gates.
-
-    Each shard loads over `per_shard` connections while it holds one permit of its server;
-    so the run never opens more connections on a server than its slots allow.
-    """
-    shards_on: dict[int, int] = {}
-    for entries in groups.values():
-        shards_on[entries[0]["target_instance_id"]] = (
-            shards_on.get(entries[0]["target_instance_id"], 0) + 1
-        )
-    instances = {i.pk: i for i in Instance.objects.filter(pk__in=shards_on)}
-    needs = {}
-    for pk, count in shards_on.items():
-        instance = instances[pk]
-        cap = instance.max_connections
-        needs[f"{instance.host}:{instance.port}"] = SlotNeed(
-            cap=cap, minimum=1, wanted=min(cap, count * CHUNK_PARALLEL)
-        )
-    slots = None
+def _part_slots(run: RestoreRun, instance: Instance, shards: int, tracker) -> tuple:
+    """The connection slots of one part on its target server: (slots, granted), or (None,
+    None) when this process has no Redis. Each shard loads over `per_shard` connections
+    while it holds one permit of its server, so the part never opens more connections on
+    the server than its slots allow."""
+    cap = instance.max_connections
+    address = f"{instance.host}:{instance.port}"
     try:
         slots = ConnectionSlots(
             queue.redis_connection(queue.RESTORES),
-            needs,
-            holder=f"restore-{run.pk}",
+            {address: SlotNeed(cap=cap, minimum=1, wanted=min(cap, shards * CHUNK_PARALLEL))},
+            holder=f"restore-{run.pk}-i{instance.pk}",
             ttl=max(60, settings.JOB_HEARTBEAT_STALE_SECONDS),
         )
+    except SlotsUnavailable as exc:
+        raise RestoreError(f"the restore could not start: {exc}") from exc
     except Exception:  # noqa: BLE001 - without Redis there is nobody to share servers with
-        slots = None
-    return slots, shards_on, instances
+        return None, None
+    tracker.say(f"waiting for connection slots on {instance.name}")
+    try:
+        granted = slots.acquire(wait=SLOT_WAIT_SECONDS, should_cancel=tracker.should_cancel)
+    except Exception as exc:  # noqa: BLE001 - SlotsUnavailable, or Redis gone
+        if tracker.should_cancel():
+            raise Cancelled("the restore was cancelled") from exc
+        raise RestoreError(f"the restore could not start: {exc}") from exc
+    return slots, granted
 
 
 def _gates(
@@ -464,6 +472,219 @@ def _restore_shard(
     return shard
 
 
+# ------------------------------------------------------------------ parts: one per target server
+
+
+@dataclass
+class _LocalOwner:
+    """What the parts the owner runs itself share with it: its tracker (progress, the run's
+    cancel) and the owner process's shard threads (SHARD_THREADS across all its parts)."""
+
+    tracker: JobTracker
+    shard_permits: threading.Semaphore
+
+
+_LOCAL_OWNERS: dict[int, _LocalOwner] = {}  # run id -> its owner in this process
+
+
+def restore_run_part(
+    ctx: PartContext, run_id: int, instance_id: int, shard_docs: list[dict], resume: bool
+) -> dict:
+    """One part of a restore run: restore the run's shards that land on one target server.
+
+    Takes the part's connection slots on that server, loads and verifies each shard (as
+    the run did before parts: ChunkLedger resume, throttle, PITR roll-forward) and returns
+    the shards' outcomes, notes and `served_by`, JSON-able. `shard_docs` are the shards'
+    entries of the manifest the owner read and checked. Swap and results stay with the
+    owner. A cancel (the run's, or the owner's abort) returns `cancelled` with the shards
+    that finished.
+    """
+    close_old_connections()
+    run = RestoreRun.objects.get(pk=run_id)
+    request = RestoreRequest.objects.select_related("source_set", "source_set__cluster").get(
+        pk=run.request_id
+    )
+    owner = _LOCAL_OWNERS.get(run_id) if ctx.local else None
+    tracker = PartTracker(ctx, owner.tracker if owner is not None else None)
+    tracker.start()
+    storage = None
+    segment_reads: list = []
+    throttles: dict[int, ThreadsRunningGate] = {}
+    shard_outcomes: list[ShardOutcome] = []
+    notes: list[str] = []
+    cancelled = False
+    try:
+        storage = set_read_storage(request.source_set)
+        data_key = _set_data_key(request.source_set)
+        docs = {s["name"]: s for s in shard_docs}
+        groups: dict[str, list[dict]] = {}
+        for entry in request.plan["tables"]:
+            if entry["shard"] in docs:
+                groups.setdefault(entry["shard"], []).append(entry)
+        instance = Instance.objects.get(pk=instance_id)
+        slots, granted = _part_slots(run, instance, len(groups), tracker)
+        tracker.slots = slots
+        throttles = _throttle_gates(request, {instance_id: instance})
+        gates = _gates(
+            granted,
+            {instance_id: len(groups)},
+            {instance_id: instance},
+            reserved=1 if throttles else 0,
+        )
+        done_keys = set(LoadedChunk.objects.filter(run=run).values_list("key", flat=True))
+        ledger = ChunkLedger(run_id=run.pk)
+
+        def restore(name: str, entries: list[dict]) -> ShardOutcome:
+            permits = owner.shard_permits if owner is not None else None
+            if permits is not None:
+                permits.acquire()
+            try:
+                if tracker.should_cancel():
+                    raise Cancelled("the restore was cancelled")
+                outcome = _restore_shard(
+                    run=run,
+                    request=request,
+                    shard_doc=docs[name],
+                    entries=entries,
+                    storage=storage,
+                    data_key=data_key,
+                    tracker=tracker,
+                    ledger=ledger,
+                    notes=notes,
+                    done_keys=set(done_keys),
+                    resume=resume,
+                    gate=gates[instance_id],
+                    throttle=throttles.get(instance_id),
+                    segment_reads=segment_reads,
+                )
+            finally:
+                if permits is not None:
+                    permits.release()
+            outcome.worker = ctx.worker
+            for table in outcome.tables:
+                table.worker = ctx.worker
+            return outcome
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(SHARD_THREADS, len(groups)))) as pool:
+                futures = [
+                    pool.submit(restore, name, entries) for name, entries in sorted(groups.items())
+                ]
+                for future in futures:
+                    try:
+                        shard_outcomes.append(future.result())
+                    except Cancelled:
+                        cancelled = True
+        finally:
+            if slots is not None:
+                try:
+                    slots.release()
+                except Exception:  # noqa: BLE001 - they expire after their ttl anyway
+                    log.exception("restore run %s: could not release connection slots", run.pk)
+    except Cancelled:
+        cancelled = True
+    finally:
+        tracker.stop()
+        for throttle in throttles.values():
+            throttle.close()
+        connections.close_all()
+    return {
+        "cancelled": cancelled,
+        "shards": [dataclasses.asdict(s) for s in shard_outcomes],
+        "notes": notes,
+        "served_by": served_record(storage, *segment_reads) if storage is not None else {},
+    }
+
+
+def _merge_served(records: list[dict]) -> dict:
+    """One `served_by` from the owner's and every part's."""
+    objects: dict[str, int] = {}
+    fallbacks: list[dict] = []
+    for record in records:
+        for name, count in (record or {}).get("objects", {}).items():
+            objects[name] = objects.get(name, 0) + count
+        fallbacks.extend(f for f in (record or {}).get("fallbacks", []) if f not in fallbacks)
+    return {"objects": objects, "fallbacks": fallbacks} if objects or fallbacks else {}
+
+
+@dataclass
+class _PartsOutcome:
+    """What the parts of a run brought back, merged by the owner."""
+
+    shards: list[ShardOutcome] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    served: list[dict] = field(default_factory=list)
+    cancelled: bool = False
+
+    def take(self, outcomes) -> None:
+        for outcome in outcomes.values():
+            if outcome.result is None:
+                continue
+            self.shards.extend(ShardOutcome.from_json(d) for d in outcome.result["shards"])
+            self.notes.extend(outcome.result.get("notes", []))
+            self.served.append(outcome.result.get("served_by", {}))
+            self.cancelled = self.cancelled or bool(outcome.result.get("cancelled"))
+
+
+def _restore_parts(
+    run: RestoreRun,
+    groups: dict[str, list[dict]],
+    shard_docs: dict[str, dict],
+    tracker: JobTracker,
+    *,
+    resume: bool,
+) -> _PartsOutcome:
+    """Restore every shard through one part per target server (DESIGN.md "Scale-out").
+
+    Parts no other worker takes run here, sharing SHARD_THREADS shard threads. A part
+    that fails or whose worker dies raises RestoreError (the other parts were stopped
+    first); a cancel raises Cancelled. The shards that finished are in `merged` either way.
+    """
+    by_instance: dict[int, list[str]] = {}
+    for name, entries in sorted(groups.items()):
+        by_instance.setdefault(entries[0]["target_instance_id"], []).append(name)
+    parts = [
+        Part(name=f"i{pk}", args=(run.pk, pk, [shard_docs[n] for n in names], resume))
+        for pk, names in sorted(by_instance.items())
+    ]
+    merged = _PartsOutcome()
+    relay = PartProgressRelay(tracker, [p.name for p in parts])
+    _LOCAL_OWNERS[run.pk] = _LocalOwner(
+        tracker=tracker, shard_permits=threading.Semaphore(SHARD_THREADS)
+    )
+    try:
+        outcomes = parts_run(
+            owner=f"restore-{run.pk}",
+            parts=parts,
+            function=PART_FUNCTION,
+            queue_name=queue.RESTORES,
+            should_cancel=tracker.should_cancel,
+            on_start=relay.start,
+        )
+    except PartsCancelled as exc:
+        merged.take(exc.outcomes)
+        raise _PartsStopped(merged, Cancelled("the restore was cancelled")) from exc
+    except PartFailed as exc:
+        merged.take(exc.outcomes)
+        failed = exc.outcomes.get(exc.part)
+        where = "" if failed is not None and failed.local else f" (worker {exc.worker})"
+        raise _PartsStopped(merged, RestoreError(f"{exc.message}{where}")) from exc
+    finally:
+        relay.stop()
+        _LOCAL_OWNERS.pop(run.pk, None)
+    merged.take(outcomes)
+    return merged
+
+
+class _PartsStopped(Exception):
+    """The parts stopped early (`cause`: Cancelled or RestoreError) with `merged` done."""
+
+    def __init__(self, merged: _PartsOutcome, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.merged = merged
+        self.cause = cause
+
+
 def _drop_applied_markers(outcomes: list[TableOutcome], notes: list[str]) -> None:
     """Remove the binlog apply's position table from every target once the run succeeded.
 
@@ -499,6 +720,7 @@ def _save_results(run: RestoreRun, outcomes: list[TableOutcome], *, applied: boo
             checksum=(o.checksum or "")[:64],
             checksum_ok=o.checksum_ok if o.loaded or o.error else None,
             error=o.error[:2000],
+            worker=o.worker[:100],
         )
         for o in outcomes
     )
@@ -561,11 +783,9 @@ def _execute(
     """
     inplace = request.target_kind == Target.INPLACE
     outcomes: list[TableOutcome] = []
-    ledger = ChunkLedger(run_id=run.pk)
     notes: list[str] = []
-    throttles: dict[int, ThreadsRunningGate] = {}
     storage = None
-    segment_reads: list = []  # the storages binlog segments were read through (PITR)
+    served: list[dict] = []  # what served the parts' reads (the owner's manifest read too)
     try:
         restore_plan_targets_check(request)  # the servers approved, or nothing at all
         if not resume:
@@ -574,61 +794,28 @@ def _execute(
         # Default target first, then complete copies: an object bad on one is read from the next.
         storage = set_read_storage(request.source_set)
         doc = set_manifest(request.source_set, storage)
-        data_key = _set_data_key(request.source_set)
+        _set_data_key(request.source_set)  # refused here, before any part starts
         shard_docs = {s["name"]: s for s in manifest_shards(doc)}
         groups: dict[str, list[dict]] = {}
         for entry in plan["tables"]:
             groups.setdefault(entry["shard"], []).append(entry)
-        done_keys = set(LoadedChunk.objects.filter(run=run).values_list("key", flat=True))
-        slots, shards_on, instances = _connection_slots(run, groups)
-        granted = None
-        if slots is not None:
-            tracker.say("waiting for connection slots on the target servers")
-            try:
-                granted = slots.acquire(wait=SLOT_WAIT_SECONDS, should_cancel=tracker.should_cancel)
-            except Exception as exc:  # noqa: BLE001 - SlotsUnavailable, or Redis gone
-                if tracker.should_cancel():
-                    raise Cancelled("the restore was cancelled") from exc
-                raise RestoreError(f"the restore could not start: {exc}") from exc
-            tracker.slots = slots
-        throttles = _throttle_gates(request, instances)
-        gates = _gates(granted, shards_on, instances, reserved=1 if throttles else 0)
-        with ThreadPoolExecutor(max_workers=max(1, min(SHARD_THREADS, len(groups)))) as pool:
-            futures = [
-                pool.submit(
-                    _restore_shard,
-                    run=run,
-                    request=request,
-                    shard_doc=shard_docs[name],
-                    entries=entries,
-                    storage=storage,
-                    data_key=data_key,
-                    tracker=tracker,
-                    ledger=ledger,
-                    notes=notes,
-                    done_keys=set(done_keys),
-                    resume=resume,
-                    gate=gates[entries[0]["target_instance_id"]],
-                    throttle=throttles.get(entries[0]["target_instance_id"]),
-                    segment_reads=segment_reads,
-                )
-                for name, entries in sorted(groups.items())
-            ]
-            errors = []
-            shard_outcomes: list[ShardOutcome] = []
-            for future in futures:
-                try:
-                    shard_outcome = future.result()
-                except Cancelled as exc:
-                    errors.append(exc)
-                    continue
-                shard_outcomes.append(shard_outcome)
-                outcomes.extend(shard_outcome.tables)
-            stop_points = [s.stop_point for s in shard_outcomes if s.stop_point is not None]
-            if stop_points:
-                RestoreRun.objects.filter(pk=run.pk).update(stop_points=stop_points)
-            if errors:
-                raise errors[0]
+        stopped: _PartsStopped | None = None
+        try:
+            merged = _restore_parts(run, groups, shard_docs, tracker, resume=resume)
+        except _PartsStopped as exc:
+            stopped, merged = exc, exc.merged
+        served.extend(merged.served)
+        notes.extend(merged.notes)
+        shard_outcomes = sorted(merged.shards, key=lambda s: s.name)
+        for shard_outcome in shard_outcomes:
+            outcomes.extend(shard_outcome.tables)
+        stop_points = [s.stop_point for s in shard_outcomes if s.stop_point is not None]
+        if stop_points:
+            RestoreRun.objects.filter(pk=run.pk).update(stop_points=stop_points)
+        if stopped is not None:
+            raise stopped.cause
+        if merged.cancelled:
+            raise Cancelled("the restore was cancelled")
         shard_errors = [s for s in shard_outcomes if s.error]
         all_ok = bool(outcomes) and not shard_errors and all(o.ok for o in outcomes)
         applied = not inplace
@@ -696,11 +883,9 @@ def _execute(
             message += "; the live tables were left untouched"
         return restore_run_finish(run=run, status=RunStatus.FAILED, error=message, t=t, d=d, a=a)
     finally:
-        for throttle in throttles.values():
-            throttle.close()
         if storage is not None:
             RestoreRun.objects.filter(pk=run.pk).update(
-                served_by=served_record(storage, *segment_reads)
+                served_by=_merge_served([served_record(storage), *served])
             )
 
 

@@ -6,17 +6,20 @@ defer side effects (enqueueing, alerts) to `transaction.on_commit` (STYLE.md).
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import close_old_connections, connections, transaction
 from django.utils import timezone
 
 from backups import queue
 from backups.engine import verify as engine
+from backups.engine.binlog_apply import ApplyResult
 from backups.engine.throttle import ThreadsRunningGate
 from backups.engine.types import ProgressEvent
 from backups.models import BackupPolicy, BackupSet, SetCopy, VerificationRun
@@ -30,6 +33,7 @@ from backups.services.connection_slots import (
     slots_short,
 )
 from backups.services.errors import VerificationError
+from backups.services.parts import Part, PartContext, PartFailed, PartsCancelled, parts_run
 from backups.services.physical_drill import NO_CHECKSUMS_NOTE, physical_drill
 from backups.services.pitr import chain_apply
 from backups.services.progress import JobTracker
@@ -247,10 +251,13 @@ def _drill_target_instances(backup_set: BackupSet, doc: dict) -> tuple[dict, str
     return {name: shards[name].instance for name in names}, "", warning
 
 
-def _drill_targets(backup_set: BackupSet, instances: dict, drill_name: str) -> dict:
+def _drill_targets(
+    backup_set: BackupSet, instances: dict, drill_name: str, *, check_identity: bool = True
+) -> dict:
     """Shard name -> endpoint. A drill instance is bound like a restore's target: the server
-    recorded for its address, asked before any row is sent (refused when another answers)."""
-    if drill_name:
+    recorded for its address, asked before any row is sent (refused when another answers;
+    the owner asks once, its parts need not ask again)."""
+    if drill_name and check_identity:
         instance_identity_check(instance=backup_set.cluster.drill_instance)
     endpoints: dict[int, Any] = {}
     for instance in instances.values():
@@ -412,6 +419,7 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
     warnings: list[str] = []
     drill_name = ""
     details: dict = {}
+    part_served: list[dict] = []
     try:
         # The tracker stops (its last write done) before the finish or fail transition.
         with JobTracker(VerificationRun, run.pk) as tracker:
@@ -452,9 +460,7 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
                 warnings.append(NO_CHECKSUMS_NOTE)
             elif run.drill and check.manifest is not None:
                 instances, drill_name, warning = _drill_target_instances(full_set, check.manifest)
-                roll_forward = None
-                if chain:
-                    roll_forward = _roll_forward_through(chain, until=backup_set.consistent_at)
+                set_data_key(full_set)  # refused here, before any slot is taken or part starts
                 with _drill_slots(
                     run,
                     instances.values(),
@@ -462,22 +468,10 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
                     tracker=tracker,
                 ) as parallel:
                     targets = _drill_targets(full_set, instances, drill_name)
-                    throttles = {} if drill_name else _drill_throttles(backup_set, targets)
-                    try:
-                        outcome = engine.drill_run(
-                            check.manifest,
-                            storages[full_set.pk],
-                            verification_id=run.pk,
-                            targets=targets,
-                            data_key=set_data_key(full_set),
-                            progress=progress,
-                            roll_forward=roll_forward,
-                            throttles=throttles,
-                            parallel=parallel,
-                        )
-                    finally:
-                        for gate in {id(g): g for g in throttles.values()}.values():
-                            gate.close()
+                    outcome, part_served, workers = _drill_in_parts(
+                        run, check.manifest, targets, drill_name, progress, tracker, parallel
+                    )
+                details["workers"] = sorted(set(workers))
                 problems.extend(outcome.problems)
                 t, d, rto = outcome.t, outcome.d, outcome.rto_seconds
                 if chain:
@@ -491,7 +485,7 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
                 t, d = _storage_factors(check)
     except Exception as exc:  # the run fails and says why; the set keeps its previous Q
         return _verification_fail(run, str(exc) or exc.__class__.__name__)
-    served = _served(storages.values())
+    served = _served(storages.values(), more=part_served)
     # An object bad on one target but read from the next is named too (A counts it served).
     problems.extend(f for f in served["fallbacks"] if f.get("served_by"))
     return _verification_finish(
@@ -508,12 +502,12 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
     )
 
 
-def _served(storages) -> dict:
-    """One `served_by` record for every storage a run read through."""
+def _served(storages, more: list[dict] = ()) -> dict:
+    """One `served_by` record for every storage a run read through (and the records of
+    its parts, `more`)."""
     objects: dict[str, int] = {}
     fallbacks: list[dict] = []
-    for storage in storages:
-        record = served_record(storage)
+    for record in [*(served_record(storage) for storage in storages), *more]:
         for name, count in record.get("objects", {}).items():
             objects[name] = objects.get(name, 0) + count
         fallbacks.extend(record.get("fallbacks", []))
@@ -749,3 +743,175 @@ def verifications_reap_stale(*, now=None) -> list[VerificationRun]:
             )
             reaped.append(run)
     return reaped
+
+
+# ---------------------------------------------------------------- drills spread over workers
+
+DRILL_PART_FUNCTION = "backups.services.verification.drill_part"
+DRILL_SHARD_GROUPS = 3  # parts of a drill onto one drill instance
+
+_DRILL_OWNERS: dict[int, Any] = {}  # verification id -> its owner's progress, in this process
+
+
+def _drill_groups(
+    doc: dict, targets: dict, drill_name: str, *, max_groups: int = DRILL_SHARD_GROUPS
+) -> list[list[str]]:
+    """The shards of each part of a drill (DESIGN.md "Scale-out").
+
+    Without a drill instance each shard restores onto its own server: one part per target
+    server. Onto one drill instance: up to DRILL_SHARD_GROUPS groups of shards, shards
+    that share a database name in the same group (their scratch databases are told apart
+    by one `drill_run`).
+    """
+    shards = [s.get("name", "") for s in engine.manifest_shards(doc)]
+    if not drill_name:
+        by_server: dict[str, list[str]] = {}
+        for name in shards:
+            by_server.setdefault(targets[name].address, []).append(name)
+        return [by_server[a] for a in sorted(by_server)]
+    by_database: dict[str, list[str]] = {}
+    for shard in engine.manifest_shards(doc):
+        by_database.setdefault(shard.get("database", ""), []).append(shard.get("name", ""))
+    count = max(1, min(DRILL_SHARD_GROUPS, max_groups, len(by_database)))
+    groups: list[list[str]] = [[] for _ in range(count)]
+    for i, database in enumerate(sorted(by_database)):
+        groups[i % count].extend(by_database[database])
+    return [g for g in groups if g]
+
+
+def _drill_subset(doc: dict, shard_names: list[str]) -> dict:
+    """The manifest with only `shard_names` (what one part drills)."""
+    wanted = set(shard_names)
+    return {**doc, "shards": [s for s in engine.manifest_shards(doc) if s.get("name") in wanted]}
+
+
+def _drill_scratch(doc: dict, targets: dict, verification_id: int) -> list[tuple]:
+    """The scratch databases `drill_run` creates for `doc` (to drop a dead part's)."""
+    used: set[tuple[str, str]] = set()
+    scratch = []
+    for shard in engine.manifest_shards(doc):
+        name = shard.get("name", "")
+        database = engine.drill_database_name(verification_id, shard.get("database", name))
+        if (targets[name].address, database) in used:
+            database = engine.drill_database_name(
+                verification_id, shard.get("database", name), name
+            )
+        used.add((targets[name].address, database))
+        scratch.append((targets[name], database))
+    return scratch
+
+
+def drill_part(
+    ctx: PartContext, verification_id: int, doc: dict, parallel: int = engine.DRILL_PARALLEL
+) -> dict:
+    """One part of a drill: restore the shards of `doc` (the part's share of the manifest
+    the owner read and checked) into scratch databases, compare checksums, drop them;
+    returns the part's DrillOutcome as JSON (what the owner merges)."""
+    close_old_connections()
+    run = VerificationRun.objects.select_related("backup_set__cluster").get(pk=verification_id)
+    backup_set = run.backup_set
+    full_set, chain = backup_set, []
+    if backup_set.kind == BackupSet.Kind.INCREMENTAL:
+        full_set, chain = _drill_chain(backup_set)
+    storage = set_read_storage(full_set, target=run.target)
+    instances, drill_name, _warning = _drill_target_instances(full_set, doc)
+    # The owner checked the drill instance's identity and holds the slots for every part.
+    targets = _drill_targets(full_set, instances, drill_name, check_identity=False)
+    roll_forward = _roll_forward_through(chain, until=backup_set.consistent_at) if chain else None
+    throttles = {} if drill_name else _drill_throttles(backup_set, targets)
+    local = _DRILL_OWNERS.get(verification_id) if ctx.local else None
+    try:
+        outcome = engine.drill_run(
+            doc,
+            storage,
+            verification_id=verification_id,
+            targets=targets,
+            data_key=set_data_key(full_set),
+            progress=local if local is not None else (lambda event: None),
+            should_cancel=ctx.aborted,
+            roll_forward=roll_forward,
+            throttles=throttles,
+            parallel=parallel,
+        )
+    finally:
+        for gate in {id(g): g for g in throttles.values()}.values():
+            gate.close()
+        connections.close_all()
+    return {
+        "tables": [dataclasses.asdict(t) for t in outcome.tables],
+        "problems": outcome.problems,
+        "error": outcome.error,
+        "dropped": outcome.dropped,
+        "rolled_forward": {
+            name: {
+                "transactions": r.transactions,
+                "events": r.events,
+                "last_file": r.last_file,
+                "last_pos": r.last_pos,
+            }
+            for name, r in outcome.rolled_forward.items()
+        },
+        "served_by": served_record(storage),
+    }
+
+
+def _drill_in_parts(
+    run: VerificationRun,
+    doc: dict,
+    targets: dict,
+    drill_name: str,
+    progress,
+    tracker,
+    parallel: int,
+) -> tuple[engine.DrillOutcome, list[dict], list[str]]:
+    """Run a drill as parts on the `verify` queue; (merged outcome, served records, workers).
+
+    `parallel` is how many loads the drill's connection slots allow on each server; parts
+    sharing the drill instance share it (fewer groups when it is small). RTO is the wall
+    time of all parts. A part that fails or whose worker dies fails the drill
+    (VerificationError) after its scratch databases were dropped.
+    """
+    groups = _drill_groups(doc, targets, drill_name, max_groups=parallel)
+    per_part = max(1, parallel // len(groups)) if drill_name else parallel
+    parts = [
+        Part(name=f"g{i}", args=(run.pk, _drill_subset(doc, names), per_part))
+        for i, names in enumerate(groups)
+    ]
+    outcome = engine.DrillOutcome()
+    for shard in engine.manifest_shards(doc):
+        for table in shard.get("tables") or []:
+            outcome.tables_total += 1
+            outcome.rows_total += int(table.get("rows") or 0)
+    tracker.say(f"drill: restoring {len(groups)} shard group(s) into scratch databases")
+    _DRILL_OWNERS[run.pk] = progress
+    started = time.monotonic()
+    try:
+        results = parts_run(
+            owner=f"verify-{run.pk}",
+            parts=parts,
+            function=DRILL_PART_FUNCTION,
+            queue_name=queue.VERIFY,
+        )
+    except (PartFailed, PartsCancelled) as exc:
+        # A killed part could not drop what it created: drop its scratch databases here.
+        for part in parts:
+            if not (exc.outcomes.get(part.name) and exc.outcomes[part.name].ok):
+                engine.drill_cleanup(_drill_scratch(part.args[1], targets, run.pk))
+        raise VerificationError(f"drill {exc}") from exc
+    finally:
+        _DRILL_OWNERS.pop(run.pk, None)
+    outcome.rto_seconds = time.monotonic() - started
+    outcome.dropped = True
+    served, workers = [], []
+    for part in parts:
+        result = results[part.name]
+        workers.append(result.worker)
+        doc_part = result.result or {}
+        outcome.tables.extend(engine.DrillTable(**t) for t in doc_part.get("tables", []))
+        outcome.problems.extend(doc_part.get("problems", []))
+        outcome.error = outcome.error or doc_part.get("error", "")
+        outcome.dropped = outcome.dropped and bool(doc_part.get("dropped"))
+        for name, r in doc_part.get("rolled_forward", {}).items():
+            outcome.rolled_forward[name] = ApplyResult(**r)
+        served.append(doc_part.get("served_by", {}))
+    return outcome, served, workers
