@@ -183,6 +183,9 @@ BACKUP_LOCK_WAIT_TIMEOUT = env.int("SHARDVAULT_LOCK_WAIT_TIMEOUT", default=2)
 BACKUP_LOCK_RETRIES = env.int("SHARDVAULT_LOCK_RETRIES", default=5)
 # A running job writes a heartbeat at least this often; older means its worker died.
 JOB_HEARTBEAT_STALE_SECONDS = env.int("SHARDVAULT_HEARTBEAT_STALE_SECONDS", default=60)
+# A part of a job spread over workers (backups.services.parts) that no worker claimed
+# within this many seconds is run by the job's owner itself.
+PARTS_CLAIM_AFTER_SECONDS = env.float("SHARDVAULT_PARTS_CLAIM_AFTER_SECONDS", default=3.0)
 # A set's copy to a storage target that fails is tried again after each of these delays
 # (seconds), then alerts (backups.services.copies).
 COPY_RETRY_SECONDS = [
