@@ -160,6 +160,18 @@ def dequeue_if_waiting(job_id: str, *, queue: str) -> bool:
     return rq_queue.remove(job_id) > 0
 
 
+def idle_workers(queue: str) -> int:
+    """How many registered workers listening on `queue` wait for work right now."""
+    rq_queue = _rq_queue(queue)
+    try:
+        workers = Worker.all(queue=rq_queue)
+        return sum(
+            1 for w in workers if str(getattr(w.get_state(), "value", w.get_state())) == "idle"
+        )
+    except Exception:  # noqa: BLE001 - Redis down: assume someone may be there
+        return 1
+
+
 def scheduled_job_ids(queue: str) -> list[str]:
     """Ids of the jobs waiting on `queue`'s scheduler."""
     return list(django_rq.get_queue(queue).scheduled_job_registry.get_job_ids())

@@ -22,8 +22,10 @@ Promises:
 - A part runs at most once per `parts_run` call: the owner and the workers claim it
   atomically (Redis SET NX) before running it.
 - A part no worker claimed within `claim_after` seconds (PARTS_CLAIM_AFTER_SECONDS,
-  default 3) is claimed by the owner and run in a thread of the owner's process, so one
-  worker alone still does all the work.
+  default 3), or at once when no idle worker listens on the queue, is claimed by the
+  owner and run in a thread of the owner's process, so one worker alone still does all
+  the work (without waiting). A BaseException in such a thread (the owner's process
+  dying) is raised in the owner's thread.
 - While a part runs, a thread beats its heartbeat. A part whose heartbeat stands still
   for `stale_after` seconds (JOB_HEARTBEAT_STALE_SECONDS) counts as dead (its worker was
   killed): `parts_run` raises PartFailed naming the part and its worker.
@@ -390,6 +392,7 @@ def parts_run(
     local_threads: dict[str, threading.Thread] = {}
     watches = {name: _Watch(stale_after) for name in names}
     claimed: dict[str, str] = {}
+    crashes: dict[str, BaseException] = {}
     try:
         if on_start is not None:
             on_start(handle)
@@ -415,6 +418,9 @@ def parts_run(
             pending = [n for n in names if n not in outcomes]
             if not pending:
                 break
+            if crashes:  # a part the owner ran died with the owner's own death (BaseException)
+                raise next(iter(crashes.values()))
+            nobody_free: bool | None = None
             if failure is None and not cancelled and should_cancel():
                 cancelled = True
                 handle.abort("cancelled")
@@ -452,14 +458,18 @@ def parts_run(
                     if failure is not None or cancelled:
                         outcomes[name] = PartOutcome(name=name, error="not started")
                         continue
-                    if time.monotonic() - started >= claim_after and _claim(
-                        redis, keys, name, me, stale_after
-                    ):
+                    if nobody_free is None:
+                        # No idle worker listens on the queue: nobody else will take it.
+                        nobody_free = time.monotonic() - started >= POLL_SECONDS and (
+                            queue.idle_workers(queue_name) == 0
+                        )
+                    waited = time.monotonic() - started >= claim_after
+                    if (waited or nobody_free) and _claim(redis, keys, name, me, stale_after):
                         claimed[name] = me
                         queue.dequeue_if_waiting(job_ids[name], queue=queue_name)
                         thread = threading.Thread(
                             target=_run_local,
-                            args=(handles[name], me),
+                            args=(handles[name], me, crashes),
                             daemon=True,
                             name=f"part {name} of {owner}",
                         )
@@ -502,15 +512,20 @@ def parts_run(
         for name, job_id in job_ids.items():
             if name not in claimed:
                 queue.cancel(job_id, queue=queue_name)
+        for thread in local_threads.values():  # they saw the abort; let them stop writing
+            thread.join(timeout=stale_after)
         raise
     finally:
         owner_beater.stop()
 
 
-def _run_local(handle: dict, worker: str) -> None:
-    """A part claimed by the owner, in one of the owner's threads."""
+def _run_local(handle: dict, worker: str, crashes: dict[str, BaseException]) -> None:
+    """A part claimed by the owner, in one of the owner's threads. What is not an Exception
+    (KeyboardInterrupt, SystemExit) is handed to the owner, which raises it in its thread."""
     ctx = PartContext(handle, worker=worker, local=True)
     try:
         _execute_claimed(handle, ctx)
+    except BaseException as exc:  # noqa: BLE001 - re-raised by the owner
+        crashes[ctx.name] = exc
     finally:
         connections.close_all()
