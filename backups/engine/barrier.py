@@ -155,7 +155,8 @@ class OwnerCut:
                         ) from None
                     self.round += 1
                     self.tell("retry")
-                    self.wait_all("ready", open_timeout, should_stop)
+                    # The late part may still be opening: it reports ready once it saw the retry.
+                    self.wait_all("ready", ready_timeout, should_stop)
                     continue
                 self.consistent_at = now()
                 if not hold:

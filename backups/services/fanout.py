@@ -24,7 +24,7 @@ from django.db import connection
 from django.db.models import Sum
 
 from backups import queue
-from backups.engine.barrier import PartCut
+from backups.engine.barrier import CutFailed, PartCut
 from backups.engine.dump_part import OwnerCutThread, dump_part
 from backups.engine.errors import Cancelled, EngineError
 from backups.engine.manifest import manifest_full_from_shards, manifest_write
@@ -95,6 +95,10 @@ def fanout_planned(*, backup_set: BackupSet, shard_backups) -> bool:
         i.max_connections < LOCKED_MIN_CONNECTIONS for i in instances.values()
     ):
         return False  # the owner's lock connection and a part's two would not fit
+    try:
+        queue.redis_connection(queue.BACKUPS).ping()
+    except Exception:  # noqa: BLE001 - no Redis: no parts, no barrier; run in one process
+        return False
     if mode == "always":
         return True
     if len(instances) < 2:
@@ -239,7 +243,9 @@ def _on(worker: str) -> str:
 
 
 def _cut_message(failure: BaseException) -> str:
-    return f"the consistent cut failed: {failure}"
+    if isinstance(failure, CutFailed):
+        return f"the consistent cut failed: {failure}"
+    return str(failure)  # a cold lock lost mid-dump, an instance the owner cannot reach
 
 
 def _owner_result(

@@ -20,17 +20,23 @@ import psutil
 import pytest
 import zstandard
 from django.core.management import call_command
+from django.urls import reverse
 from rq import Worker
 
 from backups import queue
 from backups.engine.manifest import manifest_read
 from backups.models import BackupSet
-from backups.services.full_backups import backup_cancel, backup_execute, backup_start
+from backups.services.full_backups import (
+    backup_cancel,
+    backup_execute,
+    backup_start,
+    backups_reap_stale,
+)
 from backups.services.sets import set_storage
 from console.keys import manifest_hmac_key
 from tests.backups.conftest import no_backup_sessions
 from tests.backups.test_cold import SequenceWriter, wait_for
-from tests.factories import drop_cluster_databases, make_cluster
+from tests.factories import drop_cluster_databases, make_cluster, make_user
 
 STALE_SECONDS = 3
 
@@ -122,9 +128,40 @@ def horse_pid_of(worker_pid: int) -> int | None:
     return children[0].pid if children else None
 
 
+def owner_and_remote_part(backup_set, workers):
+    """(the owner's worker, a worker dumping a part for it) once a part dumps rows on a
+    worker other than the owner's; None before."""
+    backup_set.refresh_from_db()
+    assert backup_set.is_active, backup_set.error
+    owner_pid = next(
+        (
+            w.pid
+            for w in Worker.all(queue=queue._rq_queue("backups"))
+            if w.get_current_job_id() == backup_set.job_id
+        ),
+        None,
+    )
+    owner = next((w for w in workers if w.pid == owner_pid), None)
+    dumping = [sb.worker for sb in backup_set.shard_backups.all() if sb.rows_done > 0]
+    for worker in workers:
+        horse = horse_pid_of(worker.pid)
+        if owner and worker is not owner and horse:
+            if any(name.endswith(f":{horse}") for name in dumping):
+                return owner, worker
+    return None
+
+
+def kill_worker(worker) -> None:
+    """SIGKILL a worker and its work horse."""
+    processes = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(True)]
+    for process in processes:
+        os.kill(process.pid, signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=5)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_three_workers_share_a_locked_backup_at_one_gap_free_cut(
-    mariadb_servers, unique_name, rq_worker_process, fanout_env
+    mariadb_servers, unique_name, rq_worker_process, fanout_env, client
 ):
     cluster = make_cluster(mariadb_servers, name=f"fo{unique_name}", tables={"t_order": 3000})
     targets = add_innodb_sequence_tables(cluster, mariadb_servers)
@@ -147,6 +184,9 @@ def test_three_workers_share_a_locked_backup_at_one_gap_free_cut(
         call_command("backups", "show", str(backup_set.pk), "--json", stdout=out)
         shown = {s["name"]: s["worker"] for s in json.loads(out.getvalue())["shards"]}
         assert shown == workers
+        client.force_login(make_user("auditor"))
+        page = client.get(reverse("backups:set_detail", args=[backup_set.pk])).content.decode()
+        assert all(name in page for name in workers.values()), "the set page hides a worker"
 
         numbers = numbers_in_chunks(backup_set)
         k = len(numbers)
@@ -168,33 +208,13 @@ def test_a_part_whose_worker_is_killed_fails_the_set_and_leaves_nothing(
     try:
         workers = start_workers(rq_worker_process, 3)
         backup_set = backup_start(cluster=cluster, actor="cli", consistency="locked")
-        owner_pids = set()
-
-        def remote_part_running():
-            backup_set.refresh_from_db()
-            assert backup_set.is_active, backup_set.error
-            for w in Worker.all(queue=queue._rq_queue("backups")):
-                if w.get_current_job_id() == backup_set.job_id:
-                    owner_pids.add(w.pid)
-            busy = {
-                sb.worker: sb.rows_done
-                for sb in backup_set.shard_backups.all()
-                if sb.rows_done > 0 and sb.worker
-            }
-            for worker in workers:
-                if worker.pid in owner_pids:
-                    continue
-                horse = horse_pid_of(worker.pid)
-                if horse and any(w.endswith(f":{horse}") for w in busy):
-                    return worker
-            return None
-
-        victim = wait_for(remote_part_running, 60, "a part dumping on another worker")
-        processes = [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(True)]
+        _, victim = wait_for(
+            lambda: owner_and_remote_part(backup_set, workers),
+            60,
+            "a part dumping on another worker",
+        )
         killed_at = time.monotonic()
-        for process in processes:
-            os.kill(process.pid, signal.SIGKILL)
-        psutil.wait_procs(processes, timeout=5)
+        kill_worker(victim)
         wait_ended(backup_set, 6 * STALE_SECONDS + 10)
         took = time.monotonic() - killed_at
         assert backup_set.status == "failed"
@@ -216,6 +236,38 @@ def test_a_part_whose_worker_is_killed_fails_the_set_and_leaves_nothing(
             cluster=cluster, actor="cli", consistency="locked", compression_level=1
         )
         assert wait_ended(again, 90).status == "succeeded", again.error
+    finally:
+        drop_cluster_databases(cluster, mariadb_servers)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_parts_stop_when_their_owner_dies_and_the_reaper_fails_the_set(
+    mariadb_servers, unique_name, rq_worker_process, fanout_env, slow_parts
+):
+    cluster = make_cluster(mariadb_servers, name=f"fd{unique_name}", tables={"t_order": 30_000})
+    try:
+        workers = start_workers(rq_worker_process, 3)
+        backup_set = backup_start(cluster=cluster, actor="cli", consistency="lockfree")
+        owner, _ = wait_for(
+            lambda: owner_and_remote_part(backup_set, workers), 60, "a part on another worker"
+        )
+        kill_worker(owner)
+        # The parts see the owner's heartbeat stop and end their sessions on their own.
+        wait_for(
+            lambda: not any(no_backup_sessions(s) for s in mariadb_servers),
+            3 * STALE_SECONDS + 5,
+            "the parts to stop",
+        )
+
+        def reaped():
+            backups_reap_stale()
+            backup_set.refresh_from_db()
+            return not backup_set.is_active
+
+        wait_for(reaped, 4 * STALE_SECONDS + 5, "the reaper to fail the set")
+        assert backup_set.status == "failed", backup_set.error
+        time.sleep(1.5)  # no part writes after the failure deleted the set's objects
+        assert list(set_storage(backup_set).list(backup_set.object_prefix + "/")) == []
     finally:
         drop_cluster_databases(cluster, mariadb_servers)
 
