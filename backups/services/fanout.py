@@ -146,7 +146,7 @@ def backup_fanout_run(
     locked = spec.consistency in ("locked", "cold")
     owner = set_job_id(backup_set.pk)
     cut: dict[str, OwnerCutThread] = {}
-    progress = _SetProgress(backup_set.pk, tracker)
+    progress = _SetProgress(backup_set.pk)
 
     def start_cut(handle) -> None:
         if not locked:
@@ -334,11 +334,11 @@ def _shard_result(entry: dict) -> ShardResult:
 
 class _SetProgress:
     """The set's rows and bytes for its progress bar: the sum of its shards' rows, which
-    the parts write, added to the owner's tracker about once a second."""
+    the parts write, onto the set about once a second (the owner's tracker writes only the
+    progress line and the heartbeat)."""
 
-    def __init__(self, set_id: int, tracker: JobTracker) -> None:
+    def __init__(self, set_id: int) -> None:
         self.set_id = set_id
-        self.tracker = tracker
         self.rows = 0
         self.bytes = 0
         self.pulled = 0.0
@@ -353,8 +353,10 @@ class _SetProgress:
         )
         rows, nbytes = totals["rows"] or 0, totals["nbytes"] or 0
         if rows > self.rows or nbytes > self.bytes:
-            self.tracker.add(rows=max(0, rows - self.rows), nbytes=max(0, nbytes - self.bytes))
             self.rows, self.bytes = max(rows, self.rows), max(nbytes, self.bytes)
+            BackupSet.objects.filter(pk=self.set_id).update(
+                rows_done=self.rows, bytes_done=self.bytes
+            )
 
 
 class _LockEvents:
@@ -409,8 +411,15 @@ def backup_part_run(ctx: PartContext, set_id: int, instance_name: str) -> dict:
         shard_backups=shard_backups,
         holder=part_slot_holder(set_id, instance_name),
     )
+    # A part's progress line (a throttle pause, the table it dumps) becomes the set's; not
+    # while a cold set's owner says each second how long it has held the lock.
+    cold = backup_set.consistency == BackupSet.Consistency.COLD
     tracker = JobTracker(
-        BackupSet, set_id, on_flush=SetPartRows(backup_set), slots=slots, columns=()
+        BackupSet,
+        set_id,
+        on_flush=SetPartRows(backup_set),
+        slots=slots,
+        columns=() if cold else ("progress_text",),
     )
     ended = _SetEnded(set_id)
 

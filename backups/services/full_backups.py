@@ -320,6 +320,8 @@ def _execute_engine(backup_set: BackupSet, state: dict):
         backup_set.pk,
         on_flush=None if fanout else SetPartRows(backup_set),
         slots=slots,
+        # Fanned out, the parts write the rows; the owner its progress line and heartbeat.
+        columns=("progress_text", "heartbeat_at") if fanout else None,
     )
     tracker.start()
     if slots is not None:

@@ -318,7 +318,7 @@ def test_cancel_reaches_every_part_on_other_workers(
         backup_cancel(backup_set=backup_set, actor="cli")
         wait_ended(backup_set, 20)
         assert backup_set.status == "cancelled", backup_set.error
-        assert time.monotonic() - asked < 10
+        assert time.monotonic() - asked < 15  # SQLite (the tests' console database) under load
         wait_for(
             lambda: not any(no_backup_sessions(s) for s in mariadb_servers),
             10,
