@@ -197,13 +197,11 @@ def backup_fanout_run(
         if tracker.should_cancel():
             raise Cancelled("backup cancelled") from None
         thread = cut.get("thread")
-        cut_failure = thread.failure if thread is not None else None
-        if isinstance(exc, PartFailed) and not (
-            cut_failure is not None and exc.message.startswith("the cut failed")
-        ):
+        if thread is not None and thread.failure is not None:
+            # The root cause (it names the part): the others were only told to stop.
+            raise FanoutFailed(_cut_message(thread.failure)) from None
+        if isinstance(exc, PartFailed):
             raise FanoutFailed(f"part {exc.part} failed{_on(exc.worker)}: {exc.message}") from None
-        if cut_failure is not None:
-            raise FanoutFailed(_cut_message(cut_failure)) from None
         raise Cancelled("backup cancelled") from None
     finally:
         thread = cut.get("thread")
@@ -214,6 +212,8 @@ def backup_fanout_run(
     thread = cut.get("thread")
     if thread is not None and thread.failure is not None:
         raise FanoutFailed(_cut_message(thread.failure))
+    if tracker.should_cancel():  # asked while the last part finished: no manifest
+        raise Cancelled("backup cancelled")
     return _owner_result(spec, storage, outcomes, thread, created_at)
 
 

@@ -301,7 +301,7 @@ def test_parts_nobody_runs_trip_the_barrier_timeout_cleanly(
 def test_cancel_reaches_every_part_on_other_workers(
     mariadb_servers, unique_name, rq_worker_process, fanout_env, slow_parts
 ):
-    cluster = make_cluster(mariadb_servers, name=f"fc{unique_name}", tables={"t_order": 30_000})
+    cluster = make_cluster(mariadb_servers, name=f"fc{unique_name}", tables={"t_order": 80_000})
     try:
         start_workers(rq_worker_process, 3)
         backup_set = backup_start(cluster=cluster, actor="operator-cli", consistency="lockfree")
