@@ -146,7 +146,7 @@ def backup_fanout_run(
     locked = spec.consistency in ("locked", "cold")
     owner = set_job_id(backup_set.pk)
     cut: dict[str, OwnerCutThread] = {}
-    progress = _SetProgress(backup_set.pk)
+    progress = _SetProgress(backup_set)
 
     def start_cut(handle) -> None:
         if not locked:
@@ -337,8 +337,9 @@ class _SetProgress:
     the parts write, onto the set about once a second (the owner's tracker writes only the
     progress line and the heartbeat)."""
 
-    def __init__(self, set_id: int) -> None:
-        self.set_id = set_id
+    def __init__(self, backup_set: BackupSet) -> None:
+        self.set_id = backup_set.pk
+        self.estimate = backup_set.rows_estimate  # the discovery's, raised by the engine's
         self.rows = 0
         self.bytes = 0
         self.pulled = 0.0
@@ -352,11 +353,20 @@ class _SetProgress:
             rows=Sum("rows_done"), nbytes=Sum("bytes_done")
         )
         rows, nbytes = totals["rows"] or 0, totals["nbytes"] or 0
+        values = {}
         if rows > self.rows or nbytes > self.bytes:
             self.rows, self.bytes = max(rows, self.rows), max(nbytes, self.bytes)
-            BackupSet.objects.filter(pk=self.set_id).update(
-                rows_done=self.rows, bytes_done=self.bytes
-            )
+            values.update(rows_done=self.rows, bytes_done=self.bytes)
+        estimate = (
+            TableBackup.objects.filter(shard_backup__backup_set_id=self.set_id).aggregate(
+                rows=Sum("rows_estimate")
+            )["rows"]
+            or 0
+        )
+        if estimate > self.estimate:
+            self.estimate = values["rows_estimate"] = estimate
+        if values:
+            BackupSet.objects.filter(pk=self.set_id).update(**values)
 
 
 class _LockEvents:
@@ -417,7 +427,7 @@ def backup_part_run(ctx: PartContext, set_id: int, instance_name: str) -> dict:
     tracker = JobTracker(
         BackupSet,
         set_id,
-        on_flush=SetPartRows(backup_set),
+        on_flush=SetPartRows(backup_set, set_estimate=False),
         slots=slots,
         columns=() if cold else ("progress_text",),
     )
@@ -493,8 +503,9 @@ class SetPartRows:
     """A tracker's `on_flush`: each shard's and table's progress onto its own row, and the
     engine's row estimate onto the set when it exceeds the discovery's."""
 
-    def __init__(self, backup_set: BackupSet) -> None:
+    def __init__(self, backup_set: BackupSet, *, set_estimate: bool = True) -> None:
         self.set_id = backup_set.pk
+        self.set_estimate = set_estimate  # a part sees only its shards: the owner sums them
         self.discovery_estimate = backup_set.rows_estimate
         self.table_ids: dict[tuple[str, str], int] = {}
         parts = ShardBackup.objects.filter(backup_set_id=self.set_id)
@@ -513,7 +524,7 @@ class SetPartRows:
             rows, nbytes, estimate = snapshot.tables[key]
             self._table(*key, rows, nbytes, estimate)
         engine_estimate = sum(t[2] for t in snapshot.tables.values())
-        if engine_estimate > self.discovery_estimate:
+        if self.set_estimate and engine_estimate > self.discovery_estimate:
             BackupSet.objects.filter(pk=self.set_id).update(rows_estimate=engine_estimate)
             self.discovery_estimate = engine_estimate  # written again only when it grows
 

@@ -354,6 +354,10 @@ def _run_fanout(backup_set, spec, storage, tracker: JobTracker):
     except Cancelled:
         raise _Outcome(cancelled=True) from None
     except FanoutFailed as exc:
+        if BackupSet.objects.filter(pk=backup_set.pk, cancel_requested=True).exists():
+            # A cancelled cold set's killed lock connections may fail it before it sees
+            # the cancel.
+            raise _Outcome(cancelled=True) from None
         raise _Outcome(exc.message, shard_errors=exc.shard_errors) from None
 
 

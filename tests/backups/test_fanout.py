@@ -311,9 +311,11 @@ def test_cancel_reaches_every_part_on_other_workers(
             assert backup_set.is_active, backup_set.error
             shards = list(backup_set.shard_backups.all())
             workers = {sb.worker for sb in shards}
-            return all(sb.rows_done > 0 for sb in shards) and len(workers) >= 2
+            # The set's progress bar sums every part's rows, against every part's estimate.
+            summed = backup_set.rows_done > 0 and backup_set.rows_estimate > 60_000
+            return all(sb.rows_done > 0 for sb in shards) and len(workers) >= 2 and summed
 
-        wait_for(every_part_dumping, 60, "every part to dump, on at least two workers")
+        wait_for(every_part_dumping, 60, "every part to dump, on two workers, on the set's bar")
         asked = time.monotonic()
         backup_cancel(backup_set=backup_set, actor="cli")
         wait_ended(backup_set, 20)
