@@ -35,7 +35,7 @@ from backups.services.full_backups import (
 from backups.services.sets import set_storage
 from console.keys import manifest_hmac_key
 from tests.backups.conftest import no_backup_sessions
-from tests.backups.test_cold import SequenceWriter, wait_for
+from tests.backups.test_cold import SequenceWriter, add_sequence_tables, wait_for
 from tests.factories import drop_cluster_databases, make_cluster, make_user
 
 STALE_SECONDS = 3
@@ -196,6 +196,36 @@ def test_three_workers_share_a_locked_backup_at_one_gap_free_cut(
         call_command("verify", str(backup_set.pk), "--json", stdout=out)
         verified = json.loads(out.getvalue())
         assert verified["q"] == 1.0, verified
+    finally:
+        drop_cluster_databases(cluster, mariadb_servers)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cold_set_over_three_workers_holds_the_lock_until_every_part_is_done(
+    mariadb_servers, unique_name, rq_worker_process, fanout_env
+):
+    cluster = make_cluster(mariadb_servers, name=f"fo{unique_name}", tables={"t_order": 3000})
+    targets = add_sequence_tables(cluster, mariadb_servers)  # MyISAM and InnoDB
+    try:
+        start_workers(rq_worker_process, 3)
+        writer = SequenceWriter(targets).start()
+        try:
+            backup_set = backup_start(cluster=cluster, actor="cli", consistency="cold")
+            wait_ended(backup_set, 90)
+        finally:
+            writer.stop()
+        assert backup_set.status == "succeeded", backup_set.error
+        assert len({sb.worker for sb in backup_set.shard_backups.all()}) >= 2
+        numbers = numbers_in_chunks(backup_set)
+        k = len(numbers)
+        assert k > 60 and sorted(numbers) == list(range(1, k + 1)), "not a gap-free cut"
+        # No insert completed between the cut and the end of the last part's dump.
+        cut_at = backup_set.consistent_at.timestamp()
+        released = cut_at + backup_set.lock_window_ms / 1000.0
+        later = [returned for n, _, returned in writer.commits if n > k]
+        assert later and min(later) >= released - 0.25
+        assert backup_set.lock_sessions == {}
+        assert writable_everywhere(cluster, mariadb_servers)
     finally:
         drop_cluster_databases(cluster, mariadb_servers)
 
