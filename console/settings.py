@@ -198,6 +198,16 @@ WEBHOOK_RETRY_SECONDS = [
     for v in env.list("SHARDVAULT_WEBHOOK_RETRY_SECONDS", default=["10", "60", "300", "1800"])
 ]
 
+# Fan-out of full logical backups (DESIGN.md "Scale-out"): one part per instance on the
+# `backups` queue. "auto": when the cluster has several instances and another worker waits
+# on `backups`; "always"; "off": the whole set in the owner's process.
+BACKUP_FANOUT = env.str("SHARDVAULT_BACKUP_FANOUT", default="auto")
+# Whether the owner runs the parts no other worker took (off: only for tests and for
+# operators who never want a backup's dump on the owner's host).
+BACKUP_FANOUT_LOCAL_PARTS = env.bool("SHARDVAULT_BACKUP_FANOUT_LOCAL_PARTS", default=True)
+# How long the owner waits for every part to connect and report ready for the cut.
+BACKUP_FANOUT_READY_SECONDS = env.float("SHARDVAULT_BACKUP_FANOUT_READY_SECONDS", default=120.0)
+
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # HTMX reads nothing from it; the token is put on <body>.
 X_FRAME_OPTIONS = "DENY"

@@ -133,50 +133,88 @@ def manifest_full_document(
     the order of `spec.shards`; `result` is the successful BackupResult of the same run.
     """
     excluded = excluded or {}
-    shards_doc = []
-    object_count = 0
-    for shard, shard_result in zip(spec.shards, result.shards, strict=True):
-        coords = coordinates.get(shard.name, Coordinates())
-        tables_doc = []
-        for state, table in zip(tables[shard.name], shard_result.tables, strict=True):
-            info = state.info
-            object_count += 1 + len(table.chunks)
-            tables_doc.append(
-                {
-                    "name": info.name,
-                    "engine": info.engine,
-                    "has_primary_key": info.has_primary_key,
-                    "primary_key": list(info.primary_key),
-                    "columns": info.column_names,
-                    "ddl": info.ddl,
-                    "schema_key": state.schema_key,
-                    "schema_sha256": state.schema_sha256,
-                    "schema_stored_bytes": state.schema_stored_bytes,
-                    "rows": table.rows,
-                    "raw_bytes": table.raw_bytes,
-                    "stored_bytes": table.stored_bytes,
-                    "checksum": table.checksum,
-                    "chunks": [manifest_chunk_entry(c) for c in table.chunks],
-                }
-            )
-        db_objects = objects.get(shard.name, {})
-        shards_doc.append(
+    shards_doc = [
+        manifest_shard_entry(
+            shard=shard,
+            shard_result=shard_result,
+            tables=tables[shard.name],
+            objects=objects.get(shard.name, {}),
+            coordinates=coordinates.get(shard.name, Coordinates()),
+            excluded=excluded.get(shard.name, []),
+        )
+        for shard, shard_result in zip(spec.shards, result.shards, strict=True)
+    ]
+    return manifest_full_from_shards(
+        spec=spec,
+        shards_doc=shards_doc,
+        excluded=list(result.excluded),
+        created_at=created_at,
+        consistent_at=consistent_at,
+        lock_window_ms=lock_window_ms,
+    )
+
+
+def manifest_shard_entry(
+    *,
+    shard,
+    shard_result,
+    tables: list[TableDump],
+    objects: dict,
+    coordinates: Coordinates,
+    excluded: list[str],
+) -> dict:
+    """One shard of a full set's manifest (JSON-able: a fanned-out part hands it back to
+    the owner, which writes the manifest from every part's shards)."""
+    tables_doc = []
+    for state, table in zip(tables, shard_result.tables, strict=True):
+        info = state.info
+        tables_doc.append(
             {
-                "name": shard.name,
-                "instance": shard.instance,
-                "database": shard.database,
-                "binlog_file": coords.binlog_file,
-                "binlog_pos": coords.binlog_pos,
-                "gtid": coords.gtid,
-                "snapshot_at": _instant(coords.snapshot_at),
-                "views": db_objects.get("views", []),
-                "triggers": db_objects.get("triggers", []),
-                "routines": db_objects.get("routines", []),
-                "events": db_objects.get("events", []),
-                "tables": tables_doc,
-                "excluded_tables": sorted(excluded.get(shard.name, [])),
+                "name": info.name,
+                "engine": info.engine,
+                "has_primary_key": info.has_primary_key,
+                "primary_key": list(info.primary_key),
+                "columns": info.column_names,
+                "ddl": info.ddl,
+                "schema_key": state.schema_key,
+                "schema_sha256": state.schema_sha256,
+                "schema_stored_bytes": state.schema_stored_bytes,
+                "rows": table.rows,
+                "raw_bytes": table.raw_bytes,
+                "stored_bytes": table.stored_bytes,
+                "checksum": table.checksum,
+                "chunks": [manifest_chunk_entry(c) for c in table.chunks],
             }
         )
+    return {
+        "name": shard.name,
+        "instance": shard.instance,
+        "database": shard.database,
+        "binlog_file": coordinates.binlog_file,
+        "binlog_pos": coordinates.binlog_pos,
+        "gtid": coordinates.gtid,
+        "snapshot_at": _instant(coordinates.snapshot_at),
+        "views": objects.get("views", []),
+        "triggers": objects.get("triggers", []),
+        "routines": objects.get("routines", []),
+        "events": objects.get("events", []),
+        "tables": tables_doc,
+        "excluded_tables": sorted(excluded),
+    }
+
+
+def manifest_full_from_shards(
+    *,
+    spec: BackupSpec,
+    shards_doc: list[dict],
+    excluded: list[str],
+    created_at: datetime | None,
+    consistent_at: datetime | None,
+    lock_window_ms: float | None,
+) -> dict:
+    """The (unsigned) manifest document of a full set from its shard entries
+    (`manifest_shard_entry`, in the order of `spec.shards`); totals are summed here."""
+    tables = [t for s in shards_doc for t in s["tables"]]
     return manifest_document(
         cluster=spec.cluster,
         set_id=spec.set_id,
@@ -196,14 +234,14 @@ def manifest_full_document(
         ),
         checksum_algorithm=checksum.ALGORITHM,
         exclude_tables=list(spec.exclude_tables),
-        excluded=list(result.excluded),
+        excluded=list(excluded),
         shards=shards_doc,
         binlog=[],
         totals={
-            "rows": result.rows,
-            "raw_bytes": result.raw_bytes,
-            "stored_bytes": result.stored_bytes,
-            "objects": object_count,
+            "rows": sum(t["rows"] for t in tables),
+            "raw_bytes": sum(t["raw_bytes"] for t in tables),
+            "stored_bytes": sum(t["stored_bytes"] for t in tables),
+            "objects": sum(1 + len(t["chunks"]) for t in tables),
         },
     )
 

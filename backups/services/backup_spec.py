@@ -31,8 +31,11 @@ class PreflightRefused(Exception):
         self.shard_errors = shard_errors
 
 
-def backup_connection_slots(*, backup_set: BackupSet, shard_backups) -> ConnectionSlots | None:
-    """Slots for every instance of the set (None when this process has no Redis).
+def backup_connection_slots(
+    *, backup_set: BackupSet, shard_backups, holder: str = ""
+) -> ConnectionSlots | None:
+    """Slots for every instance of `shard_backups` (None when this process has no Redis),
+    held as `holder` (default the set's job id; a part of a fanned-out set has its own).
 
     The engine holds one control connection per instance plus its dump connections:
     locked and cold modes N per instance (so at least 2 in all), lockfree one per shard;
@@ -61,7 +64,7 @@ def backup_connection_slots(*, backup_set: BackupSet, shard_backups) -> Connecti
             exact = shard_counts[address] + 1 + poll
             needs[address] = SlotNeed(cap=cap, minimum=exact, wanted=exact)
     ttl = max(30, settings.JOB_HEARTBEAT_STALE_SECONDS * 2)
-    return ConnectionSlots(redis, needs, holder=set_job_id(backup_set.pk), ttl=ttl)
+    return ConnectionSlots(redis, needs, holder=holder or set_job_id(backup_set.pk), ttl=ttl)
 
 
 def backup_spec_build(*, backup_set: BackupSet, shard_backups, slots) -> BackupSpec:

@@ -26,7 +26,7 @@ from django.utils import timezone
 from backups import queue
 from backups.engine.dump import dump_cluster
 from backups.engine.errors import Cancelled, EngineError
-from backups.models import BackupPolicy, BackupSet, ShardBackup, TableBackup
+from backups.models import BackupPolicy, BackupSet
 from backups.services.backup_spec import (
     PreflightRefused,
     backup_connection_slots,
@@ -35,9 +35,16 @@ from backups.services.backup_spec import (
 from backups.services.cold_locks import cold_lock_kill, cold_lock_sessions_record
 from backups.services.connection_slots import SlotsUnavailable
 from backups.services.errors import BackupError, BackupRefused
+from backups.services.fanout import (
+    FanoutFailed,
+    SetPartRows,
+    backup_fanout_run,
+    fanout_owner_slots,
+    fanout_planned,
+)
 from backups.services.incrementals import incremental_execute, incremental_start
 from backups.services.physical import physical_backup_run, physical_part_worker_record
-from backups.services.progress import JobTracker, ProgressSnapshot, worker_name
+from backups.services.progress import JobTracker, worker_name
 from backups.services.sets import (
     HOUSEKEEPING_ACTOR,
     WORKER_ACTOR,
@@ -299,14 +306,22 @@ def _execute_engine(backup_set: BackupSet, state: dict):
     shard_backups = list(
         backup_set.shard_backups.select_related("shard__instance").order_by("shard_name")
     )
+    fanout = fanout_planned(backup_set=backup_set, shard_backups=shard_backups)
     try:
-        slots = state["slots"] = backup_connection_slots(
-            backup_set=backup_set, shard_backups=shard_backups
+        slots = state["slots"] = (
+            fanout_owner_slots(backup_set=backup_set, shard_backups=shard_backups)
+            if fanout
+            else backup_connection_slots(backup_set=backup_set, shard_backups=shard_backups)
         )
     except SlotsUnavailable as exc:
         raise _Outcome(f"backup could not start: {exc}") from None
     tracker = state["tracker"] = JobTracker(
-        BackupSet, backup_set.pk, on_flush=_PartRows(backup_set), slots=slots
+        BackupSet,
+        backup_set.pk,
+        on_flush=None if fanout else SetPartRows(backup_set),
+        slots=slots,
+        # Fanned out, the parts write the rows; the owner its progress line and heartbeat.
+        columns=("progress_text", "heartbeat_at") if fanout else None,
     )
     tracker.start()
     if slots is not None:
@@ -327,7 +342,23 @@ def _execute_engine(backup_set: BackupSet, state: dict):
         raise _Outcome(f"backup could not start: {exc}") from None
     if backup_set.method == BackupSet.Method.PHYSICAL:
         return _run_physical(spec, shard_backups, storage, tracker)
+    if fanout:
+        return _run_fanout(backup_set, spec, storage, tracker)
     return _run_engine(spec, storage, tracker)
+
+
+def _run_fanout(backup_set, spec, storage, tracker: JobTracker):
+    """One part per instance on the `backups` workers (backups/services/fanout.py)."""
+    try:
+        return backup_fanout_run(backup_set=backup_set, spec=spec, storage=storage, tracker=tracker)
+    except Cancelled:
+        raise _Outcome(cancelled=True) from None
+    except FanoutFailed as exc:
+        if BackupSet.objects.filter(pk=backup_set.pk, cancel_requested=True).exists():
+            # A cancelled cold set's killed lock connections may fail it before it sees
+            # the cancel.
+            raise _Outcome(cancelled=True) from None
+        raise _Outcome(exc.message, shard_errors=exc.shard_errors) from None
 
 
 def _run_physical(spec, shard_backups, storage, tracker: JobTracker):
@@ -353,57 +384,6 @@ def _run_physical(spec, shard_backups, storage, tracker: JobTracker):
         raise _Outcome(cancelled=True) from None
     except EngineError as exc:
         raise _Outcome(str(exc)) from None
-
-
-class _PartRows:
-    """The tracker's `on_flush`: each shard's and table's progress onto its own row, and the
-    engine's row estimate onto the set when it exceeds the discovery's."""
-
-    def __init__(self, backup_set: BackupSet) -> None:
-        self.set_id = backup_set.pk
-        self.discovery_estimate = backup_set.rows_estimate
-        self.table_ids: dict[tuple[str, str], int] = {}
-        parts = ShardBackup.objects.filter(backup_set_id=self.set_id)
-        self.shard_ids = dict(parts.values_list("shard_name", "id"))
-        self.databases = dict(parts.values_list("shard_name", "database"))
-
-    def __call__(self, snapshot: ProgressSnapshot) -> None:
-        # Only the rows that moved since the last flush: a finished table is not rewritten
-        # every second while the rest of a large cluster is dumped.
-        for shard_name in snapshot.changed_shards:
-            rows, nbytes = snapshot.shards[shard_name]
-            ShardBackup.objects.filter(pk=self.shard_ids.get(shard_name)).update(
-                rows_done=rows, bytes_done=nbytes, status=PartStatus.RUNNING
-            )
-        for key in snapshot.changed_tables:
-            rows, nbytes, estimate = snapshot.tables[key]
-            self._table(*key, rows, nbytes, estimate)
-        engine_estimate = sum(t[2] for t in snapshot.tables.values())
-        if engine_estimate > self.discovery_estimate:
-            BackupSet.objects.filter(pk=self.set_id).update(rows_estimate=engine_estimate)
-            self.discovery_estimate = engine_estimate  # written again only when it grows
-
-    def _table(self, shard_name, table, rows, nbytes, estimate) -> None:
-        shard_backup_id = self.shard_ids.get(shard_name)
-        if shard_backup_id is None:
-            return
-        table_id = self.table_ids.get((shard_name, table))
-        values = {"rows": rows, "raw_bytes": nbytes}
-        if estimate:
-            values["rows_estimate"] = estimate
-        if table_id is None:
-            obj, _ = TableBackup.objects.update_or_create(
-                shard_backup_id=shard_backup_id,
-                name=table,
-                defaults={
-                    **values,
-                    "database": self.databases.get(shard_name, ""),
-                    "status": PartStatus.RUNNING,
-                },
-            )
-            self.table_ids[(shard_name, table)] = obj.pk
-        else:
-            TableBackup.objects.filter(pk=table_id).update(**values)
 
 
 class _Outcome(Exception):

@@ -358,11 +358,14 @@ def parts_run(
     timeout: int = PART_JOB_TIMEOUT_SECONDS,
     on_start: Callable[[PartsHandle], None] | None = None,
     on_outcome: Callable[[PartOutcome], None] | None = None,
+    run_untaken: bool = True,
 ) -> dict[str, PartOutcome]:
     """Run every part (on workers, or here when none takes it) and return their outcomes.
 
     Raises PartFailed (a part raised or died; the others were told to stop and waited for)
     or PartsCancelled. `on_outcome` runs in the owner's thread as each part finishes.
+    With `run_untaken=False` the owner never runs a part itself: an untaken part waits for
+    a worker until `should_cancel()` (the caller's own timeout) ends the run.
     See the module docstring for the promises.
     """
     names = [p.name for p in parts]
@@ -472,7 +475,11 @@ def parts_run(
                             queue.idle_workers(queue_name) == 0
                         )
                     waited = time.monotonic() - started >= claim_after
-                    if (waited or nobody_free) and _claim(redis, keys, name, me, stale_after):
+                    if (
+                        run_untaken
+                        and (waited or nobody_free)
+                        and _claim(redis, keys, name, me, stale_after)
+                    ):
                         claimed[name] = me
                         queue.dequeue_if_waiting(job_ids[name], queue=queue_name)
                         thread = threading.Thread(

@@ -57,7 +57,9 @@ class JobTracker:
     `rows_done`/`bytes_done` start the totals (a resumed run counts what it already did).
     `on_flush(snapshot)` runs on the tracker's thread after each write, for rows of the
     job's parts (shards, tables). `slots` (anything with `refresh()`) is kept alive by the
-    heartbeat; it may be set after the tracker started.
+    heartbeat; it may be set after the tracker started. `columns` limits which of the row's
+    progress columns this tracker writes (a part of a fanned-out set writes its shards'
+    rows through `on_flush` and leaves the set's own columns to the owner).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class JobTracker:
         on_flush: Callable[[ProgressSnapshot], None] | None = None,
         slots: Any = None,
         interval: float = PROGRESS_EVERY_SECONDS,
+        columns: tuple[str, ...] | None = None,
     ) -> None:
         self.model = model
         self.pk = pk
@@ -80,7 +83,9 @@ class JobTracker:
         self.job = CurrentJob()
         names = {f.name for f in model._meta.get_fields()}
         self._columns = {
-            c for c in ("rows_done", "bytes_done", "progress_text", "heartbeat_at") if c in names
+            c
+            for c in ("rows_done", "bytes_done", "progress_text", "heartbeat_at")
+            if c in names and (columns is None or c in columns)
         }
         self._has_cancel = "cancel_requested" in names
         self._lock = threading.Lock()
@@ -203,8 +208,9 @@ class JobTracker:
         """Write progress if it changed (always with `force`), beat when due, poll cancel."""
         now = time.monotonic()
         values: dict[str, Any] = {}
-        if "heartbeat_at" in self._columns and (force or now - self._last_beat >= self.beat_every):
-            values["heartbeat_at"] = timezone.now()
+        if force or now - self._last_beat >= self.beat_every:
+            if "heartbeat_at" in self._columns:
+                values["heartbeat_at"] = timezone.now()
             self._last_beat = now
             if self.slots is not None:
                 try:
