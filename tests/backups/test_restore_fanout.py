@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import ExitStack, contextmanager
 
 import psutil
 import pytest
@@ -16,7 +17,7 @@ from rq.job import Job
 from backups import queue
 from backups.engine.mysql import quote_ident
 from backups.engine.verify import DRILL_PREFIX
-from backups.models import RestoreTableResult
+from backups.models import BackupPolicy, RestoreTableResult
 from backups.selectors.restores import restore_request_as_dict
 from backups.services.parts import worker_id
 from backups.services.restore_run_states import restore_run_cancel, restore_run_start
@@ -24,6 +25,7 @@ from backups.services.verification import verification_start
 from console.models import AuditEvent
 from tests.backups.test_restore_rules import file_request, make_backup
 from tests.backups.test_restore_run import approve, checksum_of, shard_servers
+from tests.backups.test_throttle import Sleepers
 from tests.factories import make_cluster, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -76,6 +78,18 @@ def _start_restore(cluster, run_jobs, backup_set=None):
     request = file_request(cluster, backup_set, target="side", tables=list(TABLES))
     approve(request)
     return request, restore_run_start(request=request, actor=make_user("operator"))
+
+
+@contextmanager
+def _targets_held(cluster, mariadb_servers):
+    """Every target server busier than the cluster's max_threads_running, so the restore's
+    parts are claimed and then wait at their throttle: a test can cancel or kill them
+    mid-run however fast the machine is. The sleeps end when the block does."""
+    BackupPolicy.objects.update_or_create(cluster=cluster, defaults={"max_threads_running": 2})
+    with ExitStack() as stack:
+        for server in mariadb_servers:
+            stack.enter_context(Sleepers(server, 4, 60))
+        yield
 
 
 def _wait_until_final(run, timeout: float = 60):
@@ -167,19 +181,21 @@ def test_a_killed_part_worker_fails_the_run_within_the_heartbeat_window(
     cluster, mariadb_servers, run_jobs, workers, redis_url
 ):
     procs = workers(3)
-    request, run = _start_restore(cluster, run_jobs)
-    deadline = time.monotonic() + 30
-    while (horse := _horse_of_a_remote_part(redis_url, run)) is None:
-        assert time.monotonic() < deadline, "no other worker took a part"
-        time.sleep(0.05)
-    worker = psutil.Process(horse).ppid()
-    os.kill(horse, signal.SIGKILL)
-    os.kill(worker, signal.SIGKILL)
-    killed = time.monotonic()
-    assert worker in {p.pid for p in procs}
+    backup_set = make_backup(cluster, run_jobs)
+    with _targets_held(cluster, mariadb_servers):
+        request, run = _start_restore(cluster, run_jobs, backup_set)
+        deadline = time.monotonic() + 30
+        while (horse := _horse_of_a_remote_part(redis_url, run)) is None:
+            assert time.monotonic() < deadline, "no other worker took a part"
+            time.sleep(0.05)
+        worker = psutil.Process(horse).ppid()
+        os.kill(horse, signal.SIGKILL)
+        os.kill(worker, signal.SIGKILL)
+        killed = time.monotonic()
+        assert worker in {p.pid for p in procs}
 
-    run = _wait_until_final(run, timeout=STALE_SECONDS + 20)
-    assert time.monotonic() - killed < STALE_SECONDS + 5
+        run = _wait_until_final(run, timeout=STALE_SECONDS + 20)
+        assert time.monotonic() - killed < STALE_SECONDS + 5
     request.refresh_from_db()
     assert (run.status, request.state) == ("failed", "failed")
     assert "stopped beating" in run.error and str(horse) in run.error
@@ -191,16 +207,18 @@ def test_cancel_reaches_the_parts_on_other_workers(
     cluster, mariadb_servers, run_jobs, workers, redis_url
 ):
     workers(3)
-    request, run = _start_restore(cluster, run_jobs)
-    deadline = time.monotonic() + 30
-    while _horse_of_a_remote_part(redis_url, run) is None:
-        assert time.monotonic() < deadline, "no other worker took a part"
-        time.sleep(0.05)
-    restore_run_cancel(run=run, actor=make_user("operator"))
-    asked = time.monotonic()
+    backup_set = make_backup(cluster, run_jobs)
+    with _targets_held(cluster, mariadb_servers):
+        request, run = _start_restore(cluster, run_jobs, backup_set)
+        deadline = time.monotonic() + 30
+        while _horse_of_a_remote_part(redis_url, run) is None:
+            assert time.monotonic() < deadline, "no other worker took a part"
+            time.sleep(0.05)
+        restore_run_cancel(run=run, actor=make_user("operator"))
+        asked = time.monotonic()
 
-    run = _wait_until_final(run, timeout=30)
-    assert time.monotonic() - asked < 10
+        run = _wait_until_final(run, timeout=30)
+        assert time.monotonic() - asked < 10
     request.refresh_from_db()
     assert (run.status, request.state) == ("cancelled", "cancelled"), run.error
     # Every part stopped: none of their jobs still runs, and none reports a table restored.

@@ -13,6 +13,17 @@ from shards.models import Cluster
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+def save_policy(page) -> None:
+    """Click save and wait for the form's own answer: the inline check's error already names
+    the field, so without waiting a later fill could be overwritten by the late swap."""
+    with page.expect_response(
+        lambda r: (
+            r.request.method == "POST" and r.request.headers.get("hx-trigger") == "policy-form"
+        )
+    ):
+        page.click("#save-policy")
+
+
 def test_admin_edits_a_policy_sees_the_next_runs_and_a_bad_cron_is_refused(
     logged_in_page, unique_name
 ):
@@ -29,7 +40,7 @@ def test_admin_edits_a_policy_sees_the_next_runs_and_a_bad_cron_is_refused(
     page.fill("#id_full_cron", "61 25 * * *")
     page.locator("#id_full_cron").press("Tab")
     expect(page.locator("#errors-full_cron")).to_contain_text("not a valid cron expression")
-    page.click("#save-policy")
+    save_policy(page)
     expect(page.locator("#errors-full_cron")).to_contain_text("full_cron")
     assert not BackupPolicy.objects.filter(cluster=cluster).exclude(full_cron="").exists()
 
@@ -41,7 +52,7 @@ def test_admin_edits_a_policy_sees_the_next_runs_and_a_bad_cron_is_refused(
     expect(page.locator(".next-run").first).to_contain_text("01:45 UTC")
     page.fill("#id_keep_daily", "10")
     page.fill("#id_exclude_tables", "scratch.*")
-    page.click("#save-policy")
+    save_policy(page)
     expect(page.locator("#policy-saved")).to_be_visible()
 
     policy = BackupPolicy.objects.get(cluster=cluster)
