@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -235,7 +234,7 @@ class ChunkDumper:
         events = self.events
 
         def raw_chunks():
-            crc32 = zlib.crc32
+            crc32 = checksum.line_crc32
             rows_total = raw_total = crc_sum = crc_xor = 0
             pending_rows = pending_bytes = 0
             last_event = time.monotonic()
