@@ -183,7 +183,7 @@ def test_backup_wait_against_peers_with_1_and_3_workers(
 
     for workers in (1, 3):
         answers = sv[workers]
-        used = sorted({w for a in answers for w in a["workers"]})
+        most = max((len(a["workers"]) for a in answers), default=0)
         bench_report.add(
             Measurement(
                 tool=f"{SV} backup --wait",
@@ -196,7 +196,7 @@ def test_backup_wait_against_peers_with_1_and_3_workers(
                 stored_bytes=answers[-1]["stored_bytes"],
                 lock_window_ms=_median([a["lock_window_ms"] for a in answers]),
                 notes=f"median of {_fmt([a['wall_s'] for a in answers])} s; "
-                f"{len(used)} distinct worker(s) dumped shards",
+                f"at most {most} distinct worker(s) dumped the shards of one set",
                 error="; ".join(a["error"] for a in answers if not a["ok"]),
                 details={"runs": answers},
             )
@@ -236,10 +236,10 @@ def test_backup_wait_against_peers_with_1_and_3_workers(
             )
     one, three = _median([a["wall_s"] for a in sv[1]]), _median([a["wall_s"] for a in sv[3]])
     if one and three:
-        spread = {w for a in sv[3] for w in a["workers"]}
+        spread = max((len(a["workers"]) for a in sv[3]), default=0)
         bench_report.summary.append(
             f"1 worker vs 3 workers: {one:.2f} s vs {three:.2f} s (3/1 = {three / one:.2f}); "
-            f"{len(spread)} distinct worker(s) dumped the shards of the 3-worker sets; "
+            f"at most {spread} distinct worker(s) dumped the shards of one 3-worker set; "
             f"{os.cpu_count()} CPUs: on 2 cores fan-out is expected to cost nothing, "
             "not to double the speed"
         )
