@@ -27,6 +27,7 @@ from backups import queue
 from backups.engine.dump import dump_cluster
 from backups.engine.errors import Cancelled, EngineError
 from backups.models import BackupPolicy, BackupSet
+from backups.services.backup_parts import SetPartRows
 from backups.services.backup_spec import (
     PreflightRefused,
     backup_connection_slots,
@@ -37,7 +38,6 @@ from backups.services.connection_slots import SlotsUnavailable
 from backups.services.errors import BackupError, BackupRefused
 from backups.services.fanout import (
     FanoutFailed,
-    SetPartRows,
     backup_fanout_run,
     fanout_owner_slots,
     fanout_planned,
