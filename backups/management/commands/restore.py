@@ -28,6 +28,9 @@ from console.roles import RoleDenied
 from shards.models import Cluster
 
 PICKUP_SECONDS = 3.0
+# --wait polls the run from this interval, backing off to POLL_MAX_SECONDS (as `backup`).
+POLL_FIRST_SECONDS = 0.02
+POLL_MAX_SECONDS = 0.1
 
 
 def parse_at(text: str, flag: str = "--at") -> datetime:
@@ -325,6 +328,7 @@ class Command(ContractCommand):
     def _wait_for_end(self, run: RestoreRun) -> None:
         """Until the run ends; refuse to wait forever on a worker that stopped beating."""
         stale = settings.JOB_HEARTBEAT_STALE_SECONDS
+        pause = POLL_FIRST_SECONDS
         while True:
             status, heartbeat = (
                 RestoreRun.objects.filter(pk=run.pk).values_list("status", "heartbeat_at").first()
@@ -336,7 +340,8 @@ class Command(ContractCommand):
                     f"restore run {run.pk} stopped reporting progress (its worker died?); "
                     f"run `restore run {run.request_id}` again to resume it"
                 )
-            time.sleep(0.5)
+            time.sleep(pause)
+            pause = min(pause * 1.5, POLL_MAX_SECONDS)
 
     @staticmethod
     def _not_picked_up(run: RestoreRun) -> bool:
