@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.servers import MotoServer, free_port, start_servers, stop_servers
@@ -191,8 +192,18 @@ def rq_worker_process(redis_url, settings, tmp_path):
 
     yield start
     for proc in started:
-        # The whole session: a worker's work horse and its scheduler are child processes
-        # that would otherwise outlive the test and take the next test's jobs.
+        # The worker's children first (RQ puts its work horse in a process group of its own,
+        # so killpg alone would miss a running job), then the worker's session (its
+        # scheduler): none may outlive the test and take the next test's jobs or slots.
+        try:
+            children = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -34,11 +34,11 @@ from backups.engine.binlog_events import (
     split_events,
 )
 from backups.engine.binlog_rows import (
-    DELETE_ROWS,
     ROWS_EVENTS,
     UPDATE_ROWS,
     WRITE_ROWS,
     count_rows,
+    rows_table_id,
     table_map_parse,
 )
 from backups.engine.errors import EngineError
@@ -141,17 +141,15 @@ def segment_transactions(
             if wants is not None and wants(table_map.database, table_map.table):
                 wanted = True
         elif kind in ROWS_EVENTS:
-            table_id = int.from_bytes(event[HEADER_LEN : HEADER_LEN + 6], "little")
-            table_map = maps.get(table_id)
+            table_map = maps.get(rows_table_id(event))
             if table_map is None:
                 continue
             if wants is not None and not wants(table_map.database, table_map.table):
                 continue
             rows = count_rows(event, table_map, fde.post_header_len(kind), fde.checksum)
             counts = current.tables.setdefault((table_map.database, table_map.table), [0, 0, 0])
-            slot = 0 if kind in WRITE_ROWS else 1 if kind in UPDATE_ROWS else 2
-            if kind in WRITE_ROWS or kind in UPDATE_ROWS or kind in DELETE_ROWS:
-                counts[slot] += rows
+            # count_rows refused compressed rows events: what is left writes, updates or deletes
+            counts[0 if kind in WRITE_ROWS else 1 if kind in UPDATE_ROWS else 2] += rows
         elif kind == ANNOTATE_ROWS_EVENT:
             end = len(event) - (4 if fde.checksum else 0)
             statements.append(event[HEADER_LEN:end].decode("utf-8", "replace"))

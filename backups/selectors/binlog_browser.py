@@ -11,7 +11,6 @@ outside the time window, is never read.
 from __future__ import annotations
 
 import heapq
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from backups.engine.binlog_browse import TransactionSummary, segment_transaction
 from backups.engine.binlog_events import coordinate_key
 from backups.models import BackupSet, BinlogSegment
 from backups.services.errors import RestoreError
+from backups.services.restore_plan import logical_table_match
 from backups.services.sets import set_data_key, set_storage
 from shards.models import Cluster, LogicalTable
 
@@ -33,13 +33,13 @@ class TableFilter:
 
     exact: frozenset[tuple[str, str]]
     names: frozenset[str]
-    patterns: tuple[re.Pattern, ...]
+    patterns: tuple[str, ...]  # logical tables' patterns, matched with a timeout
 
     def __call__(self, database: str, table: str) -> bool:
         return (
             table in self.names
             or (database, table) in self.exact
-            or any(p.fullmatch(table) for p in self.patterns)
+            or any(logical_table_match(p, table) for p in self.patterns)
         )
 
 
@@ -52,7 +52,7 @@ def table_filter(*, cluster: Cluster, tables) -> TableFilter | None:
     exact, names, patterns = set(), set(), []
     for name in tables:
         if name in logical:
-            patterns.append(re.compile(logical[name]))
+            patterns.append(logical[name])
         elif "." in name:
             database, table = name.split(".", 1)
             exact.add((database.strip("`"), table.strip("`")))

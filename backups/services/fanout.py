@@ -40,7 +40,7 @@ from backups.services.backup_parts import part_slot_holder
 from backups.services.cold_locks import cold_lock_sessions_record
 from backups.services.connection_slots import (
     ConnectionSlots,
-    SlotNeed,
+    instance_needs,
     instance_slot_key,
 )
 from backups.services.parts import Part, PartFailed, PartsCancelled, parts_run
@@ -109,11 +109,7 @@ def fanout_owner_slots(*, backup_set: BackupSet, shard_backups) -> ConnectionSlo
         redis = queue.redis_connection(queue.BACKUPS)
     except Exception:  # noqa: BLE001
         return None
-    needs = {}
-    for instance in _instances(shard_backups).values():
-        address = f"{instance.host}:{instance.port}"
-        cap = min(needs[address].cap, instance.max_connections) if address in needs else None
-        needs[address] = SlotNeed(cap=cap or instance.max_connections, minimum=1, wanted=1)
+    needs, _names = instance_needs(_instances(shard_backups).values(), minimum=1)
     ttl = max(30, settings.JOB_HEARTBEAT_STALE_SECONDS * 2)
     return ConnectionSlots(redis, needs, holder=set_job_id(backup_set.pk), ttl=ttl)
 

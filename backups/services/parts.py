@@ -51,8 +51,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import threading
 import time
 import uuid
@@ -65,6 +63,7 @@ from django.db import connections
 from django.utils.module_loading import import_string
 
 from backups import queue
+from backups.services.progress import worker_name
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +88,6 @@ redis.call('INCR', KEYS[4])
 redis.call('EXPIRE', KEYS[4], tonumber(ARGV[3]))
 return 1
 """
-
-
-def worker_id() -> str:
-    """This process as "host:pid" (what a part records as the worker that ran it)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -311,7 +305,7 @@ def part_execute(handle: dict) -> str:
     Claims the part; runs nothing when the owner or another worker has it, or when its
     attempt is over (aborted, owner gone). Returns a line for RQ's job result.
     """
-    ctx = PartContext(handle, worker=worker_id())
+    ctx = PartContext(handle, worker=worker_name())
     keys = _Keys(ctx.owner, ctx.attempt)
     if not _claim(ctx.redis, keys, ctx.name, ctx.worker, ctx.stale_after):
         holder = ctx.redis.get(keys.claim(ctx.name))
@@ -380,7 +374,7 @@ def parts_run(
     attempt = uuid.uuid4().hex[:12]
     keys = _Keys(owner, attempt)
     handle = PartsHandle(owner=owner, attempt=attempt, redis=redis, parts=names)
-    me = worker_id()
+    me = worker_name()
     beat_ttl = int(max(2, stale_after * 2))
     owner_beater = _Beater(redis, keys.owner_beat, every=_beat_every(stale_after), ttl=beat_ttl)
     owner_beater.beat()

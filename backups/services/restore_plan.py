@@ -88,7 +88,9 @@ def old_table(table: str, request_id: int) -> str:
 # -- scope ---------------------------------------------------------------------------
 
 
-def _logical_match(pattern: str, table: str) -> bool:
+def logical_table_match(pattern: str, table: str) -> bool:
+    """Whether `table` is one of a logical table's tables (its pattern matched with a
+    timeout); a refused pattern is a RestoreError in one sentence, never a traceback."""
     try:
         return pattern_fullmatch(pattern, table)
     except PatternError as exc:
@@ -115,7 +117,7 @@ def _scope_tables(
             raise RestoreError(_excluded_sentence(name, doc))
         if name in logical:
             # Bounded: a catastrophic pattern raises PatternError (one sentence), never hangs.
-            matchers.append((name, lambda t, p=logical[name]: _logical_match(p, t)))
+            matchers.append((name, lambda t, p=logical[name]: logical_table_match(p, t)))
         elif name in physical:
             matchers.append((name, lambda t, n=name: t == n))
         else:

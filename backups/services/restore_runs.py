@@ -68,7 +68,11 @@ from backups.services.restore_swap import (
     restore_swap_inplace,
 )
 from backups.services.sets import set_data_key, set_manifest
-from backups.services.storage_targets import served_record, set_read_storage
+from backups.services.storage_targets import (
+    served_record,
+    served_records_merge,
+    set_read_storage,
+)
 from backups.status import RequestState, ResultStatus, RunStatus
 from shards.models import Instance
 from shards.selectors import MissingPassword, instance_endpoint
@@ -596,15 +600,10 @@ def restore_run_part(
     }
 
 
-def _merge_served(records: list[dict]) -> dict:
-    """One `served_by` from the owner's and every part's."""
-    objects: dict[str, int] = {}
-    fallbacks: list[dict] = []
-    for record in records:
-        for name, count in (record or {}).get("objects", {}).items():
-            objects[name] = objects.get(name, 0) + count
-        fallbacks.extend(f for f in (record or {}).get("fallbacks", []) if f not in fallbacks)
-    return {"objects": objects, "fallbacks": fallbacks} if objects or fallbacks else {}
+def _served_by(records: list[dict]) -> dict:
+    """The run's `served_by`: empty when it read through no fallback storage."""
+    merged = served_records_merge(records)
+    return merged if merged["objects"] or merged["fallbacks"] else {}
 
 
 @dataclass
@@ -885,7 +884,7 @@ def _execute(
     finally:
         if storage is not None:
             RestoreRun.objects.filter(pk=run.pk).update(
-                served_by=_merge_served([served_record(storage), *served])
+                served_by=_served_by([served_record(storage), *served])
             )
 
 

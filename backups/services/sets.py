@@ -74,9 +74,6 @@ def set_storage(backup_set: BackupSet) -> Storage:
     return storage_for_url(backup_set.storage_url) if backup_set.storage_url else default_storage()
 
 
-DEFAULT_TARGET = "default"
-
-
 def set_prefix(backup_set: BackupSet) -> str:
     """`<cluster>/<set-id>`: the set's objects, relative to its storage's prefix."""
     return backup_set.object_prefix or f"{backup_set.cluster.name}/{backup_set.pk}"

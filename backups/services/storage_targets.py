@@ -260,6 +260,18 @@ def _demote_bad_manifests(backup_set: BackupSet, storage: FallbackStorage) -> No
             storage.demote(name)
 
 
+def served_records_merge(records) -> dict:
+    """One `served_by` from several (a run's owner and its parts): objects per target
+    summed, each fallback once."""
+    objects: dict[str, int] = {}
+    fallbacks: list[dict] = []
+    for record in records:
+        for name, count in (record or {}).get("objects", {}).items():
+            objects[name] = objects.get(name, 0) + count
+        fallbacks.extend(f for f in (record or {}).get("fallbacks", []) if f not in fallbacks)
+    return {"objects": objects, "fallbacks": fallbacks}
+
+
 def served_record(storage, *more) -> dict:
     """What a run stores as `served_by`: objects per target and every fallback taken, summed
     over `storage` and `more` (e.g. the storages a PITR read its binlog segments through)."""

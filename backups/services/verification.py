@@ -46,6 +46,7 @@ from backups.services.sets import (
 from backups.services.storage_targets import (
     DEFAULT_TARGET,
     served_record,
+    served_records_merge,
     set_read_storage,
     storage_target_names,
 )
@@ -485,7 +486,9 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
                 t, d = _storage_factors(check)
     except Exception as exc:  # the run fails and says why; the set keeps its previous Q
         return _verification_fail(run, str(exc) or exc.__class__.__name__)
-    served = _served(storages.values(), more=part_served)
+    served = served_records_merge(
+        [*(served_record(storage) for storage in storages.values()), *part_served]
+    )
     # An object bad on one target but read from the next is named too (A counts it served).
     problems.extend(f for f in served["fallbacks"] if f.get("served_by"))
     return _verification_finish(
@@ -500,18 +503,6 @@ def verification_execute(*, verification_id: int) -> VerificationRun:
         details=details,
         served=served,
     )
-
-
-def _served(storages, more: list[dict] = ()) -> dict:
-    """One `served_by` record for every storage a run read through (and the records of
-    its parts, `more`)."""
-    objects: dict[str, int] = {}
-    fallbacks: list[dict] = []
-    for record in [*(served_record(storage) for storage in storages), *more]:
-        for name, count in record.get("objects", {}).items():
-            objects[name] = objects.get(name, 0) + count
-        fallbacks.extend(record.get("fallbacks", []))
-    return {"objects": objects, "fallbacks": fallbacks}
 
 
 WARNING_SEPARATOR = " | "

@@ -17,8 +17,8 @@ from backups.services.parts import (
     PartFailed,
     PartsCancelled,
     parts_run,
-    worker_id,
 )
+from backups.services.progress import worker_name
 
 PART = "tests.backups.test_parts.sleepy_part"
 
@@ -65,7 +65,7 @@ def test_parts_run_on_other_workers_and_the_owner_runs_what_nobody_took(
     workers = {o.worker for o in outcomes.values()}
     assert len(workers) == 3, workers  # two rqworkers and the owner, one part each
     local = [o for o in outcomes.values() if o.local]
-    assert len(local) == 1 and local[0].worker == worker_id()
+    assert len(local) == 1 and local[0].worker == worker_name()
     assert local[0].result == {"pid": os.getpid(), "local": True}
     for outcome in outcomes.values():
         if not outcome.local:
@@ -84,7 +84,7 @@ def test_without_idle_workers_the_owner_runs_every_part_at_once():
         stale_after=5,
     )
     assert time.monotonic() - started < 3  # nobody listens: no wait for claim_after
-    assert {o.worker for o in outcomes.values()} == {worker_id()}
+    assert {o.worker for o in outcomes.values()} == {worker_name()}
     assert all(o.ok and o.local for o in outcomes.values())
 
 
@@ -158,6 +158,6 @@ def test_a_killed_part_worker_is_detected_by_its_heartbeat(rq_worker_process, re
     assert detected < 2 + 1.5, detected
     assert failed.value.part == "remote"
     assert "stopped beating" in failed.value.message
-    assert failed.value.worker != worker_id()
+    assert failed.value.worker != worker_name()
     # The part the owner ran saw the abort and stopped.
     assert "stopped: part remote died" in failed.value.outcomes["local"].error

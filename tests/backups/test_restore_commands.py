@@ -14,7 +14,7 @@ from django.db import connection
 
 from backups.engine.mysql import quote_ident
 from backups.models import RestoreRequest
-from backups.services.parts import worker_id
+from backups.services.progress import worker_name
 from tests.backups.test_restore_rules import make_backup, server_for
 from tests.factories import make_cluster, make_user
 
@@ -102,7 +102,7 @@ def test_request_approve_run_show_with_json(cluster, mariadb_servers, run_jobs):
             "rows": 10,
             "rows_expected": 10,
             "checksum_ok": True,
-            "worker": worker_id(),  # the part ran in this process: no worker listens
+            "worker": worker_name(),  # the part ran in this process: no worker listens
         }
     ]
     assert restore("show", request_id, "--json") == ran

@@ -19,7 +19,7 @@ from backups.engine.mysql import quote_ident
 from backups.engine.verify import DRILL_PREFIX
 from backups.models import BackupPolicy, RestoreTableResult
 from backups.selectors.restores import restore_request_as_dict
-from backups.services.parts import worker_id
+from backups.services.progress import worker_name
 from backups.services.restore_run_states import restore_run_cancel, restore_run_start
 from backups.services.verification import verification_start
 from console.models import AuditEvent
@@ -152,7 +152,7 @@ def test_one_worker_alone_completes_the_restore(cluster, mariadb_servers, run_jo
     assert run.status == "succeeded", run.error
     assert time.monotonic() - started < 30
     assert set(RestoreTableResult.objects.filter(run=run).values_list("worker", flat=True)) == {
-        worker_id()
+        worker_name()
     }
     _assert_side_tables_match(cluster, mariadb_servers, request)
 
