@@ -481,10 +481,14 @@ def backup_set_expire(*, backup_set: BackupSet, actor) -> BackupSet:
 
 
 def _delete_objects_quietly(set_id: int) -> None:
-    # The set is expired either way; set_objects_delete logs what could not be deleted.
+    # The set is expired either way: what could not be deleted is logged. Every target
+    # holding the set, the default one included, is walked once.
     from backups.services.storage_targets import set_objects_delete_everywhere
 
     backup_set = BackupSet.objects.get(pk=set_id)
-    set_objects_delete(backup_set)
-    for problem in set_objects_delete_everywhere(backup_set, set_prefix(backup_set) + "/"):
-        log.warning("deleting the copies of expired set %s: %s", set_id, problem)
+    try:
+        problems = set_objects_delete_everywhere(backup_set, set_prefix(backup_set) + "/")
+    except EngineError as exc:  # an unusable storage URL: nothing can have been stored there
+        problems = [str(exc)]
+    for problem in problems:
+        log.warning("deleting the objects of expired set %s: %s", set_id, problem)

@@ -60,18 +60,20 @@ def transactions(request, cluster: str):
     except ValueError:
         page = 1
     context["page"] = page
+    try:  # only the times: a ValueError from decoding is not the person's typing
+        since, until = _time(context["since"]), _time(context["until"])
+    except ValueError:
+        context["error"] = "times are ISO 8601, e.g. 2026-01-31T12:00:00"
+        return render(request, "backups/transactions.html", context, status=400)
     try:
         rows, more = binlog_transactions_page(
             cluster=cluster_obj,
             page=page,
-            since=_time(context["since"]),
-            until=_time(context["until"]),
+            since=since,
+            until=until,
             shards=_names(context["shard"]),
             tables=_names(context["tables"]),
         )
-    except ValueError:
-        context["error"] = "times are ISO 8601, e.g. 2026-01-31T12:00:00"
-        return render(request, "backups/transactions.html", context, status=400)
     except (RestoreError, EngineError) as exc:
         context["error"] = str(exc)
         return render(request, "backups/transactions.html", context, status=400)

@@ -106,8 +106,9 @@ def numbers_in_chunks(backup_set) -> list[int]:
     return numbers
 
 
-def writable_everywhere(cluster, servers) -> bool:
-    """Every shard takes a write at once (no global read lock left anywhere)."""
+def assert_writable_everywhere(cluster, servers) -> None:
+    """Every shard takes a write within a second (no global read lock left anywhere): a
+    lock still held fails the insert with a lock wait timeout."""
     by_port = {s.endpoint.port: s for s in servers}
     for shard in cluster.shards.select_related("instance"):
         conn = by_port[shard.instance.port].connect(shard.database)
@@ -120,7 +121,6 @@ def writable_everywhere(cluster, servers) -> bool:
                 cur.execute("DELETE FROM t_order WHERE id = 999999999")
         finally:
             conn.close()
-    return True
 
 
 def horse_pid_of(worker_pid: int) -> int | None:
@@ -225,7 +225,7 @@ def test_a_cold_set_over_three_workers_holds_the_lock_until_every_part_is_done(
         later = [returned for n, _, returned in writer.commits if n > k]
         assert later and min(later) >= released - 0.25
         assert backup_set.lock_sessions == {}
-        assert writable_everywhere(cluster, mariadb_servers)
+        assert_writable_everywhere(cluster, mariadb_servers)
     finally:
         drop_cluster_databases(cluster, mariadb_servers)
 
@@ -253,7 +253,7 @@ def test_a_part_whose_worker_is_killed_fails_the_set_and_leaves_nothing(
         )
         assert took < 3 * STALE_SECONDS + 6, took
         assert list(set_storage(backup_set).list(backup_set.object_prefix + "/")) == []
-        assert writable_everywhere(cluster, mariadb_servers)
+        assert_writable_everywhere(cluster, mariadb_servers)
         wait_for(
             lambda: not any(no_backup_sessions(s) for s in mariadb_servers),
             10,
@@ -321,7 +321,7 @@ def test_parts_nobody_runs_trip_the_barrier_timeout_cleanly(
         assert f"part {', '.join(names)} did not report ready" in backup_set.error, backup_set.error
         assert time.monotonic() - began < 2.5 + 2 * STALE_SECONDS + 5
         assert backup_set.lock_window_ms is None
-        assert writable_everywhere(cluster, mariadb_servers)
+        assert_writable_everywhere(cluster, mariadb_servers)
         assert list(set_storage(backup_set).list(backup_set.object_prefix + "/")) == []
     finally:
         drop_cluster_databases(cluster, mariadb_servers)
