@@ -268,6 +268,34 @@ PERIODIC: dict[str, Periodic] = {
 SCHEDULER_TAKEOVER_SECONDS = 10
 
 
+# What the jobs run, imported once by each worker before it takes jobs: the work horse RQ
+# forks per job then starts with them loaded instead of importing them itself (about 0.3 s a
+# job). Commands such as `manage.py backup` import only what they use.
+JOB_MODULES = (
+    "backups.jobs.backups",
+    "backups.jobs.parts",
+    "backups.jobs.restores",
+    "backups.jobs.incrementals",
+    "backups.jobs.verification",
+    "backups.jobs.copies",
+    "backups.engine.dump",
+    "backups.services.backup_spec",
+    "backups.services.backup_parts",
+    "backups.services.fanout",
+    "backups.services.verification",
+)
+
+
+def jobs_preload() -> None:
+    import importlib
+
+    for name in JOB_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the job itself will report the failure to import
+            log.exception("preloading %s failed", name)
+
+
 class ArmingWorker(Worker):
     """The workers' class (settings.RQ["WORKER_CLASS"]): arms the periodic jobs when it starts,
     so a Redis that lost its scheduled jobs (a restart without persistence) gets housekeeping
@@ -275,6 +303,7 @@ class ArmingWorker(Worker):
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         periodic_ensure_scheduled()  # best effort: a Redis failure is logged, the worker runs
+        jobs_preload()
         return super().work(*args, **kwargs)
 
     # Scheduler takeover. RQ's scheduler lock lives `interval + 60` s (61 s) unless its holder

@@ -4,6 +4,9 @@ from django.urls import include, path
 
 from console import views
 
+# The admin app is SimpleAdminConfig (console/settings.py): its modules load with the URLs.
+admin.autodiscover()
+
 urlpatterns = [
     path("", include("reports.urls")),
     path("login/", views.LoginView.as_view(), name="login"),

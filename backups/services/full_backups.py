@@ -24,26 +24,10 @@ from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from backups import queue
-from backups.engine.dump import dump_cluster
 from backups.engine.errors import Cancelled, EngineError
 from backups.models import BackupPolicy, BackupSet
-from backups.services.backup_parts import SetPartRows
-from backups.services.backup_spec import (
-    PreflightRefused,
-    backup_connection_slots,
-    backup_spec_build,
-)
-from backups.services.cold_locks import cold_lock_kill, cold_lock_sessions_record
 from backups.services.connection_slots import SlotsUnavailable
 from backups.services.errors import BackupError, BackupRefused
-from backups.services.fanout import (
-    FanoutFailed,
-    backup_fanout_run,
-    fanout_owner_slots,
-    fanout_planned,
-)
-from backups.services.incrementals import incremental_execute, incremental_start
-from backups.services.physical import physical_backup_run, physical_part_worker_record
 from backups.services.progress import JobTracker, worker_name
 from backups.services.sets import (
     HOUSEKEEPING_ACTOR,
@@ -57,7 +41,6 @@ from backups.services.sets import (
     lock_set,
     set_storage,
 )
-from backups.services.verification import verification_after_backup
 from backups.status import PartStatus, SetStatus
 from console.audit import audit_record
 from shards.models import Cluster, PhysicalTable
@@ -92,6 +75,8 @@ def backup_start(
     """
     backup_authorise(actor)
     if kind == BackupSet.Kind.INCREMENTAL:
+        from backups.services.incrementals import incremental_start
+
         return incremental_start(cluster=cluster, actor=actor, enqueue=enqueue)
     if kind != BackupSet.Kind.FULL:
         raise BackupError(f"unknown backup kind '{kind}': choose full or incremental")
@@ -192,6 +177,8 @@ def backup_cancel(*, backup_set: BackupSet, actor) -> BackupSet:
                 locked.save(update_fields=["cancel_requested", "progress_text"])
                 audit_record(actor=actor, action="backup.cancel_request", obj=locked, details={})
                 if locked.consistency == BackupSet.Consistency.COLD:
+                    from backups.services.cold_locks import cold_lock_kill
+
                     transaction.on_commit(lambda: cold_lock_kill(backup_set=locked))
         else:
             raise BackupError(f"set {locked.pk} already ended ({locked.status})")
@@ -291,6 +278,8 @@ def backup_execute(*, backup_set: BackupSet, runner_job_id: str = "") -> BackupS
 
 def _after_success(backup_set: BackupSet) -> None:
     """Queue the storage check of a new set when the cluster's policy asks for it."""
+    from backups.services.verification import verification_after_backup
+
     try:
         verification_after_backup(backup_set)
     except Exception:  # noqa: BLE001 - housekeeping verifies never-verified sets later
@@ -299,6 +288,15 @@ def _after_success(backup_set: BackupSet) -> None:
 
 def _execute_engine(backup_set: BackupSet, state: dict):
     """Slots, tracker, preflight, engine; records what it started in `state` for cleanup."""
+    # The engine's modules load on first use: `manage.py backup` starts without them (workers
+    # preload them, see backups.queue.ArmingWorker).
+    from backups.services.backup_spec import (
+        PreflightRefused,
+        backup_connection_slots,
+        backup_spec_build,
+    )
+    from backups.services.fanout import fanout_owner_slots, fanout_planned
+
     try:
         storage = set_storage(backup_set)
     except EngineError as exc:  # a misconfigured storage URL: one sentence on the set
@@ -318,7 +316,7 @@ def _execute_engine(backup_set: BackupSet, state: dict):
     tracker = state["tracker"] = JobTracker(
         BackupSet,
         backup_set.pk,
-        on_flush=None if fanout else SetPartRows(backup_set),
+        on_flush=None if fanout else _set_part_rows(backup_set),
         slots=slots,
         # Fanned out, the parts write the rows; the owner its progress line and heartbeat.
         columns=("progress_text", "heartbeat_at") if fanout else None,
@@ -349,6 +347,8 @@ def _execute_engine(backup_set: BackupSet, state: dict):
 
 def _run_fanout(backup_set, spec, storage, tracker: JobTracker):
     """One part per instance on the `backups` workers (backups/services/fanout.py)."""
+    from backups.services.fanout import FanoutFailed, backup_fanout_run
+
     try:
         return backup_fanout_run(backup_set=backup_set, spec=spec, storage=storage, tracker=tracker)
     except Cancelled:
@@ -363,6 +363,9 @@ def _run_fanout(backup_set, spec, storage, tracker: JobTracker):
 
 def _run_physical(spec, shard_backups, storage, tracker: JobTracker):
     """The physical branch: mariabackup per instance (backups/services/physical.py)."""
+    from backups.services.backup_spec import PreflightRefused
+    from backups.services.physical import physical_backup_run, physical_part_worker_record
+
     datadirs = {sb.shard.instance.name: sb.shard.instance.datadir for sb in shard_backups}
     agents = {sb.shard.instance.name: sb.shard.instance.agent_queue for sb in shard_backups}
     tracker.say("copying data files with mariabackup", flush=False)
@@ -386,6 +389,12 @@ def _run_physical(spec, shard_backups, storage, tracker: JobTracker):
         raise _Outcome(str(exc)) from None
 
 
+def _set_part_rows(backup_set: BackupSet):
+    from backups.services.backup_parts import SetPartRows
+
+    return SetPartRows(backup_set)
+
+
 class _Outcome(Exception):
     def __init__(self, message="", *, cancelled=False, shard_errors=None):
         super().__init__(message)
@@ -395,6 +404,8 @@ class _Outcome(Exception):
 
 
 def _run_engine(spec, storage, tracker: JobTracker):
+    from backups.engine.dump import dump_cluster
+
     try:
         return dump_cluster(
             spec,
@@ -423,6 +434,8 @@ class _LockSessions:
 
     def __call__(self, event) -> None:
         if event.lock_sessions is not None and event.lock_sessions != self.recorded:
+            from backups.services.cold_locks import cold_lock_sessions_record
+
             cold_lock_sessions_record(set_id=self.set_id, sessions=event.lock_sessions)
             self.recorded = dict(event.lock_sessions)
         self.tracker.progress(event)
@@ -516,5 +529,7 @@ def backup_run_in_process_if_unclaimed(
     queue.cancel(backup_set.job_id, queue=queue.BACKUPS)
     close_old_connections()
     if backup_set.kind == BackupSet.Kind.INCREMENTAL:
+        from backups.services.incrementals import incremental_execute
+
         return incremental_execute(backup_set=backup_set)
     return backup_execute(backup_set=backup_set)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from backups import queue
@@ -108,3 +112,24 @@ def test_a_surviving_worker_takes_over_the_scheduler_of_a_sigkilled_one(rq_worke
     assert time.monotonic() - killed_at < 90
     assert survivor.poll() is None
     assert os.getpgid(holder_pid()) == survivor.pid  # the survivor's scheduler holds the lock
+
+
+def test_a_worker_loads_what_its_jobs_run_before_it_takes_one_and_commands_do_not():
+    """Work horses are forked from the worker, so they start with the engine loaded; a
+    command such as `manage.py backup` starts without it (it only records and queues)."""
+    script = (
+        "import django, sys; django.setup();"
+        "import backups.management.commands.backup;"
+        "print('backups.engine.dump' in sys.modules);"
+        "from backups.queue import jobs_preload; jobs_preload();"
+        "from backups.queue import JOB_MODULES;"
+        "print(all(m in sys.modules for m in JOB_MODULES))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "console.settings"},
+    ).stdout.split()
+    assert out == ["False", "True"]
