@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from backups.engine.types import ProgressEvent
@@ -235,10 +235,13 @@ class JobTracker:
                 }
             )
         try:
-            if values:
-                self.model.objects.filter(pk=self.pk).update(**values)
-            if snapshot is not None and self.on_flush is not None:
-                self.on_flush(snapshot)
+            # One transaction per flush: the set's row and every shard and table row that
+            # moved are one commit (one WAL sync on SQLite), not one each.
+            with transaction.atomic():
+                if values:
+                    self.model.objects.filter(pk=self.pk).update(**values)
+                if snapshot is not None and self.on_flush is not None:
+                    self.on_flush(snapshot)
         except Exception:
             if snapshot is not None:
                 self._unwritten(snapshot)  # the next flush writes these rows again
