@@ -12,7 +12,9 @@ on RQ's scheduler (workers started with `--with-scheduler`); each run re-arms it
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -270,26 +272,26 @@ SCHEDULER_TAKEOVER_SECONDS = 10
 
 # What the jobs run, imported once by each worker before it takes jobs: the work horse RQ
 # forks per job then starts with them loaded instead of importing them itself (about 0.3 s a
-# job). Commands such as `manage.py backup` import only what they use.
+# job). Every module of backups.jobs is found by walking the package; these are the modules
+# the services load only when a job runs (backups/services/full_backups.py), so commands such
+# as `manage.py backup` start without them.
 JOB_MODULES = (
-    "backups.jobs.backups",
-    "backups.jobs.parts",
-    "backups.jobs.restores",
-    "backups.jobs.incrementals",
-    "backups.jobs.verification",
-    "backups.jobs.copies",
     "backups.engine.dump",
     "backups.services.backup_spec",
     "backups.services.backup_parts",
+    "backups.services.cold_locks",
     "backups.services.fanout",
+    "backups.services.incrementals",
+    "backups.services.physical",
     "backups.services.verification",
 )
 
 
 def jobs_preload() -> None:
-    import importlib
+    import backups.jobs
 
-    for name in JOB_MODULES:
+    jobs = [f"backups.jobs.{m.name}" for m in pkgutil.iter_modules(backups.jobs.__path__)]
+    for name in (*jobs, *JOB_MODULES):
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - the job itself will report the failure to import

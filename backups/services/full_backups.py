@@ -289,7 +289,8 @@ def _after_success(backup_set: BackupSet) -> None:
 def _execute_engine(backup_set: BackupSet, state: dict):
     """Slots, tracker, preflight, engine; records what it started in `state` for cleanup."""
     # The engine's modules load on first use: `manage.py backup` starts without them (workers
-    # preload them, see backups.queue.ArmingWorker).
+    # preload them, see backups.queue.JOB_MODULES).
+    from backups.services.backup_parts import SetPartRows
     from backups.services.backup_spec import (
         PreflightRefused,
         backup_connection_slots,
@@ -316,7 +317,7 @@ def _execute_engine(backup_set: BackupSet, state: dict):
     tracker = state["tracker"] = JobTracker(
         BackupSet,
         backup_set.pk,
-        on_flush=None if fanout else _set_part_rows(backup_set),
+        on_flush=None if fanout else SetPartRows(backup_set),
         slots=slots,
         # Fanned out, the parts write the rows; the owner its progress line and heartbeat.
         columns=("progress_text", "heartbeat_at") if fanout else None,
@@ -387,12 +388,6 @@ def _run_physical(spec, shard_backups, storage, tracker: JobTracker):
         raise _Outcome(cancelled=True) from None
     except EngineError as exc:
         raise _Outcome(str(exc)) from None
-
-
-def _set_part_rows(backup_set: BackupSet):
-    from backups.services.backup_parts import SetPartRows
-
-    return SetPartRows(backup_set)
 
 
 class _Outcome(Exception):
