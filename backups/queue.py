@@ -288,9 +288,9 @@ JOB_MODULES = (
 
 
 def jobs_preload() -> None:
-    import backups.jobs
-
-    jobs = [f"backups.jobs.{m.name}" for m in pkgutil.iter_modules(backups.jobs.__path__)]
+    # By name, like every job: services and selectors import this module, never the jobs.
+    package = importlib.import_module("backups.jobs")
+    jobs = [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
     for name in (*jobs, *JOB_MODULES):
         try:
             importlib.import_module(name)
