@@ -52,26 +52,53 @@ LONG_TYPES = frozenset(
 )
 
 
-def column_expression(column: Column, *, regex: bool = True) -> str:
+def binary_value(column: Column) -> str:
+    """A column's stored value as the bytes its chunk line holds, before escaping."""
     ident = quote_ident(column.name)
     if column.data_type == "float":
-        value = f"CAST(CAST({ident} AS DOUBLE) AS BINARY)"
-    elif column.data_type in PLAIN_TYPES:
-        value = f"CAST({ident} AS BINARY)"
+        return f"CAST(CAST({ident} AS DOUBLE) AS BINARY)"
+    return f"CAST({ident} AS BINARY)"
+
+
+def column_expression(column: Column, *, regex: bool = True) -> str:
+    value = binary_value(column)
+    if column.data_type in PLAIN_TYPES:
+        pass  # digits, signs, dots, dashes, colons and spaces: nothing to escape
     elif regex and column.data_type in LONG_TYPES:
         value = (
-            f"REGEXP_REPLACE(REGEXP_REPLACE(CAST({ident} AS BINARY),"
+            f"REGEXP_REPLACE(REGEXP_REPLACE({value},"
             r" _binary'([\\\\\t\n])', _binary'\\\\\\1'), _binary'\\x00', _binary'\\\\0')"
         )
     else:
         value = (
-            f"REPLACE(REPLACE(REPLACE(REPLACE(CAST({ident} AS BINARY),"
+            f"REPLACE(REPLACE(REPLACE(REPLACE({value},"
             " _binary'\\\\', _binary'\\\\\\\\'),"
             " _binary'\\t', _binary'\\\\\\t'),"
             " _binary'\\n', _binary'\\\\\\n'),"
             " _binary'\\0', _binary'\\\\0')"
         )
     return f"IFNULL({value}, _binary'\\\\N')"
+
+
+# Types whose text-protocol bytes, in a session with `character_set_results = binary`, are
+# exactly their `binary_value`: the client path selects them bare, which spares the server a
+# CAST per value. FLOAT (widened to DOUBLE), BIT, and every other type (UUID and INET6 send
+# their text form, not the 16 bytes CAST gives) keep the CAST.
+BARE_TYPES = (PLAIN_TYPES - {"float"}) | frozenset(
+    {"char", "varchar", "binary", "varbinary", "enum", "set"} | LONG_TYPES
+)
+
+
+def client_select_list(columns: list[Column]) -> str:
+    """The select list whose rows the C helper turns into chunk lines (wire.py): each
+    column's `binary_value` bytes, unescaped; escaping, `\\N` and the tabs happen in the
+    client, which yields the very bytes of `line_expression`. The session must have
+    `character_set_results = binary` (no conversion of the bare string columns)."""
+    if not columns:
+        raise ValueError("a table needs at least one stored column")
+    return ", ".join(
+        quote_ident(c.name) if c.data_type in BARE_TYPES else binary_value(c) for c in columns
+    )
 
 
 def line_expression(columns: list[Column], *, regex: bool = True) -> str:

@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import reduce
-from operator import xor
 
 import pymysql
 
@@ -29,7 +27,7 @@ from backups.engine.mysql import describe_error, quote_qualified
 from backups.engine.snapshot import SessionGroup
 from backups.engine.throttle import ThreadsRunningGate
 from backups.engine.types import ChunkResult, ProgressEvent, ShardSpec, TableResult
-from backups.engine.wire import stream_lines
+from backups.engine.wire import stream_line_blocks
 from backups.storage import key_part
 
 log = logging.getLogger(__name__)
@@ -58,8 +56,9 @@ class TableDump:
     shard: ShardSpec
     info: schema.TableInfo
     plan: TablePlan
-    line_sql: str
+    line_sql: str  # a chunk query's select list: line_expression, or client_select_list
     set_prefix: str
+    line_columns: int = 0  # columns the C helper joins into lines; 0: the server built them
     lock: threading.Lock = field(default_factory=threading.Lock)
     started: bool = False
     schema_key: str = ""
@@ -234,19 +233,16 @@ class ChunkDumper:
         events = self.events
 
         def raw_chunks():
-            crc32 = checksum.line_crc32
             rows_total = raw_total = crc_sum = crc_xor = 0
             pending_rows = pending_bytes = 0
             last_event = time.monotonic()
-            for lines in stream_lines(conn, sql):
+            for data, count, block_sum, block_xor in stream_line_blocks(
+                conn, sql, table.line_columns
+            ):
                 if abort.is_set():
                     raise _Aborted()
-                crcs = list(map(crc32, lines))  # no Python bytecode per row
-                crc_sum += sum(crcs)
-                crc_xor = reduce(xor, crcs, crc_xor)
-                count = len(lines)
-                lines.append(b"")
-                data = b"\n".join(lines)
+                crc_sum += block_sum
+                crc_xor ^= block_xor
                 rows_total += count
                 raw_total += len(data)
                 pending_rows += count
@@ -275,6 +271,8 @@ class ChunkDumper:
                 pb=pending_bytes,
             )
 
+        if table.line_columns:  # bare string columns arrive unconverted (client_select_list)
+            _results_charset(conn, "binary")
         stored = self._put(
             key,
             codec.encode(
@@ -286,6 +284,8 @@ class ChunkDumper:
         )
         if abort.is_set():
             raise _Aborted()
+        if table.line_columns:  # the next table's first touch reads names and DDL as text
+            _results_charset(conn, "utf8mb4")
         result = ChunkResult(
             index=chunk.index,
             key=stored.key,
@@ -310,3 +310,10 @@ class ChunkDumper:
                 chunk=manifest_chunk_entry(result),
             )
         )
+
+
+def _results_charset(conn, charset: str) -> None:
+    """The session's character_set_results: "binary" while the C helper reads a chunk,
+    "utf8mb4" (what `mysql.connect` sets) for everything else."""
+    with conn.cursor() as cur:
+        cur.execute(f"SET character_set_results = {charset}")

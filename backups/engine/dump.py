@@ -18,7 +18,7 @@ import time
 
 import pymysql
 
-from backups.engine import checksum, schema
+from backups.engine import checksum, schema, wire
 from backups.engine.chunk_dump import ChunkDumper, DumpGroup, TableDump
 from backups.engine.chunking import TablePlan
 from backups.engine.errors import ODD_ANSWER, Cancelled, ConnectError, EngineError, OddAnswer
@@ -256,6 +256,7 @@ class _DumpRun:
                 "policy's exclude_tables, or take a cold backup, which blocks writes while it runs)"
             )
         regex = checksum.server_has_byte_regex(conn)
+        client_lines = wire.line_builder() == "client"
         states = []
         for name in names:
             engine, rows = available[name]
@@ -269,12 +270,17 @@ class _DumpRun:
                 ) from exc
             if not info.columns:
                 raise EngineError(f"table {shard.database}.{name} has no stored columns")
+            if client_lines:
+                line_sql = checksum.client_select_list(info.columns)
+            else:
+                line_sql = checksum.line_expression(info.columns, regex=regex)
             states.append(
                 TableDump(
                     shard=shard,
                     info=info,
                     plan=TablePlan(info, self.spec.chunk_rows),
-                    line_sql=checksum.line_expression(info.columns, regex=regex),
+                    line_sql=line_sql,
+                    line_columns=len(info.columns) if client_lines else 0,
                     set_prefix=self.spec.set_prefix,
                 )
             )

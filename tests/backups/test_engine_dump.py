@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-from backups.engine import codec
+import pytest
+
+from backups.engine import codec, wire
 from backups.engine.checksum import table_checksum
 from backups.engine.dump import dump_cluster
 from backups.engine.mysql import quote_ident, quote_qualified
@@ -18,6 +20,14 @@ def _dump(storage, shards, **overrides):
     return spec, result, events
 
 
+@pytest.fixture(params=["client", "server"])
+def line_builder(request, monkeypatch):
+    """Chunk lines built by the C helper from the raw columns, or by the server's SQL."""
+    monkeypatch.setenv("SHARDVAULT_LINE_BUILDER", request.param)
+    assert wire.line_builder() == request.param
+    return request.param
+
+
 def _chunk_bytes(storage, chunk, data_key=None) -> bytes:
     stored = storage.get_stream(
         chunk["key"], expect_sha256=chunk["sha256"], expect_size=chunk["stored_bytes"]
@@ -25,7 +35,9 @@ def _chunk_bytes(storage, chunk, data_key=None) -> bytes:
     return b"".join(codec.decode(stored, data_key=data_key, aad=chunk["key"].encode()))
 
 
-def test_full_backup_writes_a_manifest_that_describes_every_table(storage, hostile_database):
+def test_full_backup_writes_a_manifest_that_describes_every_table(
+    storage, hostile_database, line_builder
+):
     server, database, expected_rows = hostile_database
     spec, result, events = _dump(storage, [("s1", server, database)])
 
@@ -86,13 +98,35 @@ def test_full_backup_writes_a_manifest_that_describes_every_table(storage, hosti
     assert any(e.chunk for e in events) and any(e.rows_done for e in events)
 
 
-def test_chunk_bytes_equal_select_into_outfile(storage, hostile_database):
-    """The chunk format is INTO OUTFILE's, byte for byte (FLOAT at full precision, BIT escaped: checksum.py)."""
+def test_chunk_bytes_equal_select_into_outfile(storage, hostile_database, line_builder):
+    """The chunk format is INTO OUTFILE's, byte for byte (FLOAT at full precision, BIT escaped:
+    checksum.py), whoever builds the lines, and the table checksums agree with the server's."""
     server, database, _ = hostile_database
+    server.execute(
+        f"CREATE TABLE {quote_qualified(database, 'odd_types')} (id INT PRIMARY KEY,"
+        " z INT(8) UNSIGNED ZEROFILL NULL, g GEOMETRY NULL, u UUID NULL, ip INET6 NULL,"
+        " lt TEXT CHARACTER SET latin1 NULL, mb MEDIUMBLOB NULL, mt MEDIUMTEXT NULL,"
+        " bt BIT(3) NULL, ch CHAR(3) NULL, dt DATE NULL, yr YEAR NULL)"
+    )
+    server.execute(
+        f"INSERT INTO {quote_qualified(database, 'odd_types')} VALUES"
+        " (1, 42, ST_GeomFromText('LINESTRING(0 0, 9 9)'), UUID(), '::1',"
+        " CONCAT('caf', CHAR(233), CHAR(9), CHAR(10), CHAR(92), CHAR(0)),"
+        " REPEAT(CONCAT(UNHEX('00095C0AFBFEFF'), 'x'), 20000), REPEAT('a\tb\n', 30000),"
+        " b'101', 'ab', '2024-02-29', 2024),"
+        " (2, NULL, NULL, NULL, NULL, '', '', '', b'000', '', NULL, NULL),"
+        " (3, 0, ST_GeomFromText('POINT(1 2)'), NULL, '2001:db8::9', NULL, UNHEX('09'), NULL,"
+        " NULL, NULL, '1000-01-01', 1901)"
+    )
     spec, result, _ = _dump(storage, [("s1", server, database)], chunk_rows=10**6)
     assert result.ok, result.error
     tables = {t["name"]: t for t in read_manifest(storage, spec)["shards"][0]["tables"]}
-    for name in ("hostile", "composite", WEIRD_TABLE, "no_pk"):
+    conn = server.connect(database)
+    for name in ("hostile", "composite", WEIRD_TABLE, "no_pk", "odd_types"):
+        rows, server_checksum = table_checksum(conn, database, name, tables[name]["columns"])
+        assert (rows, server_checksum) == (tables[name]["rows"], tables[name]["checksum"]), name
+    conn.close()
+    for name in ("hostile", "composite", WEIRD_TABLE, "no_pk", "odd_types"):
         table = tables[name]
         assert len(table["chunks"]) == 1
         data = _chunk_bytes(storage, table["chunks"][0])
@@ -108,6 +142,10 @@ def test_chunk_bytes_equal_select_into_outfile(storage, hostile_database):
                 {
                     "float": f"CAST({quote_ident(c)} AS DOUBLE)",
                     "bit": f"CAST({quote_ident(c)} AS BINARY)",
+                    # MariaDB's UUID and INET6 are stored as their 16 bytes, which LOAD DATA
+                    # reads back (OUTFILE would print the text form).
+                    "uuid": f"CAST({quote_ident(c)} AS BINARY)",
+                    "inet6": f"CAST({quote_ident(c)} AS BINARY)",
                 }.get(types[c], quote_ident(c))
                 for c in table["columns"]
             )

@@ -7,15 +7,21 @@ reads, and leave the connection usable.
 
 from __future__ import annotations
 
+import functools
+import operator
+import os
 import random
+import subprocess
+import sys
 import zlib
 
 import pytest
 
-from backups.engine import checksum
+from backups.engine import checksum, wire
 from backups.engine.errors import EngineError
 from backups.engine.mysql import connect
-from backups.engine.wire import stream_lines
+from backups.engine.schema import Column
+from backups.engine.wire import stream_line_blocks, stream_lines
 
 # Value lengths around every length-prefix form (1 byte < 251, 0xFC + 2, 0xFD + 3) and
 # around the 16 MB packet limit (0xFD + 3 + 16777212 bytes fills one packet exactly, so
@@ -98,3 +104,112 @@ def test_the_line_crc_is_zlibs_crc32():
     lines += [bytes(range(256)) * 3, b"\\N\t\\\n\\0"]
     assert checksum.line_crc32 is not zlib.crc32  # the fast one is what the dump uses
     assert [checksum.line_crc32(line) for line in lines] == [zlib.crc32(line) for line in lines]
+
+
+def _escaped_line(row) -> bytes:
+    """A chunk line written out in Python, independently of the SQL and the C helper."""
+    fields = []
+    for value in row:
+        if value is None:
+            fields.append(b"\\N")
+            continue
+        value = value.replace(b"\\", b"\\\\").replace(b"\t", b"\\\t")
+        fields.append(value.replace(b"\n", b"\\\n").replace(b"\0", b"\\0"))
+    return b"\t".join(fields)
+
+
+def _blocks(conn, sql, columns):
+    data, rows, crc_sum, crc_xor = b"", 0, 0, 0
+    for block, count, block_sum, block_xor in stream_line_blocks(conn, sql, columns):
+        data += block
+        rows += count
+        crc_sum += block_sum
+        crc_xor ^= block_xor
+    return data, rows, crc_sum, crc_xor
+
+
+def test_client_built_lines_match_the_format_for_every_length_prefix_and_null(conn):
+    """The C helper's lines (several columns per packet, NULLs, every length-prefix form,
+    rows split over 16 MB packets) are the chunk format's bytes, with their CRC-32s, and
+    the server-built path yields the same block for the same values."""
+    assert wire.line_builder() == "client"  # `make test` builds the helper
+    hostile = "CONCAT(UNHEX('FEFF00FB095C0A'), REPEAT(_binary'\\t\\n\\\\\\0x', 3))"
+    values = [
+        f"SELECT {i} AS n, LEFT(REPEAT(CONCAT(UNHEX('FE5C'), _binary'a\\tb\\0\\n'), {n // 6 + 1}), {n}) AS v"
+        for i, n in enumerate(LENGTHS, start=10)
+    ]
+    values += [
+        f"SELECT 1 AS n, {hostile} AS v",
+        "SELECT 2 AS n, NULL AS v",
+        "SELECT 3 AS n, '' AS v",
+    ]
+    source = f"({' UNION ALL '.join(values)}) AS t"
+    raw = (
+        "SELECT CAST(n AS BINARY), v, IF(n % 2, NULL, CAST(n * 7 AS BINARY))"
+        f" FROM {source} ORDER BY n"
+    )
+    expected = [_escaped_line(row) for row in _pymysql_rows_all(conn, raw)]
+    data, rows, crc_sum, crc_xor = _blocks(conn, raw, 3)
+    assert data == b"".join(line + b"\n" for line in expected)
+    assert rows == len(expected) == len(LENGTHS) + 3
+    assert crc_sum == sum(zlib.crc32(line) for line in expected)
+    assert crc_xor == functools.reduce(operator.xor, (zlib.crc32(line) for line in expected))
+    column = Column(name="v", data_type="longblob", column_type="longblob")
+    one = f"SELECT {checksum.line_expression([column])} FROM {source} ORDER BY n"
+    single = [_escaped_line([row[1]]) for row in _pymysql_rows_all(conn, raw)]
+    assert _blocks(conn, one, 0)[0] == b"".join(line + b"\n" for line in single)
+    assert _pymysql_rows(conn, "SELECT 42") == [42]  # the connection is still in step
+
+
+def test_client_lines_over_many_socket_reads_and_a_wrong_column_count(conn):
+    sql = (
+        "SELECT CAST(seq AS BINARY), REPEAT(CHAR(65 + seq % 26, 9), seq % 300)"
+        " FROM mysql.seq_1_to_60000"
+    )
+    blocks = list(stream_line_blocks(conn, sql, 2))
+    expected = [_escaped_line(row) for row in _pymysql_rows_all(conn, sql)]
+    assert b"".join(block[0] for block in blocks) == b"".join(x + b"\n" for x in expected)
+    assert sum(block[1] for block in blocks) == 60000 and 1 < len(blocks) < 60000
+    with pytest.raises(EngineError, match="returned 2 columns, not 3"):
+        list(stream_line_blocks(conn, sql, 3))
+
+
+def _pymysql_rows_all(conn, sql):
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return [
+            tuple(v if v is None or isinstance(v, bytes) else str(v).encode() for v in row)
+            for row in cur.fetchall()
+        ]
+
+
+def test_without_the_c_helper_lines_are_built_by_the_server_and_asking_for_it_fails_clearly():
+    """A machine that could not build the helper (no gcc): dumps keep the server-built path;
+    SHARDVAULT_LINE_BUILDER=client there, or a value that is not a builder, is one clear error."""
+    script = (
+        "import os, sys\n"
+        "sys.modules['backups.engine._rowlines'] = None  # as if it was never built\n"
+        "from backups.engine import wire\n"
+        "print(wire.line_builder())\n"
+        "os.environ['SHARDVAULT_LINE_BUILDER'] = 'client'\n"
+        "try:\n"
+        "    wire.line_builder()\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SHARDVAULT_LINE_BUILDER"}
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "server",
+        "EngineError SHARDVAULT_LINE_BUILDER=client, but the C helper is not built"
+        " (run .ci/build-ext; it needs gcc, Python's headers and zlib1g-dev)",
+    ]
+
+
+def test_an_unknown_line_builder_is_refused(monkeypatch):
+    monkeypatch.setenv("SHARDVAULT_LINE_BUILDER", "gpu")
+    with pytest.raises(EngineError, match="must be 'client' or 'server', not 'gpu'"):
+        wire.line_builder()

@@ -7,6 +7,9 @@ Part of `make bench` (right after test_bench_full.py, whose servers and dataset 
   `mariadb-dump --single-transaction --quick | zstd -1` per instance in parallel and against
   uncompressed mydumper, interleaved over `SHARDVAULT_BENCH_CLI_ROUNDS` rounds (default 3);
   the ratio is computed per round, so every ratio compares runs seconds apart;
+* `backup --wait` with 1 worker and the chunk lines built by the server
+  (`SHARDVAULT_LINE_BUILDER=server`, the path without the C helper) in the same rounds,
+  which shows what the helper buys;
 * `restore run --wait` of that set into side databases with 1 and 3 workers (ratio against
   the myloader row of test_bench_full.py when it ran);
 * the lock window of locked backups (3 workers) while a writer commits on every instance;
@@ -48,6 +51,7 @@ TICKS_DATABASE = "bench_ticks_cli"
 MAX_CONNECTIONS = 5
 HANG_FLOOR_SECONDS = 30.0
 MYDUMPER_TRIES = 3
+SERVER_LINES = "server-lines"
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +167,10 @@ def test_backup_wait_against_peers_with_1_and_3_workers(
 ):
     ds = bench_dataset
     logs = bench_workdir / "logs-cli"
-    sv: dict[int, list[dict]] = {1: [], 3: []}
+    # 1 and 3 workers with the chunk lines built by the C helper (the default once built),
+    # and 1 worker with the server building them (SHARDVAULT_LINE_BUILDER=server, the path
+    # without the helper): what the helper buys.
+    sv: dict[int | str, list[dict]] = {1: [], 3: [], SERVER_LINES: []}
     peer_runs, mydumper_runs = [], []
     for round_ in range(ROUNDS):
         peer = run_pipelines(_peer_pipelines(ds, bench_workdir / "cli-peer"), logs)
@@ -180,9 +187,13 @@ def test_backup_wait_against_peers_with_1_and_3_workers(
             if not run.timed_out:
                 break
         mydumper_runs.append(run)
-        for workers in (1, 3) if round_ % 2 == 0 else (3, 1):
-            console.workers(workers)
-            sv[workers].append(_backup(console, "bench"))
+        variants = [1, 3, SERVER_LINES]
+        for variant in variants[round_ % 3 :] + variants[: round_ % 3]:
+            if variant == SERVER_LINES:
+                console.workers(1, env={"SHARDVAULT_LINE_BUILDER": "server"})
+            else:
+                console.workers(variant)
+            sv[variant].append(_backup(console, "bench"))
     console.workers(0)
     shutil.rmtree(bench_workdir / "cli-mydumper", ignore_errors=True)
     shutil.rmtree(bench_workdir / "cli-peer", ignore_errors=True)
@@ -248,6 +259,33 @@ def test_backup_wait_against_peers_with_1_and_3_workers(
                 f"backup --wait ({workers} worker{'s' if workers > 1 else ''}) vs {label}: "
                 f"{_fmt(per_round[workers])} over {len(values)} rounds ({target}: {verdict})"
             )
+    answers = sv[SERVER_LINES]
+    bench_report.add(
+        Measurement(
+            tool=f"{SV} backup --wait",
+            operation="full, 1 worker, lines built by the server",
+            ok=all(a["ok"] for a in answers),
+            wall_s=_median([a["wall_s"] for a in answers]),
+            data_bytes=ds.data_bytes,
+            rows=ds.rows,
+            peak_rss_kb=max((a["peak_rss_kb"] or 0 for a in answers), default=None) or None,
+            stored_bytes=answers[-1]["stored_bytes"],
+            lock_window_ms=_median([a["lock_window_ms"] for a in answers]),
+            notes="SHARDVAULT_LINE_BUILDER=server (no C helper); "
+            f"median of {_fmt([a['wall_s'] for a in answers])} s; "
+            f"vs mariadb-dump | zstd -1 per round: {_fmt(ratios(SERVER_LINES, peer_runs))}",
+            error="; ".join(a["error"] for a in answers if not a["ok"]),
+            details={"runs": answers},
+        )
+    )
+    helper = [
+        a["wall_s"] / b["wall_s"] if a["ok"] and b["ok"] else None
+        for a, b in zip(sv[1], sv[SERVER_LINES], strict=True)
+    ]
+    bench_report.summary.append(
+        f"C helper (client-built lines) vs server-built lines, 1 worker: {_fmt(helper)} per round"
+        f" (server-built lines vs mariadb-dump | zstd -1: {_fmt(ratios(SERVER_LINES, peer_runs))})"
+    )
     one, three = _median([a["wall_s"] for a in sv[1]]), _median([a["wall_s"] for a in sv[3]])
     if one and three:
         spread = max((len(a["workers"]) for a in sv[3]), default=0)
