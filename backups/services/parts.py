@@ -21,8 +21,9 @@ calls `parts_run`. Each part becomes one RQ job (`backups.jobs.parts.part_job`, 
 Promises:
 - A part runs at most once per `parts_run` call: the owner and the workers claim it
   atomically (Redis SET NX) before running it.
-- A part no worker claimed within `claim_after` seconds (PARTS_CLAIM_AFTER_SECONDS,
-  default 3), or at once when no idle worker listens on the queue, is claimed by the
+- Parts beyond the number of workers idle on the queue when they are enqueued, and a
+  part no worker claimed within `claim_after` seconds (PARTS_CLAIM_AFTER_SECONDS,
+  default 3) or that finds no idle worker listening on the queue, are claimed by the
   owner and run in a thread of the owner's process, so one worker alone still does all
   the work (without waiting). A BaseException in such a thread (the owner's process
   dying) is raised in the owner's thread.
@@ -396,6 +397,8 @@ def parts_run(
     try:
         if on_start is not None:
             on_start(handle)
+        # Counted before the parts are enqueued, while the workers that take them still idle.
+        idle = queue.idle_workers(queue_name) if run_untaken else 0
         for part in parts:
             job_id = f"{owner}-part-{part.name}"
             job_ids[part.name] = job_id
@@ -412,6 +415,29 @@ def parts_run(
                 failure_ttl=24 * 3600,
             )
         started = time.monotonic()
+
+        def take(name: str) -> bool:
+            """Claim `name` for the owner and run it in a thread here."""
+            if not _claim(redis, keys, name, me, stale_after):
+                return False
+            claimed[name] = me
+            queue.dequeue_if_waiting(job_ids[name], queue=queue_name)
+            thread = threading.Thread(
+                target=_run_local,
+                args=(handles[name], me, crashes),
+                daemon=True,
+                name=f"part {name} of {owner}",
+            )
+            local_threads[name] = thread
+            thread.start()
+            return True
+
+        if run_untaken:
+            # Parts beyond the workers idle right now would wait for one (or for the poll
+            # below to find nobody free): the owner takes them at once, from the last.
+            surplus = len(names) - idle
+            for name in reversed(names[len(names) - surplus :] if surplus > 0 else []):
+                take(name)
         failure: PartFailed | None = None
         cancelled = False
         while True:
@@ -469,21 +495,8 @@ def parts_run(
                             queue.idle_workers(queue_name) == 0
                         )
                     waited = time.monotonic() - started >= claim_after
-                    if (
-                        run_untaken
-                        and (waited or nobody_free)
-                        and _claim(redis, keys, name, me, stale_after)
-                    ):
-                        claimed[name] = me
-                        queue.dequeue_if_waiting(job_ids[name], queue=queue_name)
-                        thread = threading.Thread(
-                            target=_run_local,
-                            args=(handles[name], me, crashes),
-                            daemon=True,
-                            name=f"part {name} of {owner}",
-                        )
-                        local_threads[name] = thread
-                        thread.start()
+                    if run_untaken and (waited or nobody_free):
+                        take(name)
                     continue
                 if watches[name].stale(beat):
                     worker = claimed[name]
