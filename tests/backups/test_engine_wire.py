@@ -213,3 +213,34 @@ def test_an_unknown_line_builder_is_refused(monkeypatch):
     monkeypatch.setenv("SHARDVAULT_LINE_BUILDER", "gpu")
     with pytest.raises(EngineError, match="must be 'client' or 'server', not 'gpu'"):
         wire.line_builder()
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["pclmul", "zlib"])
+def test_the_helpers_line_crc_is_zlibs_for_every_length(fold):
+    """The C helper's per-line CRC-32 (folded with PCLMULQDQ where the CPU has it, zlib's
+    otherwise) equals zlib's for lines from empty to past 64 KiB, at every fold boundary."""
+    script = (
+        "import random, zlib\n"
+        "from backups.engine import _rowlines\n"
+        "rng = random.Random(7)\n"
+        "lengths = list(range(0, 400)) + [rng.randrange(400, 70_000) for _ in range(200)]\n"
+        "bad = []\n"
+        "for n in lengths:\n"
+        "    value = bytes(rng.choice(b'abcdefghij0123456789 .:-') for _ in range(n))\n"
+        "    if n < 251: head = bytes([n])\n"
+        "    elif n < 65536: head = b'\\xfc' + n.to_bytes(2, 'little')\n"
+        "    else: head = b'\\xfd' + n.to_bytes(3, 'little')\n"
+        "    line, crc = _rowlines.row(head + value, 1)\n"
+        "    if line != value + b'\\n' or crc != zlib.crc32(value): bad.append(n)\n"
+        "print(_rowlines.FOLDED_CRC, bad)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SHARDVAULT_CRC_NO_FOLD"}
+    if not fold:
+        env["SHARDVAULT_CRC_NO_FOLD"] = "1"
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split(" ", 1)[1].strip() == "[]"
+    if not fold:
+        assert run.stdout.startswith("0 ")
