@@ -17,7 +17,7 @@ def _bin_without(tmp_path: Path, *missing: str) -> Path:
     tools = [
         "dirname", "id", "mktemp", "tail", "grep", "dpkg",
         "mariadb", "mariadb-binlog", "mariadb-dump", "zstd", "redis-server", "chromium",
-        "pdftotext", "mydumper", "myloader", "mariabackup", "mbstream",
+        "pdftotext", "mydumper", "myloader", "mariabackup", "mbstream", "gcc",
     ]  # fmt: skip
     bindir = tmp_path / "bin"
     bindir.mkdir()
