@@ -159,6 +159,12 @@ class _Keys:
     def result(self, part: str) -> str:
         return self.key("part", part, "result")
 
+    @property
+    def done(self) -> str:
+        """A list each part pushes its name onto once its result is published: the owner
+        waits on it (BLPOP) between polls, so a finished part is seen at once."""
+        return self.key("done")
+
 
 class _Watch:
     """Tells when a heartbeat counter stood still for `stale_after` s, on the watcher's clock
@@ -260,7 +266,11 @@ class PartContext:
         return self._aborted
 
     def _publish(self, record: dict) -> None:
-        self.redis.set(self._keys.result(self.name), json.dumps(record), ex=RESULT_TTL_SECONDS)
+        pipe = self.redis.pipeline()
+        pipe.set(self._keys.result(self.name), json.dumps(record), ex=RESULT_TTL_SECONDS)
+        pipe.rpush(self._keys.done, self.name)
+        pipe.expire(self._keys.done, RESULT_TTL_SECONDS)
+        pipe.execute()
 
 
 def _claim(redis, keys: _Keys, part: str, worker: str, stale_after: float) -> bool:
@@ -519,7 +529,9 @@ def parts_run(
                         ),
                     )
                 break
-            time.sleep(POLL_SECONDS)
+            # Woken early by a part that finished; BLPOP takes fractions of a second on
+            # Redis >= 6 (as the barrier's waits do).
+            redis.blpop([keys.done], timeout=POLL_SECONDS)
         if failure is not None:
             failure.outcomes = outcomes
             raise failure
