@@ -9,7 +9,13 @@ load back correctly: it prints FLOAT with 6 significant digits (losing
 precision), so FLOAT columns are written as the exact value in DOUBLE form,
 which LOAD DATA reads back to the identical FLOAT; and it writes BIT bytes
 unescaped (a BIT byte equal to tab, newline or backslash would split or
-corrupt the line), so BIT bytes are escaped like any string.
+corrupt the line), so BIT bytes are escaped like any string. A third difference
+loads back as well: MariaDB's UUID and INET6 values are their 16 stored bytes
+(what CAST AS BINARY gives), where INTO OUTFILE prints their text form.
+
+With the C helper built (wire.py), the dump selects the columns themselves and
+the helper writes the same lines; this SQL stays the server's way to build them,
+for the dump without the helper and for every restore's checksum.
 
 The table checksum is the row count plus SUM and BIT_XOR of CRC32(line) over
 all rows. The line is an unambiguous encoding of every stored column with its
