@@ -68,22 +68,25 @@ def binary_value(column: Column) -> str:
 
 def column_expression(column: Column, *, regex: bool = True) -> str:
     value = binary_value(column)
-    if column.data_type in PLAIN_TYPES:
-        pass  # digits, signs, dots, dashes, colons and spaces: nothing to escape
-    elif regex and column.data_type in LONG_TYPES:
-        value = (
+    if column.data_type not in PLAIN_TYPES:  # those hold digits, signs, dots, colons only
+        value = _escaped(value, regex=regex and column.data_type in LONG_TYPES)
+    return f"IFNULL({value}, _binary'\\\\N')"
+
+
+def _escaped(value: str, *, regex: bool) -> str:
+    """`value` with a backslash before backslash, tab and newline, and NUL as `\\0`."""
+    if regex:
+        return (
             f"REGEXP_REPLACE(REGEXP_REPLACE({value},"
             r" _binary'([\\\\\t\n])', _binary'\\\\\\1'), _binary'\\x00', _binary'\\\\0')"
         )
-    else:
-        value = (
-            f"REPLACE(REPLACE(REPLACE(REPLACE({value},"
-            " _binary'\\\\', _binary'\\\\\\\\'),"
-            " _binary'\\t', _binary'\\\\\\t'),"
-            " _binary'\\n', _binary'\\\\\\n'),"
-            " _binary'\\0', _binary'\\\\0')"
-        )
-    return f"IFNULL({value}, _binary'\\\\N')"
+    return (
+        f"REPLACE(REPLACE(REPLACE(REPLACE({value},"
+        " _binary'\\\\', _binary'\\\\\\\\'),"
+        " _binary'\\t', _binary'\\\\\\t'),"
+        " _binary'\\n', _binary'\\\\\\n'),"
+        " _binary'\\0', _binary'\\\\0')"
+    )
 
 
 # Types whose text-protocol bytes, in a session with `character_set_results = binary`, are

@@ -255,8 +255,8 @@ class _DumpRun:
                 f"{', '.join(not_innodb)} (convert them to InnoDB, exclude them with the "
                 "policy's exclude_tables, or take a cold backup, which blocks writes while it runs)"
             )
-        regex = checksum.server_has_byte_regex(conn)
         client_lines = wire.line_builder() == "client"
+        regex = not client_lines and checksum.server_has_byte_regex(conn)
         states = []
         for name in names:
             engine, rows = available[name]
@@ -271,16 +271,19 @@ class _DumpRun:
             if not info.columns:
                 raise EngineError(f"table {shard.database}.{name} has no stored columns")
             if client_lines:
-                line_sql = checksum.client_select_list(info.columns)
+                line_sql, line_columns = (
+                    checksum.client_select_list(info.columns),
+                    len(info.columns),
+                )
             else:
-                line_sql = checksum.line_expression(info.columns, regex=regex)
+                line_sql, line_columns = checksum.line_expression(info.columns, regex=regex), 0
             states.append(
                 TableDump(
                     shard=shard,
                     info=info,
                     plan=TablePlan(info, self.spec.chunk_rows),
                     line_sql=line_sql,
-                    line_columns=len(info.columns) if client_lines else 0,
+                    line_columns=line_columns,
                     set_prefix=self.spec.set_prefix,
                 )
             )

@@ -63,11 +63,7 @@ def stream_line_blocks(conn, sql: str, columns: int):
     row = _rowlines.row
 
     def scan_rows(buf, pos, seq):
-        try:
-            data, rows, crc_sum, crc_xor, pos, seq = scan(buf, pos, seq, columns)
-        except ValueError as exc:
-            conn._force_close()
-            raise EngineError(f"the server sent a row the dump cannot read ({exc})") from exc
+        data, rows, crc_sum, crc_xor, pos, seq = scan(buf, pos, seq, columns)
         return (data, rows, crc_sum, crc_xor) if rows else None, pos, seq
 
     def one_row(payload):
@@ -206,11 +202,10 @@ def _stream(conn, sql: str, params, columns: int, scan_rows, one_row):
                 conn._next_seq_id = seq
                 result.unbuffered_active = False
                 pymysql.protocol.MysqlPacket(buf[start:end], conn.encoding).raise_for_error()
-            try:
-                yield one_row(buf[start:end])
-            except ValueError as exc:
-                conn._force_close()
-                raise EngineError(f"the server sent a row the dump cannot read ({exc})") from exc
+            yield one_row(buf[start:end])
+    except ValueError as exc:  # a row packet that does not parse (scan_rows, one_row)
+        conn._force_close()
+        raise EngineError(f"the server sent a row the dump cannot read ({exc})") from exc
     finally:
         result = cur._result
         if result is not None and result.unbuffered_active:

@@ -426,10 +426,10 @@ def parts_run(
             )
         started = time.monotonic()
 
-        def take(name: str) -> bool:
-            """Claim `name` for the owner and run it in a thread here."""
+        def take(name: str) -> None:
+            """Claim `name` for the owner and run it in a thread here (unless taken)."""
             if not _claim(redis, keys, name, me, stale_after):
-                return False
+                return
             claimed[name] = me
             queue.dequeue_if_waiting(job_ids[name], queue=queue_name)
             thread = threading.Thread(
@@ -440,13 +440,11 @@ def parts_run(
             )
             local_threads[name] = thread
             thread.start()
-            return True
 
+        # Parts beyond the workers idle at the start would wait for one (or for the poll
+        # below to find nobody free): the owner takes them at once, from the last.
         if run_untaken:
-            # Parts beyond the workers idle right now would wait for one (or for the poll
-            # below to find nobody free): the owner takes them at once, from the last.
-            surplus = len(names) - idle
-            for name in reversed(names[len(names) - surplus :] if surplus > 0 else []):
+            for name in reversed(names[idle:]):
                 take(name)
         failure: PartFailed | None = None
         cancelled = False

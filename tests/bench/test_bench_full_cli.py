@@ -162,6 +162,24 @@ def _backup(console: Console, cluster: str) -> dict:
     }
 
 
+def _backup_measurement(ds, answers: list[dict], operation: str, notes: str) -> Measurement:
+    """One `backup --wait` row from its rounds' answers (`_backup`)."""
+    return Measurement(
+        tool=f"{SV} backup --wait",
+        operation=operation,
+        ok=all(a["ok"] for a in answers),
+        wall_s=_median([a["wall_s"] for a in answers]),
+        data_bytes=ds.data_bytes,
+        rows=ds.rows,
+        peak_rss_kb=max((a["peak_rss_kb"] or 0 for a in answers), default=None) or None,
+        stored_bytes=answers[-1]["stored_bytes"],
+        lock_window_ms=_median([a["lock_window_ms"] for a in answers]),
+        notes=f"median of {_fmt([a['wall_s'] for a in answers])} s; {notes}",
+        error="; ".join(a["error"] for a in answers if not a["ok"]),
+        details={"runs": answers},
+    )
+
+
 def test_backup_wait_against_peers_with_1_and_3_workers(
     console, bench_dataset, bench_workdir, bench_report
 ):
@@ -206,23 +224,13 @@ def test_backup_wait_against_peers_with_1_and_3_workers(
         ]
 
     for workers in (1, 3):
-        answers = sv[workers]
-        most = max((len(a["workers"]) for a in answers), default=0)
+        most = max((len(a["workers"]) for a in sv[workers]), default=0)
         bench_report.add(
-            Measurement(
-                tool=f"{SV} backup --wait",
-                operation=f"full, {workers} worker{'s' if workers > 1 else ''}",
-                ok=all(a["ok"] for a in answers),
-                wall_s=_median([a["wall_s"] for a in answers]),
-                data_bytes=ds.data_bytes,
-                rows=ds.rows,
-                peak_rss_kb=max((a["peak_rss_kb"] or 0 for a in answers), default=None) or None,
-                stored_bytes=answers[-1]["stored_bytes"],
-                lock_window_ms=_median([a["lock_window_ms"] for a in answers]),
-                notes=f"median of {_fmt([a['wall_s'] for a in answers])} s; "
+            _backup_measurement(
+                ds,
+                sv[workers],
+                f"full, {workers} worker{'s' if workers > 1 else ''}",
                 f"at most {most} distinct worker(s) dumped the shards of one set",
-                error="; ".join(a["error"] for a in answers if not a["ok"]),
-                details={"runs": answers},
             )
         )
     for label, runs, notes in (
@@ -259,23 +267,13 @@ def test_backup_wait_against_peers_with_1_and_3_workers(
                 f"backup --wait ({workers} worker{'s' if workers > 1 else ''}) vs {label}: "
                 f"{_fmt(per_round[workers])} over {len(values)} rounds ({target}: {verdict})"
             )
-    answers = sv[SERVER_LINES]
     bench_report.add(
-        Measurement(
-            tool=f"{SV} backup --wait",
-            operation="full, 1 worker, lines built by the server",
-            ok=all(a["ok"] for a in answers),
-            wall_s=_median([a["wall_s"] for a in answers]),
-            data_bytes=ds.data_bytes,
-            rows=ds.rows,
-            peak_rss_kb=max((a["peak_rss_kb"] or 0 for a in answers), default=None) or None,
-            stored_bytes=answers[-1]["stored_bytes"],
-            lock_window_ms=_median([a["lock_window_ms"] for a in answers]),
-            notes="SHARDVAULT_LINE_BUILDER=server (no C helper); "
-            f"median of {_fmt([a['wall_s'] for a in answers])} s; "
-            f"vs mariadb-dump | zstd -1 per round: {_fmt(ratios(SERVER_LINES, peer_runs))}",
-            error="; ".join(a["error"] for a in answers if not a["ok"]),
-            details={"runs": answers},
+        _backup_measurement(
+            ds,
+            sv[SERVER_LINES],
+            "full, 1 worker, lines built by the server",
+            "SHARDVAULT_LINE_BUILDER=server (no C helper); vs mariadb-dump | zstd -1 per round: "
+            f"{_fmt(ratios(SERVER_LINES, peer_runs))}",
         )
     )
     helper = [
