@@ -255,8 +255,10 @@ class _DumpRun:
                 f"{', '.join(not_innodb)} (convert them to InnoDB, exclude them with the "
                 "policy's exclude_tables, or take a cold backup, which blocks writes while it runs)"
             )
+        # Asked even when the C helper builds the lines: an instance that answers no rows to
+        # everything (no VERSION) fails here instead of passing as an empty database.
+        regex = checksum.server_has_byte_regex(conn)
         client_lines = wire.line_builder() == "client"
-        regex = not client_lines and checksum.server_has_byte_regex(conn)
         states = []
         for name in names:
             engine, rows = available[name]
